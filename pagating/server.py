@@ -1,0 +1,313 @@
+"""`pagating server`: the researcher's MLflow tracking server, closed to strangers.
+
+Runs `mlflow server --app-name basic-auth` in the foreground with a generated auth config, then
+makes sure the GPU user exists with the password from the environment:
+
+    MLFLOW_AUTH_ADMIN_PASSWORD   the admin's password (>= 12 characters, MLflow's rule)
+    PAGATING_GPU_USER_PASSWORD   the GPU user's password (>= 12 characters); runs on rented GPUs log with it
+
+Where secrets live: both passwords only in this process's environment (the admin's also in the
+mlflow server's, which reads it to create the admin on first start); the auth store (default
+`mlflow-server/basic_auth.db`) keeps salted hashes only. The generated `basic_auth.ini` (mode 0600)
+holds no password. Nothing here prints a password.
+
+Permissions: every request without valid credentials gets 401. The admin can do everything; the
+GPU user is an ordinary user: it can create experiments and runs and log to them, and gets
+`--default-permission` (EDIT: read and log, no delete or permission changes) on experiments it did
+not create, so a GPU run can log into an experiment the researcher created.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from importlib.util import find_spec
+from pathlib import Path
+from typing import Any
+
+from pagating.config import UserError
+
+ADMIN_PASSWORD_ENV = "MLFLOW_AUTH_ADMIN_PASSWORD"
+ADMIN_USERNAME_ENV = "MLFLOW_AUTH_ADMIN_USERNAME"  # MLflow's own override of admin_username
+GPU_PASSWORD_ENV = "PAGATING_GPU_USER_PASSWORD"
+MIN_PASSWORD_LEN = 12  # mlflow.utils.validation._validate_password
+LEGACY_PASSWORD = "password1234"  # MLflow refuses the password its old basic_auth.ini shipped
+PERMISSIONS = ("NO_PERMISSIONS", "READ", "EDIT", "MANAGE")
+
+DEFAULTS: dict[str, Any] = {
+    "host": "127.0.0.1",
+    "port": 5000,
+    "backend_store_uri": "sqlite:///mlflow-server/mlflow.db",
+    "artifacts_destination": "./mlflow-server/artifacts",
+    "auth_dir": "mlflow-server",
+    "auth_db_uri": None,  # default: sqlite:///<auth_dir>/basic_auth.db
+    "gpu_user": "gpu-runner",
+    "default_permission": "EDIT",
+    "workers": 2,
+    "allowed_hosts": None,
+}
+
+
+def register_cli(sub) -> None:
+    p = sub.add_parser(
+        "server", help="run the MLflow tracking server with basic auth and a GPU user",
+        description=f"Start `mlflow server --app-name basic-auth` in the foreground (Ctrl-C stops it). "
+                    f"Needs {ADMIN_PASSWORD_ENV} and {GPU_PASSWORD_ENV} (>= 12 characters each) in "
+                    f"the environment. Put it behind HTTPS before exposing it: see docs/server.md.")
+    p.add_argument("--host", default=DEFAULTS["host"],
+                   help="interface to bind (default 127.0.0.1: reach it through a reverse proxy or SSH tunnel)")
+    p.add_argument("--port", type=int, default=DEFAULTS["port"])
+    p.add_argument("--backend-store-uri", default=DEFAULTS["backend_store_uri"],
+                   help="sqlite:///path.db or postgresql://user@host/db (default %(default)s)")
+    p.add_argument("--artifacts-destination", default=DEFAULTS["artifacts_destination"],
+                   help="local directory or s3://bucket/prefix (default %(default)s)")
+    p.add_argument("--auth-dir", default=DEFAULTS["auth_dir"],
+                   help="where the generated basic_auth.ini and the default auth store go (default %(default)s)")
+    p.add_argument("--auth-db-uri", default=None,
+                   help="users and permissions store (default sqlite:///<auth-dir>/basic_auth.db); "
+                        "not the backend store's database")
+    p.add_argument("--gpu-user", default=DEFAULTS["gpu_user"],
+                   help=f"user that GPU runs log as; password from {GPU_PASSWORD_ENV} (default %(default)s)")
+    p.add_argument("--default-permission", choices=PERMISSIONS, default=DEFAULTS["default_permission"],
+                   help="what a logged-in non-admin may do on experiments it did not create (default %(default)s)")
+    p.add_argument("--workers", type=int, default=DEFAULTS["workers"])
+    p.add_argument("--allowed-hosts", default=None,
+                   help="Host headers MLflow accepts, e.g. mlflow.example.org (needed behind a reverse proxy)")
+    p.set_defaults(func=run_server)
+
+
+def run_server(args: argparse.Namespace) -> int:
+    proc = start_server(args, wait=True)
+    return proc.returncode or 0
+
+
+def _options(args_or_kwargs: argparse.Namespace | dict[str, Any] | None) -> dict[str, Any]:
+    given = vars(args_or_kwargs) if isinstance(args_or_kwargs, argparse.Namespace) else dict(args_or_kwargs or {})
+    given = {k: v for k, v in given.items() if k not in ("func", "verb")}
+    unknown = set(given) - set(DEFAULTS)
+    if unknown:
+        raise TypeError(f"unknown server option(s): {', '.join(sorted(unknown))}")
+    opts = {**DEFAULTS, **{k: v for k, v in given.items() if v is not None}}
+    opts["port"], opts["workers"] = int(opts["port"]), int(opts["workers"])
+    return opts
+
+
+def _password(env: str, what: str) -> str:
+    value = os.environ.get(env, "")
+    if len(value) < MIN_PASSWORD_LEN:
+        state = "is not set" if not value else f"is shorter than {MIN_PASSWORD_LEN} characters"
+        raise UserError(f"{env} {state}: export {env} with the {what} password "
+                        f"({MIN_PASSWORD_LEN}+ characters) and run `pagating server` again")
+    if value == LEGACY_PASSWORD:
+        raise UserError(f"{env} is MLflow's old public default password: choose another one")
+    return value
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///"):].split("?", 1)[0]
+        return Path(path) if path and path != ":memory:" else None
+    return None
+
+
+def _check_port_free(host: str, port: int) -> None:
+    if not 0 < port < 65536:
+        raise UserError(f"--port {port} is not a TCP port: use 1-65535")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as s:
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise UserError(f"cannot listen on {host}:{port} ({exc.strerror}): stop what uses it or "
+                            f"pick another --port") from None
+
+
+def _check_store_uri(flag: str, uri: str) -> None:
+    if "://" not in uri:
+        raise UserError(f"{flag} {uri!r} is not a URI: use sqlite:///path/to/file.db or "
+                        f"postgresql://user@host:5432/db")
+    scheme = uri.split("://", 1)[0]
+    if scheme.startswith("postgresql") and not (find_spec("psycopg2") or find_spec("psycopg")):
+        raise UserError(f"{flag} is PostgreSQL but no driver is installed: pip install psycopg2-binary")
+    if scheme.startswith("mysql") and not (find_spec("pymysql") or find_spec("MySQLdb")):
+        raise UserError(f"{flag} is MySQL but no driver is installed: pip install pymysql")
+
+
+def _validate(opts: dict[str, Any]) -> tuple[str, str, str]:
+    """Every check a user can fail, before anything is written or started."""
+    admin_user = os.environ.get(ADMIN_USERNAME_ENV) or "admin"
+    admin_password = _password(ADMIN_PASSWORD_ENV, f"MLflow admin ({admin_user!r})")
+    gpu_password = _password(GPU_PASSWORD_ENV, f"GPU user ({opts['gpu_user']!r})")
+    if not opts["gpu_user"] or opts["gpu_user"] == admin_user:
+        raise UserError(f"--gpu-user must be a name other than the admin's ({admin_user!r})")
+    if gpu_password == admin_password:
+        raise UserError(f"{GPU_PASSWORD_ENV} must differ from {ADMIN_PASSWORD_ENV}: the GPU box must "
+                        f"not hold the admin password")
+    if opts["default_permission"] not in PERMISSIONS:
+        raise UserError(f"--default-permission must be one of {', '.join(PERMISSIONS)}")
+    if opts["workers"] < 1:
+        raise UserError("--workers must be at least 1")
+    _check_store_uri("--backend-store-uri", opts["backend_store_uri"])
+    if opts["auth_db_uri"]:
+        _check_store_uri("--auth-db-uri", opts["auth_db_uri"])
+        if opts["auth_db_uri"] == opts["backend_store_uri"]:
+            raise UserError("--auth-db-uri must be another database than --backend-store-uri "
+                            "(both keep their own schema versions)")
+    if str(opts["artifacts_destination"]).startswith("s3://") and not find_spec("boto3"):
+        raise UserError("--artifacts-destination is S3 but boto3 is not installed: pip install boto3")
+    _check_port_free(opts["host"], opts["port"])
+    return admin_user, admin_password, gpu_password
+
+
+def write_auth_config(opts: dict[str, Any], admin_user: str) -> Path:
+    """basic_auth.ini for MLFLOW_AUTH_CONFIG_PATH: no password in it (the admin's comes from env)."""
+    auth_dir = Path(opts["auth_dir"]).resolve()
+    auth_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    db_uri = opts["auth_db_uri"] or f"sqlite:///{auth_dir / 'basic_auth.db'}"
+    text = (
+        "# Generated by `pagating server`; rewritten on every start. No password is stored here:\n"
+        f"# the admin's comes from {ADMIN_PASSWORD_ENV}; the auth store keeps salted hashes.\n"
+        "[mlflow]\n"
+        f"default_permission = {opts['default_permission']}\n"
+        f"database_uri = {db_uri}\n"
+        f"admin_username = {admin_user}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        "grant_default_workspace_access = false\n"
+    )
+    path = auth_dir / "basic_auth.ini"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(path, 0o600)  # an older file keeps its mode through O_TRUNC
+    return path
+
+
+def _connect_host(host: str) -> str:
+    if host in ("0.0.0.0", "", "::"):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
+
+
+def _wait_healthy(proc: subprocess.Popen, uri: str, timeout: float) -> None:
+    import requests
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise UserError(f"mlflow server exited with status {proc.returncode} before answering: "
+                            f"see its output above")
+        try:
+            if requests.get(f"{uri}/health", timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.25)
+    raise UserError(f"mlflow server did not answer {uri}/health within {timeout:.0f} s: see its output")
+
+
+def ensure_user(uri: str, admin: tuple[str, str], username: str, password: str) -> str:
+    """Create `username` with `password`, or set that password if it exists. Returns "created" or
+    "updated". Idempotent; uses the auth REST API as the admin."""
+    import requests
+
+    api = f"{uri}/api/2.0/mlflow/users"
+    body = {"username": username, "password": password}
+    r = requests.post(f"{api}/create", json=body, auth=admin, timeout=30)
+    if r.status_code == 401:
+        raise UserError(f"{ADMIN_PASSWORD_ENV} is not the password of admin {admin[0]!r} in the existing "
+                        f"auth store (MLflow uses it only when it creates the admin): export the "
+                        f"original password, or change it via the auth API / the MLflow UI")
+    if r.ok:
+        return "created"
+    if r.status_code == 400 and "RESOURCE_ALREADY_EXISTS" in r.text:
+        # An admin sets another user's password without the current one.
+        r = requests.patch(f"{api}/update-password", json=body, auth=admin, timeout=30)
+        if r.ok:
+            return "updated"
+    raise UserError(f"could not create MLflow user {username!r}: HTTP {r.status_code} "
+                    f"{r.text[:200].strip()}")
+
+
+def stop_server(proc: subprocess.Popen, timeout: float = 20) -> None:
+    """Stop the server and its workers (its own process group)."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        proc.wait()
+
+
+def start_server(args_or_kwargs: argparse.Namespace | dict[str, Any] | None = None, wait: bool = False, *,
+                 stdout=None, stderr=None, timeout: float = 120.0) -> subprocess.Popen:
+    """Start the basic-auth tracking server and create/update the GPU user.
+
+    Returns the Popen once /health answers and the GPU user is set (attributes `uri`,
+    `auth_config_path`). wait=True: stay in the foreground until the server exits (Ctrl-C and
+    SIGTERM stop it) and return the finished Popen. stdout/stderr: where the server's output goes
+    (default: this process's).
+    """
+    opts = _options(args_or_kwargs)
+    admin_user, admin_password, gpu_password = _validate(opts)
+
+    backend_db = _sqlite_path(opts["backend_store_uri"])
+    if backend_db is not None:
+        backend_db.parent.mkdir(parents=True, exist_ok=True)
+    ini = write_auth_config(opts, admin_user)
+
+    env = {k: v for k, v in os.environ.items() if k != GPU_PASSWORD_ENV}  # the server never needs it
+    env["MLFLOW_AUTH_CONFIG_PATH"] = str(ini)
+    cmd = [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth",
+           "--host", opts["host"], "--port", str(opts["port"]),
+           "--backend-store-uri", opts["backend_store_uri"],
+           "--artifacts-destination", str(opts["artifacts_destination"]),
+           "--workers", str(opts["workers"])]
+    if opts["allowed_hosts"]:
+        cmd += ["--allowed-hosts", opts["allowed_hosts"]]
+    # Own process group: stop_server() reaches the uvicorn workers too.
+    proc = subprocess.Popen(cmd, env=env, stdout=stdout, stderr=stderr, start_new_session=True)
+    uri = f"http://{_connect_host(opts['host'])}:{opts['port']}"
+    proc.uri, proc.auth_config_path = uri, ini  # type: ignore[attr-defined]
+
+    previous_term = None
+    if wait and _in_main_thread():
+        def on_term(signum, frame):
+            raise KeyboardInterrupt
+        previous_term = signal.signal(signal.SIGTERM, on_term)
+    try:
+        _wait_healthy(proc, uri, timeout)
+        action = ensure_user(uri, (admin_user, admin_password), opts["gpu_user"], gpu_password)
+        auth_db = _sqlite_path(opts["auth_db_uri"] or f"sqlite:///{ini.parent / 'basic_auth.db'}")
+        if auth_db is not None and auth_db.exists():
+            os.chmod(auth_db, 0o600)  # password hashes: owner only
+        print(f"pagating server: MLflow tracking server at {uri} (basic auth; admin {admin_user!r}, "
+              f"GPU user {opts['gpu_user']!r} {action}; auth config {ini}){'; Ctrl-C stops it' if wait else ''}",
+              file=sys.stderr, flush=True)
+        if opts["host"] not in ("127.0.0.1", "localhost", "::1"):
+            print(f"pagating server: warning: listening on {opts['host']} over plain HTTP; passwords "
+                  f"cross the network in clear unless an HTTPS proxy is in front (docs/server.md)",
+                  file=sys.stderr, flush=True)
+        if wait:
+            proc.wait()
+    except BaseException:
+        stop_server(proc)
+        raise
+    finally:
+        if previous_term is not None:
+            signal.signal(signal.SIGTERM, previous_term)
+    return proc
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
