@@ -41,8 +41,10 @@ class MlflowServer:
                "--artifacts-destination", str(self.root / "artifacts"), "--workers", "1",
                *self.extra_args]
         log = open(self.root / "server.log", "ab")
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, **self.env}, start_new_session=True)
+        # No job-runner workers (a GenAI feature): three fewer processes on a 2-core machine.
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **self.env}
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True)
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -71,3 +73,32 @@ def mlflow_server(tmp_path_factory):
     server = MlflowServer(tmp_path_factory.mktemp("mlflow-server")).start()
     yield server
     server.stop()
+
+
+def run_cli(args: list[str], cwd, env: dict | None = None, timeout: float = 600, check: bool = False):
+    """`pagating <args>` in a subprocess (a fresh interpreter, as a user runs it)."""
+    proc = subprocess.run([sys.executable, "-m", "pagating.cli", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"pagating {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def sample_project(tmp_path_factory):
+    """A project folder with params.yaml, the sample corpus in data/raw and data/prepared built."""
+    import shutil
+
+    from pagating.config import load_config
+    from pagating.data import build_sample, prepare
+
+    root = tmp_path_factory.mktemp("project")
+    shutil.copy(REPO / "params.yaml", root / "params.yaml")
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        build_sample(root / "data" / "raw")
+        prepare(load_config("sample"))
+    finally:
+        os.chdir(cwd)
+    return root

@@ -1,0 +1,538 @@
+"""MLflow for pagating: run identity and tags, a metric spool that survives server outages, and
+background checkpoint upload.
+
+Why not MLflow's own pieces: transformers' MLflowCallback logs a pyfunc model per checkpoint and
+opens a new run on resume; MLflow's async logging drops a batch whose request fails, and its
+system-metrics thread stops at the first error. Here every metric goes first to an append-only
+file in the run's output dir and a flusher thread sends it with `log_batch`, retrying with backoff
+until the server answers; training only ever appends to a local file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from pagating.config import UserError
+
+log = logging.getLogger("pagating.tracking")
+
+RUN_FILE = "pagating_run.json"  # run identity, kept in the output dir and in every checkpoint
+SPOOL_FILE = "mlflow_spool.jsonl"
+CKPT_ARTIFACT = "checkpoints/latest"
+CKPT_MARKER = "pagating_checkpoint.json"  # uploaded last: a checkpoint without it is incomplete
+
+
+def _mlflow_env_defaults() -> None:
+    # Our own loops retry outages for as long as it takes; MLflow's per-request retries (7 with
+    # factor-2 backoff by default) would only make each attempt block for minutes.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+
+
+def tracking_uri(cfg: dict | None = None) -> str:
+    """MLFLOW_TRACKING_URI, else params.yaml's embedded default (sqlite:///mlflow.db in the project)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or (cfg or {}).get("tracking", {}).get(
+        "tracking_uri", "sqlite:///mlflow.db")
+
+
+def mask_uri(uri: str) -> str:
+    """A URI fit to print: user:password@ removed."""
+    return re.sub(r"//[^/@]*@", "//***@", uri)
+
+
+def client(uri: str | None = None):
+    _mlflow_env_defaults()
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri or tracking_uri())
+
+
+def check_server(uri: str) -> None:
+    """Fail fast (UserError) when an http(s) tracking server is unreachable or refuses us."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import requests
+
+    try:
+        requests.get(uri.rstrip("/") + "/health", timeout=5)
+    except requests.RequestException:
+        raise UserError(f"tracking server {mask_uri(uri)} is unreachable: start it (`pagating server`) or "
+                        "set MLFLOW_TRACKING_URI to a running one") from None
+    auth = None
+    if os.environ.get("MLFLOW_TRACKING_USERNAME"):
+        auth = (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ.get("MLFLOW_TRACKING_PASSWORD", ""))
+    r = requests.get(uri.rstrip("/") + "/api/2.0/mlflow/experiments/search",
+                     params={"max_results": 1}, auth=auth, timeout=10)
+    if r.status_code in (401, 403):
+        raise UserError(f"tracking server {mask_uri(uri)} refused the credentials: set "
+                        "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
+
+
+def experiment_id(mlf, profile: str, prefix: str = "pagating") -> str:
+    name = f"{prefix}-{profile}"
+    exp = mlf.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            mlf.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    try:
+        return mlf.create_experiment(name)
+    except Exception:  # created by a concurrent process in the meantime
+        return mlf.get_experiment_by_name(name).experiment_id
+
+
+def runs_with_hash(mlf, exp_id: str, config_hash: str) -> list:
+    """Runs of this config, newest first."""
+    return mlf.search_runs([exp_id], filter_string=f"tags.`pagating.config_hash` = '{config_hash}'",
+                           order_by=["attributes.start_time DESC"], max_results=100)
+
+
+def git_commit(root: str | Path = ".") -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() if out.returncode == 0 else ""
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def host_tag() -> str:
+    return socket.gethostname()
+
+
+def last_steps(mlf, run_id: str) -> dict[str, int]:
+    """Highest step logged per metric key: a resumed run never logs a (key, step) twice."""
+    run = mlf.get_run(run_id)
+    steps = {}
+    for key in run.data.metrics:
+        history = mlf.get_metric_history(run_id, key)
+        if history:
+            steps[key] = max(m.step for m in history)
+    return steps
+
+
+def write_run_file(directory: str | Path, info: dict[str, Any]) -> None:
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    (Path(directory) / RUN_FILE).write_text(json.dumps(info, indent=1, sort_keys=True))
+
+
+def read_run_file(directory: str | Path) -> dict[str, Any] | None:
+    path = Path(directory) / RUN_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+class _Backoff:
+    def __init__(self, first: float = 0.5, cap: float = 15.0):
+        self.first, self.cap, self.delay = first, cap, first
+
+    def fail(self) -> float:
+        delay, self.delay = self.delay, min(self.delay * 2, self.cap)
+        return delay
+
+    def ok(self) -> None:
+        self.delay = self.first
+
+
+class MetricSpool:
+    """Append-only local metric log + a background flusher that sends it to MLflow with log_batch.
+
+    The file holds one JSON object per line; `<spool>.sent` holds how many lines reached the
+    server, so a later process (or `pagating sync`) continues exactly where this one stopped.
+    """
+
+    BATCH = 500  # MLflow accepts up to 1000 metrics per log_batch
+
+    def __init__(self, path: str | Path, run_id: str, uri: str, skip_until: dict[str, int] | None = None,
+                 interval_s: float = 1.0):
+        self.path = Path(path)
+        self.sent_path = self.path.with_suffix(".sent")
+        self.run_id, self.uri = run_id, uri
+        self.skip_until = dict(skip_until or {})
+        self.interval_s = interval_s
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._file = open(self.path, "a", encoding="utf-8")
+        self._written = self._count_lines()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.last_error: str | None = None
+        self._client = None
+        self._send_lock = threading.Lock()
+
+    def _count_lines(self) -> int:
+        with open(self.path, encoding="utf-8") as f:
+            return sum(1 for _ in f)
+
+    def sent(self) -> int:
+        try:
+            return int(self.sent_path.read_text().strip() or 0)
+        except FileNotFoundError:
+            return 0
+
+    def pending(self) -> int:
+        return self._written - self.sent()
+
+    def log(self, metrics: dict[str, float], step: int, timestamp_ms: int | None = None) -> None:
+        ts = timestamp_ms or int(time.time() * 1000)
+        lines = []
+        for key, value in metrics.items():
+            if step <= self.skip_until.get(key, -1) or value is None:
+                continue
+            value = float(value)
+            if math.isnan(value) or math.isinf(value):
+                continue
+            lines.append(json.dumps({"k": key, "v": value, "s": int(step), "t": ts}) + "\n")
+        if not lines:
+            return
+        with self._lock:
+            self._file.writelines(lines)
+            self._file.flush()
+            self._written += len(lines)
+
+    def start(self) -> MetricSpool:
+        self._thread = threading.Thread(target=self._run, name="pagating-spool", daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        backoff = _Backoff()
+        while not self._stop.is_set():
+            self._wake.wait(self.interval_s)
+            self._wake.clear()
+            try:
+                while self.flush_once():
+                    pass
+                backoff.ok()
+            except Exception as exc:  # server down, timeout, 5xx: keep the lines, try again later
+                self.last_error = f"{type(exc).__name__}: {str(exc)[:200]}"
+                self._stop.wait(backoff.fail())
+
+    def flush_once(self) -> bool:
+        """Send the next batch of unsent lines; True if something was sent."""
+        with self._send_lock:  # the flusher and the checkpoint uploader both call this
+            return self._flush_once()
+
+    def flush_until(self, lines: int) -> None:
+        """Send until the first `lines` lines are in MLflow; raises if the server does not answer."""
+        while self.sent() < lines and self.flush_once():
+            pass
+
+    def _flush_once(self) -> bool:
+        from mlflow.entities import Metric
+
+        sent = self.sent()
+        batch = []
+        with open(self.path, encoding="utf-8") as f:
+            for i, line in enumerate(f):
+                if i < sent:
+                    continue
+                if not line.endswith("\n"):
+                    break  # a line still being written
+                batch.append(json.loads(line))
+                if len(batch) >= self.BATCH:
+                    break
+        if not batch:
+            return False
+        metrics = [Metric(d["k"], d["v"], d["t"], d["s"]) for d in batch]
+        if self._client is None:
+            self._client = client(self.uri)
+        self._client.log_batch(self.run_id, metrics=metrics, synchronous=True)
+        self.sent_path.write_text(str(sent + len(batch)))
+        self.last_error = None
+        return True
+
+    def drain(self, timeout_s: float) -> int:
+        """Wait up to timeout_s for everything to be sent; returns how many lines are left."""
+        deadline = time.time() + timeout_s
+        while self.pending() > 0 and time.time() < deadline:
+            if self._thread is None or not self._thread.is_alive():
+                try:
+                    self.flush_once()
+                except Exception as exc:
+                    self.last_error = f"{type(exc).__name__}: {str(exc)[:200]}"
+                    time.sleep(min(1.0, max(0.0, deadline - time.time())))
+                continue
+            self._wake.set()
+            time.sleep(0.1)
+        return self.pending()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        self._file.close()
+
+
+def _hardlink_copy(src: Path, dst: Path) -> None:
+    # Hard links: instant, no extra disk, and the Trainer's checkpoint rotation (rmtree) cannot pull
+    # files out from under a pending upload.
+    def link(s, d):
+        try:
+            os.link(s, d)
+        except OSError:
+            shutil.copy2(s, d)
+
+    shutil.copytree(src, dst, copy_function=link)
+
+
+class CheckpointUploader:
+    """Uploads the newest checkpoint to `checkpoints/latest/` in a background thread.
+
+    A newer save supersedes a pending one; a failed upload is retried with backoff; the marker
+    file goes last, so a download can tell a complete checkpoint from one cut off mid-upload.
+    """
+
+    def __init__(self, run_id: str, uri: str, staging: str | Path, spool: MetricSpool | None = None):
+        self.run_id, self.uri, self.spool = run_id, uri, spool
+        self.staging = Path(staging)
+        self._pending: Path | None = None
+        self._busy = False
+        self._cond = threading.Condition()
+        self._stop = False
+        self.uploaded_step: int | None = None
+        self.last_error: str | None = None
+        self._thread = threading.Thread(target=self._run, name="pagating-ckpt-upload", daemon=True)
+        self._thread.start()
+
+    def submit(self, ckpt_dir: str | Path, step: int) -> None:
+        dst = self.staging / f"step-{step}"
+        if dst.exists():
+            shutil.rmtree(dst)
+        _hardlink_copy(Path(ckpt_dir), dst)
+        files = sorted(str(p.relative_to(dst)) for p in dst.rglob("*") if p.is_file())
+        # The metrics logged so far go to MLflow before the checkpoint does: a run resumed from
+        # this checkpoint on another machine then misses no metric step.
+        lines = self.spool._written if self.spool is not None else 0
+        (dst / CKPT_MARKER).write_text(json.dumps({"step": step, "files": files, "spool_lines": lines}))
+        with self._cond:
+            if self._pending is not None:
+                shutil.rmtree(self._pending, ignore_errors=True)
+            self._pending = dst
+            self._cond.notify_all()
+
+    def _upload(self, path: Path) -> None:
+        if self.spool is not None:
+            self.spool.flush_until(json.loads((path / CKPT_MARKER).read_text())["spool_lines"])
+        mlf = client(self.uri)
+        for item in sorted(path.iterdir()):
+            if item.name == CKPT_MARKER:
+                continue
+            if item.is_dir():
+                mlf.log_artifacts(self.run_id, str(item), f"{CKPT_ARTIFACT}/{item.name}")
+            else:
+                mlf.log_artifact(self.run_id, str(item), CKPT_ARTIFACT)
+        mlf.log_artifact(self.run_id, str(path / CKPT_MARKER), CKPT_ARTIFACT)
+
+    def _run(self) -> None:
+        backoff = _Backoff()
+        while True:
+            with self._cond:
+                while self._pending is None and not self._stop:
+                    self._cond.wait()
+                if self._pending is None:
+                    return
+                path, self._pending, self._busy = self._pending, None, True
+            try:
+                self._upload(path)
+                self.uploaded_step = json.loads((path / CKPT_MARKER).read_text())["step"]
+                shutil.rmtree(path, ignore_errors=True)
+                backoff.ok()
+            except Exception as exc:
+                self.last_error = f"{type(exc).__name__}: {str(exc)[:200]}"
+                with self._cond:
+                    if self._pending is None:  # nothing newer: retry this one
+                        self._pending = path
+                    else:
+                        shutil.rmtree(path, ignore_errors=True)
+                time.sleep(backoff.fail())
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def wait(self, timeout_s: float) -> bool:
+        """Wait for pending uploads; True when nothing is left."""
+        deadline = time.time() + timeout_s
+        with self._cond:
+            while (self._pending is not None or self._busy) and time.time() < deadline:
+                self._cond.wait(timeout=0.2)
+            return self._pending is None and not self._busy
+
+    def close(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+
+
+def download_checkpoint(mlf, run_id: str, dst: str | Path) -> Path | None:
+    """Fetch `checkpoints/latest` of a run into dst/checkpoint-<step>; None if absent or incomplete."""
+    try:
+        names = {a.path.rsplit("/", 1)[-1] for a in mlf.list_artifacts(run_id, CKPT_ARTIFACT)}
+    except Exception:
+        return None
+    if CKPT_MARKER not in names:
+        return None
+    tmp = Path(dst) / ".download"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    local = Path(mlf.download_artifacts(run_id, CKPT_ARTIFACT, str(tmp)))
+    marker = json.loads((local / CKPT_MARKER).read_text())
+    state = json.loads((local / "trainer_state.json").read_text()) if (local / "trainer_state.json").exists() else {}
+    complete = state.get("global_step") == marker["step"] and all((local / f).exists() for f in marker["files"])
+    if not complete:  # cut off mid-upload: files of two different saves
+        shutil.rmtree(tmp, ignore_errors=True)
+        return None
+    final = Path(dst) / f"checkpoint-{marker['step']}"
+    shutil.rmtree(final, ignore_errors=True)
+    local.rename(final)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+# `pagating sync` ------------------------------------------------------------------------------
+
+def sync(output_dir: str | Path, timeout_s: float = 120.0) -> int:
+    """Push every leftover metric spool under output_dir to its run; returns lines still unsent."""
+    spools = sorted(Path(output_dir).rglob(SPOOL_FILE))
+    if not spools:
+        raise UserError(f"no {SPOOL_FILE} under {output_dir}: give the run's output directory")
+    left = 0
+    for path in spools:
+        info = read_run_file(path.parent)
+        if not info:
+            print(f"{path}: no {RUN_FILE} beside it, skipped")
+            continue
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or info.get("tracking_uri")
+        check_server(uri)
+        spool = MetricSpool(path, info["run_id"], uri)
+        remaining = spool.drain(timeout_s)
+        spool.close()
+        print(f"{path.parent}: run {info['run_id']}: {spool.sent()} sent, {remaining} left"
+              + (f" ({spool.last_error})" if remaining and spool.last_error else ""))
+        left += remaining
+    return left
+
+
+def register_cli(sub) -> None:
+    p = sub.add_parser("sync", help="push metrics a run could not send (server outage) to MLflow")
+    p.add_argument("output_dir", help="the run's output directory (or a parent of several)")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds to keep trying per run")
+    p.set_defaults(func=lambda a: 1 if sync(a.output_dir, a.timeout) else 0)
+
+
+# The Trainer callback --------------------------------------------------------------------------
+
+# Dense bf16 tensor-core peak, TFLOPS (vendor datasheets, without sparsity). MFU is only reported
+# where the device is listed here or PAGATING_PEAK_TFLOPS says what the peak is.
+PEAK_TFLOPS = {
+    "H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L40": 181.0, "A10": 125.0, "L4": 121.0,
+    "RTX 4090": 165.2, "RTX 4080": 97.5, "RTX 3090": 71.0, "RTX A6000": 154.8, "RTX 6000 Ada": 364.2,
+    "V100": 125.0, "T4": 65.0,
+}
+
+
+def peak_flops(device_name: str) -> float | None:
+    if os.environ.get("PAGATING_PEAK_TFLOPS"):
+        return float(os.environ["PAGATING_PEAK_TFLOPS"]) * 1e12
+    for key in sorted(PEAK_TFLOPS, key=len, reverse=True):  # "RTX 4090" before "RTX 40..."
+        if key.lower() in device_name.lower():
+            return PEAK_TFLOPS[key] * 1e12
+    return None
+
+
+def flops_per_token(n_params: int, n_layer: int, n_embd: int, block_size: int) -> float:
+    """Training FLOPs per token: 6N for the weights plus 12·L·d·T for attention (PaLM appendix B)."""
+    return 6.0 * n_params + 12.0 * n_layer * n_embd * block_size
+
+
+try:
+    from transformers import TrainerCallback
+except ImportError:  # `pagating sync` works without transformers
+    TrainerCallback = object
+
+
+class TrackingCallback(TrainerCallback):
+    """Trainer logs -> spool (metric names of DESIGN.md), step timing, MFU, GPU telemetry, α, cost,
+    and checkpoint upload. Only the main process logs."""
+
+    NAMES = {"loss": "train/loss", "learning_rate": "train/lr", "grad_norm": "train/grad_norm",
+             "eval_loss": "eval/loss"}
+
+    def __init__(self, spool: MetricSpool, uploader: CheckpointUploader | None, run_info: dict,
+                 tokens_per_step: int, flops_token: float, peak: float | None, sampler=None,
+                 usd_per_hour: float | None = None, model=None, log_alpha: bool = False, cuda: bool = False):
+        self.spool, self.uploader, self.run_info = spool, uploader, run_info
+        self.tokens_per_step, self.flops_token, self.peak = tokens_per_step, flops_token, peak
+        self.sampler, self.usd_per_hour, self.model = sampler, usd_per_hour, model
+        self.log_alpha, self.cuda = log_alpha, cuda
+        self.t0: float | None = None
+        self.step0 = 0
+        self.started = time.time()
+        self.eval_losses: list[float] = []
+
+    def _sync(self) -> None:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()  # only at logging steps: the step loop itself never waits
+
+    def _restart_window(self, state) -> None:
+        self._sync()
+        self.t0, self.step0 = time.perf_counter(), state.global_step
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = time.time()
+        self._restart_window(state)
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self._restart_window(state)  # evaluation time is not step time
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        step = state.global_step
+        out = {name: logs[key] for key, name in self.NAMES.items() if key in logs}
+        if "eval_loss" in logs:
+            out["eval/ppl"] = math.exp(min(logs["eval_loss"], 50.0))
+            self.eval_losses.append(logs["eval_loss"])
+        if "loss" in logs and self.t0 is not None and step > self.step0:
+            self._sync()
+            step_time = (time.perf_counter() - self.t0) / (step - self.step0)
+            out["perf/step_time_s"] = step_time
+            out["perf/tokens_per_s"] = self.tokens_per_step / step_time
+            if self.peak:
+                out["perf/mfu"] = self.flops_token * out["perf/tokens_per_s"] / self.peak
+            if self.sampler is not None:
+                out.update(self.sampler.window())
+            if self.log_alpha and self.model is not None:
+                for i, a in enumerate(self.model.alphas()):
+                    out[f"alpha/layer_{i:02d}"] = a
+            if self.usd_per_hour:
+                out["cost/usd"] = self.usd_per_hour * (time.time() - self.started) / 3600.0
+            self.spool.log(out, step)
+            self._restart_window(state)
+        else:
+            self.spool.log(out, step)
+
+    def on_save(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if ckpt.exists():
+            write_run_file(ckpt, self.run_info)
+            if self.uploader is not None:
+                self.uploader.submit(ckpt, state.global_step)
+        self._restart_window(state)  # saving time is not step time

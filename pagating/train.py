@@ -1,0 +1,375 @@
+"""One training run: the HF Trainer on packed blocks, one MLflow run, checkpoints, resume.
+
+Read top to bottom: check the input, find what to resume, open the MLflow run, build the model and
+data, train, save `model/`, close the run. Everything a user can get wrong is checked before the
+MLflow run exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pagating.config import UserError, config_hash, flatten, load_config
+
+# Seed flag -> params.yaml key. The seed's spellings (underscores) are the canonical flags.
+FLAG_KEYS = {
+    "alpha_mode": "train.alpha_mode", "learning_rate": "train.learning_rate", "batch_size": "train.batch_size",
+    "max_steps": "train.max_steps", "output_dir": "train.output_dir", "seed": "train.seed",
+    "eval_steps": "train.eval_steps", "save_steps": "train.save_steps", "logging_steps": "train.logging_steps",
+    "warmup_steps": "train.warmup_steps", "unit": "model.unit",
+}
+
+
+def validate(cfg: dict) -> None:
+    from pagating.alpha import parse_alpha_mode
+    from pagating.units import get_unit
+
+    t = cfg["train"]
+    try:
+        parse_alpha_mode(t["alpha_mode"])
+        get_unit(cfg["model"]["unit"])
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    for key in ("learning_rate", "batch_size", "max_steps", "eval_steps", "save_steps", "logging_steps"):
+        value = t.get(key)
+        if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
+            raise UserError(f"train.{key} must be a number > 0, got {value!r}")
+    for key in ("batch_size", "max_steps", "eval_steps", "save_steps", "logging_steps"):
+        if int(t[key]) != t[key]:
+            raise UserError(f"train.{key} must be a whole number, got {t[key]!r}")
+
+
+def run_name(cfg: dict) -> str:
+    return f"{cfg['model']['unit']} {cfg['train']['alpha_mode']} lr={cfg['train']['learning_rate']:g}"
+
+
+def run_dir_for(cfg: dict, h: str) -> Path:
+    slug = re.sub(r"[^A-Za-z0-9_.=-]+", "_", run_name(cfg).replace(" ", "_"))
+    return Path(cfg["train"]["output_dir"]) / f"{slug}_{h[:8]}"
+
+
+def pick_device(requested: str = "auto") -> str:
+    import torch
+
+    if requested != "auto":
+        if requested == "cuda" and not torch.cuda.is_available():
+            raise UserError("--device cuda asked but no CUDA GPU is visible; use --device auto or cpu")
+        return requested
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"  # the seed's Mac
+    return "cpu"
+
+
+def newest_checkpoint(run_dir: Path) -> Path | None:
+    ckpts = [p for p in run_dir.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
+    return max(ckpts, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+def find_resume(cfg: dict, resume: str, run_dir: Path, mlf, exp_id: str, h: str) -> tuple[Path | None, str | None]:
+    """(checkpoint dir, MLflow run id) to continue, or (None, None) for a fresh run."""
+    from pagating import tracking
+
+    if resume in ("none", "", None):
+        return None, None
+    if resume != "auto":
+        ckpt = Path(resume)
+        if not (ckpt / "trainer_state.json").exists():
+            raise UserError(f"{ckpt} is not a Trainer checkpoint (no trainer_state.json)")
+        info = tracking.read_run_file(ckpt) or tracking.read_run_file(run_dir) or {}
+        return ckpt, info.get("run_id")
+    ckpt = newest_checkpoint(run_dir)
+    if ckpt is not None:
+        info = tracking.read_run_file(ckpt) or tracking.read_run_file(run_dir) or {}
+        return ckpt, info.get("run_id")
+    # Nothing local (a new machine): the newest run of this config that uploaded a checkpoint.
+    for run in tracking.runs_with_hash(mlf, exp_id, h):
+        if run.info.status == "FINISHED":
+            continue
+        ckpt = tracking.download_checkpoint(mlf, run.info.run_id, run_dir)
+        if ckpt is not None:
+            return ckpt, run.info.run_id
+    raise UserError(f"nothing to resume: no checkpoint in {run_dir} and no unfinished MLflow run of this "
+                    f"config (hash {h}) uploaded one; run without --resume to start fresh")
+
+
+def _training_arguments(cfg: dict, run_dir: Path, device: str, compile_model: bool):
+    from transformers import TrainingArguments
+
+    t = cfg["train"]
+    cuda = device == "cuda"
+    return TrainingArguments(
+        output_dir=str(run_dir),
+        max_steps=int(t["max_steps"]),
+        per_device_train_batch_size=int(t["batch_size"]),
+        per_device_eval_batch_size=int(t["batch_size"]),
+        learning_rate=float(t["learning_rate"]),
+        lr_scheduler_type="cosine",
+        warmup_steps=int(t.get("warmup_steps", 0)),
+        weight_decay=float(t.get("weight_decay", 0.0)),
+        max_grad_norm=1.0,
+        logging_steps=int(t["logging_steps"]),
+        eval_strategy="steps",
+        eval_steps=int(t["eval_steps"]),
+        save_strategy="steps",
+        save_steps=int(t["save_steps"]),
+        save_total_limit=2,  # bounded local disk; MLflow keeps only checkpoints/latest
+        report_to="none",  # tracking is ours (pagating.tracking), not transformers' MLflowCallback
+        seed=int(t["seed"]),
+        data_seed=int(t["seed"]),
+        bf16=cuda,
+        tf32=cuda or None,
+        optim="adamw_torch_fused" if cuda else "adamw_torch",
+        torch_compile=compile_model,
+        dataloader_pin_memory=cuda,
+        dataloader_num_workers=2 if cuda else 0,
+        use_cpu=device == "cpu",
+        disable_tqdm=not sys.stderr.isatty(),
+        logging_nan_inf_filter=False,
+    )
+
+
+def train(cfg: dict, *, resume: str = "none", device: str = "auto", compile_model: str = "auto",
+          parent_run_id: str | None = None, sweep_id: str | None = None,
+          extra_tags: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run one config; returns {"run_id", "status", "run_dir", "final_eval_loss", ...}."""
+    from pagating import tracking
+    from pagating.data import data_md5, load_meta
+
+    # 1. Input checks: nothing is written before these pass.
+    validate(cfg)
+    t, m = cfg["train"], cfg["model"]
+    meta = load_meta(cfg["data"]["prepared_dir"])
+    uri = tracking.tracking_uri(cfg)
+    tracking.check_server(uri)
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    h = config_hash(cfg, meta.get("source_md5", ""))
+    run_dir = run_dir_for(cfg, h)
+    device = pick_device(device)
+    mlf = tracking.client(uri)
+    exp_id = tracking.experiment_id(mlf, cfg["profile"], cfg["tracking"].get("experiment_prefix", "pagating"))
+    ckpt, run_id = find_resume(cfg, resume, run_dir, mlf, exp_id, h)
+
+    import torch
+    from transformers import Trainer, default_data_collator, set_seed
+
+    from pagating.alpha import parse_alpha_mode
+    from pagating.data import PackedDataset, load_tokenizer
+    from pagating.gpu import GpuSampler, gpu_name
+    from pagating.model import build_config, build_model, count_parameters
+
+    # 2. The model (deterministic for a seed) and its numbers.
+    set_seed(int(t["seed"]))
+    vocab = int(math.ceil(meta["vocab_size"] / 64) * 64)  # tensor-core friendly vocabulary (pad rows unused)
+    config = build_config(m, vocab_size=vocab, block_size=meta["block_size"], alpha_mode=t["alpha_mode"],
+                          max_steps=int(t["max_steps"]), eos_token_id=meta.get("eos_id"),
+                          bos_token_id=meta.get("eos_id"))
+    model = build_model(config, init=m.get("init", "scratch"))
+    n_params = count_parameters(model)
+    spec = parse_alpha_mode(t["alpha_mode"])
+    compile_on = compile_model == "on" or (compile_model == "auto" and device == "cuda")
+    dev_name = gpu_name() if device == "cuda" else device
+    usd_per_hour = float(os.environ["PAGATING_USD_PER_HOUR"]) if os.environ.get("PAGATING_USD_PER_HOUR") else None
+
+    # 3. The MLflow run: new, or the interrupted one continued under the same id.
+    skip: dict[str, int] = {}
+    if rank == 0:
+        if run_id:
+            mlf.update_run(run_id, status="RUNNING")
+            skip = tracking.last_steps(mlf, run_id)
+        else:
+            tags = {"pagating.config_hash": h, "git.commit": tracking.git_commit(),
+                    "dvc.data_md5": data_md5(), "gpu.name": dev_name, "host": tracking.host_tag(),
+                    "mlflow.runName": run_name(cfg), **(extra_tags or {})}
+            if sweep_id:
+                tags["pagating.sweep_id"] = sweep_id
+            if parent_run_id:
+                tags["mlflow.parentRunId"] = parent_run_id
+            if usd_per_hour:
+                tags["cost.usd_per_hour"] = f"{usd_per_hour:g}"
+            run = mlf.create_run(exp_id, run_name=run_name(cfg), tags=tags)
+            run_id = run.info.run_id
+            _log_params(mlf, run_id, cfg, spec, n_params, config, device, world, vocab)
+    info = {"run_id": run_id, "experiment_id": exp_id, "config_hash": h,
+            "tracking_uri": tracking.mask_uri(uri)}
+    if rank == 0:
+        tracking.write_run_file(run_dir, info)
+
+    spool = tracking.MetricSpool(run_dir / tracking.SPOOL_FILE, run_id, uri, skip_until=skip).start() \
+        if rank == 0 else None
+    uploader = tracking.CheckpointUploader(run_id, uri, run_dir / ".upload-staging", spool) if rank == 0 else None
+    # NVML sees the GPUs of CUDA_VISIBLE_DEVICES; without any it says so once and logs no gpu/ metric.
+    sampler = GpuSampler() if rank == 0 else None
+    if sampler is not None:
+        sampler.start()
+    cb = tracking.TrackingCallback(
+        spool, uploader, info, tokens_per_step=int(t["batch_size"]) * meta["block_size"] * world,
+        flops_token=tracking.flops_per_token(n_params, config.n_layer, config.n_embd, meta["block_size"]),
+        peak=tracking.peak_flops(dev_name) if device == "cuda" or os.environ.get("PAGATING_PEAK_TFLOPS") else None,
+        sampler=sampler, usd_per_hour=usd_per_hour, model=model,
+        log_alpha=spec.kind in ("learnable", "scheduler_cosine"), cuda=device == "cuda")
+
+    status = "FAILED"
+    result: dict[str, Any] = {"run_id": run_id, "run_dir": str(run_dir), "config_hash": h}
+    try:
+        # 4. Data and the Trainer.
+        train_ds = PackedDataset(cfg["data"]["prepared_dir"], "train")
+        eval_ds = PackedDataset(cfg["data"]["prepared_dir"], "validation")
+        n_eval = min(len(eval_ds), int(t.get("max_eval_batches", 50)) * int(t["batch_size"]))
+        eval_ds = torch.utils.data.Subset(eval_ds, range(n_eval))
+        tokenizer = load_tokenizer(cfg["data"]["prepared_dir"])
+        trainer = Trainer(model=model, args=_training_arguments(cfg, run_dir, device, compile_on),
+                          train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
+                          data_collator=default_data_collator,  # blocks are packed: never pad
+                          callbacks=[AlphaCallback(model), cb] if rank == 0 else [AlphaCallback(model)])
+        if rank == 0:
+            print(f"pagating: {run_name(cfg)} -> run {run_id} ({'resumed from ' + str(ckpt) if ckpt else 'new'}),"
+                  f" {n_params:,} params, {device}, output {run_dir}", file=sys.stderr)
+
+        # 5. Train (the Trainer restores optimizer, LR schedule, RNG and data order on resume).
+        trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+        if trainer.state.global_step % int(t["eval_steps"]) != 0:
+            trainer.evaluate()
+
+        # 6. Summary metrics and the final model.
+        if rank == 0:
+            evals = [e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e]
+            final = evals[-1]
+            spool.log({"best/eval_loss": min(evals), "final/eval_loss": final,
+                       "final/eval_ppl": math.exp(min(final, 50.0))}, trainer.state.global_step)
+            model_dir = run_dir / "model"
+            trainer.save_model(str(model_dir))
+            _retry(lambda: mlf.log_artifacts(run_id, str(model_dir), "model"), "upload model/")
+            result.update(final_eval_loss=final, best_eval_loss=min(evals), first_eval_loss=evals[0])
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        if sampler is not None:
+            sampler.stop()
+        if rank == 0:
+            drain_s = float(cfg["tracking"].get("drain_timeout_s", 60))
+            if uploader is not None and not uploader.wait(drain_s if status == "FINISHED" else 5):
+                print(f"pagating: checkpoint upload unfinished ({uploader.last_error})", file=sys.stderr)
+            left = spool.drain(drain_s)
+            spool.close()
+            if left:
+                print(f"pagating: {left} metric lines not yet in MLflow ({spool.last_error}); they are kept in "
+                      f"{spool.path}: run `pagating sync {run_dir}` when the server is back", file=sys.stderr)
+            try:
+                mlf.set_terminated(run_id, status)
+            except Exception as exc:  # the run stays RUNNING; resume/sweep treat it as interrupted
+                print(f"pagating: could not mark run {status}: {type(exc).__name__}", file=sys.stderr)
+    result["status"] = status
+    return result
+
+
+def _retry(fn, what: str, attempts: int = 8):
+    delay = 1.0
+    for i in range(attempts):
+        try:
+            return fn()
+        except Exception as exc:
+            if i == attempts - 1:
+                raise
+            print(f"pagating: {what} failed ({type(exc).__name__}), retrying in {delay:.0f}s", file=sys.stderr)
+            time.sleep(delay)
+            delay = min(delay * 2, 30)
+
+
+def _log_params(mlf, run_id, cfg, spec, n_params, config, device, world, vocab) -> None:
+    from mlflow.entities import Param
+
+    params = flatten(cfg)
+    params.update({"model.d_ff": config.d_ff, "model.n_params": n_params, "model.vocab_size": vocab,
+                   "train.device": device, "train.world_size": world, "alpha.kind": spec.kind})
+    if spec.kind == "scheduler_cosine":
+        params["alpha.schedule"] = "half cosine, alpha 0 -> 1 over train.max_steps (optimizer steps)"
+    items = [Param(k, str(v)) for k, v in sorted(params.items())]
+    for i in range(0, len(items), 100):
+        mlf.log_batch(run_id, params=items[i:i + 100])
+    mlf.log_text(run_id, yaml.safe_dump({k: v for k, v in cfg.items()}, sort_keys=False), "params.yaml")
+
+
+try:
+    from transformers import TrainerCallback
+except ImportError:  # pragma: no cover
+    TrainerCallback = object
+
+
+class AlphaCallback(TrainerCallback):
+    """Drives scheduled α by the optimizer step; on resume the restored global_step restores α."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.model.set_alpha_step(state.global_step)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.model.set_alpha_step(state.global_step)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.model.set_alpha_step(state.global_step)
+
+
+# CLI ------------------------------------------------------------------------------------------
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", help="params.yaml profile (default: params.yaml's `profile`)")
+    g = p.add_argument_group("seed flags")
+    g.add_argument("--alpha_mode", "--alpha-mode", help="static_<a> | learnable | scheduler_cosine")
+    g.add_argument("--learning_rate", "--learning-rate", type=float)
+    g.add_argument("--batch_size", "--batch-size", type=int)
+    g.add_argument("--max_steps", "--max-steps", type=int)
+    g.add_argument("--output_dir", "--output-dir", help="base folder; each run gets a subfolder")
+    g.add_argument("--resume_from_checkpoint", "--resume-from-checkpoint", help="a checkpoint folder")
+    p.add_argument("--unit", help="paGLU | paGTU | paSwishU | paReGLU | paGELU | paMishU | paSiLU")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--eval_steps", "--eval-steps", type=int)
+    p.add_argument("--save_steps", "--save-steps", type=int)
+    p.add_argument("--logging_steps", "--logging-steps", type=int)
+    p.add_argument("--warmup_steps", "--warmup-steps", type=int)
+    p.add_argument("--resume", default="none", help="none | auto (local checkpoint, else MLflow) | a path")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                   help="torch.compile (auto: on for CUDA)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override any params.yaml value, e.g. --set model.ffn_dim=512")
+
+
+def config_from_args(args) -> dict:
+    overrides = {key: getattr(args, flag) for flag, key in FLAG_KEYS.items() if getattr(args, flag, None) is not None}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"--set wants SECTION.KEY=VALUE, got {item!r}")
+        overrides[key] = value
+    return load_config(args.profile, overrides)
+
+
+def cli_train(args) -> int:
+    cfg = config_from_args(args)
+    resume = args.resume_from_checkpoint or args.resume
+    result = train(cfg, resume=resume, device=args.device, compile_model=args.compile)
+    print(json.dumps({k: v for k, v in result.items()}, default=str))
+    return 0 if result["status"] == "FINISHED" else 1
+
+
+def register_cli(sub) -> None:
+    p = sub.add_parser("train", help="one tracked training run (HF Trainer + MLflow)")
+    add_train_args(p)
+    p.set_defaults(func=cli_train)

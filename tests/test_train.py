@@ -1,0 +1,214 @@
+"""One tracked training run against a real `mlflow server` on 127.0.0.1, on the sample corpus."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import run_cli
+from mlflow.tracking import MlflowClient
+
+pytestmark = pytest.mark.slow
+
+FAST = ["--max_steps", "30", "--eval_steps", "10", "--save_steps", "10", "--logging_steps", "5",
+        "--batch_size", "8"]
+
+
+def env_for(server, **extra):
+    return {"MLFLOW_TRACKING_URI": server.uri, **extra}
+
+
+def metric_steps(mlf, run_id, key):
+    return [m.step for m in mlf.get_metric_history(run_id, key)]
+
+
+def test_tiny_run_logs_everything(sample_project, mlflow_server, tmp_path):
+    out = tmp_path / "out"
+    proc = run_cli(["train", "--alpha_mode", "learnable", "--learning_rate", "3e-3", "--output_dir", str(out),
+                    *FAST], cwd=sample_project,
+                   env=env_for(mlflow_server, PAGATING_PEAK_TFLOPS="1.0", PAGATING_USD_PER_HOUR="0.40"),
+                   check=True)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    mlf = MlflowClient(mlflow_server.uri)
+    run = mlf.get_run(result["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == "paGLU learnable lr=0.003"
+    assert mlf.get_experiment(run.info.experiment_id).name == "pagating-sample"
+    params = run.data.params
+    for key in ("profile", "train.alpha_mode", "train.learning_rate", "train.batch_size", "train.max_steps",
+                "train.seed", "model.unit", "model.n_layer", "model.d_ff", "model.n_params", "data.block_size",
+                "data.tokenizer", "train.device", "alpha.kind"):
+        assert key in params, key
+    assert params["train.learning_rate"] == "0.003" and params["train.max_steps"] == "30"
+    tags = run.data.tags
+    for key in ("git.commit", "dvc.data_md5", "pagating.config_hash", "gpu.name", "host", "cost.usd_per_hour"):
+        assert key in tags, key
+    assert tags["gpu.name"] == "cpu" and tags["pagating.config_hash"] == result["config_hash"]
+    for key in ("train/loss", "train/lr", "train/grad_norm", "perf/step_time_s", "perf/tokens_per_s",
+                "perf/mfu", "alpha/layer_00", "alpha/layer_01", "cost/usd"):
+        assert metric_steps(mlf, run.info.run_id, key) == [5, 10, 15, 20, 25, 30], key
+    assert metric_steps(mlf, run.info.run_id, "eval/loss") == [10, 20, 30]
+    evals = [m.value for m in mlf.get_metric_history(run.info.run_id, "eval/loss")]
+    assert evals[-1] < evals[0]
+    ppl = mlf.get_metric_history(run.info.run_id, "eval/ppl")[-1].value
+    assert abs(ppl - torch.tensor(evals[-1]).exp().item()) < 1e-3 * ppl
+    assert run.data.metrics["best/eval_loss"] == min(evals)
+    assert not any(k.startswith("gpu/") for k in run.data.metrics)  # no GPU here: none logged
+    tps = mlf.get_metric_history(run.info.run_id, "perf/tokens_per_s")[-1].value
+    st = mlf.get_metric_history(run.info.run_id, "perf/step_time_s")[-1].value
+    assert abs(tps * st - 8 * 64) < 1e-6 * tps * st  # tokens per step = batch x block
+    assert mlf.get_metric_history(run.info.run_id, "alpha/layer_00")[0].value != 0.5  # α learned
+    # Artifacts: model/ loads with one call, gives the same logits as the local copy, generates.
+    arts = {a.path for a in mlf.list_artifacts(run.info.run_id)}
+    assert {"model", "checkpoints", "params.yaml"} <= arts
+    local = mlf.download_artifacts(run.info.run_id, "model", str(tmp_path / "dl"))
+    from transformers import AutoTokenizer
+
+    from pagating.model import load_model
+
+    model, ref = load_model(local).eval(), load_model(os.path.join(result["run_dir"] if os.path.isabs(
+        result["run_dir"]) else sample_project / result["run_dir"], "model")).eval()
+    x = torch.randint(0, 2000, (2, 16))
+    assert torch.equal(model(x).logits, ref(x).logits)
+    tok = AutoTokenizer.from_pretrained(local)
+    ids = tok("ROMEO. What", return_tensors="pt").input_ids
+    text = tok.decode(model.generate(ids, max_new_tokens=8, do_sample=False)[0])
+    assert text.startswith("ROMEO. What") and len(text) > len("ROMEO. What")
+
+
+def test_fake_nvml_gpu_metrics(sample_project, mlflow_server, tmp_path):
+    fake = tmp_path / "fakenvml"
+    fake.mkdir()
+    (fake / "pynvml.py").write_text('''
+class NVMLError(Exception):
+    pass
+class _U:
+    gpu = 87
+class _M:
+    used = 3000 * 2**20
+    total = 24000 * 2**20
+def nvmlInit(): pass
+def nvmlShutdown(): pass
+def nvmlDeviceGetCount(): return 1
+def nvmlDeviceGetHandleByIndex(i): return i
+def nvmlDeviceGetUtilizationRates(h): return _U()
+def nvmlDeviceGetMemoryInfo(h): return _M()
+def nvmlDeviceGetPowerUsage(h): return 215000
+def nvmlDeviceGetTemperature(h, sensor): return 61
+def nvmlDeviceGetName(h): return "NVIDIA GeForce RTX 4090"
+NVML_TEMPERATURE_GPU = 0
+''')
+    env = env_for(mlflow_server, PYTHONPATH=f"{fake}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    proc = run_cli(["train", "--output_dir", str(tmp_path / "o"), "--max_steps", "10", "--eval_steps", "10",
+                    "--save_steps", "10", "--logging_steps", "5"], cwd=sample_project, env=env, check=True)
+    run_id = json.loads(proc.stdout.strip().splitlines()[-1])["run_id"]
+    m = MlflowClient(mlflow_server.uri).get_run(run_id).data.metrics
+    assert m["gpu/util_pct"] == 87 and m["gpu/mem_used_mb"] == 3000
+    assert m["gpu/power_w"] == 215 and m["gpu/temp_c"] == 61
+
+
+def test_kill9_then_resume_from_mlflow_matches_uninterrupted(sample_project, mlflow_server, tmp_path):
+    args = ["train", "--alpha_mode", "scheduler_cosine", "--max_steps", "40", "--eval_steps", "10",
+            "--save_steps", "10", "--logging_steps", "5", "--batch_size", "8", "--seed", "7"]
+    env = env_for(mlflow_server)
+    ref = run_cli([*args, "--output_dir", str(tmp_path / "ref")], cwd=sample_project, env=env, check=True)
+    ref_id = json.loads(ref.stdout.strip().splitlines()[-1])["run_id"]
+    mlf = MlflowClient(mlflow_server.uri)
+
+    # Same config, killed with SIGKILL once a checkpoint has reached MLflow.
+    proc = subprocess.Popen([sys.executable, "-m", "pagating.cli", *args, "--output_dir", str(tmp_path / "a")],
+                            cwd=sample_project, env={**os.environ, **env}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    killed_id = None
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        runs = [r for r in mlf.search_runs([mlf.get_run(ref_id).info.experiment_id])
+                if r.info.run_id != ref_id and r.info.status == "RUNNING"]
+        if runs:
+            names = [a.path for a in mlf.list_artifacts(runs[0].info.run_id, "checkpoints/latest")]
+            if any(n.endswith("pagating_checkpoint.json") for n in names):
+                killed_id = runs[0].info.run_id
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+        time.sleep(0.2)
+    proc.wait()
+    assert killed_id, "the run finished before a checkpoint was uploaded"
+    assert mlf.get_run(killed_id).info.status == "RUNNING"
+
+    # A fresh output dir: the checkpoint can only come from MLflow.
+    res = run_cli([*args, "--output_dir", str(tmp_path / "b"), "--resume", "auto"], cwd=sample_project,
+                  env=env, check=True)
+    assert "resumed from" in res.stderr
+    assert json.loads(res.stdout.strip().splitlines()[-1])["run_id"] == killed_id
+    run = mlf.get_run(killed_id)
+    assert run.info.status == "FINISHED"
+    for key in ("train/loss", "eval/loss", "alpha/layer_00", "perf/step_time_s"):
+        steps = metric_steps(mlf, killed_id, key)
+        assert len(steps) == len(set(steps)), f"{key} has duplicate steps {steps}"
+        assert steps == metric_steps(mlf, ref_id, key), key
+    final = mlf.get_metric_history(killed_id, "train/loss")[-1]
+    ref_final = mlf.get_metric_history(ref_id, "train/loss")[-1]
+    assert final.step == ref_final.step == 40
+    assert abs(final.value - ref_final.value) < 1e-4
+    assert abs(run.data.metrics["alpha/layer_00"] - mlf.get_run(ref_id).data.metrics["alpha/layer_00"]) < 1e-6
+
+
+def test_seed_command_runs(sample_project, mlflow_server):
+    proc = subprocess.run([sys.executable, str(os.path.join(os.path.dirname(__file__), "..", "scripts",
+                                                             "train_pagating.py")),
+                           "--alpha_mode", "static_0.0", "--learning_rate", "5e-4", "--batch_size", "16",
+                           "--max_steps", "20", "--output_dir", "logs/phase2_sweeps"],
+                          cwd=sample_project, env={**os.environ, **env_for(mlflow_server)}, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (sample_project / "logs" / "phase2_sweeps").is_dir()
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert MlflowClient(mlflow_server.uri).get_run(result["run_id"]).data.params["train.alpha_mode"] == "static_0.0"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--alpha_mode", "cosine"], "unknown alpha mode"),
+    (["--alpha_mode", "static_1.5"], "alpha must be in [0, 1]"),
+    (["--learning_rate", "0"], "learning_rate must be"),
+    (["--batch_size", "-4"], "batch_size must be"),
+    (["--unit", "paFoo"], "unknown unit"),
+    (["--resume", "auto", "--seed", "12345"], "nothing to resume"),
+])
+def test_bad_input_one_line_exit_2_no_run(sample_project, mlflow_server, tmp_path, args, message):
+    mlf = MlflowClient(mlflow_server.uri)
+    before = len(mlf.search_runs([e.experiment_id for e in mlf.search_experiments()]))
+    proc = run_cli(["train", "--output_dir", str(tmp_path / "o"), *args], cwd=sample_project,
+                   env=env_for(mlflow_server))
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert len(mlf.search_runs([e.experiment_id for e in mlf.search_experiments()])) == before
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_data_and_unreachable_server(tmp_path, mlflow_server):
+    import shutil
+
+    from conftest import REPO, free_port
+
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    proc = run_cli(["train"], cwd=tmp_path, env=env_for(mlflow_server))
+    assert proc.returncode == 2 and "run `pagating prepare`" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    proc = run_cli(["train"], cwd=tmp_path, env={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"})
+    assert proc.returncode == 2  # data is checked first; both are one line
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_unreachable_server_exit_2(sample_project, tmp_path):
+    from conftest import free_port
+
+    proc = run_cli(["train", "--output_dir", str(tmp_path / "o")], cwd=sample_project,
+                   env={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"})
+    assert proc.returncode == 2 and "unreachable" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
