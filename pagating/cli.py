@@ -19,6 +19,7 @@ VERBS = {
     "prepare": "pagating.data",
     "train": "pagating.train",
     "sweep": "pagating.sweep",
+    "quickstart": "pagating.sweep",
     "report": "pagating.report",
     "server": "pagating.server",
     "sync": "pagating.tracking",

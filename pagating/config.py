@@ -10,6 +10,7 @@ import copy
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -36,14 +37,28 @@ def params_path() -> Path:
     return Path(os.environ.get("PAGATING_PARAMS", project_root() / "params.yaml"))
 
 
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def _numbers(value: Any) -> Any:
+    # PyYAML follows YAML 1.1, where `5e-4` (no dot) is a string; researchers write it that way.
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        return float(value) if any(c in value for c in ".eE") else int(value)
+    if isinstance(value, list):
+        return [_numbers(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _numbers(v) for k, v in value.items()}
+    return value
+
+
 def _coerce(value: Any) -> Any:
     # Overrides arrive as strings from argparse / MLproject; YAML gives them their natural type.
     if isinstance(value, str):
         try:
-            return yaml.safe_load(value)
+            value = yaml.safe_load(value)
         except yaml.YAMLError:
             return value
-    return value
+    return _numbers(value)
 
 
 def load_config(profile: str | None = None, overrides: dict[str, Any] | None = None,
@@ -55,7 +70,7 @@ def load_config(profile: str | None = None, overrides: dict[str, Any] | None = N
     path = Path(path) if path else params_path()
     if not path.exists():
         raise UserError(f"{path} not found: run from the project root (the folder with params.yaml)")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = _numbers(yaml.safe_load(path.read_text()) or {})
     profile = profile or raw.get("profile", "sample")
     profiles = sorted(raw.get("data", {}))
     if profile not in profiles:
@@ -72,7 +87,7 @@ def load_config(profile: str | None = None, overrides: dict[str, Any] | None = N
         if section not in cfg or not key or not isinstance(cfg[section], dict):
             raise UserError(f"unknown setting {dotted!r}; use <section>.<key> with section one of "
                             f"{', '.join(PROFILED_SECTIONS + PLAIN_SECTIONS)}")
-        if key not in cfg[section]:
+        if key not in cfg[section] and section != "sweep":  # new sweep axes are checked by the sweep
             raise UserError(f"unknown setting {dotted!r}; {section} has: {', '.join(sorted(cfg[section]))}")
         cfg[section][key] = _coerce(value)
     return cfg

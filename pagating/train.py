@@ -83,6 +83,14 @@ def find_resume(cfg: dict, resume: str, run_dir: Path, mlf, exp_id: str, h: str)
 
     if resume in ("none", "", None):
         return None, None
+    if resume == "if-any":  # the sweep: continue an interrupted run of this config, else start fresh
+        try:
+            return find_resume(cfg, "auto", run_dir, mlf, exp_id, h)
+        except UserError:
+            # Interrupted before its first checkpoint: start over under the same run id (metric
+            # steps already logged are skipped), so the config never has two runs.
+            unfinished = [r for r in tracking.runs_with_hash(mlf, exp_id, h) if r.info.status != "FINISHED"]
+            return None, (unfinished[0].info.run_id if unfinished else None)
     if resume != "auto":
         ckpt = Path(resume)
         if not (ckpt / "trainer_state.json").exists():
@@ -159,7 +167,12 @@ def train(cfg: dict, *, resume: str = "none", device: str = "auto", compile_mode
     run_dir = run_dir_for(cfg, h)
     device = pick_device(device)
     mlf = tracking.client(uri)
-    exp_id = tracking.experiment_id(mlf, cfg["profile"], cfg["tracking"].get("experiment_prefix", "pagating"))
+    # Started by `mlflow run`: that run is our parent, and its experiment is ours, so the UI nests them.
+    parent_run_id = parent_run_id or os.environ.get("MLFLOW_RUN_ID") or None
+    if parent_run_id:
+        exp_id = mlf.get_run(parent_run_id).info.experiment_id
+    else:
+        exp_id = tracking.experiment_id(mlf, cfg["profile"], cfg["tracking"].get("experiment_prefix", "pagating"))
     ckpt, run_id = find_resume(cfg, resume, run_dir, mlf, exp_id, h)
 
     import torch
@@ -235,6 +248,7 @@ def train(cfg: dict, *, resume: str = "none", device: str = "auto", compile_mode
                           data_collator=default_data_collator,  # blocks are packed: never pad
                           callbacks=[AlphaCallback(model), cb] if rank == 0 else [AlphaCallback(model)])
         if rank == 0:
+            result["resumed_from"] = str(ckpt) if ckpt else None
             print(f"pagating: {run_name(cfg)} -> run {run_id} ({'resumed from ' + str(ckpt) if ckpt else 'new'}),"
                   f" {n_params:,} params, {device}, output {run_dir}", file=sys.stderr)
 
@@ -328,22 +342,33 @@ class AlphaCallback(TrainerCallback):
 
 # CLI ------------------------------------------------------------------------------------------
 
+def _opt(kind):
+    """An argparse type where "" means "not given": MLproject passes its empty defaults through."""
+    def parse(text: str):
+        return None if text == "" else kind(text)
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", help="params.yaml profile (default: params.yaml's `profile`)")
     g = p.add_argument_group("seed flags")
     g.add_argument("--alpha_mode", "--alpha-mode", help="static_<a> | learnable | scheduler_cosine")
-    g.add_argument("--learning_rate", "--learning-rate", type=float)
-    g.add_argument("--batch_size", "--batch-size", type=int)
-    g.add_argument("--max_steps", "--max-steps", type=int)
+    g.add_argument("--learning_rate", "--learning-rate", type=_opt(float))
+    g.add_argument("--batch_size", "--batch-size", type=_opt(int))
+    g.add_argument("--max_steps", "--max-steps", type=_opt(int))
     g.add_argument("--output_dir", "--output-dir", help="base folder; each run gets a subfolder")
     g.add_argument("--resume_from_checkpoint", "--resume-from-checkpoint", help="a checkpoint folder")
     p.add_argument("--unit", help="paGLU | paGTU | paSwishU | paReGLU | paGELU | paMishU | paSiLU")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--eval_steps", "--eval-steps", type=int)
-    p.add_argument("--save_steps", "--save-steps", type=int)
-    p.add_argument("--logging_steps", "--logging-steps", type=int)
-    p.add_argument("--warmup_steps", "--warmup-steps", type=int)
-    p.add_argument("--resume", default="none", help="none | auto (local checkpoint, else MLflow) | a path")
+    p.add_argument("--seed", type=_opt(int))
+    p.add_argument("--eval_steps", "--eval-steps", type=_opt(int))
+    p.add_argument("--save_steps", "--save-steps", type=_opt(int))
+    p.add_argument("--logging_steps", "--logging-steps", type=_opt(int))
+    p.add_argument("--warmup_steps", "--warmup-steps", type=_opt(int))
+    p.add_argument("--resume", default="none",
+                   help="none | auto (local checkpoint, else MLflow; error if none) | if-any | a checkpoint path")
+    p.add_argument("--parent-run-id", help=argparse.SUPPRESS)  # set by the sweep
+    p.add_argument("--sweep-id", help=argparse.SUPPRESS)
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
                    help="torch.compile (auto: on for CUDA)")
@@ -352,19 +377,21 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args) -> dict:
-    overrides = {key: getattr(args, flag) for flag, key in FLAG_KEYS.items() if getattr(args, flag, None) is not None}
+    overrides = {key: getattr(args, flag) for flag, key in FLAG_KEYS.items()
+                 if getattr(args, flag, None) not in (None, "")}
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:
             raise UserError(f"--set wants SECTION.KEY=VALUE, got {item!r}")
         overrides[key] = value
-    return load_config(args.profile, overrides)
+    return load_config(args.profile or None, overrides)
 
 
 def cli_train(args) -> int:
     cfg = config_from_args(args)
-    resume = args.resume_from_checkpoint or args.resume
-    result = train(cfg, resume=resume, device=args.device, compile_model=args.compile)
+    resume = args.resume_from_checkpoint or args.resume or "none"
+    result = train(cfg, resume=resume, device=args.device, compile_model=args.compile,
+                   parent_run_id=args.parent_run_id, sweep_id=args.sweep_id)
     print(json.dumps({k: v for k, v in result.items()}, default=str))
     return 0 if result["status"] == "FINISHED" else 1
 

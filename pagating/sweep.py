@@ -1,0 +1,307 @@
+"""The sweep: the α × lr grid of params.yaml, one parent MLflow run, one child run per config.
+
+Each config runs as its own `pagating train` process: a crash or OOM in one config cannot take the
+others down, and on a multi-GPU box each process gets its own CUDA_VISIBLE_DEVICES. Re-running is
+idempotent: a config whose run FINISHED (same config hash) is skipped, an interrupted one resumes
+from its checkpoint (local, else MLflow), a failed one is retried once.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from pagating.config import UserError, config_hash, load_config
+
+# Grid axis (params.yaml `sweep` key) -> the setting it varies.
+AXES = {"alpha_mode": "train.alpha_mode", "learning_rate": "train.learning_rate", "unit": "model.unit",
+        "seed": "train.seed"}
+
+
+def grid(cfg: dict) -> list[dict[str, Any]]:
+    """The configs as override dicts ({"train.alpha_mode": ..., ...}), in params.yaml order."""
+    axes = cfg.get("sweep") or {}
+    unknown = sorted(set(axes) - set(AXES))
+    if unknown:
+        raise UserError(f"unknown grid key {', '.join(unknown)} in sweep; valid keys: {', '.join(AXES)}")
+    values = []
+    for key, vals in axes.items():
+        vals = vals if isinstance(vals, list) else [vals]
+        if not vals:
+            raise UserError(f"empty grid: sweep.{key} has no values; give at least one")
+        values.append([(AXES[key], v) for v in vals])
+    if not values:
+        raise UserError("empty grid: params.yaml `sweep` has no axes; give alpha_mode and learning_rate lists")
+    return [dict(combo) for combo in itertools.product(*values)]
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in str(text).split("/"))
+    except ValueError:
+        raise UserError(f"--shard wants i/n (e.g. 0/2), got {text!r}") from None
+    if n < 1 or not 0 <= i < n:
+        raise UserError(f"--shard {text}: need 0 <= i < n (shards are numbered 0/{max(n, 1)} ..)")
+    return i, n
+
+
+def take_shard(configs: list, i: int, n: int) -> list:
+    """Round-robin slice: shards are disjoint, cover the grid, and differ in size by at most one."""
+    return configs[i::n]
+
+
+def config_for(base: dict, overrides: dict[str, Any]) -> dict:
+    cfg = copy.deepcopy(base)
+    for dotted, value in overrides.items():
+        section, key = dotted.split(".", 1)
+        cfg[section][key] = value
+    return cfg
+
+
+def sweep_identity(base: dict, configs: list[dict]) -> str:
+    """Same grid on the same settings = same sweep id, so a re-run continues the same parent."""
+    blob = json.dumps({"profile": base["profile"], "train": base["train"], "model": base["model"],
+                       "data": {k: v for k, v in base["data"].items() if not k.endswith("_dir")},
+                       "grid": configs}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+def parse_gpus(text: str) -> list[str | None]:
+    """Worker slots: one per GPU id, or a single CPU slot."""
+    if text in ("none", "cpu", ""):
+        return [None]
+    if text in ("auto", "all"):
+        try:
+            import torch
+
+            count = torch.cuda.device_count()
+        except ImportError:
+            count = 0
+        return [str(i) for i in range(count)] or [None]
+    ids = [x.strip() for x in text.split(",") if x.strip()]
+    if not ids or not all(x.isdigit() for x in ids):
+        raise UserError(f"--gpus wants all, none or a list like 0,1; got {text!r}")
+    return ids
+
+
+def _child_command(cfg: dict, overrides: dict, parent_id: str, sweep_id: str, resume: str, device: str,
+                   extra_sets: list[str]) -> list[str]:
+    cmd = [sys.executable, "-m", "pagating.cli", "train", "--profile", cfg["profile"], "--resume", resume,
+           "--parent-run-id", parent_id, "--sweep-id", sweep_id, "--device", device]
+    for item in extra_sets:
+        cmd += ["--set", item]
+    for key, value in overrides.items():
+        cmd += ["--set", f"{key}={value}"]
+    return cmd
+
+
+def sweep(base: dict, *, shard: str = "0/1", gpus: str = "auto", device: str = "auto",
+          sweep_id: str | None = None, extra_sets: list[str] | None = None,
+          summary_path: str | Path = "reports/sweep.json") -> dict[str, Any]:
+    from pagating import tracking
+    from pagating.data import data_md5, load_meta
+    from pagating.train import run_dir_for, run_name, validate
+
+    extra_sets = list(extra_sets or [])
+    # 1. Everything checkable is checked before the parent run exists.
+    configs = grid(base)
+    i, n = parse_shard(shard)
+    for overrides in configs:
+        validate(config_for(base, overrides))
+    meta = load_meta(base["data"]["prepared_dir"])
+    slots = parse_gpus(gpus)
+    uri = tracking.tracking_uri(base)
+    tracking.check_server(uri)
+    mlf = tracking.client(uri)
+    sweep_id = sweep_id or os.environ.get("PAGATING_SWEEP_ID") or sweep_identity(base, configs)
+    mine = take_shard(configs, i, n)
+
+    # 2. The parent run: the one `mlflow run` opened, else this sweep's earlier parent, else a new one.
+    launched = os.environ.get("MLFLOW_RUN_ID")
+    if launched:
+        parent_id = launched
+        exp_id = mlf.get_run(parent_id).info.experiment_id
+    else:
+        exp_id = tracking.experiment_id(mlf, base["profile"], base["tracking"].get("experiment_prefix", "pagating"))
+        earlier = mlf.search_runs([exp_id], filter_string=f"tags.`pagating.sweep_id` = '{sweep_id}' and "
+                                  "tags.`pagating.role` = 'sweep'", order_by=["attributes.start_time DESC"])
+        parent_id = earlier[0].info.run_id if earlier else mlf.create_run(exp_id).info.run_id
+    mlf.update_run(parent_id, status="RUNNING", name=f"sweep {sweep_id}")
+    for key, value in {"pagating.sweep_id": sweep_id, "pagating.role": "sweep", "git.commit": tracking.git_commit(),
+                       "dvc.data_md5": data_md5()}.items():
+        mlf.set_tag(parent_id, key, value)
+    from mlflow.entities import Param
+
+    grid_params = {"profile": base["profile"], "sweep.n_configs": len(configs)}
+    grid_params.update({f"sweep.{k}": json.dumps(v if isinstance(v, list) else [v])
+                        for k, v in base["sweep"].items()})
+    mlf.log_batch(parent_id, params=[Param(k, str(v)) for k, v in grid_params.items()])
+
+    # 3. Decide per config: skip (FINISHED), resume (interrupted), or run.
+    plan = []
+    for overrides in mine:
+        cfg = config_for(base, overrides)
+        h = config_hash(cfg, meta.get("source_md5", ""))
+        runs = tracking.runs_with_hash(mlf, exp_id, h)
+        done = [r for r in runs if r.info.status == "FINISHED"]
+        entry = {"name": run_name(cfg), "config_hash": h, "overrides": overrides,
+                 "run_id": done[0].info.run_id if done else (runs[0].info.run_id if runs else None),
+                 "status": "skipped" if done else ("resume" if runs else "run"),
+                 "log": str(run_dir_for(cfg, h)) + ".log"}
+        if done:
+            entry["final_eval_loss"] = done[0].data.metrics.get("final/eval_loss")
+        plan.append(entry)
+    print(f"sweep {sweep_id}: {len(configs)} configs, shard {i}/{n}: {len(mine)} here "
+          f"({sum(e['status'] == 'skipped' for e in plan)} already finished); parent run {parent_id}",
+          file=sys.stderr)
+
+    # 4. Run what is left, one config per worker slot (GPU), retrying a failure once.
+    free: queue.Queue = queue.Queue()
+    for slot in slots:
+        free.put(slot)
+    lock = threading.Lock()
+    todo = [e for e in plan if e["status"] != "skipped"]
+    counter = itertools.count(1)
+
+    def run_one(entry: dict) -> None:
+        slot = free.get()
+        try:
+            env = {k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"}
+            if slot is not None:
+                env["CUDA_VISIBLE_DEVICES"] = slot
+            cfg = config_for(base, entry["overrides"])
+            started = time.time()
+            for attempt in (1, 2):
+                resume = "if-any" if entry["status"] == "resume" or attempt == 2 else "none"
+                cmd = _child_command(cfg, entry["overrides"], parent_id, sweep_id, resume,
+                                     device if slot is None else "auto", extra_sets)
+                Path(entry["log"]).parent.mkdir(parents=True, exist_ok=True)
+                with open(entry["log"], "a") as log:
+                    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+                result = _last_json(proc.stdout)
+                if proc.returncode == 0 and result.get("status") == "FINISHED":
+                    entry.update(run_id=result["run_id"], final_eval_loss=result.get("final_eval_loss"),
+                                 first_eval_loss=result.get("first_eval_loss"),
+                                 status="resumed" if result.get("resumed_from") else "ran")
+                    break
+                entry.update(status="failed", run_id=result.get("run_id", entry["run_id"]),
+                             error=_tail(entry["log"]))
+                if proc.returncode == 2:  # a user error will not go away on retry
+                    break
+            entry["seconds"] = round(time.time() - started, 1)
+            with lock:
+                k = next(counter)
+                detail = (f"eval loss {entry['first_eval_loss']:.3f} -> {entry['final_eval_loss']:.3f}"
+                          if entry.get("final_eval_loss") is not None and entry.get("first_eval_loss") is not None
+                          else "" if entry["status"] != "failed" else f"see {entry['log']}: {entry['error']}")
+                print(f"[{k}/{len(todo)}] {entry['name']}: {entry['status']} in {entry['seconds']:.0f}s, {detail}",
+                      file=sys.stderr)
+        finally:
+            free.put(slot)
+
+    with ThreadPoolExecutor(max_workers=len(slots)) as pool:
+        list(pool.map(run_one, todo))
+
+    failed = [e for e in plan if e["status"] == "failed"]
+    mlf.set_terminated(parent_id, "FAILED" if failed else "FINISHED")
+    summary = {"sweep_id": sweep_id, "parent_run_id": parent_id, "experiment_id": exp_id,
+               "profile": base["profile"], "shard": f"{i}/{n}",
+               "configs": [{k: e.get(k) for k in ("name", "config_hash", "run_id", "status")} for e in plan]}
+    if summary_path:
+        Path(summary_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(summary_path).write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
+    print_table(plan)
+    return summary
+
+
+def _last_json(stdout: str) -> dict:
+    for line in reversed((stdout or "").strip().splitlines()):
+        try:
+            return json.loads(line)
+        except json.JSONDecodeError:
+            continue
+    return {}
+
+
+def _tail(path: str) -> str:
+    try:
+        lines = [ln for ln in Path(path).read_text().splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    return lines[-1][:300] if lines else ""
+
+
+def print_table(plan: list[dict]) -> None:
+    width = max([len(e["name"]) for e in plan] + [6])
+    print(f"{'config':<{width}}  {'status':<8}  {'final eval loss':>15}  run")
+    for e in plan:
+        loss = e.get("final_eval_loss")
+        print(f"{e['name']:<{width}}  {e['status']:<8}  {(f'{loss:.4f}' if loss else '-'):>15}  {e['run_id'] or '-'}")
+    counts = {s: sum(e["status"] == s for e in plan) for s in ("ran", "skipped", "resumed", "failed")}
+    print(", ".join(f"{v} {k}" for k, v in counts.items()))
+
+
+def cli_sweep(args) -> int:
+    overrides = {}
+    sets = []
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"--set wants SECTION.KEY=VALUE, got {item!r}")
+        overrides[key] = value
+        sets.append(item)
+    base = load_config(args.profile or None, overrides)
+    summary = sweep(base, shard=args.shard, gpus=args.gpus, device=args.device, sweep_id=args.sweep_id or None,
+                    extra_sets=sets, summary_path=args.summary)
+    return 1 if any(c["status"] == "failed" for c in summary["configs"]) else 0
+
+
+def register_cli(sub) -> None:
+    p = sub.add_parser("sweep", help="the α × lr grid: one parent run, one child run per config")
+    p.add_argument("--profile", help="params.yaml profile (default: params.yaml's `profile`)")
+    p.add_argument("--shard", default="0/1", help="i/n: run the i-th of n disjoint slices of the grid")
+    p.add_argument("--gpus", default="auto", help="auto | all | none | 0,1,..: one config per GPU at once")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
+    p.add_argument("--sweep-id", help="join this sweep (default: derived from the grid and settings)")
+    p.add_argument("--summary", default="reports/sweep.json", help="where to write the sweep's run list")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a params.yaml value, e.g. --set train.max_steps=50 or sweep.alpha_mode=[learnable]")
+    p.set_defaults(func=cli_sweep)
+    _register_quickstart(sub)
+
+
+def quickstart(profile: str | None = None) -> int:
+    """The README's first command: sample corpus -> prepare -> sweep -> report, all local."""
+    from pagating import tracking
+    from pagating.data import build_sample, prepare
+    from pagating.report import report
+
+    base = load_config(profile)
+    raw = Path(base["data"]["raw_dir"])
+    if base["data"].get("source") == "sample" and not raw.exists():
+        build_sample(raw)
+    prepare(base)
+    summary = sweep(base)
+    report(base, sweep_json="reports/sweep.json", out_dir="reports")
+    uri = tracking.tracking_uri(base)
+    print(f"\nreport: reports/summary.md (plots in reports/plots/, DVC metrics in reports/metrics.json)\n"
+          f"compare runs: mlflow ui --backend-store-uri {tracking.mask_uri(uri)}  ->  http://127.0.0.1:5000"
+          if uri.startswith("sqlite:") else f"\nreport: reports/summary.md; runs: {tracking.mask_uri(uri)}")
+    return 1 if any(c["status"] == "failed" for c in summary["configs"]) else 0
+
+
+def _register_quickstart(sub) -> None:
+    p = sub.add_parser("quickstart", help="sample corpus, prepare, the 10-config sweep and the report, locally")
+    p.add_argument("--profile", help="params.yaml profile (default: params.yaml's `profile`)")
+    p.set_defaults(func=lambda a: quickstart(a.profile))

@@ -1,0 +1,124 @@
+"""The sweep against a real `mlflow server`: parent/children, idempotent re-run, kill and resume, shards."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import run_cli
+from mlflow.tracking import MlflowClient
+
+from pagating.config import UserError, load_config
+from pagating.sweep import grid, parse_shard, take_shard
+
+SMALL = ["--set", "train.max_steps=10", "--set", "train.eval_steps=5", "--set", "train.save_steps=5",
+         "--set", "train.logging_steps=5", "--set", "train.batch_size=8", "--set", "train.warmup_steps=2"]
+
+
+def test_grid_is_the_seed_grid():
+    configs = grid(load_config("wikitext103"))
+    assert len(configs) == 10
+    assert {c["train.alpha_mode"] for c in configs} == {"static_0.0", "static_0.5", "static_1.0", "learnable",
+                                                         "scheduler_cosine"}
+    assert {c["train.learning_rate"] for c in configs} == {5e-4, 1e-3}
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 7])
+def test_shards_partition_the_grid(n):
+    configs = grid(load_config("sample", {"sweep.unit": "[paGLU, paGTU]"}))
+    assert len(configs) == 20
+    parts = [take_shard(configs, i, n) for i in range(n)]
+    flat = [json.dumps(c, sort_keys=True) for p in parts for c in p]
+    assert sorted(flat) == sorted(json.dumps(c, sort_keys=True) for c in configs)  # each exactly once
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+@pytest.mark.parametrize("text", ["3/2", "2/2", "-1/2", "1/0", "a/b", "1"])
+def test_bad_shard(text):
+    with pytest.raises(UserError):
+        parse_shard(text)
+
+
+def _children(mlf, parent_id):
+    exp = mlf.get_run(parent_id).info.experiment_id
+    return mlf.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
+
+
+@pytest.mark.slow
+def test_sweep_parent_children_rerun_skips(sample_project, mlflow_server, tmp_path):
+    env = {"MLFLOW_TRACKING_URI": mlflow_server.uri}
+    args = ["sweep", *SMALL, "--set", "sweep.alpha_mode=[static_0.0, learnable, scheduler_cosine]",
+            "--set", "sweep.learning_rate=[2e-3]", "--set", f"train.output_dir={tmp_path / 'out'}",
+            "--summary", str(tmp_path / "sweep.json")]
+    proc = run_cli(args, cwd=sample_project, env=env, check=True)
+    assert "3 ran, 0 skipped, 0 resumed, 0 failed" in proc.stdout
+    summary = json.loads((tmp_path / "sweep.json").read_text())
+    mlf = MlflowClient(mlflow_server.uri)
+    parent = mlf.get_run(summary["parent_run_id"])
+    assert parent.info.run_name == f"sweep {summary['sweep_id']}" and parent.info.status == "FINISHED"
+    assert parent.data.tags["pagating.sweep_id"] == summary["sweep_id"]
+    assert json.loads(parent.data.params["sweep.alpha_mode"]) == ["static_0.0", "learnable", "scheduler_cosine"]
+    kids = _children(mlf, parent.info.run_id)
+    assert sorted(r.info.run_name for r in kids) == ["paGLU learnable lr=0.002", "paGLU scheduler_cosine lr=0.002",
+                                                     "paGLU static_0.0 lr=0.002"]
+    assert all(r.info.status == "FINISHED" and r.data.tags["pagating.sweep_id"] == summary["sweep_id"]
+               for r in kids)
+    assert {r.info.run_id for r in kids} == {c["run_id"] for c in summary["configs"]}
+
+    again = run_cli(args, cwd=sample_project, env=env, check=True)
+    assert "0 ran, 3 skipped, 0 resumed, 0 failed" in again.stdout
+    assert len(_children(mlf, parent.info.run_id)) == 3
+
+
+@pytest.mark.slow
+def test_sweep_killed_midway_rerun_completes_only_the_rest(sample_project, mlflow_server, tmp_path):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server.uri}
+    args = ["sweep", *SMALL, "--set", "train.max_steps=20", "--set", "sweep.alpha_mode=[static_0.5, static_1.0]",
+            "--set", "sweep.learning_rate=[1.5e-3]", "--set", f"train.output_dir={tmp_path / 'out'}",
+            "--summary", str(tmp_path / "sweep.json")]
+    proc = subprocess.Popen([sys.executable, "-m", "pagating.cli", *args], cwd=sample_project, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    mlf = MlflowClient(mlflow_server.uri)
+    first = None
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        runs = mlf.search_runs([e.experiment_id for e in mlf.search_experiments()],
+                               filter_string="attributes.run_name LIKE '%lr=0.0015'")
+        done = [r for r in runs if r.info.status == "FINISHED"]
+        running = [r for r in runs if r.info.status == "RUNNING" and "train/loss" in r.data.metrics]
+        if done and running:
+            first = done[0]
+            os.killpg(proc.pid, signal.SIGKILL)  # the sweep and its running child die at once
+            break
+        time.sleep(0.3)
+    proc.wait()
+    assert first is not None, "sweep finished before it could be killed midway"
+
+    res = run_cli(args, cwd=sample_project, env={"MLFLOW_TRACKING_URI": mlflow_server.uri}, check=True)
+    assert "0 ran, 1 skipped, 1 resumed, 0 failed" in res.stdout or "1 ran, 1 skipped, 0 resumed" in res.stdout
+    runs = mlf.search_runs([first.info.experiment_id], filter_string="attributes.run_name LIKE '%lr=0.0015'")
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)  # one run per config, no duplicate
+    assert mlf.get_run(first.info.run_id).info.end_time == first.info.end_time  # the finished one untouched
+    for r in runs:
+        steps = [m.step for m in mlf.get_metric_history(r.info.run_id, "train/loss")]
+        assert steps == [5, 10, 15, 20]
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["sweep.foo=[1]"], "unknown grid key foo"),
+    (["sweep.alpha_mode=[]"], "empty grid"),
+    (["sweep.alpha_mode=[static_2]"], "alpha must be in [0, 1]"),
+])
+def test_bad_grid_exit_2(sample_project, mlflow_server, sets, message):
+    args = ["sweep"] + [x for s in sets for x in ("--set", s)]
+    proc = run_cli(args, cwd=sample_project, env={"MLFLOW_TRACKING_URI": mlflow_server.uri})
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr
+
+
+def test_bad_shard_cli_exit_2(sample_project, mlflow_server):
+    proc = run_cli(["sweep", "--shard", "3/2"], cwd=sample_project, env={"MLFLOW_TRACKING_URI": mlflow_server.uri})
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "3/2" in proc.stderr
