@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
     args = parser.parse_args(argv)
+    args.argv = argv  # verbs that re-launch themselves (train --nproc) need the original command
     try:
         rc = args.func(args)
     except UserError as exc:

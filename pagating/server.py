@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -35,6 +36,7 @@ from pagating.config import UserError
 ADMIN_PASSWORD_ENV = "MLFLOW_AUTH_ADMIN_PASSWORD"
 ADMIN_USERNAME_ENV = "MLFLOW_AUTH_ADMIN_USERNAME"  # MLflow's own override of admin_username
 GPU_PASSWORD_ENV = "PAGATING_GPU_USER_PASSWORD"
+SECRET_KEY_ENV = "MLFLOW_FLASK_SERVER_SECRET_KEY"
 MIN_PASSWORD_LEN = 12  # mlflow.utils.validation._validate_password
 LEGACY_PASSWORD = "password1234"  # MLflow refuses the password its old basic_auth.ini shipped
 PERMISSIONS = ("NO_PERMISSIONS", "READ", "EDIT", "MANAGE")
@@ -60,24 +62,25 @@ def register_cli(sub) -> None:
                     f"Needs {ADMIN_PASSWORD_ENV} and {GPU_PASSWORD_ENV} (>= 12 characters each) in "
                     f"the environment. Put it behind HTTPS before exposing it: see docs/server.md.")
     p.add_argument("--host", default=DEFAULTS["host"],
-                   help="interface to bind (default 127.0.0.1: reach it through a reverse proxy or SSH tunnel)")
+                   help="interface to bind (default 127.0.0.1: reach it via a reverse proxy or SSH tunnel)")
     p.add_argument("--port", type=int, default=DEFAULTS["port"])
     p.add_argument("--backend-store-uri", default=DEFAULTS["backend_store_uri"],
                    help="sqlite:///path.db or postgresql://user@host/db (default %(default)s)")
     p.add_argument("--artifacts-destination", default=DEFAULTS["artifacts_destination"],
                    help="local directory or s3://bucket/prefix (default %(default)s)")
     p.add_argument("--auth-dir", default=DEFAULTS["auth_dir"],
-                   help="where the generated basic_auth.ini and the default auth store go (default %(default)s)")
+                   help="where the generated basic_auth.ini and the default auth store go (%(default)s)")
     p.add_argument("--auth-db-uri", default=None,
                    help="users and permissions store (default sqlite:///<auth-dir>/basic_auth.db); "
                         "not the backend store's database")
     p.add_argument("--gpu-user", default=DEFAULTS["gpu_user"],
                    help=f"user that GPU runs log as; password from {GPU_PASSWORD_ENV} (default %(default)s)")
     p.add_argument("--default-permission", choices=PERMISSIONS, default=DEFAULTS["default_permission"],
-                   help="what a logged-in non-admin may do on experiments it did not create (default %(default)s)")
+                   help="what a logged-in non-admin may do on experiments it did not create "
+                        "(default %(default)s)")
     p.add_argument("--workers", type=int, default=DEFAULTS["workers"])
     p.add_argument("--allowed-hosts", default=None,
-                   help="Host headers MLflow accepts, e.g. mlflow.example.org (needed behind a reverse proxy)")
+                   help="Host headers MLflow accepts, e.g. mlflow.example.org (set it behind a proxy)")
     p.set_defaults(func=run_server)
 
 
@@ -87,7 +90,10 @@ def run_server(args: argparse.Namespace) -> int:
 
 
 def _options(args_or_kwargs: argparse.Namespace | dict[str, Any] | None) -> dict[str, Any]:
-    given = vars(args_or_kwargs) if isinstance(args_or_kwargs, argparse.Namespace) else dict(args_or_kwargs or {})
+    if isinstance(args_or_kwargs, argparse.Namespace):
+        given = vars(args_or_kwargs)
+    else:
+        given = dict(args_or_kwargs or {})
     given = {k: v for k, v in given.items() if k not in ("func", "verb")}
     unknown = set(given) - set(DEFAULTS)
     if unknown:
@@ -120,6 +126,8 @@ def _check_port_free(host: str, port: int) -> None:
         raise UserError(f"--port {port} is not a TCP port: use 1-65535")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family) as s:
+        # Like the server itself: a just-stopped server's TIME_WAIT connections do not block the port.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as exc:
@@ -148,6 +156,8 @@ def _validate(opts: dict[str, Any]) -> tuple[str, str, str]:
     if gpu_password == admin_password:
         raise UserError(f"{GPU_PASSWORD_ENV} must differ from {ADMIN_PASSWORD_ENV}: the GPU box must "
                         f"not hold the admin password")
+    if not find_spec("flask_wtf"):
+        raise UserError("MLflow's basic-auth app needs Flask-WTF: pip install 'mlflow[auth]'")
     if opts["default_permission"] not in PERMISSIONS:
         raise UserError(f"--default-permission must be one of {', '.join(PERMISSIONS)}")
     if opts["workers"] < 1:
@@ -161,14 +171,44 @@ def _validate(opts: dict[str, Any]) -> tuple[str, str, str]:
     if str(opts["artifacts_destination"]).startswith("s3://") and not find_spec("boto3"):
         raise UserError("--artifacts-destination is S3 but boto3 is not installed: pip install boto3")
     _check_port_free(opts["host"], opts["port"])
+    _check_existing_admin(_auth_db_uri(opts), admin_user, admin_password)
     return admin_user, admin_password, gpu_password
+
+
+def _check_existing_admin(auth_db_uri: str, admin_user: str, admin_password: str) -> None:
+    """On a restart with a sqlite auth store, check the admin password before starting anything:
+    MLflow uses the env password only to create the admin, so a wrong one would only show later."""
+    path = _sqlite_path(auth_db_uri)
+    if path is None or not path.exists():
+        return
+    import sqlite3
+
+    from werkzeug.security import check_password_hash
+
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+            row = db.execute("SELECT password_hash FROM users WHERE username = ?", (admin_user,)).fetchone()
+    except sqlite3.Error:
+        return  # not initialised yet or another schema: the REST check after start still applies
+    if row and row[0] and not check_password_hash(row[0], admin_password):
+        raise UserError(_wrong_admin_message(admin_user))
+
+
+def _wrong_admin_message(admin_user: str) -> str:
+    return (f"{ADMIN_PASSWORD_ENV} is not the password of admin {admin_user!r} in the existing auth store "
+            f"(MLflow uses it only when it creates the admin): export the original password, or change "
+            f"it via the auth API / the MLflow UI")
+
+
+def _auth_db_uri(opts: dict[str, Any]) -> str:
+    return opts["auth_db_uri"] or f"sqlite:///{Path(opts['auth_dir']).resolve() / 'basic_auth.db'}"
 
 
 def write_auth_config(opts: dict[str, Any], admin_user: str) -> Path:
     """basic_auth.ini for MLFLOW_AUTH_CONFIG_PATH: no password in it (the admin's comes from env)."""
     auth_dir = Path(opts["auth_dir"]).resolve()
     auth_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    db_uri = opts["auth_db_uri"] or f"sqlite:///{auth_dir / 'basic_auth.db'}"
+    db_uri = _auth_db_uri(opts)
     text = (
         "# Generated by `pagating server`; rewritten on every start. No password is stored here:\n"
         f"# the admin's comes from {ADMIN_PASSWORD_ENV}; the auth store keeps salted hashes.\n"
@@ -178,6 +218,10 @@ def write_auth_config(opts: dict[str, Any], admin_user: str) -> Path:
         f"admin_username = {admin_user}\n"
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
         "grant_default_workspace_access = false\n"
+        "# Remember a verified login for 60 s per worker: without it every request (a GPU run logs\n"
+        "# every few seconds) pays a deliberately slow password hash. A changed password reaches\n"
+        "# other workers within this time; a restart clears it.\n"
+        "auth_cache_ttl_seconds = 60\n"
     )
     path = auth_dir / "basic_auth.ini"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -185,6 +229,21 @@ def write_auth_config(opts: dict[str, Any], admin_user: str) -> Path:
         f.write(text)
     os.chmod(path, 0o600)  # an older file keeps its mode through O_TRUNC
     return path
+
+
+def _flask_secret_key(auth_dir: Path) -> str:
+    """The static key the basic-auth app signs CSRF tokens with: MLFLOW_FLASK_SERVER_SECRET_KEY if
+    set, else one generated once and kept in <auth-dir>/flask_secret_key (0600) so UI sessions
+    survive restarts and all workers agree."""
+    if os.environ.get(SECRET_KEY_ENV):
+        return os.environ[SECRET_KEY_ENV]
+    path = auth_dir / "flask_secret_key"
+    if path.exists() and path.read_text().strip():
+        return path.read_text().strip()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
+    return path.read_text().strip()
 
 
 def _connect_host(host: str) -> str:
@@ -219,9 +278,7 @@ def ensure_user(uri: str, admin: tuple[str, str], username: str, password: str) 
     body = {"username": username, "password": password}
     r = requests.post(f"{api}/create", json=body, auth=admin, timeout=30)
     if r.status_code == 401:
-        raise UserError(f"{ADMIN_PASSWORD_ENV} is not the password of admin {admin[0]!r} in the existing "
-                        f"auth store (MLflow uses it only when it creates the admin): export the "
-                        f"original password, or change it via the auth API / the MLflow UI")
+        raise UserError(_wrong_admin_message(admin[0]))
     if r.ok:
         return "created"
     if r.status_code == 400 and "RESOURCE_ALREADY_EXISTS" in r.text:
@@ -259,13 +316,14 @@ def start_server(args_or_kwargs: argparse.Namespace | dict[str, Any] | None = No
     opts = _options(args_or_kwargs)
     admin_user, admin_password, gpu_password = _validate(opts)
 
+    ini = write_auth_config(opts, admin_user)  # first, so a new auth dir gets mode 0700
     backend_db = _sqlite_path(opts["backend_store_uri"])
     if backend_db is not None:
         backend_db.parent.mkdir(parents=True, exist_ok=True)
-    ini = write_auth_config(opts, admin_user)
 
     env = {k: v for k, v in os.environ.items() if k != GPU_PASSWORD_ENV}  # the server never needs it
     env["MLFLOW_AUTH_CONFIG_PATH"] = str(ini)
+    env[SECRET_KEY_ENV] = _flask_secret_key(ini.parent)
     cmd = [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth",
            "--host", opts["host"], "--port", str(opts["port"]),
            "--backend-store-uri", opts["backend_store_uri"],
@@ -286,12 +344,12 @@ def start_server(args_or_kwargs: argparse.Namespace | dict[str, Any] | None = No
     try:
         _wait_healthy(proc, uri, timeout)
         action = ensure_user(uri, (admin_user, admin_password), opts["gpu_user"], gpu_password)
-        auth_db = _sqlite_path(opts["auth_db_uri"] or f"sqlite:///{ini.parent / 'basic_auth.db'}")
+        auth_db = _sqlite_path(_auth_db_uri(opts))
         if auth_db is not None and auth_db.exists():
             os.chmod(auth_db, 0o600)  # password hashes: owner only
         print(f"pagating server: MLflow tracking server at {uri} (basic auth; admin {admin_user!r}, "
-              f"GPU user {opts['gpu_user']!r} {action}; auth config {ini}){'; Ctrl-C stops it' if wait else ''}",
-              file=sys.stderr, flush=True)
+              f"GPU user {opts['gpu_user']!r} {action}; auth config {ini})"
+              f"{'; Ctrl-C stops it' if wait else ''}", file=sys.stderr, flush=True)
         if opts["host"] not in ("127.0.0.1", "localhost", "::1"):
             print(f"pagating server: warning: listening on {opts['host']} over plain HTTP; passwords "
                   f"cross the network in clear unless an HTTPS proxy is in front (docs/server.md)",

@@ -458,13 +458,17 @@ def flops_per_token(n_params: int, n_layer: int, n_embd: int, block_size: int) -
     return 6.0 * n_params + 12.0 * n_layer * n_embd * block_size
 
 
-try:
-    from transformers import TrainerCallback
-except ImportError:  # `pagating sync` works without transformers
-    TrainerCallback = object
+class _Callback:
+    """The Trainer's callback protocol without importing transformers (which pulls in torch, ~5 s
+    for `pagating report` / `sync`): every event we do not handle is a no-op."""
+
+    def __getattr__(self, name):
+        if name.startswith("on_"):
+            return lambda *args, **kwargs: None
+        raise AttributeError(name)
 
 
-class TrackingCallback(TrainerCallback):
+class TrackingCallback(_Callback):
     """Trainer logs -> spool (metric names of DESIGN.md), step timing, MFU, GPU telemetry, α, cost,
     and checkpoint upload. Only the main process logs."""
 

@@ -112,16 +112,17 @@ def find_resume(cfg: dict, resume: str, run_dir: Path, mlf, exp_id: str, h: str)
                     f"config (hash {h}) uploaded one; run without --resume to start fresh")
 
 
-def _training_arguments(cfg: dict, run_dir: Path, device: str, compile_model: bool):
+def _training_arguments(cfg: dict, run_dir: Path, device: str, compile_model: bool, world: int):
     from transformers import TrainingArguments
 
     t = cfg["train"]
     cuda = device == "cuda"
+    per_device = int(t["batch_size"]) // world  # batch_size is the global batch, whatever the process count
     return TrainingArguments(
         output_dir=str(run_dir),
         max_steps=int(t["max_steps"]),
-        per_device_train_batch_size=int(t["batch_size"]),
-        per_device_eval_batch_size=int(t["batch_size"]),
+        per_device_train_batch_size=per_device,
+        per_device_eval_batch_size=per_device,
         learning_rate=float(t["learning_rate"]),
         lr_scheduler_type="cosine",
         warmup_steps=int(t.get("warmup_steps", 0)),
@@ -158,11 +159,13 @@ def train(cfg: dict, *, resume: str = "none", device: str = "auto", compile_mode
     # 1. Input checks: nothing is written before these pass.
     validate(cfg)
     t, m = cfg["train"], cfg["model"]
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if int(t["batch_size"]) % world:
+        raise UserError(f"train.batch_size {t['batch_size']} is the global batch: it must divide by {world} processes")
     meta = load_meta(cfg["data"]["prepared_dir"])
     uri = tracking.tracking_uri(cfg)
     tracking.check_server(uri)
-    rank = int(os.environ.get("RANK", "0"))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     h = config_hash(cfg, meta.get("source_md5", ""))
     run_dir = run_dir_for(cfg, h)
     device = pick_device(device)
@@ -228,7 +231,7 @@ def train(cfg: dict, *, resume: str = "none", device: str = "auto", compile_mode
     if sampler is not None:
         sampler.start()
     cb = tracking.TrackingCallback(
-        spool, uploader, info, tokens_per_step=int(t["batch_size"]) * meta["block_size"] * world,
+        spool, uploader, info, tokens_per_step=int(t["batch_size"]) * meta["block_size"],
         flops_token=tracking.flops_per_token(n_params, config.n_layer, config.n_embd, meta["block_size"]),
         peak=tracking.peak_flops(dev_name) if device == "cuda" or os.environ.get("PAGATING_PEAK_TFLOPS") else None,
         sampler=sampler, usd_per_hour=usd_per_hour, model=model,
@@ -243,7 +246,7 @@ def train(cfg: dict, *, resume: str = "none", device: str = "auto", compile_mode
         n_eval = min(len(eval_ds), int(t.get("max_eval_batches", 50)) * int(t["batch_size"]))
         eval_ds = torch.utils.data.Subset(eval_ds, range(n_eval))
         tokenizer = load_tokenizer(cfg["data"]["prepared_dir"])
-        trainer = Trainer(model=model, args=_training_arguments(cfg, run_dir, device, compile_on),
+        trainer = Trainer(model=model, args=_training_arguments(cfg, run_dir, device, compile_on, world),
                           train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
                           data_collator=default_data_collator,  # blocks are packed: never pad
                           callbacks=[AlphaCallback(model), cb] if rank == 0 else [AlphaCallback(model)])
@@ -367,6 +370,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup_steps", "--warmup-steps", type=_opt(int))
     p.add_argument("--resume", default="none",
                    help="none | auto (local checkpoint, else MLflow; error if none) | if-any | a checkpoint path")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="processes (GPUs) for one run: torchrun + the Trainer's DDP; batch_size stays global")
     p.add_argument("--parent-run-id", help=argparse.SUPPRESS)  # set by the sweep
     p.add_argument("--sweep-id", help=argparse.SUPPRESS)
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
@@ -387,12 +392,50 @@ def config_from_args(args) -> dict:
     return load_config(args.profile or None, overrides)
 
 
+def launch_ddp(args, cfg: dict, resume: str) -> int:
+    """`--nproc N`: the same command under torchrun (the Trainer's DDP), one MLflow run from rank 0.
+
+    Resume is resolved here, once, so N processes never download the same checkpoint at once.
+    """
+    import subprocess
+
+    from pagating import tracking
+    from pagating.data import load_meta
+
+    validate(cfg)
+    if int(cfg["train"]["batch_size"]) % args.nproc:
+        raise UserError(f"train.batch_size {cfg['train']['batch_size']} is the global batch: it must divide "
+                        f"by --nproc {args.nproc}")
+    meta = load_meta(cfg["data"]["prepared_dir"])
+    uri = tracking.tracking_uri(cfg)
+    tracking.check_server(uri)
+    if resume not in ("none", ""):
+        mlf = tracking.client(uri)
+        h = config_hash(cfg, meta.get("source_md5", ""))
+        exp_id = tracking.experiment_id(mlf, cfg["profile"], cfg["tracking"].get("experiment_prefix", "pagating"))
+        ckpt, _ = find_resume(cfg, resume, run_dir_for(cfg, h), mlf, exp_id, h)
+        resume = str(ckpt) if ckpt else "none"
+    argv = list(args.argv)
+    cut = argv.index("--nproc")
+    del argv[cut:cut + 2]
+    for flag in ("--resume", "--resume_from_checkpoint", "--resume-from-checkpoint"):
+        while flag in argv:
+            i = argv.index(flag)
+            del argv[i:i + 2]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+           "-m", "pagating.cli", *argv, "--resume", resume]
+    return subprocess.call(cmd)
+
+
 def cli_train(args) -> int:
     cfg = config_from_args(args)
     resume = args.resume_from_checkpoint or args.resume or "none"
+    if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        return launch_ddp(args, cfg, resume)
     result = train(cfg, resume=resume, device=args.device, compile_model=args.compile,
                    parent_run_id=args.parent_run_id, sweep_id=args.sweep_id)
-    print(json.dumps({k: v for k, v in result.items()}, default=str))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(result, default=str))
     return 0 if result["status"] == "FINISHED" else 1
 
 

@@ -1,0 +1,450 @@
+"""`pagating report`: a sweep's runs, read back from MLflow, as tables, DVC metrics and plots.
+
+Every figure here is read from MLflow (or derived from what is read: a mean, a product, a sum);
+none is typed by hand. Files are written only after every read succeeded, with sorted keys and
+fixed float formats, so two reports over the same runs are byte-identical (PNGs aside).
+
+Which runs: the run ids of `reports/sweep.json` (written by `pagating sweep`; it also names configs
+satisfied by a finished run outside the sweep's parent), else the FINISHED children of the sweep's
+parent run (`--sweep-id`, or the newest run tagged `pagating.role=sweep` in `pagating-<profile>`).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import re
+import statistics
+from pathlib import Path
+from typing import Any
+
+from pagating.config import UserError, load_config
+
+SUMMARY = "summary.md"
+METRICS = "metrics.json"
+PLOTS = "plots"
+
+
+# Reading runs --------------------------------------------------------------------------------
+
+def _search_all(mlf, exp_ids: list[str], filter_string: str, order_by: list[str] | None = None) -> list:
+    runs, token = [], None
+    while True:
+        page = mlf.search_runs(exp_ids, filter_string=filter_string, order_by=order_by, max_results=1000,
+                               page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def _get_run(mlf, run_id: str, uri: str, where: str):
+    from mlflow.exceptions import MlflowException
+
+    from pagating.tracking import mask_uri
+
+    try:
+        return mlf.get_run(run_id)
+    except MlflowException:
+        raise UserError(f"run {run_id} named in {where} is not on {mask_uri(uri)}: point MLFLOW_TRACKING_URI "
+                        "at the sweep's server, or pass --sweep-id") from None
+
+
+def _experiment(mlf, cfg: dict):
+    name = f"{cfg['tracking'].get('experiment_prefix', 'pagating')}-{cfg['profile']}"
+    exp = mlf.get_experiment_by_name(name)
+    if exp is None or exp.lifecycle_stage == "deleted":
+        raise UserError(f"no MLflow experiment {name!r}: run `pagating sweep --profile {cfg['profile']}` first")
+    return exp
+
+
+def find_sweep(mlf, cfg: dict, uri: str, sweep_json: str | Path | None = "reports/sweep.json",
+               sweep_id: str | None = None) -> dict[str, Any]:
+    """{"sweep_id", "parent_run_id", "profile", "runs": [(name, Run)], "excluded": [(name, why)]}."""
+    doc = None
+    if sweep_json and Path(sweep_json).is_file():
+        doc = json.loads(Path(sweep_json).read_text())
+        if sweep_id and doc.get("sweep_id") != sweep_id:
+            doc = None  # a different sweep was asked for: find it in MLflow instead
+    runs, excluded = [], []
+    if doc is not None:
+        for entry in doc.get("configs", []):
+            name = entry.get("name") or entry.get("config_hash") or "?"
+            if entry.get("status") == "failed" or not entry.get("run_id"):
+                excluded.append((name, entry.get("status") or "no run"))
+                continue
+            run = _get_run(mlf, entry["run_id"], uri, str(sweep_json))
+            runs.append((name, run))
+        info = {"sweep_id": doc.get("sweep_id"), "parent_run_id": doc.get("parent_run_id"),
+                "profile": doc.get("profile", cfg["profile"])}
+    else:
+        exp = _experiment(mlf, cfg)
+        flt = "tags.`pagating.role` = 'sweep'"
+        if sweep_id:
+            flt += f" and tags.`pagating.sweep_id` = '{sweep_id}'"
+        parents = mlf.search_runs([exp.experiment_id], filter_string=flt,
+                                  order_by=["attributes.start_time DESC"], max_results=1)
+        if not parents:
+            what = f"sweep {sweep_id!r}" if sweep_id else "sweep"
+            raise UserError(f"no {what} in experiment {exp.name!r}: run `pagating sweep` first, or pass the "
+                            "--sweep-id printed by it")
+        parent = parents[0]
+        children = _search_all(mlf, [exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
+                               ["attributes.start_time ASC"])
+        runs = [(c.info.run_name or c.info.run_id, c) for c in children]
+        info = {"sweep_id": parent.data.tags.get("pagating.sweep_id", sweep_id),
+                "parent_run_id": parent.info.run_id, "profile": cfg["profile"]}
+    # Only FINISHED runs are ranked; a retried config may have a FAILED run and a FINISHED one.
+    finished: dict[str, tuple[str, Any]] = {}
+    for name, run in runs:
+        if run.info.status != "FINISHED":
+            excluded.append((name, run.info.status.lower()))
+            continue
+        key = run.data.tags.get("pagating.config_hash") or run.info.run_id
+        if key not in finished or run.info.start_time > finished[key][1].info.start_time:
+            finished[key] = (name, run)
+    done_names = {name for name, _ in finished.values()}
+    info["excluded"] = sorted({(n, why) for n, why in excluded if n not in done_names})
+    info["runs"] = list(finished.values())
+    if not info["runs"]:
+        raise UserError(f"sweep {info['sweep_id']} has no finished runs yet: run `pagating sweep` first")
+    return info
+
+
+def _history(mlf, run_id: str, key: str) -> list[tuple[int, float]]:
+    """(step, value) sorted by step; a step logged twice keeps its latest value."""
+    by_step: dict[int, tuple[int, float]] = {}
+    for m in mlf.get_metric_history(run_id, key):
+        if m.step not in by_step or m.timestamp >= by_step[m.step][0]:
+            by_step[m.step] = (m.timestamp, m.value)
+    return [(s, by_step[s][1]) for s in sorted(by_step)]
+
+
+def steady_mean(history: list[tuple[int, float]]) -> float | None:
+    """Mean over logging windows, without the first (it holds warm-up: compilation, first batches)."""
+    values = [v for _, v in history]
+    if len(values) > 1:
+        values = values[1:]
+    return statistics.fmean(values) if values else None
+
+
+def _float(value: Any) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def collect(mlf, name: str, run) -> dict[str, Any] | None:
+    """One config's figures from its MLflow run; None when it never evaluated."""
+    rid, metrics, params, tags = run.info.run_id, run.data.metrics, run.data.params, run.data.tags
+    h = {key: _history(mlf, rid, key) for key in
+         ("eval/loss", "eval/ppl", "perf/step_time_s", "perf/tokens_per_s", "gpu/util_pct")}
+    if not h["eval/loss"] and "best/eval_loss" not in metrics:
+        return None
+    losses = [v for _, v in h["eval/loss"]]
+    best = metrics.get("best/eval_loss", min(losses) if losses else None)
+    final = metrics.get("final/eval_loss", losses[-1] if losses else None)
+    ppls = [v for _, v in h["eval/ppl"]]
+    # α trajectory: the mean over layers at each step all layers were logged.
+    layers = sorted(k for k in metrics if k.startswith("alpha/layer_"))
+    alpha = []
+    if layers:
+        per_layer = [dict(_history(mlf, rid, k)) for k in layers]
+        common = sorted(set.intersection(*(set(p) for p in per_layer)))
+        alpha = [(s, statistics.fmean(p[s] for p in per_layer)) for s in common]
+    rate = _float(tags.get("cost.usd_per_hour"))
+    if "cost/usd" in metrics:
+        cost = metrics["cost/usd"]
+    elif rate is not None and run.info.end_time and run.info.start_time:
+        cost = rate * (run.info.end_time - run.info.start_time) / 3.6e6
+    else:
+        cost = None
+    max_steps = _float(params.get("train.max_steps"))
+    return {
+        "name": name, "run_id": rid, "config_hash": tags.get("pagating.config_hash", ""),
+        "alpha_mode": params.get("train.alpha_mode", "?"), "learning_rate": _float(params.get("train.learning_rate")),
+        "unit": params.get("model.unit", "?"), "max_steps": int(max_steps) if max_steps else None,
+        "gpu": tags.get("gpu.name") or "unknown", "usd_per_hour": rate,
+        "best_eval_loss": best, "final_eval_loss": final,
+        "first_eval_loss": losses[0] if losses else None,
+        "best_eval_ppl": min(ppls) if ppls else (math.exp(min(best, 50.0)) if best is not None else None),
+        "final_eval_ppl": metrics.get("final/eval_ppl", ppls[-1] if ppls else None),
+        "s_per_step": steady_mean(h["perf/step_time_s"]), "tokens_per_s": steady_mean(h["perf/tokens_per_s"]),
+        "gpu_util_pct": steady_mean(h["gpu/util_pct"]), "cost_usd": cost,
+        "eval_curve": h["eval/loss"], "alpha_curve": alpha,
+    }
+
+
+# Figures -------------------------------------------------------------------------------------
+
+def performance(rows: list[dict]) -> dict[str, dict[str, Any]]:
+    """The seed's "Expected Performance Improvement" table, measured, per GPU name."""
+    out: dict[str, dict[str, Any]] = {}
+    for gpu in sorted({r["gpu"] for r in rows}):
+        timed = [r for r in rows if r["gpu"] == gpu and r["s_per_step"] is not None and r["max_steps"]]
+        if not timed:
+            continue
+        run_s = [r["max_steps"] * r["s_per_step"] for r in timed]
+        rates = [r["usd_per_hour"] for r in timed]
+        out[gpu] = {
+            "configs": len(timed),
+            "max_steps": sorted({r["max_steps"] for r in timed}),
+            "s_per_step": statistics.fmean(r["s_per_step"] for r in timed),
+            "one_run_s": statistics.fmean(run_s),
+            "sweep_s": math.fsum(run_s),
+            "sweep_usd": (math.fsum(s / 3600.0 * rate for s, rate in zip(run_s, rates, strict=True))
+                          if all(rate is not None for rate in rates) else None),
+            "usd_per_hour": sorted({rate for rate in rates if rate is not None}),
+        }
+    return out
+
+
+def _num(x: float) -> float:
+    return float(f"{x:.6g}")  # fixed precision: identical bytes on every re-run
+
+
+def metrics_doc(rows: list[dict]) -> dict[str, Any]:
+    doc: dict[str, Any] = {}
+    for r in rows:
+        doc[r["name"]] = {k: _num(r[k]) for k in
+                          ("best_eval_loss", "final_eval_loss", "first_eval_loss", "best_eval_ppl", "final_eval_ppl",
+                           "s_per_step", "tokens_per_s", "gpu_util_pct", "cost_usd") if r[k] is not None}
+    doc["best_config"] = rows[0]["name"]
+    return doc
+
+
+def fmt_duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.4g} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.2f} h"
+
+
+def fmt_usd(x: float | None) -> str:
+    if x is None:
+        return "n/a"
+    return f"${x:.2f}" if x >= 0.995 else f"${x:#.3g}"  # cents, or 3 significant digits below a dollar
+
+
+def _opt(x: float | None, fmt: str) -> str:
+    return "n/a" if x is None else format(x, fmt)
+
+
+def summary_md(info: dict, exp_name: str, rows: list[dict], perf: dict[str, dict]) -> str:
+    out = io.StringIO()
+    w = out.write
+    w(f"# Sweep report: {info['sweep_id']}\n\n")
+    w(f"Profile `{info['profile']}`, MLflow experiment `{exp_name}`"
+      + (f", parent run `{info['parent_run_id']}`" if info.get("parent_run_id") else "")
+      + f". {len(rows)} finished configs. Every number below is read from MLflow; regenerate with "
+        "`pagating report`.\n\n")
+    w("## Ranking (by best eval loss)\n\n")
+    w("| # | config | best eval loss | best eval ppl | final eval loss | final eval ppl | s/step | tokens/s "
+      "| GPU util | $ | run |\n")
+    w("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|\n")
+    for i, r in enumerate(rows, 1):
+        util = "n/a" if r["gpu_util_pct"] is None else f"{r['gpu_util_pct']:.1f}%"
+        w(f"| {i} | {r['name']} | {r['best_eval_loss']:.4f} | {_opt(r['best_eval_ppl'], '.2f')} "
+          f"| {r['final_eval_loss']:.4f} | {_opt(r['final_eval_ppl'], '.2f')} | {_opt(r['s_per_step'], '.4g')} "
+          f"| {_opt(r['tokens_per_s'], '.0f')} | {util} "
+          f"| {fmt_usd(r['cost_usd'])} | `{r['run_id']}` |\n")
+    if info["excluded"]:
+        w("\nNot ranked: " + "; ".join(f"{n} ({why})" for n, why in info["excluded"]) + ".\n")
+    w("\ns/step, tokens/s and GPU util: means over the run's logging windows, without the first (warm-up). "
+      "$: the run's last `cost/usd`, else its wall time × `cost.usd_per_hour`.\n\n")
+    w("## Expected Performance Improvement (measured)\n\n")
+    if not perf:
+        w("No run logged `perf/step_time_s`.\n")
+    else:
+        gpus = list(perf)
+        w("| | " + " | ".join(gpus) + " |\n|---|" + "---:|" * len(gpus) + "\n")
+
+        def row(label: str, cell) -> None:
+            w(f"| {label} | " + " | ".join(cell(perf[g]) for g in gpus) + " |\n")
+
+        row("configs measured", lambda p: str(p["configs"]))
+        row("time per step", lambda p: f"{p['s_per_step']:.4g} s")
+        row("one run (train.max_steps × s/step)",
+            lambda p: f"{fmt_duration(p['one_run_s'])} ({'/'.join(str(s) for s in p['max_steps'])} steps)")
+        row("whole sweep (sum over configs)", lambda p: fmt_duration(p["sweep_s"]))
+        row("cost of the sweep (hours × $/h)",
+            lambda p: fmt_usd(p["sweep_usd"]) + (f" at ${'/'.join(f'{x:g}' for x in p['usd_per_hour'])}/h"
+                                                   if p["sweep_usd"] is not None else ""))
+        w("\nTime per step: mean s/step of the configs run on that GPU. One run: mean over those configs of "
+          "train.max_steps × s/step. Whole sweep: their sum (training steps only; evaluation, checkpoints "
+          "and start-up come on top).\n")
+    w("\n## Plots\n\n")
+    for name, title in (("eval_loss", "eval loss vs step"), ("final_eval_loss", "final eval loss by α mode and lr"),
+                        ("alpha", "α trajectories"), ("perf", "s/step and GPU util")):
+        w(f"![{title}]({PLOTS}/{name}.png)\n")
+    return out.getvalue()
+
+
+def _alpha_key(mode: str) -> tuple:
+    if mode.startswith("static_"):
+        return (0, _float(mode[7:]) or 0.0, mode)
+    return (1 if mode == "learnable" else 2, 0.0, mode)
+
+
+def _csv(rows: list[list]) -> str:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows(rows)
+    return buf.getvalue()
+
+
+def _g(x: float) -> str:
+    return f"{x:.6g}"
+
+
+def plot_files(rows: list[dict]) -> dict[str, bytes | str]:
+    """{file name under plots/: content}: the PNGs (Agg) and the CSVs for `dvc plots`."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    files: dict[str, bytes | str] = {}
+
+    def png(fig) -> bytes:
+        FigureCanvasAgg(fig)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
+        return buf.getvalue()
+
+    # Eval loss vs step.
+    fig = Figure(figsize=(8, 5))
+    ax = fig.add_subplot()
+    for r in rows:
+        ax.plot([s for s, _ in r["eval_curve"]], [v for _, v in r["eval_curve"]], marker="o", ms=3, label=r["name"])
+    ax.set(xlabel="optimizer step", ylabel="eval loss", title="Eval loss per config")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    files["eval_loss.png"] = png(fig)
+    files["eval_loss.csv"] = _csv([["config", "step", "eval_loss"]]
+                                  + [[r["name"], s, _g(v)] for r in rows for s, v in r["eval_curve"]])
+
+    # Final eval loss by α mode (groups) and lr (bars). Several runs of one cell (unit/seed axes): mean.
+    modes = sorted({r["alpha_mode"] for r in rows}, key=_alpha_key)
+    lrs = sorted({r["learning_rate"] for r in rows if r["learning_rate"] is not None})
+    fig = Figure(figsize=(8, 5))
+    ax = fig.add_subplot()
+    width = 0.8 / max(len(lrs), 1)
+    for j, lr in enumerate(lrs):
+        xs, ys = [], []
+        for i, mode in enumerate(modes):
+            cell = [r["final_eval_loss"] for r in rows if r["alpha_mode"] == mode and r["learning_rate"] == lr]
+            if cell:
+                xs.append(i + (j - (len(lrs) - 1) / 2) * width)
+                ys.append(statistics.fmean(cell))
+        bars = ax.bar(xs, ys, width, label=f"lr={lr:g}")
+        ax.bar_label(bars, fmt="%.3f", fontsize=7)
+    ax.set_xticks(range(len(modes)), modes, rotation=15)
+    ax.set(ylabel="final eval loss", title="Final eval loss by α mode and learning rate")
+    lows = [r["final_eval_loss"] for r in rows]
+    ax.set_ylim(min(lows) - 0.1 * (max(lows) - min(lows) + 0.1), max(lows) + 0.1 * (max(lows) - min(lows) + 0.1))
+    ax.legend()
+    files["final_eval_loss.png"] = png(fig)
+    files["final_eval_loss.csv"] = _csv(
+        [["alpha_mode", "learning_rate", "final_eval_loss"]]
+        + [[r["alpha_mode"], _g(r["learning_rate"]) if r["learning_rate"] is not None else "", _g(r["final_eval_loss"])]
+           for r in sorted(rows, key=lambda r: (_alpha_key(r["alpha_mode"]), r["learning_rate"] or 0, r["name"]))])
+
+    # α trajectories (learnable and scheduler_cosine log alpha/layer_NN).
+    fig = Figure(figsize=(8, 5))
+    ax = fig.add_subplot()
+    with_alpha = [r for r in rows if r["alpha_curve"]]
+    for r in with_alpha:
+        ax.plot([s for s, _ in r["alpha_curve"]], [v for _, v in r["alpha_curve"]], label=r["name"])
+    if with_alpha:
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "no config logged alpha/layer_NN (static α only)", ha="center", transform=ax.transAxes)
+    ax.set(xlabel="optimizer step", ylabel="α (mean over layers)", title="α trajectories", ylim=(-0.05, 1.05))
+    ax.grid(alpha=0.3)
+    files["alpha.png"] = png(fig)
+
+    # s/step and GPU util per config.
+    fig = Figure(figsize=(10, 5))
+    names = [r["name"] for r in rows]
+    for k, (key, label) in enumerate((("s_per_step", "s/step"), ("gpu_util_pct", "GPU util (%)"))):
+        ax = fig.add_subplot(1, 2, k + 1)
+        vals = [r[key] for r in rows]
+        bars = ax.barh(range(len(rows)), [v if v is not None else 0.0 for v in vals])
+        ax.bar_label(bars, labels=["" if v is None else f"{v:.4g}" for v in vals], fontsize=7)
+        for i, v in enumerate(vals):
+            if v is None:
+                ax.text(0, i, " n/a", va="center", fontsize=7)
+        ax.set_yticks(range(len(rows)), names if k == 0 else [""] * len(rows), fontsize=7)
+        ax.invert_yaxis()
+        ax.set(xlabel=label, title=label)
+    fig.suptitle("Speed per config (steady-state windows)")
+    files["perf.png"] = png(fig)
+    return files
+
+
+# The stage -----------------------------------------------------------------------------------
+
+def report(cfg: dict, sweep_json: str | Path | None = "reports/sweep.json", sweep_id: str | None = None,
+           out_dir: str | Path = "reports") -> dict[str, Any]:
+    """Write summary.md, metrics.json and plots/ for a sweep; returns the metrics dict."""
+    from pagating import tracking
+
+    uri = tracking.tracking_uri(cfg)
+    tracking.check_server(uri)
+    m = re.match(r"sqlite:///(.+)", uri)
+    if m and not Path(m.group(1)).exists():  # do not create an empty store by looking
+        raise UserError(f"no MLflow store at {m.group(1)}: run `pagating sweep` first or set MLFLOW_TRACKING_URI")
+    mlf = tracking.client(uri)
+    info = find_sweep(mlf, cfg, uri, sweep_json, sweep_id)
+    exp_name = mlf.get_experiment(info["runs"][0][1].info.experiment_id).name
+
+    rows, seen = [], set()
+    for name, run in info["runs"]:
+        row = collect(mlf, name, run)
+        if row is None:
+            info["excluded"].append((name, "no eval/loss"))
+            continue
+        if row["name"] in seen:  # the same run name twice (seed axis): tell them apart
+            row["name"] = f"{name} #{row['config_hash'][:8] or run.info.run_id[:8]}"
+        seen.add(row["name"])
+        rows.append(row)
+    if not rows:
+        raise UserError(f"sweep {info['sweep_id']} has no run with an eval loss yet")
+    rows.sort(key=lambda r: (r["best_eval_loss"], r["name"]))
+    info["excluded"] = sorted(info["excluded"])
+
+    doc = metrics_doc(rows)
+    perf = performance(rows)
+    plots = plot_files(rows)
+    out = Path(out_dir)
+    (out / PLOTS).mkdir(parents=True, exist_ok=True)
+    (out / METRICS).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    (out / SUMMARY).write_text(summary_md(info, exp_name, rows, perf))
+    for fname, content in plots.items():
+        path = out / PLOTS / fname
+        path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
+    return doc
+
+
+def cli_report(args) -> int:
+    cfg = load_config(args.profile)
+    if args.sweep_json and not Path(args.sweep_json).is_file():
+        raise UserError(f"{args.sweep_json} not found: give the file `pagating sweep` wrote, or leave "
+                        "--sweep-json out to find the sweep in MLflow")
+    doc = report(cfg, sweep_json=args.sweep_json or "reports/sweep.json", sweep_id=args.sweep_id, out_dir=args.out)
+    best = doc["best_config"]
+    print(f"pagating report: {len(doc) - 1} configs -> {Path(args.out) / SUMMARY}, {Path(args.out) / METRICS}, "
+          f"{Path(args.out) / PLOTS}/; best: {best} (best eval loss {doc[best]['best_eval_loss']:.4f})")
+    return 0
+
+
+def register_cli(sub) -> None:
+    p = sub.add_parser("report", help="tables, DVC metrics and plots of a sweep, read from MLflow")
+    p.add_argument("--profile", help="params.yaml profile (default: params.yaml's `profile`)")
+    p.add_argument("--sweep-id", help="the sweep to report (default: the one in reports/sweep.json, "
+                   "else the newest sweep in the profile's experiment)")
+    p.add_argument("--sweep-json", help="the run list `pagating sweep` wrote (default: reports/sweep.json if present)")
+    p.add_argument("--out", default="reports", help="output folder (default: reports)")
+    p.set_defaults(func=cli_report)

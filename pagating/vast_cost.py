@@ -1,0 +1,206 @@
+"""What a sweep will cost on a rented GPU: seconds per step (measured in MLflow, else estimated),
+hours per instance, dollars.
+
+Projected hours of one instance = ceil(configs of its shard / GPUs) x train.max_steps x s/step
+x (1 + eval overhead) + setup. s/step comes from earlier runs on the same GPU model in MLflow
+(tag gpu.name, metric perf/step_time_s) when there are any with the same model shape, else from the
+FLOPs of one step divided by a conservative share of the GPU's datasheet peak (table below).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# Dense BF16 tensor-core peak with FP32 accumulate (what PyTorch autocast uses), TFLOPS, from NVIDIA
+# datasheets and architecture whitepapers (Ada, Ampere GA102, A100, H100, L40S). Keys are normalised
+# names (see norm_gpu); the longest key contained in an offer's name wins.
+PEAK_TFLOPS = {
+    "rtx 4090": 165.2,
+    "rtx 4080": 97.5,
+    "rtx 3090": 35.6,
+    "rtx a6000": 154.8,
+    "a100": 312.0,
+    "h100": 756.0,        # PCIe figure: the lower one when the form factor is not in the name
+    "h100 pcie": 756.0,
+    "h100 sxm": 989.4,
+    "h100 nvl": 835.0,
+    "h200": 989.4,
+    "l40s": 362.0,
+}
+# A GPU missing from the table is assumed as slow as a 3090: over-estimating cost is the safe side.
+UNKNOWN_PEAK_TFLOPS = 35.6
+# Share of peak a small GPT-2 reaches under HF Trainer without torch.compile: a conservative guess
+# (nanoGPT-style GPT-2 small training reports ~35-45% on A100/4090 with compile; we assume less).
+# On an RTX 4090 at the wikitext103 seed config this gives ~0.04 s/step of compute, ~0.05 with overhead.
+MFU_GUESS = 0.30
+# Per-step cost that does not scale with FLOPs (optimizer step, dataloader, Python): a guess.
+STEP_OVERHEAD_S = 0.01
+# Image pull, pip install, dvc pull and prepare on a fresh instance, billed before the first step.
+SETUP_HOURS = 0.25
+# Model-shape params that must match for a measured s/step to apply to this config.
+SHAPE_KEYS = ("model.n_layer", "model.n_head", "model.n_embd", "model.ffn_dim", "model.param_matched",
+              "data.block_size", "data.vocab_size", "train.batch_size")
+
+
+def norm_gpu(name: str) -> str:
+    """'NVIDIA GeForce RTX 4090' / 'RTX_4090' / 'A100-SXM4-80GB' -> 'rtx 4090' / 'a100 sxm4 80gb'."""
+    words = re.sub(r"[_\-/]+", " ", name or "").lower().split()
+    return " ".join(w for w in words if w not in ("nvidia", "geforce", "tesla"))
+
+
+def gpu_matches(run_gpu: str, offer_gpu: str) -> bool:
+    """An MLflow run's gpu.name (NVML spelling) is the offer's GPU when it has all the offer's words."""
+    want = norm_gpu(offer_gpu).split()
+    have = set(norm_gpu(run_gpu).split())
+    return bool(want) and all(w in have for w in want)
+
+
+def peak_tflops(gpu_name: str) -> float:
+    name = f" {norm_gpu(gpu_name)} "
+    keys = [k for k in PEAK_TFLOPS if f" {k} " in name]
+    return PEAK_TFLOPS[max(keys, key=len)] if keys else UNKNOWN_PEAK_TFLOPS
+
+
+def grid_size(cfg: dict[str, Any]) -> int:
+    """Configs in the sweep grid: the product of the list-valued axes of cfg['sweep']."""
+    n = 1
+    for value in (cfg.get("sweep") or {}).values():
+        if isinstance(value, list):
+            n *= len(value)
+    return n
+
+
+def shard_sizes(n_configs: int, n_shards: int) -> list[int]:
+    """Configs per shard when shard i of n takes every n-th config from i (sizes differ by <= 1)."""
+    return [len(range(i, n_configs, n_shards)) for i in range(n_shards)]
+
+
+def flops_per_step(cfg: dict[str, Any]) -> float:
+    """Training FLOPs of one optimizer step: 6 x matmul params x tokens + attention (Kaplan et al.)."""
+    m, d, t = cfg["model"], cfg["data"], cfg["train"]
+    layers, width = int(m["n_layer"]), int(m["n_embd"])
+    ffn = int(m.get("ffn_dim") or 4 * width)
+    if m.get("param_matched"):
+        ffn = ffn * 2 // 3
+    vocab, block, batch = int(d["vocab_size"]), int(d["block_size"]), int(t["batch_size"])
+    # per layer: attention q,k,v,o (4 d^2) + gated MLP value, gate, out (3 d ffn); plus the LM head
+    matmul_params = layers * (4 * width * width + 3 * width * ffn) + vocab * width
+    per_token = 6 * matmul_params + 12 * layers * block * width
+    return float(per_token * block * batch)
+
+
+def estimated_step_time(cfg: dict[str, Any], gpu_name: str) -> float:
+    return flops_per_step(cfg) / (peak_tflops(gpu_name) * 1e12 * MFU_GUESS) + STEP_OVERHEAD_S
+
+
+def eval_overhead(cfg: dict[str, Any]) -> float:
+    """Eval time as a fraction of train time: forward-only batches cost about a third of a step."""
+    t = cfg["train"]
+    eval_steps = int(t.get("eval_steps") or 0)
+    if eval_steps <= 0:
+        return 0.0
+    return int(t.get("max_eval_batches") or 0) / eval_steps / 3
+
+
+@dataclass
+class StepTime:
+    seconds: float
+    source: str  # "measured (N runs)" | "estimate"
+
+
+def instance_hours(cfg: dict[str, Any], configs: int, num_gpus: int, s_per_step: float) -> float:
+    """Wall-clock hours one instance bills to run `configs` configs, one per GPU at a time."""
+    if configs <= 0:
+        return 0.0
+    waves = math.ceil(configs / max(1, num_gpus))
+    train_s = waves * int(cfg["train"]["max_steps"]) * s_per_step * (1 + eval_overhead(cfg))
+    return train_s / 3600 + SETUP_HOURS
+
+
+# ---- measured s/step from MLflow --------------------------------------------------------------
+
+def lookup_uri(uri: str | None) -> str | None:
+    """The tracking URI to read measurements from, or None when there is nothing to read
+    (a local sqlite file that does not exist must not be created by a lookup)."""
+    if not uri:
+        return None
+    if uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///"):])
+        return uri if path.exists() else None
+    if "://" not in uri and not Path(uri).exists():
+        return None
+    return uri
+
+
+@contextmanager
+def quick_mlflow():
+    """A lookup for a projection or a status line must fail in seconds, not retry for minutes."""
+    wanted = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+    saved = {k: os.environ.get(k) for k in wanted}
+    os.environ.update(wanted)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _shape_matches(params: dict[str, str], cfg: dict[str, Any]) -> bool:
+    for key in SHAPE_KEYS:
+        section, _, name = key.partition(".")
+        if key in params and name in cfg.get(section, {}) and params[key] != str(cfg[section][name]):
+            return False
+    return True
+
+
+def pagating_experiments(client, prefix: str = "pagating") -> list[str]:
+    return [e.experiment_id for e in client.search_experiments(filter_string=f"name LIKE '{prefix}-%'")]
+
+
+def measured_step_times(uri: str, cfg: dict[str, Any], gpu_names: list[str]) -> dict[str, StepTime]:
+    """Mean of the last perf/step_time_s of runs on each GPU model, across `pagating-*` experiments,
+    counting only runs with this config's model shape. GPU models without such runs are left out."""
+    from mlflow.tracking import MlflowClient
+
+    prefix = (cfg.get("tracking") or {}).get("experiment_prefix", "pagating")
+    with quick_mlflow():
+        client = MlflowClient(tracking_uri=uri)
+        exp_ids = pagating_experiments(client, prefix)
+        if not exp_ids:
+            return {}
+        runs = client.search_runs(exp_ids, filter_string='metrics."perf/step_time_s" > 0',
+                                  max_results=1000, order_by=["attributes.start_time DESC"])
+    out = {}
+    for gpu in gpu_names:
+        values = [r.data.metrics["perf/step_time_s"] for r in runs
+                  if gpu_matches(r.data.tags.get("gpu.name", ""), gpu) and _shape_matches(r.data.params, cfg)]
+        if values:
+            out[gpu] = StepTime(sum(values) / len(values), f"measured ({len(values)} runs)")
+    return out
+
+
+def step_times(cfg: dict[str, Any], gpu_names: list[str], uri: str | None,
+               override: float | None = None) -> tuple[dict[str, StepTime], str | None]:
+    """s/step per GPU model: `override`, else measured in MLflow at `uri`, else the estimate.
+    Returns (times, note) where note says why measurements were not used, if they could not be read."""
+    names = sorted(set(gpu_names))
+    if override is not None:
+        return {g: StepTime(override, "--s-per-step") for g in names}, None
+    measured, note = {}, None
+    uri = lookup_uri(uri)
+    if uri and names:
+        try:
+            measured = measured_step_times(uri, cfg, names)
+        except Exception as exc:  # any failure to read history falls back to the estimate
+            note = f"could not read measured s/step from MLflow ({type(exc).__name__}); using estimates"
+    times = {g: measured.get(g) or StepTime(estimated_step_time(cfg, g), "estimate") for g in names}
+    return times, note

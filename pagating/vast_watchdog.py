@@ -1,0 +1,157 @@
+"""The watchdog onstart.sh runs in the background on a Vast.ai instance: it destroys the instance
+when its spend reaches the budget or training stops making progress (no file under the watched
+folders modified for `stall_s`). Standard library only, so it runs before or without the
+project's dependencies: `python -m pagating.vast_watchdog --pid $$ --watch DIR ...`.
+
+It destroys through the Vast API with the instance's own CONTAINER_ID / CONTAINER_API_KEY (that key
+can only manage this instance). A lock directory shared with onstart.sh makes sure only one of
+them sends the destroy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+DEFAULT_SERVER = "https://console.vast.ai"
+LOCK_NAME = "destroyed"
+
+
+def log(msg: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} pagating-watchdog: {msg}", flush=True)
+
+
+def newest_mtime(dirs: list[Path]) -> float:
+    """Latest modification time of any file or folder under `dirs` (0 when none exists)."""
+    newest = 0.0
+    for root in dirs:
+        if not root.exists():
+            continue
+        for dirpath, dirnames, filenames in os.walk(root, onerror=lambda e: None):
+            for name in [*filenames, *dirnames, "."]:
+                try:
+                    newest = max(newest, os.lstat(os.path.join(dirpath, name)).st_mtime)
+                except OSError:
+                    pass
+    return newest
+
+
+def destroy_self(lock_dir: Path | None, attempts: int = 5, backoff_s: float = 5.0) -> bool:
+    """DELETE this instance through the Vast API, once across the watchdog and onstart.sh."""
+    iid, key = os.environ.get("CONTAINER_ID"), os.environ.get("CONTAINER_API_KEY")
+    if not iid or not key:
+        log("CONTAINER_ID/CONTAINER_API_KEY unset: not on Vast, nothing to destroy")
+        return False
+    lock = lock_dir / LOCK_NAME if lock_dir else None
+    if lock is not None:
+        try:
+            lock.mkdir(parents=True)
+        except FileExistsError:
+            log("the instance is already being destroyed")
+            return True
+    url = f"{os.environ.get('VAST_SERVER_URL') or DEFAULT_SERVER}/api/v0/instances/{iid}/"
+    for attempt in range(1, attempts + 1):
+        req = urllib.request.Request(url, data=b"{}", method="DELETE",
+                                     headers={"Authorization": f"Bearer {key}",
+                                              "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                json.loads(resp.read() or b"{}")
+            log(f"destroyed instance {iid}")
+            return True
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            log(f"destroy attempt {attempt} failed: {exc}")
+            time.sleep(backoff_s * attempt)
+    if lock is not None:
+        lock.rmdir()  # let onstart.sh's exit trap try again
+    return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def check(now: float, started_at: float, usd_per_hour: float, budget_usd: float,
+          last_change: float, stall_s: float) -> str | None:
+    """Why the instance must go now, or None."""
+    spent = (now - started_at) / 3600 * usd_per_hour
+    if budget_usd > 0 and spent >= budget_usd:
+        return f"spend ${spent:.2f} reached the budget ${budget_usd:.2f}"
+    if stall_s > 0 and now - last_change >= stall_s:
+        return f"no progress: nothing under the watched folders changed for {now - last_change:.0f} s"
+    return None
+
+
+def watch(dirs: list[Path], budget_usd: float, usd_per_hour: float, started_at: float, stall_s: float,
+          poll_s: float = 60.0, pid: int | None = None, lock_dir: Path | None = None) -> str:
+    """Poll until the budget is spent or progress stalls, then destroy; returns the reason.
+    Returns early ("parent exited") when process `pid` (onstart.sh) is gone."""
+    armed_at = time.time()
+    log(f"watching {', '.join(map(str, dirs))}: budget ${budget_usd:.2f} at ${usd_per_hour:.3f}/h, "
+        f"stall {stall_s:.0f} s")
+    while True:
+        if pid is not None and not _alive(pid):
+            return "parent exited"
+        now = time.time()
+        last_change = max(newest_mtime(dirs), armed_at)
+        reason = check(now, started_at, usd_per_hour, budget_usd, last_change, stall_s)
+        if reason:
+            log(f"{reason}; destroying the instance")
+            while not destroy_self(lock_dir) and os.environ.get("CONTAINER_ID"):
+                time.sleep(poll_s)
+            return reason
+        time.sleep(poll_s)
+
+
+def _env_float(name: str, default: float) -> float:
+    try:
+        return float(os.environ.get(name) or default)
+    except ValueError:
+        return default
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--watch", action="append", default=[], metavar="DIR",
+                   help="folder whose file changes count as progress (repeatable; default: current)")
+    p.add_argument("--budget-usd", type=float, default=_env_float("PAGATING_BUDGET_USD", 0.0),
+                   help="destroy when spend reaches this (env PAGATING_BUDGET_USD; 0 = no limit)")
+    p.add_argument("--usd-per-hour", type=float, default=_env_float("PAGATING_USD_PER_HOUR", 0.0),
+                   help="the instance's price (env PAGATING_USD_PER_HOUR)")
+    p.add_argument("--started-at", type=float, default=_env_float("PAGATING_STARTED_AT", time.time()),
+                   help="unix time billing started (env PAGATING_STARTED_AT; default now)")
+    p.add_argument("--stall-s", type=float, default=_env_float("PAGATING_STALL_S", 1800.0),
+                   help="destroy after this many seconds without progress (env PAGATING_STALL_S)")
+    p.add_argument("--poll-s", type=float, default=60.0, help="seconds between checks")
+    p.add_argument("--pid", type=int, default=None, help="stop watching when this process exits")
+    p.add_argument("--state-dir", type=Path, default=None,
+                   help="folder holding the destroy lock shared with onstart.sh")
+
+
+def run(args: argparse.Namespace) -> int:
+    dirs = [Path(d) for d in (args.watch or [os.getcwd()])]
+    watch(dirs, args.budget_usd, args.usd_per_hour, args.started_at, args.stall_s, args.poll_s,
+          args.pid, args.state_dir)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pagating.vast_watchdog",
+                                     description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

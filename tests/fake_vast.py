@@ -1,0 +1,188 @@
+"""A fake Vast.ai API on 127.0.0.1 that the real `vastai` SDK (and onstart.sh's curl) talks to.
+
+It serves the endpoints `pagating.vast` uses, keeps instances in memory and records every request
+(method, path, query, JSON body, Authorization header) so tests can assert what was sent.
+Failures are injected per (method, path prefix) as a queue of status codes answered before the
+normal reply: `fake.fail("PUT", "/api/v0/asks/", 500, 500)`.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    query: dict
+    body: dict | None
+    auth: str | None
+
+
+def offer(id: int, dph: float, gpu: str = "RTX 4090", **kw) -> dict:
+    """An offer row shaped like the /bundles/ answer (the fields pagating reads)."""
+    row = {"id": id, "ask_contract_id": id, "machine_id": 1000 + id, "gpu_name": gpu, "num_gpus": 1,
+           "dph_total": dph, "min_bid": round(dph * 0.6, 4), "reliability": 0.99, "reliability2": 0.99,
+           "inet_down": 500.0, "disk_space": 200.0, "geolocation": "Norway, NO", "cuda_max_good": 12.4,
+           "verified": True, "rentable": True, "rented": False, "hosting_type": 0}
+    row.update(kw)
+    return row
+
+
+@dataclass
+class FakeVast:
+    offers: list[dict] = field(default_factory=list)
+    credit: float | None = 1000.0
+    requests: list[Request] = field(default_factory=list)
+    instances: dict[int, dict] = field(default_factory=dict)
+    log_text: str = "onstart: hello from the fake instance\n"
+    # Creates that rent the instance but answer 500 (a reply lost on the way back).
+    lose_create_answers: int = 0
+    _failures: dict[tuple[str, str], list[int]] = field(default_factory=dict)
+    _next_id: int = 5001
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    url: str = ""
+
+    # ---- test helpers -------------------------------------------------------------------------
+    def fail(self, method: str, path_prefix: str, *statuses: int) -> None:
+        self._failures.setdefault((method, path_prefix), []).extend(statuses)
+
+    def calls(self, method: str, path_prefix: str = "") -> list[Request]:
+        return [r for r in self.requests if r.method == method and r.path.startswith(path_prefix)]
+
+    def creates(self) -> list[Request]:
+        """Create requests that were answered with a new instance (not injected failures)."""
+        return [r for r in self.calls("PUT", "/api/v0/asks/") if r.body and r.body.get("_created")]
+
+    def destroys(self, instance_id: int | None = None) -> list[Request]:
+        """DELETE /api/v0/instances/<id>/ requests (all ids, or one)."""
+        out = []
+        for r in self.calls("DELETE", "/api/v0/instances/"):
+            seg = [s for s in r.path.split("/") if s]
+            if len(seg) == 4 and seg[3].isdigit() and instance_id in (None, int(seg[3])):
+                out.append(r)
+        return out
+
+    def add_instance(self, id: int, **kw) -> dict:
+        row = {"id": id, "label": None, "actual_status": "running", "intended_status": "running",
+               "cur_state": "running", "next_state": "running", "gpu_name": "RTX 4090", "num_gpus": 1,
+               "dph_total": 0.4, "is_bid": False, "image_uuid": "pytorch/pytorch", "disk_space": 50,
+               "machine_id": 77, "start_date": time.time() - 3600, "extra_env": [], "status_msg": ""}
+        row.update(kw)
+        with self._lock:
+            self.instances[id] = row
+        return row
+
+    # ---- request handling ---------------------------------------------------------------------
+    def handle(self, method: str, raw_path: str, body: dict | None, auth: str | None):
+        parts = urlsplit(raw_path)
+        path, query = parts.path, {k: v[0] for k, v in parse_qs(parts.query).items()}
+        req = Request(method, path, query, body, auth)
+        with self._lock:
+            self.requests.append(req)
+            for (m, prefix), queue in self._failures.items():
+                if m == method and path.startswith(prefix) and queue:
+                    return queue.pop(0), {"error": "injected", "msg": "injected failure"}
+        return self.route(req)
+
+    def route(self, req: Request):
+        m, p, body = req.method, req.path, req.body or {}
+        seg = [s for s in p.split("/") if s]
+        if p.startswith("/logs-result/"):
+            return 200, self.log_text
+        if m == "POST" and p == "/api/v0/bundles/":
+            return 200, {"offers": [dict(o) for o in self.offers]}
+        if m == "GET" and p.rstrip("/") == "/api/v0/users/current":
+            user = {"id": 1, "username": "tester", "api_key": "must-be-dropped-by-sdk"}
+            if self.credit is not None:
+                user["credit"] = self.credit
+            return 200, user
+        if m == "PUT" and len(seg) == 4 and seg[2] == "asks":
+            offer_id = int(seg[3])
+            known = {o["id"]: o for o in self.offers}
+            if offer_id not in known:
+                return 400, {"success": False, "error": "no_such_ask", "msg": "offer gone"}
+            o = known[offer_id]
+            with self._lock:
+                iid = self._next_id
+                self._next_id += 1
+            env = body.get("env") or {}
+            self.add_instance(iid, label=body.get("label"), gpu_name=o["gpu_name"], num_gpus=o["num_gpus"],
+                              dph_total=body.get("price") or o["dph_total"],
+                              is_bid=body.get("price") is not None,
+                              image_uuid=body.get("image"), disk_space=body.get("disk"),
+                              machine_id=o["machine_id"], start_date=time.time(), actual_status="loading",
+                              extra_env=[[k, v] for k, v in env.items()], onstart=body.get("onstart"))
+            body["_created"] = iid
+            if self.lose_create_answers > 0:
+                self.lose_create_answers -= 1
+                return 500, {"error": "server_error", "msg": "lost answer"}
+            return 200, {"success": True, "new_contract": iid}
+        if m == "GET" and p == "/api/v1/instances/":
+            with self._lock:
+                rows = [dict(r) for r in self.instances.values() if not r.get("_destroyed")]
+            return 200, {"instances": rows, "next_token": None, "total_instances": len(rows)}
+        if len(seg) == 4 and seg[2] == "instances" and seg[3].isdigit():
+            iid = int(seg[3])
+            row = self.instances.get(iid)
+            if m == "GET":
+                return 200, {"instances": None if row is None or row.get("_destroyed") else dict(row)}
+            if m == "DELETE":
+                if row is not None:
+                    row["_destroyed"] = True
+                return 200, {"success": True}
+        if m == "PUT" and len(seg) == 5 and seg[2:4] == ["instances", "request_logs"]:
+            return 200, {"success": True, "result_url": f"{self.url}/logs-result/{seg[4]}"}
+        return 404, {"error": "not_found", "msg": f"fake vast has no {m} {p}"}
+
+
+def _handler(fake: FakeVast):
+    class Handler(BaseHTTPRequestHandler):
+        def _do(self):
+            length = int(self.headers.get("Content-Length") or 0)
+            raw = self.rfile.read(length) if length else b""
+            try:
+                body = json.loads(raw) if raw else None
+            except ValueError:
+                body = {"_raw": raw.decode(errors="replace")}
+            status, payload = fake.handle(self.command, self.path, body, self.headers.get("Authorization"))
+            data = payload.encode() if isinstance(payload, str) else json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "text/plain" if isinstance(payload, str) else "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        do_GET = do_PUT = do_POST = do_DELETE = _do
+
+        def log_message(self, *args):  # keep pytest output clean
+            pass
+
+    return Handler
+
+
+class FakeVastServer:
+    """Context manager: serves `fake` on 127.0.0.1:<free port> in a daemon thread."""
+
+    def __init__(self, fake: FakeVast | None = None):
+        self.fake = fake or FakeVast()
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self.fake))
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.fake.url = self.url
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                       daemon=True)
+
+    def __enter__(self) -> FakeVast:
+        self.thread.start()
+        return self.fake
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()

@@ -1,0 +1,36 @@
+"""`pagating train --nproc 2`: torchrun + the Trainer's DDP on CPU (gloo), one MLflow run from rank 0."""
+
+import json
+
+import pytest
+from conftest import run_cli
+from mlflow.tracking import MlflowClient
+
+pytestmark = pytest.mark.slow
+
+ARGS = ["train", "--alpha_mode", "static_0.5", "--max_steps", "16", "--eval_steps", "8", "--save_steps", "8",
+        "--logging_steps", "4", "--batch_size", "8", "--seed", "3", "--device", "cpu"]
+
+
+def test_two_processes_match_one(sample_project, mlflow_server, tmp_path):
+    env = {"MLFLOW_TRACKING_URI": mlflow_server.uri, "OMP_NUM_THREADS": "1"}
+    mlf = MlflowClient(mlflow_server.uri)
+    single = run_cli([*ARGS, "--output_dir", str(tmp_path / "one")], cwd=sample_project, env=env, check=True)
+    one_id = json.loads(single.stdout.strip().splitlines()[-1])["run_id"]
+    exp = mlf.get_run(one_id).info.experiment_id
+    before = {r.info.run_id for r in mlf.search_runs([exp])}
+
+    ddp = run_cli([*ARGS, "--output_dir", str(tmp_path / "two"), "--nproc", "2"], cwd=sample_project, env=env,
+                  check=True)
+    new = [r for r in mlf.search_runs([exp]) if r.info.run_id not in before]
+    assert len(new) == 1, "exactly one MLflow run for the two processes"
+    run = new[0]
+    assert run.info.status == "FINISHED" and run.data.params["train.world_size"] == "2"
+    assert run.data.params["train.batch_size"] == "8"  # the global batch, split 4 + 4
+    assert json.loads(ddp.stdout.strip().splitlines()[-1])["run_id"] == run.info.run_id
+    a = mlf.get_metric_history(one_id, "train/loss")
+    b = mlf.get_metric_history(run.info.run_id, "train/loss")
+    assert [m.step for m in a] == [m.step for m in b] == [4, 8, 12, 16]
+    for x, y in zip(a, b, strict=True):
+        assert abs(x.value - y.value) < 1e-3 * abs(x.value), (x.value, y.value)
+    assert len(mlf.get_metric_history(run.info.run_id, "eval/loss")) == 2

@@ -1,0 +1,241 @@
+"""`pagating server`: a real basic-auth MLflow server on 127.0.0.1 that refuses strangers."""
+
+from __future__ import annotations
+
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import requests
+from conftest import REPO, free_port
+
+from pagating import cli, server
+from pagating.config import UserError
+
+ADMIN_PW = "adm1n-Secret-Pw-4821"
+GPU_PW = "gpu-Runner-Pw-7730"
+GPU_PW_2 = "gpu-Rotated-Pw-9911"
+SECRETS = (ADMIN_PW, GPU_PW, GPU_PW_2)
+
+
+def server_kwargs(root: Path, port: int) -> dict:
+    return {"port": port, "workers": 1, "auth_dir": str(root / "auth"),
+            "backend_store_uri": f"sqlite:///{root / 'mlflow.db'}",
+            "artifacts_destination": str(root / "artifacts")}
+
+
+@pytest.fixture(scope="module")
+def auth_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("auth-server")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(server.ADMIN_PASSWORD_ENV, ADMIN_PW)
+        mp.setenv(server.GPU_PASSWORD_ENV, GPU_PW)
+        mp.delenv(server.SECRET_KEY_ENV, raising=False)
+        kwargs = server_kwargs(root, free_port())
+        log = open(root / "server.log", "ab")
+        proc = server.start_server(kwargs, stdout=log, stderr=subprocess.STDOUT)
+        proc.root, proc.kwargs, proc.log = root, kwargs, log
+        try:
+            yield proc
+        finally:
+            server.stop_server(proc)
+            log.close()
+
+
+def get(uri: str, auth=None) -> requests.Response:
+    return requests.get(f"{uri}/api/2.0/mlflow/experiments/search", params={"max_results": 1},
+                        auth=auth, timeout=30)
+
+
+@pytest.fixture
+def as_gpu_user(monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "gpu-runner")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", GPU_PW)
+
+
+@pytest.mark.slow
+def test_strangers_get_401(auth_server):
+    uri = auth_server.uri
+    assert requests.get(f"{uri}/health", timeout=10).status_code == 200  # unprotected, for monitors
+    assert get(uri).status_code == 401
+    assert get(uri, ("gpu-runner", "wrong-password-123")).status_code == 401
+    assert get(uri, ("admin", GPU_PW)).status_code == 401
+    assert get(uri, ("nobody", GPU_PW)).status_code == 401
+    assert get(uri, ("gpu-runner", GPU_PW)).status_code == 200
+    assert get(uri, ("admin", ADMIN_PW)).status_code == 200
+
+
+@pytest.mark.slow
+def test_gpu_user_logs_with_the_mlflow_client(auth_server, as_gpu_user, tmp_path):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=auth_server.uri)
+    exp = client.create_experiment("pagating-test-gpu")
+    run = client.create_run(exp, run_name="paGLU static_0.5 lr=0.001")
+    client.log_param(run.info.run_id, "train.learning_rate", 0.001)
+    for step, loss in enumerate([3.0, 2.5, 2.0]):
+        client.log_metric(run.info.run_id, "train/loss", loss, step=step)
+    (tmp_path / "note.txt").write_text("checkpoint stand-in")
+    client.log_artifact(run.info.run_id, str(tmp_path / "note.txt"), "checkpoints/latest")
+    client.set_terminated(run.info.run_id)
+
+    history = client.get_metric_history(run.info.run_id, "train/loss")
+    assert [(m.step, m.value) for m in history] == [(0, 3.0), (1, 2.5), (2, 2.0)]
+    assert [f.path for f in client.list_artifacts(run.info.run_id, "checkpoints/latest")] == \
+        ["checkpoints/latest/note.txt"]
+    # A stranger cannot read what the GPU user logged.
+    r = requests.get(f"{auth_server.uri}/api/2.0/mlflow/runs/get", params={"run_id": run.info.run_id},
+                     timeout=30)
+    assert r.status_code == 401
+
+
+@pytest.mark.slow
+def test_gpu_user_logs_into_admin_experiment_but_is_no_admin(auth_server, as_gpu_user):
+    from mlflow import MlflowClient
+
+    uri = auth_server.uri
+    r = requests.post(f"{uri}/api/2.0/mlflow/experiments/create", json={"name": "pagating-test-admin"},
+                      auth=("admin", ADMIN_PW), timeout=30)
+    assert r.ok, r.text
+    exp = r.json()["experiment_id"]
+    client = MlflowClient(tracking_uri=uri)
+    run = client.create_run(exp)  # default_permission EDIT: log into the researcher's experiment
+    client.log_metric(run.info.run_id, "eval/loss", 1.5, step=1)
+    assert client.get_run(run.info.run_id).data.metrics["eval/loss"] == 1.5
+    # ...but not delete it, nor manage users.
+    r = requests.post(f"{uri}/api/2.0/mlflow/experiments/delete", json={"experiment_id": exp},
+                      auth=("gpu-runner", GPU_PW), timeout=30)
+    assert r.status_code == 403
+    r = requests.post(f"{uri}/api/2.0/mlflow/users/create", json={"username": "x", "password": "y" * 12},
+                      auth=("gpu-runner", GPU_PW), timeout=30)
+    assert r.status_code == 403
+
+
+@pytest.mark.slow
+def test_auth_config_file(auth_server):
+    ini = Path(auth_server.auth_config_path)
+    assert stat.S_IMODE(ini.stat().st_mode) == 0o600
+    text = ini.read_text()
+    assert "default_permission = EDIT" in text and "admin_username = admin" in text
+    assert "admin_password" not in text
+    assert stat.S_IMODE((ini.parent / "basic_auth.db").stat().st_mode) == 0o600
+
+
+@pytest.mark.slow
+def test_ensure_user_is_idempotent_and_needs_the_admin(auth_server):
+    uri, admin = auth_server.uri, ("admin", ADMIN_PW)
+    assert server.ensure_user(uri, admin, "gpu-runner", GPU_PW) == "updated"
+    assert get(uri, ("gpu-runner", GPU_PW)).status_code == 200
+    with pytest.raises(UserError, match="not the password of admin"):
+        server.ensure_user(uri, ("admin", "not-the-admin-password"), "gpu-runner", GPU_PW)
+
+
+@pytest.mark.slow
+def test_restart_rotates_gpu_password_and_checks_admin(auth_server, monkeypatch, capfd):
+    """Runs last among the server tests: it restarts the module's server on the same stores."""
+    root, kwargs = auth_server.root, auth_server.kwargs
+    server.stop_server(auth_server)
+    monkeypatch.setenv(server.GPU_PASSWORD_ENV, GPU_PW_2)
+    # A wrong admin password cannot take over an existing auth store: one line, nothing started.
+    monkeypatch.setenv(server.ADMIN_PASSWORD_ENV, "not-the-admin-password")
+    with monkeypatch.context() as m:
+        m.setattr(subprocess, "Popen", lambda *a, **k: pytest.fail("a process was started"))
+        with pytest.raises(UserError, match="not the password of admin 'admin'"):
+            server.start_server(kwargs)
+    # Same stores, right admin password, new GPU password: the user is updated, not duplicated.
+    monkeypatch.setenv(server.ADMIN_PASSWORD_ENV, ADMIN_PW)
+    with open(root / "server.log", "ab") as log:
+        proc = server.start_server(kwargs, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            assert get(proc.uri, ("gpu-runner", GPU_PW)).status_code == 401
+            r = get(proc.uri, ("gpu-runner", GPU_PW_2))
+            assert r.status_code == 200
+            assert r.json()["experiments"]  # the data of the first start is still there
+        finally:
+            server.stop_server(proc)
+    out = capfd.readouterr()
+    assert "GPU user 'gpu-runner' updated" in out.err
+    assert not any(s in out.out + out.err for s in SECRETS)
+
+
+@pytest.mark.slow
+def test_no_password_in_output_or_files(auth_server):
+    """Server stdout/stderr (server.log) and every file it wrote: no password in clear text.
+    The auth store holds salted hashes only. Runs after the other server tests."""
+    files = [p for p in auth_server.root.rglob("*") if p.is_file()]
+    assert any(p.name == "server.log" for p in files) and any(p.name == "basic_auth.db" for p in files)
+    for path in files:
+        data = path.read_bytes()
+        for secret in SECRETS:
+            assert secret.encode() not in data, f"password found in {path}"
+
+
+# --- user errors: exit 2 before anything is written or started -------------------------------------
+
+
+@pytest.mark.parametrize("admin_pw, gpu_pw, match", [
+    ("short-pw", GPU_PW, "MLFLOW_AUTH_ADMIN_PASSWORD is shorter than 12"),
+    (None, GPU_PW, "MLFLOW_AUTH_ADMIN_PASSWORD is not set"),
+    (ADMIN_PW, "short", "PAGATING_GPU_USER_PASSWORD is shorter than 12"),
+    (ADMIN_PW, None, "PAGATING_GPU_USER_PASSWORD is not set"),
+    (ADMIN_PW, ADMIN_PW, "must differ"),
+    ("password1234", GPU_PW, "old public default"),
+])
+def test_bad_passwords_exit_2_before_starting(tmp_path, monkeypatch, capsys, admin_pw, gpu_pw, match):
+    for env, value in ((server.ADMIN_PASSWORD_ENV, admin_pw), (server.GPU_PASSWORD_ENV, gpu_pw)):
+        if value is None:
+            monkeypatch.delenv(env, raising=False)
+        else:
+            monkeypatch.setenv(env, value)
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: pytest.fail("a process was started"))
+    monkeypatch.chdir(tmp_path)
+    rc = cli.main(["server", "--port", str(free_port()), "--auth-dir", "auth"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert match in err and len(err.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []  # nothing written
+    for value in (admin_pw, gpu_pw):
+        if value and len(value) >= 8:
+            assert value not in err
+
+
+def test_short_admin_password_cli_process(tmp_path):
+    """The real command line: exit status 2, one line, nothing created, no server started."""
+    env = {"PATH": "/usr/bin:/bin", server.ADMIN_PASSWORD_ENV: "elevenchars",
+           server.GPU_PASSWORD_ENV: GPU_PW, "PYTHONPATH": str(REPO)}
+    port = free_port()
+    r = subprocess.run([sys.executable, "-m", "pagating.cli", "server", "--port", str(port)],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip() == ("pagating server: error: MLFLOW_AUTH_ADMIN_PASSWORD is shorter than 12 "
+                                "characters: export MLFLOW_AUTH_ADMIN_PASSWORD with the MLflow admin "
+                                "('admin') password (12+ characters) and run `pagating server` again")
+    assert "elevenchars" not in r.stdout + r.stderr
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"http://127.0.0.1:{port}/health", timeout=2)
+
+
+def test_other_user_errors(tmp_path, monkeypatch):
+    monkeypatch.setenv(server.ADMIN_PASSWORD_ENV, ADMIN_PW)
+    monkeypatch.setenv(server.GPU_PASSWORD_ENV, GPU_PW)
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: pytest.fail("a process was started"))
+    base = {"auth_dir": str(tmp_path / "auth"), "port": free_port()}
+    with pytest.raises(UserError, match="--gpu-user"):
+        server.start_server({**base, "gpu_user": "admin"})
+    with pytest.raises(UserError, match="not a URI"):
+        server.start_server({**base, "backend_store_uri": "mlflow.db"})
+    with pytest.raises(UserError, match="--workers"):
+        server.start_server({**base, "workers": 0})
+    with pytest.raises(TypeError, match="unknown server option"):
+        server.start_server({**base, "prot": 1})
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        with pytest.raises(UserError, match="another --port"):
+            server.start_server({**base, "port": busy.getsockname()[1]})
+    assert not (tmp_path / "auth").exists()

@@ -1,0 +1,655 @@
+"""`pagating vast`: the real vastai SDK against a fake Vast API on 127.0.0.1 (tests/fake_vast.py),
+a real MLflow server where progress or measured step times are read, and onstart.sh under bash."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from fake_vast import FakeVast, FakeVastServer, offer
+
+from pagating import cli, vast, vast_cost, vast_watchdog
+from pagating.config import load_config
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+REPO_URL = "https://github.com/example/pagating.git"
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+SECRETS = {"VAST_API_KEY": "vast-key-7f3a9c", "MLFLOW_TRACKING_PASSWORD": "mlflow-pw-51e2d0",
+           "AWS_SECRET_ACCESS_KEY": "aws-secret-c0ffee"}
+REMOTE_URI = "https://mlflow.example.org"
+# status/watch read progress from MLflow; point them at a closed local port, never the internet
+NO_MLFLOW = ["--tracking-uri", "http://127.0.0.1:9"]
+DVC_CONFIG = """\
+[core]
+    remote = storage
+['remote "storage"']
+    url = s3://example-bucket/pagating
+"""
+LAUNCH = ["vast", "launch", "--s-per-step", "0.05", "--repo", REPO_URL, "--commit", COMMIT]
+
+
+@pytest.fixture
+def env(monkeypatch, tmp_path):
+    """No key, tracking URI or Vast URL from the developer's shell; fast retries."""
+    for name in list(os.environ):
+        if name.startswith(("MLFLOW_", "VAST_", "PAGATING_", "AWS_", "CONTAINER_")):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    # the project root launch reads: params.yaml and a committed DVC remote in the cloud
+    shutil.copy(REPO_ROOT / "params.yaml", tmp_path / "params.yaml")
+    (tmp_path / ".dvc").mkdir()
+    (tmp_path / ".dvc" / "config").write_text(DVC_CONFIG)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(vast, "RETRY_BACKOFF_S", 0.01)
+    return monkeypatch
+
+
+@pytest.fixture
+def fake(env):
+    offers = [offer(11, 0.50), offer(12, 0.30), offer(13, 0.40), offer(14, 0.45)]
+    server = FakeVastServer(FakeVast(offers=offers))
+    with server as f:
+        env.setenv("VAST_SERVER_URL", server.url)
+        yield f
+
+
+@pytest.fixture
+def keyed(fake, env):
+    """A launchable setup: key, remote tracking server with credentials."""
+    env.setenv("VAST_API_KEY", SECRETS["VAST_API_KEY"])
+    env.setenv("MLFLOW_TRACKING_URI", REMOTE_URI)
+    env.setenv("MLFLOW_TRACKING_USERNAME", "gpu-runner")
+    env.setenv("MLFLOW_TRACKING_PASSWORD", SECRETS["MLFLOW_TRACKING_PASSWORD"])
+    return fake
+
+
+def run(capsys, *argv):
+    rc = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def search_body(fake):
+    calls = fake.calls("POST", "/api/v0/bundles/")
+    assert calls, "no offer search was sent"
+    return calls[-1].body
+
+
+# ---- offers ---------------------------------------------------------------------------------
+
+def test_offers_query_carries_the_seed_filters(fake, capsys):
+    rc, out, _ = run(capsys, "vast", "offers")
+    assert rc == 0
+    q = search_body(fake)
+    cloud = load_config("wikitext103")["cloud"]
+    assert q["gpu_name"] == {"eq": cloud["gpu_name"]} == {"eq": "RTX 4090"}
+    assert q["reliability"] == {"gte": 0.95}
+    assert q["disk_space"] == {"gte": 50}
+    assert q["inet_down"] == {"gte": 100}
+    assert q["num_gpus"] == {"eq": 1}
+    assert q["type"] == "on-demand"
+    assert q["rentable"] == {"eq": True} and q["rented"] == {"eq": False}
+    assert q["allocated_storage"] == 50
+    assert fake.calls("POST")[-1].auth is None  # searching needs no account
+    assert "offer" in out and "$ sweep" in out
+
+
+def test_offers_flags_override_every_filter(fake, capsys):
+    rc, _, _ = run(capsys, "vast", "offers", "--gpu-name", "RTX 3090", "--min-reliability", "0.99",
+                   "--min-disk-gb", "80", "--min-inet-down", "500", "--num-gpus", "2", "--interruptible")
+    assert rc == 0
+    q = search_body(fake)
+    assert q["gpu_name"] == {"eq": "RTX 3090"}
+    assert q["reliability"] == {"gte": 0.99}
+    assert q["disk_space"] == {"gte": 80}
+    assert q["inet_down"] == {"gte": 500}
+    assert q["num_gpus"] == {"eq": 2}
+    assert q["type"] == "bid"
+
+
+def test_offers_ranked_by_projected_sweep_cost_not_hourly_price(fake, capsys):
+    # The 3090 is cheaper per hour but ~4.6x slower per step: the whole sweep costs more on it.
+    fake.offers = [offer(21, 0.20, gpu="RTX 3090"), offer(22, 0.45), offer(23, 0.60)]
+    rc, out, _ = run(capsys, "vast", "offers", "--gpu-name", "any")
+    assert rc == 0
+    assert "gpu_name" not in search_body(fake)
+    rows = [ln.split() for ln in out.splitlines() if ln[:2] in ("21", "22", "23")]
+    assert [r[0] for r in rows] == ["22", "23", "21"]
+    cfg = load_config("wikitext103")
+    for row in rows:
+        o = next(o for o in fake.offers if str(o["id"]) == row[0])
+        s = vast_cost.estimated_step_time(cfg, o["gpu_name"])
+        hours = vast_cost.instance_hours(cfg, vast_cost.grid_size(cfg), 1, s)
+        assert float(row[-1]) == pytest.approx(o["dph_total"] * hours, abs=0.006)
+        assert float(row[-2]) == pytest.approx(hours, abs=0.06)
+
+
+def test_offers_projection_uses_grid_and_max_steps():
+    cfg = load_config("wikitext103")
+    assert vast_cost.grid_size(cfg) == 10
+    s = vast_cost.estimated_step_time(cfg, "RTX 4090")
+    assert 0.03 <= s <= 0.07  # conservative vs ~0.03 measured elsewhere for GPT-2 small on a 4090
+    hours = vast_cost.instance_hours(cfg, 10, 1, 0.05)
+    expected = 10 * 20000 * 0.05 * (1 + vast_cost.eval_overhead(cfg)) / 3600 + vast_cost.SETUP_HOURS
+    assert hours == pytest.approx(expected)
+    assert vast_cost.instance_hours(cfg, 10, 2, 0.05) < hours  # two GPUs run two configs at once
+
+
+@pytest.mark.slow
+def test_offers_use_step_times_measured_in_mlflow(fake, env, capsys, mlflow_server):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_server.uri)
+    exp = client.get_experiment_by_name("pagating-vasttest")
+    exp_id = exp.experiment_id if exp else client.create_experiment("pagating-vasttest")
+    cfg = load_config("wikitext103")
+    shape = {"model.n_layer": "12", "model.n_embd": "768", "data.block_size": "128", "train.batch_size": "16"}
+
+    def logged(gpu, values, params):
+        run = client.create_run(exp_id, tags={"gpu.name": gpu})
+        for step, v in enumerate(values):
+            client.log_metric(run.info.run_id, "perf/step_time_s", v, step=step)
+        for k, v in params.items():
+            client.log_param(run.info.run_id, k, v)
+        client.set_terminated(run.info.run_id)
+
+    logged("NVIDIA GeForce RTX 4090", [0.9, 0.020], shape)            # last value counts
+    logged("NVIDIA GeForce RTX 4090", [0.040], shape)
+    logged("NVIDIA GeForce RTX 4090", [5.0], {**shape, "model.n_layer": "2"})  # another model shape
+    logged("NVIDIA A100-SXM4-80GB", [7.0], shape)                     # another GPU
+    times, note = vast_cost.step_times(cfg, ["RTX 4090", "RTX 3090"], mlflow_server.uri)
+    assert note is None
+    assert times["RTX 4090"].seconds == pytest.approx(0.030)
+    assert times["RTX 4090"].source == "measured (2 runs)"
+    assert times["RTX 3090"].source == "estimate"
+
+    env.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
+    rc, out, _ = run(capsys, "vast", "offers")
+    assert rc == 0
+    assert "0.0300" in out and "measured (2 runs)" in out
+
+
+def test_offers_fall_back_to_estimate_when_mlflow_is_unreachable(fake, env, capsys):
+    env.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # nothing listens on the discard port
+    t0 = time.time()
+    rc, out, err = run(capsys, "vast", "offers")
+    assert rc == 0 and "estimate" in out and "could not read measured s/step" in err
+    assert time.time() - t0 < 20
+
+
+# ---- launch ---------------------------------------------------------------------------------
+
+def test_launch_create_request_has_image_disk_env_label_onstart(keyed, capsys):
+    rc, out, err = run(capsys, *LAUNCH, "--env", f"AWS_SECRET_ACCESS_KEY={SECRETS['AWS_SECRET_ACCESS_KEY']}",
+                       "--sweep-id", "t1")
+    assert rc == 0, err
+    creates = keyed.creates()
+    assert len(creates) == 1
+    req = creates[0]
+    assert req.path == "/api/v0/asks/12/"  # the cheapest offer
+    body = req.body
+    cloud = load_config("wikitext103")["cloud"]
+    assert body["image"] == cloud["image"]
+    assert body["disk"] == cloud["min_disk_gb"]
+    assert body["label"] == "pagating-t1-0"
+    assert body["onstart"] == vast.onstart_text()
+    assert "mlflow run . " in body["onstart"] and "dvc pull data.dvc" in body["onstart"]
+    assert body["runtype"] == "ssh_proxy"
+    assert body.get("price") is None  # on-demand
+    e = body["env"]
+    assert e["PAGATING_REPO"] == REPO_URL and e["PAGATING_COMMIT"] == COMMIT
+    assert e["PAGATING_PROFILE"] == "wikitext103" and e["PAGATING_SHARD"] == "0/1"
+    assert e["PAGATING_SWEEP_ID"] == "t1"
+    assert e["PAGATING_USD_PER_HOUR"] == "0.3000"
+    assert e["PAGATING_BUDGET_USD"] == "50.00"
+    assert e["MLFLOW_TRACKING_URI"] == REMOTE_URI and e["MLFLOW_TRACKING_USERNAME"] == "gpu-runner"
+    assert e["MLFLOW_TRACKING_PASSWORD"] == SECRETS["MLFLOW_TRACKING_PASSWORD"]
+    assert e["AWS_SECRET_ACCESS_KEY"] == SECRETS["AWS_SECRET_ACCESS_KEY"]
+    # secrets only in env: never in the onstart text, the label, or anything printed
+    for secret in SECRETS.values():
+        assert secret not in body["onstart"] and secret not in body["label"]
+        assert secret not in out and secret not in err
+    # the account key authenticates requests; it is never sent to the instance
+    assert SECRETS["VAST_API_KEY"] not in json.dumps(body)
+    assert req.auth == f"Bearer {SECRETS['VAST_API_KEY']}"
+    assert "rented instance 5001" in out
+
+
+@pytest.mark.parametrize("config", ["", "[core]\n    remote = here\n['remote \"here\"']\n    url = /srv/dvc\n"])
+def test_launch_refuses_data_the_instance_cannot_pull(keyed, capsys, tmp_path, config):
+    (tmp_path / ".dvc" / "config").write_text(config)
+    rc, _, err = run(capsys, *LAUNCH)
+    assert rc == 2 and keyed.requests == [] and "DVC remote" in err
+
+
+def test_sample_profile_needs_no_dvc_remote(keyed, capsys, tmp_path):
+    (tmp_path / ".dvc" / "config").write_text("")
+    rc, _, err = run(capsys, *LAUNCH, "--profile", "sample")
+    assert rc == 0, err
+    e = keyed.creates()[0].body["env"]
+    assert e["PAGATING_DATA"] == "sample" and e["PAGATING_PROFILE"] == "sample"
+    assert "pagating data sample" in keyed.creates()[0].body["onstart"]
+
+
+def test_the_default_remote_is_read_from_the_committed_dvc_config(tmp_path):
+    (tmp_path / ".dvc").mkdir()
+    (tmp_path / ".dvc" / "config").write_text(DVC_CONFIG)
+    assert vast.dvc_default_remote(tmp_path) == ("storage", "s3://example-bucket/pagating")
+    assert vast.data_env(load_config("wikitext103"), tmp_path) == {}
+
+
+def test_launch_dry_run_prints_masked_env_and_rents_nothing(keyed, capsys):
+    aws = f"AWS_SECRET_ACCESS_KEY={SECRETS['AWS_SECRET_ACCESS_KEY']}"
+    rc, out, err = run(capsys, *LAUNCH, "--dry-run", "--env", aws)
+    assert rc == 0, err
+    assert keyed.calls("PUT", "/api/v0/asks/") == []
+    assert "MLFLOW_TRACKING_PASSWORD=***" in out and "AWS_SECRET_ACCESS_KEY=***" in out
+    assert "PAGATING_COMMIT=" + COMMIT in out
+    assert vast.onstart_text().strip() in out
+    assert "projected total $" in out and "nothing rented" in out
+    for secret in SECRETS.values():
+        assert secret not in out and secret not in err
+
+
+def test_onstart_text_carries_no_secret_and_stays_small(env):
+    for name, value in SECRETS.items():
+        env.setenv(name, value)
+    text = vast.onstart_text()
+    assert all(v not in text for v in SECRETS.values())
+    assert text.startswith("#!/usr/bin/env bash") and "\n#" not in text
+    assert len(text) < 6000
+
+
+@pytest.mark.parametrize("case", ["missing key", "over budget", "low credit", "sqlite", "file", "plain path",
+                                  "loopback", "localhost", "private", "no uri", "http with password"])
+def test_refusals_exit_2_before_renting(keyed, env, capsys, case):
+    argv = list(LAUNCH)
+    if case == "missing key":
+        env.delenv("VAST_API_KEY")
+    elif case == "over budget":
+        argv += ["--budget", "0.5"]
+    elif case == "low credit":
+        keyed.credit = 0.5
+    elif case == "no uri":
+        env.delenv("MLFLOW_TRACKING_URI")
+    else:
+        uri = {"sqlite": "sqlite:///mlflow.db", "file": "file:///tmp/mlruns", "plain path": "/tmp/mlruns",
+               "loopback": "http://127.0.0.1:5000", "localhost": "https://localhost:5000",
+               "private": "https://192.168.1.20:5000", "http with password": "http://mlflow.example.org"}[case]
+        env.setenv("MLFLOW_TRACKING_URI", uri)
+    rc, out, err = run(capsys, *argv)
+    assert rc == 2
+    assert keyed.calls("PUT", "/api/v0/asks/") == [] and keyed.creates() == []
+    assert err.startswith("pagating vast: error: ") and err.count("\n") == 1
+    if case == "missing key":
+        assert keyed.requests == []  # refused before talking to Vast at all
+    for secret in SECRETS.values():
+        assert secret not in out + err
+
+
+def test_http_without_password_and_https_are_accepted(env):
+    env.setenv("MLFLOW_TRACKING_PASSWORD", "x")
+    assert vast.check_tracking_uri("https://mlflow.example.org:8443") == "https://mlflow.example.org:8443"
+    env.delenv("MLFLOW_TRACKING_PASSWORD")
+    assert vast.check_tracking_uri("http://mlflow.example.org") == "http://mlflow.example.org"
+
+
+def test_error_after_creation_destroys_the_created_instance(keyed, capsys):
+    keyed.fail("PUT", "/api/v0/asks/13/", 400)  # the second instance's offer is gone
+    rc, out, err = run(capsys, *LAUNCH, "--instances", "2", "--sweep-id", "t2")
+    assert rc == 1
+    assert [r.path for r in keyed.creates()] == ["/api/v0/asks/12/"]
+    assert [r.path for r in keyed.destroys()] == ["/api/v0/instances/5001/"]
+    assert "destroying 5001" in err
+
+
+def test_failure_to_confirm_a_created_instance_destroys_it(keyed, capsys):
+    keyed.fail("GET", "/api/v0/instances/5001/", *[500] * vast.RETRY_ATTEMPTS)
+    rc, _, err = run(capsys, *LAUNCH)
+    assert rc == 1
+    assert len(keyed.creates()) == 1
+    assert [r.path for r in keyed.destroys()] == ["/api/v0/instances/5001/"]
+
+
+def test_429_and_5xx_answers_are_retried(keyed, capsys):
+    keyed.fail("POST", "/api/v0/bundles/", 429, 503)
+    keyed.fail("GET", "/api/v0/users/current", 502)
+    keyed.fail("PUT", "/api/v0/asks/", 500)
+    rc, out, err = run(capsys, *LAUNCH)
+    assert rc == 0, err
+    assert len(keyed.calls("POST", "/api/v0/bundles/")) == 3
+    assert len(keyed.calls("GET", "/api/v0/users/current")) == 2
+    assert len(keyed.calls("PUT", "/api/v0/asks/")) == 2 and len(keyed.creates()) == 1
+    assert "answered HTTP 429" in err and "answered HTTP 500" in err
+
+
+def test_a_create_whose_answer_was_lost_is_adopted_not_doubled(keyed, capsys):
+    keyed.lose_create_answers = 1  # rented, but the reply was a 500
+    rc, out, err = run(capsys, *LAUNCH, "--sweep-id", "t3")
+    assert rc == 0, err
+    assert len(keyed.creates()) == 1 and keyed.destroys() == []
+    assert "rented instance 5001 (pagating-t3-0)" in out
+
+
+def test_retries_give_up_with_one_line(keyed, capsys):
+    keyed.fail("POST", "/api/v0/bundles/", *[503] * vast.RETRY_ATTEMPTS)
+    rc, _, err = run(capsys, *LAUNCH)
+    assert rc == 1 and keyed.creates() == []
+    assert err.strip().splitlines()[-1].startswith("pagating vast: Vast.ai search_offers failed: HTTP 503")
+
+
+def test_three_instances_run_shards_0_1_2_of_3(keyed, capsys):
+    rc, out, err = run(capsys, *LAUNCH, "--instances", "3", "--sweep-id", "t4")
+    assert rc == 0, err
+    creates = keyed.creates()
+    assert len(creates) == 3
+    assert [c.body["env"]["PAGATING_SHARD"] for c in creates] == ["0/3", "1/3", "2/3"]
+    assert [c.body["label"] for c in creates] == ["pagating-t4-0", "pagating-t4-1", "pagating-t4-2"]
+    assert len({c.path for c in creates}) == 3  # three different machines
+    assert {c.body["env"]["PAGATING_BUDGET_USD"] for c in creates} == {f"{50 / 3:.2f}"}
+    assert vast_cost.shard_sizes(10, 3) == [4, 3, 3]
+
+
+def test_interruptible_launch_bids(keyed, capsys):
+    rc, _, err = run(capsys, *LAUNCH, "--interruptible")
+    assert rc == 0, err
+    assert search_body(keyed)["type"] == "bid"
+    body = keyed.creates()[0].body
+    cheapest = min(keyed.offers, key=lambda o: o["min_bid"])
+    assert body["price"] == pytest.approx(round(cheapest["min_bid"] * vast.BID_MARGIN, 4))
+    assert body["env"]["PAGATING_INTERRUPTIBLE"] == "1"
+
+
+def test_more_instances_than_configs_is_refused(keyed, capsys):
+    rc, _, err = run(capsys, *LAUNCH, "--instances", "11")
+    assert rc == 2 and keyed.requests == []
+
+
+# ---- status, watch, logs, destroy ------------------------------------------------------------
+
+def _instance_env(sweep, shard, profile="sample", budget="10.00", uri=None):
+    env = {"PAGATING_PROFILE": profile, "PAGATING_SHARD": shard, "PAGATING_SWEEP_ID": sweep,
+           "PAGATING_BUDGET_USD": budget, "PAGATING_USD_PER_HOUR": "0.4000",
+           "MLFLOW_TRACKING_PASSWORD": SECRETS["MLFLOW_TRACKING_PASSWORD"]}
+    if uri:
+        env["MLFLOW_TRACKING_URI"] = uri
+    return [[k, v] for k, v in env.items()]
+
+
+@pytest.mark.slow
+def test_status_shows_instances_and_sweep_progress(keyed, env, capsys, mlflow_server):
+    from mlflow.tracking import MlflowClient
+
+    sweep = f"st{int(time.time() * 1000) % 10**8}"
+    keyed.add_instance(901, label=f"pagating-{sweep}-0", dph_total=0.4, start_date=time.time() - 3600,
+                       extra_env=_instance_env(sweep, "0/2", uri=mlflow_server.uri))
+    keyed.add_instance(902, label=f"pagating-{sweep}-1", is_bid=True, cur_state="stopped",
+                       start_date=time.time(), actual_status="exited", extra_env=_instance_env(sweep, "1/2"))
+    keyed.add_instance(903, label="someone-else", extra_env=[])
+    client = MlflowClient(mlflow_server.uri)
+    exp = client.get_experiment_by_name("pagating-vasttest")
+    exp_id = exp.experiment_id if exp else client.create_experiment("pagating-vasttest")
+    parent = client.create_run(exp_id, run_name=f"sweep {sweep}", tags={"pagating.sweep_id": sweep})
+    for i, status in enumerate(["FINISHED", "FINISHED", "RUNNING"]):
+        child = client.create_run(exp_id, run_name=f"cfg{i}", tags={
+            "pagating.sweep_id": sweep, "mlflow.parentRunId": parent.info.run_id,
+            "pagating.config_hash": f"h{i}"})
+        client.log_param(child.info.run_id, "train.max_steps", "120")
+        client.log_metric(child.info.run_id, "perf/step_time_s", 0.5, step=10)
+        for step in (10, 20, 30):
+            client.log_metric(child.info.run_id, "train/loss", 3.0 - step / 100, step=step)
+        if status == "FINISHED":
+            client.set_terminated(child.info.run_id)
+    env.delenv("MLFLOW_TRACKING_URI")  # progress comes from the instance's tracking URI
+    capsys.readouterr()  # the client's own "View run" lines
+    rc, out, err = run(capsys, "vast", "status")
+    assert rc == 0, err
+    assert "901" in out and "902" in out and "903" not in out
+    assert "OUTBID" in out and "pagating vast watch" in out
+    assert f"sweep {sweep}: 2/10 configs done; cfg2 step 30/120" in out
+    # remaining: 7 waiting x 120 + 90 steps, 0.5 s/step, one GPU not outbid -> 930 * 0.5 / 3600 h
+    assert f"ETA ~{930 * 0.5 / 3600:.1f} h at 0.5000 s/step" in out
+    assert "$ so far 0.40" in out
+    assert SECRETS["MLFLOW_TRACKING_PASSWORD"] not in out + err
+
+
+def test_watch_destroys_outbid_instance_and_relaunches_its_shard(keyed, capsys):
+    keyed.add_instance(950, label="pagating-w1-1", is_bid=True, cur_state="stopped", actual_status="exited",
+                       machine_id=1011, dph_total=0.5, start_date=time.time() - 3600, disk_space=60,
+                       image_uuid="ghcr.io/example/pagating:1", extra_env=_instance_env("w1", "1/2"))
+    keyed.add_instance(951, label="pagating-w1-0", is_bid=True, extra_env=_instance_env("w1", "0/2"))
+    rc, out, err = run(capsys, "vast", "watch", "--once", "--sweep", "w1", *NO_MLFLOW)
+    assert rc == 0, err
+    assert [r.path for r in keyed.destroys()] == ["/api/v0/instances/950/"]
+    q = search_body(keyed)
+    assert q["type"] == "bid" and q["machine_id"] == {"notin": [1011]}
+    (create,) = keyed.creates()
+    assert create.path != "/api/v0/asks/11/"  # offer 11 is the outbid machine (1011)
+    body = create.body
+    assert body["label"] == "pagating-w1-1" and body["env"]["PAGATING_SHARD"] == "1/2"
+    assert body["image"] == "ghcr.io/example/pagating:1" and body["disk"] == 60
+    assert body["price"] is not None
+    assert float(body["env"]["PAGATING_BUDGET_USD"]) == pytest.approx(10 - 0.5, abs=0.02)
+    assert "relaunched as 5001" in out
+
+
+def test_relaunch_is_safe_to_repeat(keyed, capsys):
+    # A replacement already runs under the label (an earlier round rented it, then its destroy failed).
+    keyed.add_instance(952, label="pagating-w2-0", is_bid=True, cur_state="stopped", actual_status="exited",
+                       extra_env=_instance_env("w2", "0/1"))
+    keyed.add_instance(953, label="pagating-w2-0", is_bid=True, extra_env=_instance_env("w2", "0/1"))
+    rc, out, _ = run(capsys, "vast", "status", "--relaunch", "--sweep", "w2", *NO_MLFLOW)
+    assert rc == 0
+    assert keyed.creates() == [] and [r.path for r in keyed.destroys()] == ["/api/v0/instances/952/"]
+
+
+def test_a_failed_relaunch_keeps_the_outbid_instance_for_the_next_round(keyed, capsys):
+    keyed.add_instance(954, label="pagating-w3-0", is_bid=True, cur_state="stopped", actual_status="exited",
+                       extra_env=_instance_env("w3", "0/1"))
+    keyed.fail("PUT", "/api/v0/asks/", 400, 400)
+    rc, out, _ = run(capsys, "vast", "watch", "--once", "--sweep", "w3", *NO_MLFLOW)
+    assert rc == 0 and "relaunch failed" in out
+    assert keyed.destroys() == []  # still listed: the next round relaunches it
+
+
+def test_logs_prints_the_instance_log(keyed, capsys):
+    keyed.add_instance(960, label="pagating-l1-0")
+    rc, out, _ = run(capsys, "vast", "logs", "960")
+    assert rc == 0 and "hello from the fake instance" in out
+    assert keyed.calls("PUT", "/api/v0/instances/request_logs/960/")
+
+
+def test_destroy_by_sweep_and_by_id(keyed, capsys):
+    keyed.add_instance(970, label="pagating-d1-0")
+    keyed.add_instance(971, label="pagating-d1-1")
+    keyed.add_instance(972, label="pagating-d2-0")
+    rc, _, _ = run(capsys, "vast", "destroy", "--sweep", "d1")
+    assert rc == 0
+    assert sorted(r.path for r in keyed.destroys()) == ["/api/v0/instances/970/", "/api/v0/instances/971/"]
+    rc, _, _ = run(capsys, "vast", "destroy", "972")
+    assert rc == 0 and len(keyed.destroys(972)) == 1
+    rc, _, err = run(capsys, "vast", "destroy")
+    assert rc == 2 and "say what to destroy" in err
+
+
+# ---- the watchdog -----------------------------------------------------------------------------
+
+def test_watchdog_destroys_at_the_budget_once(fake, env, tmp_path):
+    env.setenv("CONTAINER_ID", "5555")
+    env.setenv("CONTAINER_API_KEY", "container-key")
+    state = tmp_path / "state"
+    reason = vast_watchdog.watch([tmp_path], budget_usd=1.0, usd_per_hour=3600.0, started_at=time.time() - 2,
+                                 stall_s=1000, poll_s=0.05, lock_dir=state)
+    assert "reached the budget" in reason
+    (req,) = fake.destroys(5555)
+    assert req.auth == "Bearer container-key"
+    assert vast_watchdog.destroy_self(state) is True  # onstart.sh's trap after it: no second call
+    assert len(fake.destroys(5555)) == 1
+
+
+def test_watchdog_destroys_when_training_stalls(fake, env, tmp_path):
+    env.setenv("CONTAINER_ID", "5556")
+    env.setenv("CONTAINER_API_KEY", "container-key")
+    t0 = time.time()
+    reason = vast_watchdog.watch([tmp_path / "outputs"], budget_usd=0, usd_per_hour=1.0, started_at=t0,
+                                 stall_s=0.3, poll_s=0.05, lock_dir=tmp_path / "state")
+    assert reason.startswith("no progress") and time.time() - t0 >= 0.3
+    assert len(fake.destroys(5556)) == 1
+
+
+def test_watchdog_counts_file_changes_as_progress(tmp_path):
+    out = tmp_path / "outputs"
+    out.mkdir()
+    (out / "spool.jsonl").write_text("x")
+    newest = vast_watchdog.newest_mtime([out])
+    assert newest >= time.time() - 5
+    assert vast_watchdog.check(newest + 10, newest, 0.0, 0.0, newest, stall_s=60) is None
+    assert "no progress" in vast_watchdog.check(newest + 61, newest, 0.0, 0.0, newest, stall_s=60)
+
+
+def test_watchdog_stops_when_onstart_is_gone(fake, env, tmp_path):
+    env.setenv("CONTAINER_ID", "5557")
+    env.setenv("CONTAINER_API_KEY", "k")
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    reason = vast_watchdog.watch([tmp_path], 1.0, 1.0, time.time(), 1000, poll_s=0.05, pid=proc.pid)
+    assert reason == "parent exited" and fake.destroys() == []
+
+
+# ---- onstart.sh under bash ----------------------------------------------------------------------
+
+STUB_MLPROJECT = """\
+name: onstart-stub
+entry_points:
+  sweep:
+    parameters:
+      profile: {type: string, default: sample}
+      shard: {type: string, default: "0/1"}
+    command: "python stub_sweep.py {profile} {shard}"
+"""
+STUB_SWEEP = """\
+import os, pathlib, sys, time
+import mlflow
+with mlflow.start_run():  # the run `mlflow run` made (MLFLOW_RUN_ID)
+    mlflow.log_params({"profile": sys.argv[1], "shard": sys.argv[2]})
+    mlflow.set_tag("pagating.sweep_id", os.environ["PAGATING_SWEEP_ID"])
+pathlib.Path("started").touch()
+time.sleep(float(os.environ.get("STUB_SLEEP", "0")))
+sys.exit(int(os.environ.get("STUB_EXIT", "0")))
+"""
+
+
+def onstart_env(fake_url: str, tracking_uri: str, sweep_id: str, **extra) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("MLFLOW_", "VAST_", "PAGATING_", "CONTAINER_", "AWS_"))}
+    env.update({"PATH": f"{VENV_BIN}:{env.get('PATH', '')}", "VAST_SERVER_URL": fake_url,
+                "CONTAINER_ID": "4242", "CONTAINER_API_KEY": "container-key-4242",
+                "MLFLOW_TRACKING_URI": tracking_uri, "PAGATING_SWEEP_ID": sweep_id,
+                "PAGATING_SKIP_CHECKOUT": "1", "PAGATING_SKIP_INSTALL": "1", "PAGATING_BUDGET_USD": "5",
+                "PAGATING_USD_PER_HOUR": "0.4", "PAGATING_STALL_S": "600"})
+    env.update(extra)
+    return env
+
+
+@pytest.fixture
+def stub_project(tmp_path):
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "MLproject").write_text(STUB_MLPROJECT)
+    (proj / "stub_sweep.py").write_text(STUB_SWEEP)
+    return proj
+
+
+def _runs_with_sweep_id(uri: str, experiment: str, sweep_id: str):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None
+    return client.search_runs([exp.experiment_id], f"tags.\"pagating.sweep_id\" = '{sweep_id}'")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("exit_code", [0, 3])
+def test_onstart_runs_the_sweep_entry_and_destroys_once(mlflow_server, stub_project, exit_code):
+    sweep_id = f"on{exit_code}x{int(time.time() * 1000) % 10**8}"
+    with FakeVastServer() as fake:
+        env = onstart_env(fake.url, mlflow_server.uri, sweep_id, PAGATING_PROFILE="onstartstub",
+                          PAGATING_SHARD="1/2", PAGATING_SKIP_DVC="1", PAGATING_SKIP_PREPARE="1",
+                          STUB_EXIT=str(exit_code))
+        proc = subprocess.run(["bash", str(REPO_ROOT / "scripts" / "onstart.sh")], cwd=stub_project, env=env,
+                              capture_output=True, text=True, timeout=180)
+        assert (proc.returncode == 0) == (exit_code == 0), proc.stdout + proc.stderr
+        (req,) = fake.destroys()
+        assert req.path == "/api/v0/instances/4242/" and req.auth == "Bearer container-key-4242"
+    (run_,) = _runs_with_sweep_id(mlflow_server.uri, "pagating-onstartstub", sweep_id)
+    assert run_.data.params == {"profile": "onstartstub", "shard": "1/2"}
+    assert "container-key-4242" not in proc.stdout + proc.stderr
+    assert "destroyed instance 4242" in proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("interruptible", ["0", "1"])
+def test_onstart_on_sigterm_destroys_unless_interruptible(mlflow_server, stub_project, interruptible):
+    with FakeVastServer() as fake:
+        env = onstart_env(fake.url, mlflow_server.uri, f"term{interruptible}", PAGATING_PROFILE="onstartstub",
+                          PAGATING_SKIP_DVC="1", PAGATING_SKIP_PREPARE="1", STUB_SLEEP="60",
+                          PAGATING_INTERRUPTIBLE=interruptible)
+        proc = subprocess.Popen(["bash", str(REPO_ROOT / "scripts" / "onstart.sh")], cwd=stub_project,
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.time() + 60
+        while not (stub_project / "started").exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        assert (stub_project / "started").exists()
+        t0 = time.time()
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+        assert time.time() - t0 < 15  # the trap runs at once, not after the 60 s step
+        assert proc.returncode == 143, out
+        assert len(fake.destroys()) == (0 if interruptible == "1" else 1), out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fails", [False, True])
+def test_onstart_runs_a_tiny_real_sweep_and_destroys_once(mlflow_server, tmp_path, fails):
+    if not (REPO_ROOT / "pagating" / "sweep.py").exists():
+        pytest.skip("sweep not landed yet")
+    import yaml
+
+    proj = tmp_path / "checkout"
+    shutil.copytree(REPO_ROOT, proj, ignore=shutil.ignore_patterns(
+        ".venv", ".git", "data", "outputs", "logs", "mlruns", "mlartifacts", "mlflow.db", "reports",
+        "__pycache__", ".pytest_cache", ".ruff_cache", "*.egg-info", ".dvc"))
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    params["train"]["sample"].update(max_steps=4, eval_steps=2, save_steps=2, logging_steps=1,
+                                     max_eval_batches=2)
+    params["sweep"]["sample"] = {"alpha_mode": ["static_2.0" if fails else "static_0.5", "static_1.0"],
+                                 "learning_rate": [1.0e-3]}
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sweep_id = f"real{int(fails)}x{int(time.time() * 1000) % 10**8}"
+    with FakeVastServer() as fake:
+        # no DVC remote here: the instance rebuilds the sample corpus, as launch asks it to
+        env = onstart_env(fake.url, mlflow_server.uri, sweep_id, PAGATING_PROFILE="sample",
+                          PAGATING_DATA="sample")
+        proc = subprocess.run(["bash", str(REPO_ROOT / "scripts" / "onstart.sh")], cwd=proj, env=env,
+                              capture_output=True, text=True, timeout=900)
+        out = proc.stdout + proc.stderr
+        assert (proc.returncode != 0) == fails, out[-4000:]
+        assert [r.path for r in fake.destroys()] == ["/api/v0/instances/4242/"], out[-4000:]
+    if not fails:  # the sweep ran under launch's sweep id: what `pagating vast status` looks up
+        runs = _runs_with_sweep_id(mlflow_server.uri, "pagating-sample", sweep_id)
+        children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+        assert len(children) == 2 and {r.info.status for r in children} == {"FINISHED"}
+        assert {r.data.params.get("train.max_steps") for r in children} == {"4"}
+        cfg = load_config("sample")
+        prog = vast.sweep_progress(mlflow_server.uri, sweep_id, {**cfg, "sweep": params["sweep"]["sample"]})
+        assert prog["done"] == prog["total"] == 2 and prog["running"] == []
