@@ -287,7 +287,7 @@ def train(cfg: dict, *, resume: str = "none", device: str = "auto", compile_mode
                 print(f"pagating: {left} metric lines not yet in MLflow ({spool.last_error}); they are kept in "
                       f"{spool.path}: run `pagating sync {run_dir}` when the server is back", file=sys.stderr)
             try:
-                mlf.set_terminated(run_id, status)
+                _retry(lambda: mlf.set_terminated(run_id, status), f"mark the run {status}", attempts=5)
             except Exception as exc:  # the run stays RUNNING; resume/sweep treat it as interrupted
                 print(f"pagating: could not mark run {status}: {type(exc).__name__}", file=sys.stderr)
     result["status"] = status

@@ -1,0 +1,48 @@
+"""Secrets in the environment never reach MLflow params, tags, artifacts, files or printed output."""
+
+import json
+
+import pytest
+from conftest import run_cli
+from mlflow.tracking import MlflowClient
+
+pytestmark = pytest.mark.slow
+
+SECRETS = {
+    "VAST_API_KEY": "vast-secret-7f3a9c1e5b2d4680aa",
+    "MLFLOW_TRACKING_USERNAME": "gpu-runner",
+    "MLFLOW_TRACKING_PASSWORD": "mlflow-secret-pw-93jd72hs",
+    "AWS_ACCESS_KEY_ID": "AKIASECRETTEST12345",
+    "AWS_SECRET_ACCESS_KEY": "aws-secret-key-0b9c8d7e6f5a4b3c2d1e",
+    "CONTAINER_API_KEY": "container-secret-51ac9e",
+    "HF_TOKEN": "hf_secrettokenabcdef123456",
+}
+NEEDLES = [v for k, v in SECRETS.items() if k != "MLFLOW_TRACKING_USERNAME"]
+
+
+def test_no_secret_anywhere(sample_project, mlflow_server, tmp_path):
+    env = {"MLFLOW_TRACKING_URI": mlflow_server.uri, **SECRETS}
+    out = tmp_path / "out"
+    sweep = run_cli(["sweep", "--set", "train.max_steps=6", "--set", "train.eval_steps=3", "--set",
+                     "train.save_steps=3", "--set", "train.logging_steps=3", "--set", "sweep.alpha_mode=[learnable]",
+                     "--set", "sweep.learning_rate=[1e-3]", "--set", f"train.output_dir={out}",
+                     "--summary", str(tmp_path / "sweep.json")], cwd=sample_project, env=env, check=True)
+    report = run_cli(["report", "--sweep-json", str(tmp_path / "sweep.json"), "--out", str(tmp_path / "reports")],
+                     cwd=sample_project, env=env, check=True)
+    summary = json.loads((tmp_path / "sweep.json").read_text())
+    mlf = MlflowClient(mlflow_server.uri)
+    texts = [sweep.stdout, sweep.stderr, report.stdout, report.stderr]
+    for run_id in [summary["parent_run_id"]] + [c["run_id"] for c in summary["configs"]]:
+        run = mlf.get_run(run_id)
+        texts.append(json.dumps(run.data.params))
+        texts.append(json.dumps(run.data.tags))
+        local = mlf.download_artifacts(run_id, "", str(tmp_path / "dl" / run_id))
+        texts += [p.read_bytes().decode("latin-1") for p in __import__("pathlib").Path(local).rglob("*")
+                  if p.is_file()]
+    # What the run leaves on disk (spool, run identity, checkpoints, logs, reports) too.
+    for p in list(out.rglob("*")) + list((tmp_path / "reports").rglob("*")):
+        if p.is_file():
+            texts.append(p.read_bytes().decode("latin-1"))
+    assert len(texts) > 20
+    for needle in NEEDLES:
+        assert not any(needle in t for t in texts), f"secret {needle[:8]}... leaked"
