@@ -122,12 +122,18 @@ def _history(mlf, run_id: str, key: str) -> list[tuple[int, float]]:
     return [(s, by_step[s][1]) for s in sorted(by_step)]
 
 
-def steady_mean(history: list[tuple[int, float]]) -> float | None:
-    """Mean over logging windows, without the first (it holds warm-up: compilation, first batches)."""
+def steady_mean(history: list[tuple[int, float]], harmonic: bool = False) -> float | None:
+    """Mean over logging windows, without the first (it holds warm-up: compilation, first batches).
+
+    Rates (tokens/s) take the harmonic mean: windows have equal step counts, so that is total
+    tokens over total time and agrees with the mean s/step.
+    """
     values = [v for _, v in history]
     if len(values) > 1:
         values = values[1:]
-    return statistics.fmean(values) if values else None
+    if not values:
+        return None
+    return statistics.harmonic_mean(values) if harmonic else statistics.fmean(values)
 
 
 def _float(value: Any) -> float | None:
@@ -172,7 +178,7 @@ def collect(mlf, name: str, run) -> dict[str, Any] | None:
         "first_eval_loss": losses[0] if losses else None,
         "best_eval_ppl": min(ppls) if ppls else (math.exp(min(best, 50.0)) if best is not None else None),
         "final_eval_ppl": metrics.get("final/eval_ppl", ppls[-1] if ppls else None),
-        "s_per_step": steady_mean(h["perf/step_time_s"]), "tokens_per_s": steady_mean(h["perf/tokens_per_s"]),
+        "s_per_step": steady_mean(h["perf/step_time_s"]), "tokens_per_s": steady_mean(h["perf/tokens_per_s"], harmonic=True),
         "gpu_util_pct": steady_mean(h["gpu/util_pct"]), "cost_usd": cost,
         "eval_curve": h["eval/loss"], "alpha_curve": alpha,
     }

@@ -125,9 +125,9 @@ def expected(mlf, rid):
     run = mlf.get_run(rid)
     m = run.data.metrics
 
-    def steady(key):
+    def steady(key, mean=statistics.fmean):
         h = _hist(mlf, rid, key)
-        return statistics.fmean(h[1:]) if h else None
+        return mean(h[1:]) if h else None
 
     rate = run.data.tags.get("cost.usd_per_hour")
     cost = m.get("cost/usd")
@@ -136,7 +136,7 @@ def expected(mlf, rid):
     return {"best_eval_loss": m["best/eval_loss"], "final_eval_loss": m["final/eval_loss"],
             "final_eval_ppl": m["final/eval_ppl"], "best_eval_ppl": min(_hist(mlf, rid, "eval/ppl")),
             "first_eval_loss": _hist(mlf, rid, "eval/loss")[0],
-            "s_per_step": steady("perf/step_time_s"), "tokens_per_s": steady("perf/tokens_per_s"),
+            "s_per_step": steady("perf/step_time_s"), "tokens_per_s": steady("perf/tokens_per_s", statistics.harmonic_mean),
             "gpu_util_pct": steady("gpu/util_pct"), "cost_usd": cost,
             "gpu": run.data.tags["gpu.name"], "rate": float(rate) if rate else None,
             "max_steps": int(run.data.params["train.max_steps"]), "name": run.info.run_name}
@@ -187,6 +187,8 @@ def test_report_from_sweep_json_matches_mlflow(sweep, monkeypatch, tmp_path):
         for key in ("best_eval_loss", "final_eval_loss", "final_eval_ppl", "best_eval_ppl", "first_eval_loss",
                     "s_per_step", "tokens_per_s", "gpu_util_pct", "cost_usd"):
             assert math.isclose(doc[name][key], w[key], rel_tol=1e-5), (name, key)
+        # Throughput agrees with s/step: 16 x 64 tokens per step.
+        assert math.isclose(doc[name]["tokens_per_s"] * doc[name]["s_per_step"], 16 * 64, rel_tol=1e-4), name
     # A's $ is wall time x rate (no cost/usd metric); B's is its last cost/usd.
     assert math.isclose(doc[want["A"]["name"]]["cost_usd"], 0.25 * 0.4, rel_tol=1e-5)
     assert doc[want["B"]["name"]]["cost_usd"] == pytest.approx(mlf.get_run(ids["B"]).data.metrics["cost/usd"])
