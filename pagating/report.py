@@ -178,7 +178,8 @@ def collect(mlf, name: str, run) -> dict[str, Any] | None:
         "first_eval_loss": losses[0] if losses else None,
         "best_eval_ppl": min(ppls) if ppls else (math.exp(min(best, 50.0)) if best is not None else None),
         "final_eval_ppl": metrics.get("final/eval_ppl", ppls[-1] if ppls else None),
-        "s_per_step": steady_mean(h["perf/step_time_s"]), "tokens_per_s": steady_mean(h["perf/tokens_per_s"], harmonic=True),
+        "s_per_step": steady_mean(h["perf/step_time_s"]),
+        "tokens_per_s": steady_mean(h["perf/tokens_per_s"], harmonic=True),
         "gpu_util_pct": steady_mean(h["gpu/util_pct"]), "cost_usd": cost,
         "eval_curve": h["eval/loss"], "alpha_curve": alpha,
     }

@@ -136,7 +136,8 @@ def expected(mlf, rid):
     return {"best_eval_loss": m["best/eval_loss"], "final_eval_loss": m["final/eval_loss"],
             "final_eval_ppl": m["final/eval_ppl"], "best_eval_ppl": min(_hist(mlf, rid, "eval/ppl")),
             "first_eval_loss": _hist(mlf, rid, "eval/loss")[0],
-            "s_per_step": steady("perf/step_time_s"), "tokens_per_s": steady("perf/tokens_per_s", statistics.harmonic_mean),
+            "s_per_step": steady("perf/step_time_s"),
+            "tokens_per_s": steady("perf/tokens_per_s", statistics.harmonic_mean),
             "gpu_util_pct": steady("gpu/util_pct"), "cost_usd": cost,
             "gpu": run.data.tags["gpu.name"], "rate": float(rate) if rate else None,
             "max_steps": int(run.data.params["train.max_steps"]), "name": run.info.run_name}
