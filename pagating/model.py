@@ -22,7 +22,7 @@ class PaGatingGPT2Config(GPT2Config):
     model_type = "pagating-gpt2"
 
     def __init__(self, unit: str = "paGLU", alpha_mode: str = "static_0.5", ffn_dim: int = 3072,
-                 param_matched: bool = False, alpha_max_steps: int = 1, fused_unit: bool = True, **kwargs):
+                 param_matched: bool = False, alpha_max_steps: int = 1, fused_unit: bool = False, **kwargs):
         super().__init__(**kwargs)
         get_unit(unit)  # validate early: ValueError naming the choices
         parse_alpha_mode(alpha_mode)

@@ -94,7 +94,7 @@ def _options(args_or_kwargs: argparse.Namespace | dict[str, Any] | None) -> dict
         given = vars(args_or_kwargs)
     else:
         given = dict(args_or_kwargs or {})
-    given = {k: v for k, v in given.items() if k not in ("func", "verb")}
+    given = {k: v for k, v in given.items() if k not in ("func", "verb", "argv")}  # the CLI's own
     unknown = set(given) - set(DEFAULTS)
     if unknown:
         raise TypeError(f"unknown server option(s): {', '.join(sorted(unknown))}")

@@ -21,14 +21,14 @@ class PaGatingBase(nn.Module):
     """Shared body of every unit; subclasses only define the gate nonlinearity g."""
 
     def __init__(self, input_dim: int, output_dim: int, alpha: float | str | Callable = 0.5,
-                 bias: bool = True, fused: bool = True, max_steps: int = 1):
+                 bias: bool = True, fused: bool = False, max_steps: int = 1):
         super().__init__()
         self.input_dim, self.output_dim = input_dim, output_dim
         self.value_proj = nn.Linear(input_dim, output_dim, bias=bias)
         self.gate_proj = nn.Linear(input_dim, output_dim, bias=bias)
         self.alpha_module = Alpha(alpha, max_steps=max_steps)
-        # One matmul over [A; B] reads x once and launches one GEMM instead of two; bench/units.py
-        # measures it against two separate Linears.
+        # fused: one matmul over [A; B] (reads x once, one GEMM). Off by default: bench/units.py measured
+        # it 5-9% slower on CPU (the weight concat each step costs more than the saved launch).
         self.fused = fused
 
     # Public paGating API ------------------------------------------------------------------
