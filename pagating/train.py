@@ -171,7 +171,10 @@ def train(cfg: dict, *, resume: str = "none", device: str = "auto", compile_mode
     device = pick_device(device)
     mlf = tracking.client(uri)
     # Started by `mlflow run`: that run is our parent, and its experiment is ours, so the UI nests them.
-    parent_run_id = parent_run_id or os.environ.get("MLFLOW_RUN_ID") or None
+    launcher = None if parent_run_id else os.environ.get("MLFLOW_RUN_ID")
+    parent_run_id = parent_run_id or launcher or None
+    if launcher and rank == 0:
+        mlf.set_tag(launcher, "mlflow.runName", f"mlflow run: {run_name(cfg)}")
     if parent_run_id:
         exp_id = mlf.get_run(parent_run_id).info.experiment_id
     else:
