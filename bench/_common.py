@@ -54,9 +54,16 @@ def setup_device(device: str, threads: int | None = None) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
-def add_threads_arg(parser) -> None:
+def base_parser(doc: str, quick_help: str):
+    """The flags every bench shares: --device, --quick, --threads."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, one per core); "
                         "1 is far steadier on a busy machine")
+    return parser
 
 
 def load_note() -> str:

@@ -17,7 +17,6 @@ one JSON line. Without mlflow installed the on-case is skipped (and said so).
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
@@ -144,16 +143,13 @@ def run_once(tracked: bool, a, dims: dict, device: str, root: Path, store: dict 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--quick", action="store_true", help="short runs, one timed run per case")
+    p = C.base_parser(__doc__, "short runs, one timed run per case")
     p.add_argument("--config", default="tiny", choices=list(C.CONFIGS))
     p.add_argument("--batch-size", type=int)
     p.add_argument("--steps", type=int, help="optimizer steps per run (default 200, 20 with --quick)")
     p.add_argument("--save-steps", type=int, help="checkpoint every N steps (default 50, 10 with --quick)")
     p.add_argument("--logging-steps", type=int, default=10)
     p.add_argument("--repeats", type=int, help="timed runs per case (default 3, 1 with --quick)")
-    C.add_threads_arg(p)
     a = p.parse_args(argv)
 
     import torch

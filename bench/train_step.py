@@ -24,7 +24,6 @@ PAGATING_PEAK_TFLOPS to give one).
 
 from __future__ import annotations
 
-import argparse
 import gc
 import sys
 import time
@@ -170,9 +169,7 @@ def run_config(dims: dict, batch: int, block: int, args, device: str, peak: floa
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--quick", action="store_true", help="fewer steps; on CPU a smaller batch (same dims)")
+    p = C.base_parser(__doc__, "fewer steps; on CPU a smaller batch (same dims)")
     p.add_argument("--compile", action="store_true", help="torch.compile each model (meant for CUDA)")
     p.add_argument("--configs", default="tiny,gpt2-small", help=f"comma list of {', '.join(C.CONFIGS)}")
     p.add_argument("--models", default=",".join(MODELS), help="comma list of " + ", ".join(MODELS))
@@ -180,7 +177,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--block-size", type=int, help="override the block (sequence) length")
     p.add_argument("--warmup", type=int, help="untimed steps per model (default 10 CUDA, 2 CPU)")
     p.add_argument("--steps", type=int, help="timed steps per model (default 30 CUDA, 3 CPU)")
-    C.add_threads_arg(p)
     args = p.parse_args(argv)
 
     import torch

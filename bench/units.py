@@ -19,7 +19,6 @@ Ends with one JSON line.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -89,9 +88,7 @@ def fwd_bwd(fn, params, x, grad_out, device: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--quick", action="store_true", help="fewer tokens and repeats (same dims)")
+    p = C.base_parser(__doc__, "fewer tokens and repeats (same dims)")
     p.add_argument("--compile", action="store_true", help="torch.compile every version (meant for CUDA)")
     p.add_argument("--batch", type=int, help="default 16 (4 with --quick on CPU)")
     p.add_argument("--seq", type=int, help="default 128 (32 with --quick on CPU)")
@@ -100,7 +97,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--units", default="", help="comma list (default: all seven)")
     p.add_argument("--repeats", type=int, help="timed rounds (default 15 CUDA, 3 CPU, 2 --quick)")
     p.add_argument("--inner", type=int, help="calls per timed block (default 20 CUDA, 1 CPU)")
-    C.add_threads_arg(p)
     args = p.parse_args(argv)
 
     import torch
