@@ -218,6 +218,8 @@ def train(cfg: dict, *, resume: str = "none", device: str = "auto", compile_mode
                 tags["mlflow.parentRunId"] = parent_run_id
             if usd_per_hour:
                 tags["cost.usd_per_hour"] = f"{usd_per_hour:g}"
+            if os.environ.get("CUDA_VISIBLE_DEVICES"):  # which GPU(s) of the box: the sweep's slot
+                tags["gpu.visible_devices"] = os.environ["CUDA_VISIBLE_DEVICES"]
             run = mlf.create_run(exp_id, run_name=run_name(cfg), tags=tags)
             run_id = run.info.run_id
             _log_params(mlf, run_id, cfg, spec, n_params, config, device, world, vocab)

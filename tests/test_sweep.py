@@ -122,3 +122,20 @@ def test_bad_grid_exit_2(sample_project, mlflow_server, sets, message):
 def test_bad_shard_cli_exit_2(sample_project, mlflow_server):
     proc = run_cli(["sweep", "--shard", "3/2"], cwd=sample_project, env={"MLFLOW_TRACKING_URI": mlflow_server.uri})
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "3/2" in proc.stderr
+
+
+@pytest.mark.slow
+def test_one_config_per_gpu_slot_at_once(sample_project, mlflow_server, tmp_path):
+    """--gpus 0,1: two workers, each child pinned to its own CUDA_VISIBLE_DEVICES, running concurrently
+    (here the children fall back to CPU, which is enough to check the scheduling)."""
+    args = ["sweep", *SMALL, "--set", "train.max_steps=20", "--set", "sweep.alpha_mode=[static_0.25, static_0.75]",
+            "--set", "sweep.learning_rate=[1e-3]", "--set", f"train.output_dir={tmp_path / 'out'}",
+            "--gpus", "0,1", "--summary", str(tmp_path / "sweep.json")]
+    run_cli(args, cwd=sample_project, env={"MLFLOW_TRACKING_URI": mlflow_server.uri, "OMP_NUM_THREADS": "1"},
+            check=True)
+    summary = json.loads((tmp_path / "sweep.json").read_text())
+    mlf = MlflowClient(mlflow_server.uri)
+    runs = [mlf.get_run(c["run_id"]) for c in summary["configs"]]
+    assert sorted(r.data.tags["gpu.visible_devices"] for r in runs) == ["0", "1"]
+    a, b = (r.info for r in runs)
+    assert a.start_time < b.end_time and b.start_time < a.end_time  # they overlapped
