@@ -6,10 +6,10 @@
 #   docker push ghcr.io/<you>/pagating:$(git rev-parse --short HEAD)
 #   pagating vast launch --image ghcr.io/<you>/pagating:<tag> ...
 #
-# Pinned: the base image by tag (the same default as params.yaml cloud.image; CUDA 12.4, Python
-# 3.11, torch 2.5.1), the Python dependencies by pyproject.toml's ranges; the exact versions an image
-# got are written to /opt/pagating/requirements.lock for the record.
-FROM pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
+# Pinned: the base image by tag (the same default as params.yaml cloud.image; CUDA 12.4, torch 2.6.0,
+# the oldest torch transformers 5 accepts for torch.load on resume), the Python dependencies by
+# pyproject.toml's ranges; the exact versions an image got go to /opt/pagating/requirements.lock.
+FROM pytorch/pytorch:2.6.0-cuda12.4-cudnn9-runtime
 
 ENV DEBIAN_FRONTEND=noninteractive \
     PIP_NO_CACHE_DIR=1 \
