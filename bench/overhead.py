@@ -91,7 +91,7 @@ class Tracked:
         info = {"run_id": self.run_id, "experiment_id": exp_id, "config_hash": "bench",
                 "tracking_uri": tracking.mask_uri(uri)}
         tracking.write_run_file(run_dir, info)
-        self.spool = tracking.MetricSpool(run_dir / tracking.SPOOL_FILE, self.run_id, uri).start()
+        self.spool = tracking.MetricSpool(tracking.spool_path(run_dir, self.run_id), self.run_id, uri).start()
         self.uploader = tracking.CheckpointUploader(self.run_id, uri, run_dir / ".upload-staging", self.spool)
         self.sampler = GpuSampler()
         self.sampler.start()

@@ -28,7 +28,11 @@ from pagating.config import UserError
 log = logging.getLogger("pagating.tracking")
 
 RUN_FILE = "pagating_run.json"  # run identity, kept in the output dir and in every checkpoint
-SPOOL_FILE = "mlflow_spool.jsonl"
+SPOOL_GLOB = "mlflow_spool.*.jsonl"  # one spool per run id: a run dir reused by a new run never mixes them
+
+
+def spool_path(run_dir: str | Path, run_id: str) -> Path:
+    return Path(run_dir) / f"mlflow_spool.{run_id}.jsonl"
 CKPT_ARTIFACT = "checkpoints/latest"
 CKPT_MARKER = "pagating_checkpoint.json"  # uploaded last: a checkpoint without it is incomplete
 
@@ -406,21 +410,20 @@ def download_checkpoint(mlf, run_id: str, dst: str | Path) -> Path | None:
 
 def sync(output_dir: str | Path, timeout_s: float = 120.0) -> int:
     """Push every leftover metric spool under output_dir to its run; returns lines still unsent."""
-    spools = sorted(Path(output_dir).rglob(SPOOL_FILE))
+    spools = sorted(Path(output_dir).rglob(SPOOL_GLOB))
     if not spools:
-        raise UserError(f"no {SPOOL_FILE} under {output_dir}: give the run's output directory")
+        raise UserError(f"no metric spool ({SPOOL_GLOB}) under {output_dir}: give the run's output directory")
     left = 0
     for path in spools:
-        info = read_run_file(path.parent)
-        if not info:
-            print(f"{path}: no {RUN_FILE} beside it, skipped")
-            continue
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or info.get("tracking_uri")
+        run_id = path.name.split(".")[1]
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or (read_run_file(path.parent) or {}).get("tracking_uri")
+        if not uri:
+            raise UserError("set MLFLOW_TRACKING_URI to the server the run logged to")
         check_server(uri)
-        spool = MetricSpool(path, info["run_id"], uri)
+        spool = MetricSpool(path, run_id, uri)
         remaining = spool.drain(timeout_s)
         spool.close()
-        print(f"{path.parent}: run {info['run_id']}: {spool.sent()} sent, {remaining} left"
+        print(f"{path.parent}: run {run_id}: {spool.sent()} sent, {remaining} left"
               + (f" ({spool.last_error})" if remaining and spool.last_error else ""))
         left += remaining
     return left

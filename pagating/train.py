@@ -207,6 +207,12 @@ def train(cfg: dict, *, resume: str = "none", device: str = "auto", compile_mode
     if rank == 0:
         if run_id:
             mlf.update_run(run_id, status="RUNNING")
+            # Lines the interrupted process spooled but never sent go first; only then is "already
+            # logged" known, and the resumed run skips exactly those steps.
+            leftover = tracking.MetricSpool(tracking.spool_path(run_dir, run_id), run_id, uri)
+            if leftover.pending():
+                leftover.drain(float(cfg["tracking"].get("drain_timeout_s", 60)))
+            leftover.close()
             skip = tracking.last_steps(mlf, run_id)
         else:
             tags = {"pagating.config_hash": h, "git.commit": tracking.git_commit(),
@@ -228,7 +234,7 @@ def train(cfg: dict, *, resume: str = "none", device: str = "auto", compile_mode
     if rank == 0:
         tracking.write_run_file(run_dir, info)
 
-    spool = tracking.MetricSpool(run_dir / tracking.SPOOL_FILE, run_id, uri, skip_until=skip).start() \
+    spool = tracking.MetricSpool(tracking.spool_path(run_dir, run_id), run_id, uri, skip_until=skip).start() \
         if rank == 0 else None
     uploader = tracking.CheckpointUploader(run_id, uri, run_dir / ".upload-staging", spool) if rank == 0 else None
     # NVML sees the GPUs of CUDA_VISIBLE_DEVICES; without any it says so once and logs no gpu/ metric.

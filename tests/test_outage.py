@@ -55,7 +55,7 @@ def test_server_down_20s_mid_run_loses_nothing(sample_project, tmp_path):
 
 def test_sync_pushes_a_leftover_spool(sample_project, tmp_path):
     """A run that ended while the server was down leaves its spool; `pagating sync` sends it later."""
-    from pagating.tracking import SPOOL_FILE, MetricSpool, write_run_file
+    from pagating.tracking import MetricSpool, spool_path, write_run_file
 
     server = MlflowServer(tmp_path / "srv").start()
     try:
@@ -63,7 +63,7 @@ def test_sync_pushes_a_leftover_spool(sample_project, tmp_path):
         run_id = mlf.create_run(mlf.create_experiment("pagating-sync")).info.run_id
         out = tmp_path / "out" / "run"
         write_run_file(out, {"run_id": run_id, "tracking_uri": server.uri})
-        spool = MetricSpool(out / SPOOL_FILE, run_id, server.uri)
+        spool = MetricSpool(spool_path(out, run_id), run_id, server.uri)
         for step in range(1, 8):
             spool.log({"train/loss": 10.0 - step}, step)
         spool.close()  # never flushed: the lines are only on disk
@@ -77,5 +77,54 @@ def test_sync_pushes_a_leftover_spool(sample_project, tmp_path):
                         check=True)
         assert "7 sent, 0 left" in again.stdout
         assert len(mlf.get_metric_history(run_id, "train/loss")) == 7  # nothing sent twice
+    finally:
+        server.stop()
+
+
+def test_resume_sends_the_killed_process_spool_first(sample_project, tmp_path):
+    """Killed while the server was down: its spool holds steps past the checkpoint. Resuming in the
+    same output dir sends those first and re-logs none of them."""
+    server = MlflowServer(tmp_path / "srv").start()
+    try:
+        env = {**os.environ, "MLFLOW_TRACKING_URI": server.uri}
+        args = ["train", "--output_dir", str(tmp_path / "out"), "--max_steps", "60", "--logging_steps", "5",
+                "--eval_steps", "20", "--save_steps", "20", "--batch_size", "8", "--seed", "11"]
+        proc = subprocess.Popen([sys.executable, "-m", "pagating.cli", *args], cwd=sample_project, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        mlf = MlflowClient(server.uri)
+        run_id, deadline = None, time.time() + 300
+        while time.time() < deadline and run_id is None and proc.poll() is None:
+            for r in mlf.search_runs([e.experiment_id for e in mlf.search_experiments()]):
+                names = [a.path for a in mlf.list_artifacts(r.info.run_id, "checkpoints/latest")]
+                if any(n.endswith("pagating_checkpoint.json") for n in names):
+                    run_id = r.info.run_id
+            time.sleep(0.2)
+        assert run_id, "no checkpoint reached MLflow"
+        server.stop()
+        spool = next((tmp_path / "out").rglob("mlflow_spool.*.jsonl"))
+        sent_file = spool.with_suffix(".sent")
+
+        def past_checkpoint() -> int:
+            """How far the spool has got past the newest local checkpoint (steps never to be re-run)."""
+            ckpts = [int(p.name.split("-")[1]) for p in spool.parent.glob("checkpoint-*")]
+            lines = spool.read_text().splitlines()
+            return (json.loads(lines[-1])["s"] if lines else 0) - max(ckpts, default=0)
+
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None and past_checkpoint() < 10:
+            time.sleep(0.1)  # until the spool holds unsent steps the resumed run will train again
+        proc.kill()
+        proc.wait()
+        assert past_checkpoint() >= 10
+        assert sum(1 for _ in open(spool)) > int(sent_file.read_text() or 0)  # unsent lines were left
+        server.start()
+        res = run_cli([*args, "--resume", "auto"], cwd=sample_project, env={"MLFLOW_TRACKING_URI": server.uri},
+                      check=True)
+        assert json.loads(res.stdout.strip().splitlines()[-1])["run_id"] == run_id
+        mlf = MlflowClient(server.uri)
+        assert mlf.get_run(run_id).info.status == "FINISHED"
+        for key in ("train/loss", "train/lr", "perf/step_time_s"):
+            steps = [m.step for m in mlf.get_metric_history(run_id, key)]
+            assert steps == list(range(5, 61, 5)), (key, steps)
     finally:
         server.stop()

@@ -114,6 +114,32 @@ def test_gpu_user_logs_into_admin_experiment_but_is_no_admin(auth_server, as_gpu
 
 
 @pytest.mark.slow
+def test_training_run_with_gpu_user_credentials_is_logged(auth_server, sample_project, tmp_path):
+    """A real `pagating train` as the GPU user; with a wrong password it stops before training."""
+    import json
+
+    from conftest import run_cli
+    from mlflow import MlflowClient
+
+    env = {"MLFLOW_TRACKING_URI": auth_server.uri, "MLFLOW_TRACKING_USERNAME": "gpu-runner"}
+    args = ["train", "--output_dir", str(tmp_path / "o"), "--max_steps", "6", "--eval_steps", "3",
+            "--save_steps", "3", "--logging_steps", "3"]
+    bad = run_cli(args, cwd=sample_project, env={**env, "MLFLOW_TRACKING_PASSWORD": "wrong-password-123"})
+    assert bad.returncode == 2 and "refused the credentials" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+    ok = run_cli(args, cwd=sample_project, env={**env, "MLFLOW_TRACKING_PASSWORD": GPU_PW}, check=True)
+    run_id = json.loads(ok.stdout.strip().splitlines()[-1])["run_id"]
+    admin = MlflowClient(tracking_uri=auth_server.uri)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+        mp.setenv("MLFLOW_TRACKING_PASSWORD", ADMIN_PW)
+        run = admin.get_run(run_id)
+        assert run.info.status == "FINISHED"
+        assert [m.step for m in admin.get_metric_history(run_id, "train/loss")] == [3, 6]
+        assert {a.path for a in admin.list_artifacts(run_id)} >= {"model", "checkpoints"}
+    assert GPU_PW not in ok.stdout + ok.stderr
+
+@pytest.mark.slow
 def test_auth_config_file(auth_server):
     ini = Path(auth_server.auth_config_path)
     assert stat.S_IMODE(ini.stat().st_mode) == 0o600
@@ -239,30 +265,3 @@ def test_other_user_errors(tmp_path, monkeypatch):
         with pytest.raises(UserError, match="another --port"):
             server.start_server({**base, "port": busy.getsockname()[1]})
     assert not (tmp_path / "auth").exists()
-
-
-@pytest.mark.slow
-def test_training_run_with_gpu_user_credentials_is_logged(auth_server, sample_project, tmp_path):
-    """A real `pagating train` as the GPU user; with a wrong password it stops before training."""
-    import json
-
-    from conftest import run_cli
-    from mlflow import MlflowClient
-
-    env = {"MLFLOW_TRACKING_URI": auth_server.uri, "MLFLOW_TRACKING_USERNAME": "gpu-runner"}
-    args = ["train", "--output_dir", str(tmp_path / "o"), "--max_steps", "6", "--eval_steps", "3",
-            "--save_steps", "3", "--logging_steps", "3"]
-    bad = run_cli(args, cwd=sample_project, env={**env, "MLFLOW_TRACKING_PASSWORD": "wrong-password-123"})
-    assert bad.returncode == 2 and "refused the credentials" in bad.stderr
-    assert len(bad.stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
-    ok = run_cli(args, cwd=sample_project, env={**env, "MLFLOW_TRACKING_PASSWORD": GPU_PW}, check=True)
-    run_id = json.loads(ok.stdout.strip().splitlines()[-1])["run_id"]
-    admin = MlflowClient(tracking_uri=auth_server.uri)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_USERNAME", "admin")
-        mp.setenv("MLFLOW_TRACKING_PASSWORD", ADMIN_PW)
-        run = admin.get_run(run_id)
-        assert run.info.status == "FINISHED"
-        assert [m.step for m in admin.get_metric_history(run_id, "train/loss")] == [3, 6]
-        assert {a.path for a in admin.list_artifacts(run_id)} >= {"model", "checkpoints"}
-    assert GPU_PW not in ok.stdout + ok.stderr
