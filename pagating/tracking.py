@@ -185,6 +185,9 @@ class MetricSpool:
         except FileNotFoundError:
             return 0
 
+    def written(self) -> int:
+        return self._written
+
     def pending(self) -> int:
         return self._written - self.sent()
 
@@ -319,7 +322,7 @@ class CheckpointUploader:
         files = sorted(str(p.relative_to(dst)) for p in dst.rglob("*") if p.is_file())
         # The metrics logged so far go to MLflow before the checkpoint does: a run resumed from
         # this checkpoint on another machine then misses no metric step.
-        lines = self.spool._written if self.spool is not None else 0
+        lines = self.spool.written() if self.spool is not None else 0
         (dst / CKPT_MARKER).write_text(json.dumps({"step": step, "files": files, "spool_lines": lines}))
         with self._cond:
             if self._pending is not None:
