@@ -93,6 +93,22 @@ def load_config(profile: str | None = None, overrides: dict[str, Any] | None = N
     return cfg
 
 
+def parse_sets(items: list[str]) -> dict[str, str]:
+    """`--set SECTION.KEY=VALUE` flags (every verb that takes them) -> load_config overrides."""
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise UserError(f"--set expects SECTION.KEY=VALUE, got {item!r}")
+        out[key.strip()] = value
+    return out
+
+
+def experiment_name(cfg: dict[str, Any]) -> str:
+    """The MLflow experiment of a profile: `pagating-<profile>`."""
+    return f"{cfg['tracking'].get('experiment_prefix', 'pagating')}-{cfg['profile']}"
+
+
 def flatten(cfg: dict[str, Any], sections=("data", "model", "train")) -> dict[str, Any]:
     """{"train.learning_rate": 0.001, ...}: the one spelling used for MLflow params."""
     flat = {"profile": cfg["profile"]}

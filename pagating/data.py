@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from pagating.config import UserError, load_config, project_root
+from pagating.config import UserError, load_config, parse_sets, project_root
 
 # split name (as in HF datasets) -> file name (as in the WikiText-103 raw zip)
 RAW_FILES = {"train": "wiki.train.raw", "validation": "wiki.valid.raw", "test": "wiki.test.raw"}
@@ -522,16 +522,6 @@ def data_md5(repo_root: str | os.PathLike = ".") -> str:
 # CLI
 
 
-def _parse_sets(items: list[str]) -> dict[str, str]:
-    out = {}
-    for item in items:
-        key, eq, value = item.partition("=")
-        if not eq or not key:
-            raise UserError(f"--set expects SECTION.KEY=VALUE, got {item!r}")
-        out[key.strip()] = value
-    return out
-
-
 def _cmd_sample(args: argparse.Namespace) -> int:
     raw_dir = Path(args.raw_dir) if args.raw_dir else _resolve("data/raw")
     for split, path in build_sample(raw_dir).items():
@@ -575,7 +565,7 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
-    cfg = load_config(args.profile, _parse_sets(args.overrides))
+    cfg = load_config(args.profile, parse_sets(args.overrides))
     meta = prepare(cfg)
     out = cfg["data"]["prepared_dir"]
     print(f"{out}: tokenizer {meta['tokenizer']} (vocab {meta['vocab_size']}), "

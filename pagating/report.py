@@ -20,7 +20,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from pagating.config import UserError, load_config
+from pagating.config import UserError, experiment_name, load_config
 
 SUMMARY = "summary.md"
 METRICS = "metrics.json"
@@ -53,7 +53,7 @@ def _get_run(mlf, run_id: str, uri: str, where: str):
 
 
 def _experiment(mlf, cfg: dict):
-    name = f"{cfg['tracking'].get('experiment_prefix', 'pagating')}-{cfg['profile']}"
+    name = experiment_name(cfg)
     exp = mlf.get_experiment_by_name(name)
     if exp is None or exp.lifecycle_stage == "deleted":
         raise UserError(f"no MLflow experiment {name!r}: run `pagating sweep --profile {cfg['profile']}` first")

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from pagating.config import UserError, config_hash, load_config
+from pagating.config import UserError, config_hash, load_config, parse_sets
 
 # Grid axis (params.yaml `sweep` key) -> the setting it varies.
 AXES = {"alpha_mode": "train.alpha_mode", "learning_rate": "train.learning_rate", "unit": "model.unit",
@@ -133,7 +133,7 @@ def sweep(base: dict, *, shard: str = "0/1", gpus: str = "auto", device: str = "
         parent_id = launched
         exp_id = mlf.get_run(parent_id).info.experiment_id
     else:
-        exp_id = tracking.experiment_id(mlf, base["profile"], base["tracking"].get("experiment_prefix", "pagating"))
+        exp_id = tracking.experiment_id(mlf, base)
         earlier = mlf.search_runs([exp_id], filter_string=f"tags.`pagating.sweep_id` = '{sweep_id}' and "
                                   "tags.`pagating.role` = 'sweep'", order_by=["attributes.start_time DESC"])
         parent_id = earlier[0].info.run_id if earlier else mlf.create_run(exp_id).info.run_id
@@ -253,17 +253,9 @@ def print_table(plan: list[dict]) -> None:
 
 
 def cli_sweep(args) -> int:
-    overrides = {}
-    sets = []
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise UserError(f"--set wants SECTION.KEY=VALUE, got {item!r}")
-        overrides[key] = value
-        sets.append(item)
-    base = load_config(args.profile or None, overrides)
+    base = load_config(args.profile or None, parse_sets(args.set))
     summary = sweep(base, shard=args.shard, gpus=args.gpus, device=args.device, sweep_id=args.sweep_id or None,
-                    extra_sets=sets, summary_path=args.summary)
+                    extra_sets=args.set, summary_path=args.summary)
     return 1 if any(c["status"] == "failed" for c in summary["configs"]) else 0
 
 

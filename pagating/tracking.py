@@ -18,12 +18,13 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from pagating.config import UserError
+from pagating.config import UserError, experiment_name
 
 log = logging.getLogger("pagating.tracking")
 
@@ -84,8 +85,9 @@ def check_server(uri: str) -> None:
                         "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
 
 
-def experiment_id(mlf, profile: str, prefix: str = "pagating") -> str:
-    name = f"{prefix}-{profile}"
+def experiment_id(mlf, cfg: dict) -> str:
+    """The profile's experiment (`pagating-<profile>`), created or restored as needed."""
+    name = experiment_name(cfg)
     exp = mlf.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
@@ -146,6 +148,21 @@ class _Backoff:
 
     def ok(self) -> None:
         self.delay = self.first
+
+
+def retry(fn, what: str, attempts: int = 8):
+    """fn() with the same backoff as the background senders, for the few calls a run must make
+    in the foreground (final model upload, closing the run); raises after `attempts`."""
+    backoff = _Backoff(first=1.0, cap=30.0)
+    for i in range(attempts):
+        try:
+            return fn()
+        except Exception as exc:
+            if i == attempts - 1:
+                raise
+            delay = backoff.fail()
+            print(f"pagating: {what} failed ({type(exc).__name__}), retrying in {delay:.0f}s", file=sys.stderr)
+            time.sleep(delay)
 
 
 class MetricSpool:

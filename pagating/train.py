@@ -13,13 +13,12 @@ import math
 import os
 import re
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from pagating.config import UserError, config_hash, flatten, load_config
+from pagating.config import UserError, config_hash, flatten, load_config, parse_sets
 
 # Seed flag -> params.yaml key. The seed's spellings (underscores) are the canonical flags.
 FLAG_KEYS = {
@@ -30,7 +29,8 @@ FLAG_KEYS = {
 }
 
 
-def validate(cfg: dict) -> None:
+def validate(cfg: dict, world: int = 1) -> None:
+    """Every check of a run's settings; `world` is the number of training processes."""
     from pagating.alpha import parse_alpha_mode
     from pagating.units import get_unit
 
@@ -47,6 +47,8 @@ def validate(cfg: dict) -> None:
     for key in ("batch_size", "max_steps", "eval_steps", "save_steps", "logging_steps"):
         if int(t[key]) != t[key]:
             raise UserError(f"train.{key} must be a whole number, got {t[key]!r}")
+    if int(t["batch_size"]) % world:
+        raise UserError(f"train.batch_size {t['batch_size']} is the global batch: it must divide by {world} processes")
 
 
 def run_name(cfg: dict) -> str:
@@ -157,12 +159,10 @@ def train(cfg: dict, *, resume: str = "none", device: str = "auto", compile_mode
     from pagating.data import data_md5, load_meta
 
     # 1. Input checks: nothing is written before these pass.
-    validate(cfg)
-    t, m = cfg["train"], cfg["model"]
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if int(t["batch_size"]) % world:
-        raise UserError(f"train.batch_size {t['batch_size']} is the global batch: it must divide by {world} processes")
+    validate(cfg, world)
+    t, m = cfg["train"], cfg["model"]
     meta = load_meta(cfg["data"]["prepared_dir"])
     uri = tracking.tracking_uri(cfg)
     tracking.check_server(uri)
@@ -178,7 +178,7 @@ def train(cfg: dict, *, resume: str = "none", device: str = "auto", compile_mode
     if parent_run_id:
         exp_id = mlf.get_run(parent_run_id).info.experiment_id
     else:
-        exp_id = tracking.experiment_id(mlf, cfg["profile"], cfg["tracking"].get("experiment_prefix", "pagating"))
+        exp_id = tracking.experiment_id(mlf, cfg)
     ckpt, run_id = find_resume(cfg, resume, run_dir, mlf, exp_id, h)
 
     import torch
@@ -279,7 +279,7 @@ def train(cfg: dict, *, resume: str = "none", device: str = "auto", compile_mode
                        "final/eval_ppl": math.exp(min(final, 50.0))}, trainer.state.global_step)
             model_dir = run_dir / "model"
             trainer.save_model(str(model_dir))
-            _retry(lambda: mlf.log_artifacts(run_id, str(model_dir), "model"), "upload model/")
+            tracking.retry(lambda: mlf.log_artifacts(run_id, str(model_dir), "model"), "upload model/")
             result.update(final_eval_loss=final, best_eval_loss=min(evals), first_eval_loss=evals[0])
         status = "FINISHED"
     except KeyboardInterrupt:
@@ -298,24 +298,11 @@ def train(cfg: dict, *, resume: str = "none", device: str = "auto", compile_mode
                 print(f"pagating: {left} metric lines not yet in MLflow ({spool.last_error}); they are kept in "
                       f"{spool.path}: run `pagating sync {run_dir}` when the server is back", file=sys.stderr)
             try:
-                _retry(lambda: mlf.set_terminated(run_id, status), f"mark the run {status}", attempts=5)
+                tracking.retry(lambda: mlf.set_terminated(run_id, status), f"mark the run {status}", attempts=5)
             except Exception as exc:  # the run stays RUNNING; resume/sweep treat it as interrupted
                 print(f"pagating: could not mark run {status}: {type(exc).__name__}", file=sys.stderr)
     result["status"] = status
     return result
-
-
-def _retry(fn, what: str, attempts: int = 8):
-    delay = 1.0
-    for i in range(attempts):
-        try:
-            return fn()
-        except Exception as exc:
-            if i == attempts - 1:
-                raise
-            print(f"pagating: {what} failed ({type(exc).__name__}), retrying in {delay:.0f}s", file=sys.stderr)
-            time.sleep(delay)
-            delay = min(delay * 2, 30)
 
 
 def _log_params(mlf, run_id, cfg, spec, n_params, config, device, world, vocab) -> None:
@@ -395,11 +382,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 def config_from_args(args) -> dict:
     overrides = {key: getattr(args, flag) for flag, key in FLAG_KEYS.items()
                  if getattr(args, flag, None) not in (None, "")}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise UserError(f"--set wants SECTION.KEY=VALUE, got {item!r}")
-        overrides[key] = value
+    overrides.update(parse_sets(args.set))
     return load_config(args.profile or None, overrides)
 
 
@@ -413,17 +396,14 @@ def launch_ddp(args, cfg: dict, resume: str) -> int:
     from pagating import tracking
     from pagating.data import load_meta
 
-    validate(cfg)
-    if int(cfg["train"]["batch_size"]) % args.nproc:
-        raise UserError(f"train.batch_size {cfg['train']['batch_size']} is the global batch: it must divide "
-                        f"by --nproc {args.nproc}")
+    validate(cfg, args.nproc)
     meta = load_meta(cfg["data"]["prepared_dir"])
     uri = tracking.tracking_uri(cfg)
     tracking.check_server(uri)
     if resume not in ("none", ""):
         mlf = tracking.client(uri)
         h = config_hash(cfg, meta.get("source_md5", ""))
-        exp_id = tracking.experiment_id(mlf, cfg["profile"], cfg["tracking"].get("experiment_prefix", "pagating"))
+        exp_id = tracking.experiment_id(mlf, cfg)
         ckpt, _ = find_resume(cfg, resume, run_dir_for(cfg, h), mlf, exp_id, h)
         resume = str(ckpt) if ckpt else "none"
     argv = list(args.argv)
