@@ -21,9 +21,11 @@ setup: $(STAMP)
 sweep: $(STAMP)
 	$(BIN)/pagating quickstart
 
+# Two pytest workers (whole files each, so a file's order holds): the end-to-end tests spend much of their
+# time waiting on servers and subprocesses. One intra-op thread per training child: two workers share 2 cores.
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/pytest -q
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/pytest -q -n 2 --dist loadfile --timeout 900
 
 bench: $(STAMP)
 	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done
