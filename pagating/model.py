@@ -56,6 +56,10 @@ class PaGatingGPT2LMHeadModel(GPT2LMHeadModel):
 
     def __init__(self, config: PaGatingGPT2Config):
         super().__init__(config)
+        # Declare the causal-LM loss: transformers infers it from the class name, which finds none in
+        # "...LMHeadModel", and the Trainer then divides the summed loss by all T labels of a block
+        # instead of the T-1 predicted ones (num_items_in_batch), under-reporting loss by (T-1)/T.
+        self.loss_type = "ForCausalLM"
         for block in self.transformer.h:
             block.mlp = PaGatingMLP(config)
             # Direct apply: post_init would dispatch the transformer subtree to GPT2Model's own

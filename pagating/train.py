@@ -79,6 +79,45 @@ def newest_checkpoint(run_dir: Path) -> Path | None:
     return max(ckpts, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 
+def eval_indices(n_blocks: int, max_blocks: int = 0) -> list[int]:
+    """The eval blocks of a split: all of them, or `max_blocks` spread over the whole split (the middle
+    block of each of `max_blocks` equal stretches), the same set every time, so α-to-α differences are
+    measured on the split rather than on its first pages."""
+    if max_blocks <= 0 or max_blocks >= n_blocks:
+        return list(range(n_blocks))
+    return [(2 * i + 1) * n_blocks // (2 * max_blocks) for i in range(max_blocks)]
+
+
+def no_decay(name: str, param) -> bool:
+    """α, β, biases and norm weights are not decayed: decay on a 0-dim α pulls it toward a fixed value,
+    and the 1-dim vectors are scales and offsets, not weights. Every matrix (ndim >= 2) is decayed."""
+    return param.ndim < 2
+
+
+def _make_trainer_class():
+    from transformers import Trainer
+
+    class PaGatingTrainer(Trainer):
+        """The HF Trainer with our decay rule in its own hook; `on_optimizer(groups)` hears the groups once."""
+
+        on_optimizer = None
+
+        def get_decay_parameter_names(self, model) -> list[str]:
+            return [n for n, p in model.named_parameters() if not no_decay(n, p)]
+
+        def create_optimizer(self, model=None):
+            fresh = self.optimizer is None
+            optimizer = super().create_optimizer(model)
+            if fresh and self.on_optimizer is not None:
+                names = {id(p): n for n, p in self.model.named_parameters()}
+                self.on_optimizer([{"weight_decay": g["weight_decay"], "lr": g.get("lr"),
+                                    "params": sorted(names[id(p)] for p in g["params"])}
+                                   for g in optimizer.param_groups])
+            return optimizer
+
+    return PaGatingTrainer
+
+
 def find_resume(cfg: dict, resume: str, run_dir: Path, mlf, exp_id: str, h: str) -> tuple[Path | None, str | None]:
     """(checkpoint dir, MLflow run id) to continue, or (None, None) for a fresh run."""
     from pagating import tracking
@@ -182,7 +221,7 @@ def train(cfg: dict, *, resume: str = "none", device: str = "auto", compile_mode
     ckpt, run_id = find_resume(cfg, resume, run_dir, mlf, exp_id, h)
 
     import torch
-    from transformers import Trainer, default_data_collator, set_seed
+    from transformers import default_data_collator, set_seed
 
     from pagating.alpha import parse_alpha_mode
     from pagating.data import PackedDataset, load_tokenizer
@@ -198,6 +237,8 @@ def train(cfg: dict, *, resume: str = "none", device: str = "auto", compile_mode
     model = build_model(config, init=m.get("init", "scratch"))
     n_params = count_parameters(model)
     spec = parse_alpha_mode(t["alpha_mode"])
+    eval_pick = eval_indices(int(meta["splits"]["validation"]["blocks"]),
+                             int(t.get("max_eval_batches") or 0) * int(t["batch_size"]))
     compile_on = compile_model == "on" or (compile_model == "auto" and device == "cuda")
     dev_name = gpu_name() if device == "cuda" else device
     usd_per_hour = float(os.environ["PAGATING_USD_PER_HOUR"]) if os.environ.get("PAGATING_USD_PER_HOUR") else None
@@ -228,7 +269,9 @@ def train(cfg: dict, *, resume: str = "none", device: str = "auto", compile_mode
                 tags["gpu.visible_devices"] = os.environ["CUDA_VISIBLE_DEVICES"]
             run = mlf.create_run(exp_id, run_name=run_name(cfg), tags=tags)
             run_id = run.info.run_id
-            _log_params(mlf, run_id, cfg, spec, n_params, config, device, world, vocab)
+            _log_params(mlf, run_id, cfg, spec, n_params, config, device, world, vocab,
+                        {"eval.blocks": len(eval_pick), "eval.tokens": len(eval_pick) * int(meta["block_size"]),
+                         "test.tokens": int(meta["splits"]["test"]["tokens_packed"])})
     info = {"run_id": run_id, "experiment_id": exp_id, "config_hash": h,
             "tracking_uri": tracking.mask_uri(uri)}
     if rank == 0:
@@ -253,15 +296,16 @@ def train(cfg: dict, *, resume: str = "none", device: str = "auto", compile_mode
     try:
         # 4. Data and the Trainer.
         train_ds = PackedDataset(cfg["data"]["prepared_dir"], "train")
-        eval_ds = PackedDataset(cfg["data"]["prepared_dir"], "validation")
-        n_eval = min(len(eval_ds), int(t.get("max_eval_batches", 50)) * int(t["batch_size"]))
-        eval_ds = torch.utils.data.Subset(eval_ds, range(n_eval))
+        eval_ds = torch.utils.data.Subset(PackedDataset(cfg["data"]["prepared_dir"], "validation"), eval_pick)
         tokenizer = load_tokenizer(cfg["data"]["prepared_dir"])
-        trainer = Trainer(model=model, args=_training_arguments(cfg, run_dir, device, compile_on, world),
+        trainer = _make_trainer_class()(model=model, args=_training_arguments(cfg, run_dir, device, compile_on, world),
                           train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
                           data_collator=default_data_collator,  # blocks are packed: never pad
                           callbacks=[AlphaCallback(model), cb] if rank == 0 else [AlphaCallback(model)])
         if rank == 0:
+            trainer.on_optimizer = lambda groups: tracking.retry(
+                lambda: mlf.log_text(run_id, json.dumps(groups, indent=1), "optimizer_groups.json"),
+                "upload optimizer_groups.json")
             result["resumed_from"] = str(ckpt) if ckpt else None
             print(f"pagating: {run_name(cfg)} -> run {run_id} ({'resumed from ' + str(ckpt) if ckpt else 'new'}),"
                   f" {n_params:,} params, {device}, output {run_dir}", file=sys.stderr)
@@ -270,17 +314,21 @@ def train(cfg: dict, *, resume: str = "none", device: str = "auto", compile_mode
         trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
         if trainer.state.global_step % int(t["eval_steps"]) != 0:
             trainer.evaluate()
+        # The test split, once, on the final weights.
+        test = trainer.evaluate(PackedDataset(cfg["data"]["prepared_dir"], "test"), metric_key_prefix="test")
 
         # 6. Summary metrics and the final model.
         if rank == 0:
             evals = [e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e]
             final = evals[-1]
             spool.log({"best/eval_loss": min(evals), "final/eval_loss": final,
-                       "final/eval_ppl": math.exp(min(final, 50.0))}, trainer.state.global_step)
+                       "final/eval_ppl": math.exp(min(final, 50.0)), "test/loss": test["test_loss"],
+                       "test/ppl": math.exp(min(test["test_loss"], 50.0))}, trainer.state.global_step)
             model_dir = run_dir / "model"
             trainer.save_model(str(model_dir))
             tracking.retry(lambda: mlf.log_artifacts(run_id, str(model_dir), "model"), "upload model/")
-            result.update(final_eval_loss=final, best_eval_loss=min(evals), first_eval_loss=evals[0])
+            result.update(final_eval_loss=final, best_eval_loss=min(evals), first_eval_loss=evals[0],
+                          test_loss=test["test_loss"])
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
@@ -305,10 +353,11 @@ def train(cfg: dict, *, resume: str = "none", device: str = "auto", compile_mode
     return result
 
 
-def _log_params(mlf, run_id, cfg, spec, n_params, config, device, world, vocab) -> None:
+def _log_params(mlf, run_id, cfg, spec, n_params, config, device, world, vocab, extra=None) -> None:
     from mlflow.entities import Param
 
     params = flatten(cfg)
+    params.update(extra or {})
     params.update({"model.d_ff": config.d_ff, "model.n_params": n_params, "model.vocab_size": vocab,
                    "train.device": device, "train.world_size": world, "alpha.kind": spec.kind})
     if spec.kind == "scheduler_cosine":

@@ -1,6 +1,7 @@
 """One tracked training run against a real `mlflow server` on 127.0.0.1, on the sample corpus."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -26,17 +27,35 @@ def metric_steps(mlf, run_id, key):
     return [m.step for m in mlf.get_metric_history(run_id, key)]
 
 
+def hand_eval_loss(model, project, params) -> float:
+    """Shifted cross-entropy summed over every predicted token of the run's eval blocks, over their count."""
+    from pagating.data import PackedDataset
+    from pagating.train import eval_indices
+
+    ds = PackedDataset(project / params["data.prepared_dir"], "validation")
+    cap = int(params["train.max_eval_batches"]) * int(params["train.batch_size"])
+    ids = torch.stack([ds[i]["input_ids"] for i in eval_indices(len(ds), cap)])
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for chunk in ids.split(64):
+            logits = model(chunk).logits[:, :-1].double()
+            total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), chunk[:, 1:].flatten(),
+                                                       reduction="sum").item()
+            count += chunk[:, 1:].numel()
+    return total / count
+
+
 def test_tiny_run_logs_everything(sample_project, mlflow_server, tmp_path):
     out = tmp_path / "out"
-    proc = run_cli(["train", "--alpha_mode", "learnable", "--learning_rate", "3e-3", "--output_dir", str(out),
-                    *FAST], cwd=sample_project,
+    proc = run_cli(["train", "--unit", "paSwishU", "--alpha_mode", "learnable", "--learning_rate", "3e-3",
+                    "--output_dir", str(out), *FAST], cwd=sample_project,
                    env=env_for(mlflow_server, PAGATING_PEAK_TFLOPS="1.0", PAGATING_USD_PER_HOUR="0.40"),
                    check=True)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     mlf = MlflowClient(mlflow_server.uri)
     run = mlf.get_run(result["run_id"])
     assert run.info.status == "FINISHED"
-    assert run.info.run_name == "paGLU learnable lr=0.003"
+    assert run.info.run_name == "paSwishU learnable lr=0.003"
     assert mlf.get_experiment(run.info.experiment_id).name == "pagating-sample"
     params = run.data.params
     for key in ("profile", "train.alpha_mode", "train.learning_rate", "train.batch_size", "train.max_steps",
@@ -52,6 +71,27 @@ def test_tiny_run_logs_everything(sample_project, mlflow_server, tmp_path):
                 "perf/mfu", "alpha/layer_00", "alpha/layer_01", "cost/usd"):
         assert metric_steps(mlf, run.info.run_id, key) == [5, 10, 15, 20, 25, 30], key
     assert metric_steps(mlf, run.info.run_id, "eval/loss") == [10, 20, 30]
+    # The whole validation split is the eval set; the test split is evaluated once at the end.
+    meta = json.loads((sample_project / params["data.prepared_dir"] / "meta.json").read_text())
+    assert int(params["eval.tokens"]) == meta["splits"]["validation"]["tokens_packed"]
+    assert int(params["test.tokens"]) == meta["splits"]["test"]["tokens_packed"]
+    assert metric_steps(mlf, run.info.run_id, "test/loss") == [30]
+    assert abs(run.data.metrics["test/ppl"] - math.exp(run.data.metrics["test/loss"])) < 1e-6 * run.data.metrics[
+        "test/ppl"]
+    # The real Trainer's optimizer groups: α, β, biases and norms undecayed, every matrix decayed.
+    (tmp_path / "g").mkdir()
+    with open(mlf.download_artifacts(run.info.run_id, "optimizer_groups.json", str(tmp_path / "g"))) as f:
+        groups = json.load(f)
+    decayed = {n for g in groups if g["weight_decay"] > 0 for n in g["params"]}
+    undecayed = {n for g in groups if g["weight_decay"] == 0 for n in g["params"]}
+    assert {g["weight_decay"] for g in groups} == {0.0, 0.01}
+    for i in range(2):
+        unit = f"transformer.h.{i}.mlp.unit"
+        assert {f"{unit}.alpha_module.alpha_param", f"{unit}.beta", f"{unit}.value_proj.bias",
+                f"transformer.h.{i}.ln_1.weight", f"transformer.h.{i}.ln_2.bias"} <= undecayed
+        assert {f"{unit}.value_proj.weight", f"{unit}.gate_proj.weight", f"transformer.h.{i}.attn.c_attn.weight",
+                f"transformer.h.{i}.mlp.c_proj.weight"} <= decayed
+    assert "transformer.ln_f.weight" in undecayed and "transformer.wte.weight" in decayed
     evals = [m.value for m in mlf.get_metric_history(run.info.run_id, "eval/loss")]
     assert evals[-1] < evals[0]
     ppl = mlf.get_metric_history(run.info.run_id, "eval/ppl")[-1].value
@@ -74,6 +114,10 @@ def test_tiny_run_logs_everything(sample_project, mlflow_server, tmp_path):
         result["run_dir"]) else sample_project / result["run_dir"], "model")).eval()
     x = torch.randint(0, 2000, (2, 16))
     assert torch.equal(model(x).logits, ref(x).logits)
+    # The logged eval loss is the mean next-token cross-entropy over the predicted tokens (T-1 per block),
+    # recomputed here by hand from the saved model on the same eval blocks.
+    assert abs(hand_eval_loss(model, sample_project, run.data.params) - run.data.metrics["final/eval_loss"]) \
+        < 1e-5 * run.data.metrics["final/eval_loss"]
     tok = AutoTokenizer.from_pretrained(local)
     ids = tok("ROMEO. What", return_tensors="pt").input_ids
     text = tok.decode(model.generate(ids, max_new_tokens=8, do_sample=False)[0])
