@@ -1,4 +1,4 @@
-"""GPT-2 whose every block's MLP is `c_proj(dropout(unit(x)))` with a paGating unit (d_model -> d_ff).
+"""GPT-2 whose every block's MLP is `dropout(c_proj(unit(x)))` with a paGating unit (d_model -> d_ff).
 
 The model is a transformers GPT2LMHeadModel subclass with its own config type, registered with the
 Auto classes, so `save_pretrained(dir)` + `AutoModelForCausalLM.from_pretrained(dir)` (after
@@ -48,7 +48,7 @@ class PaGatingMLP(nn.Module):
         self.c_proj = nn.Linear(config.d_ff, config.n_embd)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(self.dropout(self.unit(hidden_states)))
+        return self.dropout(self.c_proj(self.unit(hidden_states)))  # dropout after c_proj, as GPT2MLP
 
 
 class PaGatingGPT2LMHeadModel(GPT2LMHeadModel):

@@ -46,6 +46,9 @@ class PaGatingBase(nn.Module):
     def gate_fn(self, b: torch.Tensor) -> torch.Tensor:  # g
         raise NotImplementedError
 
+    def value_fn(self, a: torch.Tensor) -> torch.Tensor:  # the value path: A(x) itself, except in paGTU
+        return a
+
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.fused:
             return self.value_proj(x), self.gate_proj(x)
@@ -59,7 +62,7 @@ class PaGatingBase(nn.Module):
         a, b = self.project(x)
         alpha = self.get_alpha(x)
         # α·g(B) + (1 - α) in one kernel (addcmul), then the product with A.
-        return a * torch.addcmul(1 - alpha, alpha, self.gate_fn(b))
+        return self.value_fn(a) * torch.addcmul(1 - alpha, alpha, self.gate_fn(b))
 
     def extra_repr(self) -> str:
         return f"{self.input_dim} -> {self.output_dim}, fused={self.fused}"
@@ -71,8 +74,18 @@ class paGLU(PaGatingBase):  # noqa: N801 - the public paGating names
 
 
 class paGTU(PaGatingBase):  # noqa: N801
+    """tanh(A(x))·(α·σ(B(x)) + 1 − α): the gated tanh unit of the literature, tanh(A)·σ(B), at α = 1, and
+    tanh(A) at α = 0.
+
+    The public paGating code also puts tanh on the value path, but its gate is tanh in code (σ in its
+    docstring); this unit follows the GTU it is named after, with σ.
+    """
+
+    def value_fn(self, a):
+        return torch.tanh(a)
+
     def gate_fn(self, b):
-        return torch.tanh(b)
+        return torch.sigmoid(b)
 
 
 class paSwishU(PaGatingBase):  # noqa: N801

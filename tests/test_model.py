@@ -88,3 +88,14 @@ def test_bad_config_raises():
         PaGatingGPT2Config(unit="nope")
     with pytest.raises(ValueError, match="valid alpha modes"):
         PaGatingGPT2Config(alpha_mode="cosine")
+
+
+def test_mlp_dropout_after_c_proj_as_gpt2():
+    """GPT-2's MLP drops out c_proj's output: dropped positions are exact zeros despite c_proj's bias."""
+    torch.manual_seed(0)
+    mlp = PaGatingMLP(PaGatingGPT2Config(**{**TINY, "resid_pdrop": 0.5})).train()
+    torch.nn.init.constant_(mlp.c_proj.bias, 1.0)
+    y = mlp(torch.randn(4, 8, 32))
+    assert 0.3 < (y == 0).float().mean().item() < 0.7
+    mlp.eval()
+    torch.testing.assert_close(mlp(torch.ones(1, 32)), mlp.c_proj(mlp.unit(torch.ones(1, 32))))

@@ -12,7 +12,7 @@ from pagating.units import UNITS, get_unit, paSiLU, paSwishU
 # The textbook gate of each unit, written independently of pagating.units.
 TEXTBOOK = {
     "paGLU": torch.sigmoid,
-    "paGTU": torch.tanh,
+    "paGTU": torch.sigmoid,  # gate σ; the value path is tanh(A) (VALUE below)
     "paSwishU": lambda b: b * torch.sigmoid(1.0 * b),  # β initialised to 1
     "paReGLU": F.relu,
     "paGELU": F.gelu,
@@ -21,8 +21,12 @@ TEXTBOOK = {
 }
 
 
+# The value path: A(x), except the gated tanh unit's tanh(A(x)).
+VALUE = {name: (torch.tanh if name == "paGTU" else (lambda a: a)) for name in UNITS}
+
+
 def by_hand(unit, x, alpha):
-    a = x @ unit.value_proj.weight.T + unit.value_proj.bias
+    a = VALUE[type(unit).__name__](x @ unit.value_proj.weight.T + unit.value_proj.bias)
     b = x @ unit.gate_proj.weight.T + unit.gate_proj.bias
     return a, b, a * (alpha * TEXTBOOK[type(unit).__name__](b) + (1 - alpha))
 
@@ -50,8 +54,19 @@ def test_two_dim_input_and_no_bias(name):
     x = torch.randn(5, 8)
     y = unit(x)
     assert y.shape == (5, 12)
-    a, b = x @ unit.value_proj.weight.T, x @ unit.gate_proj.weight.T
+    a, b = VALUE[name](x @ unit.value_proj.weight.T), x @ unit.gate_proj.weight.T
     torch.testing.assert_close(y, a * (0.7 * TEXTBOOK[name](b) + 0.3), rtol=1e-5, atol=1e-6)
+
+
+def test_gtu_is_the_gated_tanh_unit():
+    """paGTU at α = 1 is tanh(A)·σ(B), at α = 0 tanh(A), written out from the same weights."""
+    torch.manual_seed(2)
+    x = torch.randn(3, 5, 8, dtype=torch.float64)
+    for alpha, gate in ((1.0, True), (0.0, False)):
+        unit = UNITS["paGTU"](8, 16, alpha=alpha).double()
+        a = torch.tanh(F.linear(x, unit.value_proj.weight, unit.value_proj.bias))
+        b = torch.sigmoid(F.linear(x, unit.gate_proj.weight, unit.gate_proj.bias))
+        torch.testing.assert_close(unit(x), a * b if gate else a)
 
 
 @pytest.mark.parametrize("name", list(UNITS))
