@@ -2,7 +2,7 @@
 
     data/raw/wiki.{train,valid,test}.raw    `pagating data sample` (offline) or `data fetch wikitext-103`
       -> prepare                            one tokenizer, EOS between articles, no padding
-    data/prepared/{train,validation,test}.bin + meta.json + tokenizer/
+    data/prepared/<profile>/{train,validation,test}.bin + meta.json + tokenizer/
 
 The .bin files are flat np.memmap token streams cut to a whole number of blocks; PackedDataset
 serves block i as tokens [i * block_size, (i + 1) * block_size). Only numpy and yaml are imported
@@ -418,6 +418,7 @@ def prepare(cfg: dict[str, Any], *, timings: dict[str, float] | None = None) -> 
             "tokens": {s: v["tokens"] for s, v in splits.items()},
             "blocks": {s: v["blocks"] for s, v in splits.items()},
             "source_md5": {p.name: _file_md5(p) for p in files.values()},
+            "config": {k: d.get(k) for k in META_CHECKS},  # the settings it was made with (check_prepared)
         }
         (work / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         shutil.rmtree(work / "cache")
@@ -444,8 +445,45 @@ def load_meta(prepared_dir: str | os.PathLike) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+# What a prepared folder must agree with the config on (meta.json key -> data key).
+META_CHECKS = ("source", "tokenizer", "vocab_size", "block_size")
+
+
+def prepare_command(cfg: dict[str, Any]) -> str:
+    """The `pagating prepare` that writes what `cfg` asks: its profile and any data setting that differs
+    from params.yaml (a --set the run was given)."""
+    try:
+        base = load_config(cfg["profile"])["data"]
+    except UserError:
+        base = {}
+    sets = "".join(f" --set data.{k}={v}" for k, v in sorted(cfg["data"].items()) if base.get(k) != v)
+    return f"pagating prepare --profile {cfg['profile']}{sets}"
+
+
+def check_prepared(cfg: dict[str, Any]) -> dict[str, Any]:
+    """meta.json of cfg's prepared folder, after checking it was made from this config and the raw files
+    as they are now. The model is built from meta but the run logs the config: they must agree, else
+    a run would train one thing and record another. Any difference is a UserError naming the fix."""
+    d = cfg["data"]
+    fix = prepare_command(cfg)
+    path = _resolve(d["prepared_dir"]) / META_FILE
+    if not path.is_file():
+        raise UserError(f"{d['prepared_dir']} not found: run `{fix}`")
+    meta = json.loads(path.read_text())
+    made = meta.get("config") or {k: meta.get(k) for k in META_CHECKS}  # older meta: what it measured
+    for key in META_CHECKS:
+        if key in d and made.get(key) is not None and str(made[key]) != str(d[key]):
+            raise UserError(f"{d['prepared_dir']} was prepared with data.{key}={made[key]} but the config says "
+                            f"{d[key]}: run `{fix}`")
+    raw_dir = _resolve(d["raw_dir"])
+    for name, md5 in (meta.get("source_md5") or {}).items():
+        if (raw_dir / name).is_file() and _file_md5(raw_dir / name) != md5:
+            raise UserError(f"{d['raw_dir']}/{name} changed since {d['prepared_dir']} was prepared: run `{fix}`")
+    return meta
+
+
 def load_tokenizer(prepared_dir: str | os.PathLike):
-    """The tokenizer prepare used (AutoTokenizer on data/prepared/tokenizer)."""
+    """The tokenizer prepare used (AutoTokenizer on <prepared_dir>/tokenizer)."""
     from transformers import AutoTokenizer
 
     meta = load_meta(prepared_dir)
@@ -586,7 +624,7 @@ def register_cli(sub) -> None:
     fetch.add_argument("--raw-dir", help="output folder (default: data/raw in the project)")
     fetch.set_defaults(func=_cmd_fetch)
 
-    prep = sub.add_parser("prepare", help="tokenize data/raw and pack it into blocks in data/prepared")
+    prep = sub.add_parser("prepare", help="tokenize data/raw and pack it into blocks in data/prepared/<profile>")
     prep.add_argument("--profile", help="params.yaml profile (default: its `profile`)")
     prep.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                       help="override one setting, e.g. --set data.block_size=128 (repeatable)")

@@ -110,7 +110,7 @@ def sweep(base: dict, *, shard: str = "0/1", gpus: str = "auto", device: str = "
           sweep_id: str | None = None, extra_sets: list[str] | None = None,
           summary_path: str | Path = "reports/sweep.json") -> dict[str, Any]:
     from pagating import tracking
-    from pagating.data import data_md5, load_meta
+    from pagating.data import check_prepared, data_md5
     from pagating.train import run_dir_for, run_name, validate
 
     extra_sets = list(extra_sets or [])
@@ -119,7 +119,7 @@ def sweep(base: dict, *, shard: str = "0/1", gpus: str = "auto", device: str = "
     i, n = parse_shard(shard)
     for overrides in configs:
         validate(config_for(base, overrides))
-    meta = load_meta(base["data"]["prepared_dir"])
+    meta = check_prepared(base)
     slots = parse_gpus(gpus)
     uri = tracking.tracking_uri(base)
     tracking.check_server(uri)

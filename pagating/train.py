@@ -195,14 +195,14 @@ def train(cfg: dict, *, resume: str = "none", device: str = "auto", compile_mode
           extra_tags: dict[str, str] | None = None) -> dict[str, Any]:
     """Run one config; returns {"run_id", "status", "run_dir", "final_eval_loss", ...}."""
     from pagating import tracking
-    from pagating.data import data_md5, load_meta
+    from pagating.data import check_prepared, data_md5
 
     # 1. Input checks: nothing is written before these pass.
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     validate(cfg, world)
     t, m = cfg["train"], cfg["model"]
-    meta = load_meta(cfg["data"]["prepared_dir"])
+    meta = check_prepared(cfg)  # made from this config, else exit 2 naming the fix
     uri = tracking.tracking_uri(cfg)
     tracking.check_server(uri)
     h = config_hash(cfg, meta.get("source_md5", ""))
@@ -443,10 +443,10 @@ def launch_ddp(args, cfg: dict, resume: str) -> int:
     import subprocess
 
     from pagating import tracking
-    from pagating.data import load_meta
+    from pagating.data import check_prepared
 
     validate(cfg, args.nproc)
-    meta = load_meta(cfg["data"]["prepared_dir"])
+    meta = check_prepared(cfg)  # made from this config, else exit 2 naming the fix
     uri = tracking.tracking_uri(cfg)
     tracking.check_server(uri)
     if resume not in ("none", ""):

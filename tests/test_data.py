@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -110,7 +111,7 @@ def test_article_heading():
 
 @pytest.mark.slow
 def test_blocks_are_the_corpus_token_stream(sample_project):
-    prepared, raw = sample_project / "data" / "prepared", sample_project / "data" / "raw"
+    prepared, raw = sample_project / "data" / "prepared" / "sample", sample_project / "data" / "raw"
     meta = data.load_meta(prepared)
     tok = data.load_tokenizer(prepared)
     block = meta["block_size"]
@@ -149,13 +150,13 @@ def test_prepare_with_a_pretrained_tokenizer_path(sample_project, tmp_path):
     for name in data.RAW_FILES.values():  # the first 300 lines of each split
         lines = (sample_project / "data" / "raw" / name).read_text().splitlines(keepends=True)
         (raw / name).write_text("".join(lines[:300]))
-    tok_dir = sample_project / "data" / "prepared" / "tokenizer"
+    tok_dir = sample_project / "data" / "prepared" / "sample" / "tokenizer"
     cfg = load_config("sample", {"data.raw_dir": str(raw), "data.prepared_dir": str(tmp_path / "prep"),
                                  "data.tokenizer": str(tok_dir), "data.block_size": "32"})
     meta = data.prepare(cfg)
     assert meta["tokenizer"] == str(tok_dir) and meta["vocab_size"] == 2048 and meta["block_size"] == 32
     small = np.fromfile(tmp_path / "prep" / "train.bin", dtype=np.uint16)
-    full = np.fromfile(sample_project / "data" / "prepared" / "train.bin", dtype=np.uint16)
+    full = np.fromfile(sample_project / "data" / "prepared" / "sample" / "train.bin", dtype=np.uint16)
     assert small.size == meta["splits"]["train"]["blocks"] * 32 > 0
     assert np.array_equal(small, full[: small.size]), "same tokenizer, same lines: the same stream"
     assert sorted(p.name for p in (tmp_path / "prep").iterdir()) == [
@@ -198,7 +199,7 @@ def test_prepare_rejects_bad_settings(tmp_path):
 def test_packed_dataset(sample_project):
     import torch
 
-    prepared = sample_project / "data" / "prepared"
+    prepared = sample_project / "data" / "prepared" / "sample"
     meta = data.load_meta(prepared)
     ds = data.PackedDataset(prepared, "validation")
     assert isinstance(ds, torch.utils.data.Dataset) and len(ds) == meta["blocks"]["validation"]
@@ -248,12 +249,12 @@ class Block:
 sys.meta_path.insert(0, Block())
 import pagating.data as data
 assert "torch" not in sys.modules, "torch is imported on first use of PackedDataset only"
-ds = data.PackedDataset({str(sample_project / 'data' / 'prepared')!r}, "test")
+ds = data.PackedDataset({str(sample_project / 'data' / 'prepared' / 'sample')!r}, "test")
 print(len(ds), ds[0]["input_ids"].shape[0])
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    blocks = data.load_meta(sample_project / "data" / "prepared")["blocks"]["test"]
+    blocks = data.load_meta(sample_project / "data" / "prepared" / "sample")["blocks"]["test"]
     assert proc.stdout.split() == [str(blocks), "64"]
 
 
@@ -335,11 +336,11 @@ def test_dvc_round_trip_and_repro(dvc_origin, sample_project, tmp_path):
     # prepare on the pulled data, through the dvc stage: a second process gives the same bytes
     first = sh([DVC, "repro", "prepare"], clone).stdout
     assert "Running stage 'prepare'" in first
-    assert md5s(clone / "data" / "prepared") == md5s(sample_project / "data" / "prepared")
-    mtime = (clone / "data" / "prepared" / "train.bin").stat().st_mtime_ns
+    assert md5s(clone / "data" / "prepared" / "sample") == md5s(sample_project / "data" / "prepared" / "sample")
+    mtime = (clone / "data" / "prepared" / "sample" / "train.bin").stat().st_mtime_ns
     second = sh([DVC, "repro", "prepare"], clone).stdout
     assert "Running stage" not in second and "didn't change, skipping" in second
-    assert (clone / "data" / "prepared" / "train.bin").stat().st_mtime_ns == mtime
+    assert (clone / "data" / "prepared" / "sample" / "train.bin").stat().st_mtime_ns == mtime
     assert "up to date" in sh([DVC, "status"], clone).stdout
 
 
@@ -353,3 +354,21 @@ def test_fresh_clone_rebuilds_the_sample_without_a_remote(dvc_origin, tmp_path):
     sh([DVC, "commit", "-q", "data.dvc"], clone)  # fills the local cache; data.dvc stays as it was
     assert "up to date" in sh([DVC, "status", "data.dvc"], clone).stdout
     assert sh(["git", "status", "--porcelain", "--", "data.dvc"], clone).stdout == ""
+
+
+def test_prepared_must_match_the_config(sample_project, tmp_path, monkeypatch):
+    """Train builds the model from meta.json but logs the config: a prepared folder made from other
+    settings or other raw files is refused with the command that fixes it."""
+    monkeypatch.chdir(sample_project)
+    assert data.check_prepared(load_config("sample"))["block_size"] == 64
+    for key, value, was in (("vocab_size", 4096, 2048), ("tokenizer", "gpt2", "bpe"), ("block_size", 32, 64)):
+        with pytest.raises(UserError, match=re.escape(
+                f"data/prepared/sample was prepared with data.{key}={was} but the config says {value}: run "
+                f"`pagating prepare --profile sample --set data.{key}={value}`")):
+            data.check_prepared(load_config("sample", {f"data.{key}": value}))
+    raw = tmp_path / "raw"
+    shutil.copytree(sample_project / "data" / "raw", raw)
+    with open(raw / "wiki.valid.raw", "a") as f:
+        f.write("one more line\n")
+    with pytest.raises(UserError, match=r"wiki.valid.raw changed since data/prepared/sample was prepared"):
+        data.check_prepared(load_config("sample", {"data.raw_dir": str(raw)}))

@@ -221,6 +221,10 @@ def test_seed_command_runs(sample_project, mlflow_server):
     (["--batch_size", "-4"], "batch_size must be"),
     (["--unit", "paFoo"], "unknown unit"),
     (["--resume", "auto", "--seed", "12345"], "nothing to resume"),
+    # Data that does not match the config: the other profile's folder, or a block size it was not packed with.
+    (["--profile", "wikitext103"], "data/prepared/wikitext103 not found: run `pagating prepare --profile wikitext103`"),
+    (["--set", "data.block_size=128"], "prepared with data.block_size=64 but the config says 128: run "
+                                       "`pagating prepare --profile sample --set data.block_size=128`"),
 ])
 def test_bad_input_one_line_exit_2_no_run(sample_project, mlflow_server, tmp_path, args, message):
     mlf = MlflowClient(mlflow_server.uri)
@@ -241,7 +245,7 @@ def test_missing_data_and_unreachable_server(tmp_path, mlflow_server):
 
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     proc = run_cli(["train"], cwd=tmp_path, env=env_for(mlflow_server))
-    assert proc.returncode == 2 and "run `pagating prepare`" in proc.stderr
+    assert proc.returncode == 2 and "run `pagating prepare --profile sample`" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     proc = run_cli(["train"], cwd=tmp_path, env={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"})
     assert proc.returncode == 2  # data is checked first; both are one line
