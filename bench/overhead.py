@@ -79,9 +79,8 @@ class Tracked:
     """The on-case's pieces for one run, set up and torn down as pagating.train.train does."""
 
     def __init__(self, uri: str, exp_id: str, run_dir: Path, model, dims: dict, a, device: str, label: str):
-        from pagating import tracking
+        from pagating import flops, tracking
         from pagating.gpu import GpuSampler
-        from pagating.model import count_parameters
 
         self.tracking = tracking
         self.mlf = tracking.client(uri)
@@ -96,12 +95,12 @@ class Tracked:
         self.sampler = GpuSampler()
         self.sampler.start()
         cuda = device == "cuda"
-        n_params = count_parameters(model)
         name = C.device_name(device)
         self.callback = tracking.TrackingCallback(
             self.spool, self.uploader, info, tokens_per_step=a.batch_size * dims["block_size"],
-            flops_token=tracking.flops_per_token(n_params, dims["n_layer"], dims["n_embd"], dims["block_size"]),
-            peak=tracking.peak_flops(name) if cuda or os.environ.get("PAGATING_PEAK_TFLOPS") else None,
+            flops_token=flops.flops_per_token(n_layer=dims["n_layer"], n_embd=dims["n_embd"], d_ff=dims["ffn_dim"],
+                                              vocab_size=dims["vocab_size"], block_size=dims["block_size"]),
+            peak=flops.mfu_peak_flops(name) if cuda or os.environ.get("PAGATING_PEAK_TFLOPS") else None,
             sampler=self.sampler, model=model, log_alpha=False, cuda=cuda)
 
     def finish(self, drain_s: float = 60.0) -> dict:

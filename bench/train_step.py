@@ -110,7 +110,7 @@ def make_step(model, device: str, batch: int, block: int, vocab: int, compile_mo
 def run_config(dims: dict, batch: int, block: int, args, device: str, peak: float | None) -> dict:
     import torch
 
-    from pagating.tracking import flops_per_token
+    from pagating.flops import flops_per_token
 
     torch.manual_seed(0)
     steps, n_params, build_s, attn = {}, {}, {}, set()
@@ -141,7 +141,8 @@ def run_config(dims: dict, batch: int, block: int, args, device: str, peak: floa
                                                                      "vocab_size")}}
     for kind in args.models:
         s = C.median(times[kind])
-        fpt = flops_per_token(n_params[kind], dims["n_layer"], dims["n_embd"], block)
+        fpt = flops_per_token(n_layer=dims["n_layer"], n_embd=dims["n_embd"], d_ff=dims["ffn_dim"],
+                              vocab_size=dims["vocab_size"], block_size=block, gated=kind != "plain")
         out[kind] = {"s_per_step": C.rnd(s), "tokens_per_s": C.rnd(tokens / s), "n_params": n_params[kind],
                      "min_s": C.rnd(min(times[kind])), "max_s": C.rnd(max(times[kind])),
                      "first_step_s": C.rnd(first[kind]), "build_s": C.rnd(build_s[kind]),
@@ -182,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import transformers
 
-    from pagating.tracking import peak_flops
+    from pagating.flops import mfu_peak_flops as peak_flops
 
     transformers.logging.set_verbosity_error()
     device = C.pick_device(args.device)

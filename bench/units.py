@@ -36,7 +36,7 @@ def naive_gate(name: str):
 
     return {
         "paGLU": torch.sigmoid,
-        "paGTU": torch.tanh,
+        "paGTU": torch.sigmoid,  # its value path is tanh(A): see Naive
         "paSwishU": lambda b: b * torch.sigmoid(1.0 * b),  # β = 1 (the unit's initial β)
         "paReGLU": torch.relu,
         "paGELU": F.gelu,
@@ -59,6 +59,7 @@ class Naive:
                 lin.weight.copy_(src.weight)
                 lin.bias.copy_(src.bias)
         self.g = naive_gate(name)
+        self.value = (lambda a: a.tanh()) if name == "paGTU" else (lambda a: a)  # the gated tanh unit
         self.params = [*self.a.parameters(), *self.b.parameters()]
 
     def to(self, device):
@@ -67,7 +68,7 @@ class Naive:
         return self
 
     def __call__(self, x):
-        a = self.a(x)
+        a = self.value(self.a(x))
         b = self.b(x)
         gate = ALPHA * self.g(b)
         gate = gate + (1 - ALPHA)

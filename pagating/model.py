@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHea
 from transformers import initialization as hf_init
 
 from pagating.alpha import Alpha, parse_alpha_mode
-from pagating.units import PaGatingBase, get_unit, paSwishU
+from pagating.units import PaGatingBase, check_unit, get_unit, is_plain, paSwishU
 
 
 class PaGatingGPT2Config(GPT2Config):
@@ -24,7 +24,7 @@ class PaGatingGPT2Config(GPT2Config):
     def __init__(self, unit: str = "paGLU", alpha_mode: str = "static_0.5", ffn_dim: int = 3072,
                  param_matched: bool = False, alpha_max_steps: int = 1, fused_unit: bool = False, **kwargs):
         super().__init__(**kwargs)
-        get_unit(unit)  # validate early: ValueError naming the choices
+        check_unit(unit)  # validate early: ValueError naming the choices
         parse_alpha_mode(alpha_mode)
         self.unit = unit
         self.alpha_mode = alpha_mode
@@ -32,11 +32,18 @@ class PaGatingGPT2Config(GPT2Config):
         self.param_matched = bool(param_matched)
         self.alpha_max_steps = int(alpha_max_steps)  # scheduler_cosine reaches α=1 at this step
         self.fused_unit = bool(fused_unit)
+        if self.plain:
+            self.n_inner = self.ffn_dim  # GPT2MLP's width
+
+    @property
+    def plain(self) -> bool:
+        """unit `plain`: GPT-2's own GELU MLP, the baseline (α and param_matching do not apply)."""
+        return is_plain(self.unit)
 
     @property
     def d_ff(self) -> int:
         # A gated unit has three d_model x d_ff matrices instead of two: 2/3 of d_ff matches GPT-2's count.
-        return self.ffn_dim * 2 // 3 if self.param_matched else self.ffn_dim
+        return self.ffn_dim * 2 // 3 if self.param_matched and not self.plain else self.ffn_dim
 
 
 class PaGatingMLP(nn.Module):
@@ -60,6 +67,8 @@ class PaGatingGPT2LMHeadModel(GPT2LMHeadModel):
         # "...LMHeadModel", and the Trainer then divides the summed loss by all T labels of a block
         # instead of the T-1 predicted ones (num_items_in_batch), under-reporting loss by (T-1)/T.
         self.loss_type = "ForCausalLM"
+        if config.plain:
+            return  # GPT2Block's own GPT2MLP (width n_inner = ffn_dim), initialised by GPT-2's post_init
         for block in self.transformer.h:
             block.mlp = PaGatingMLP(config)
             # Direct apply: post_init would dispatch the transformer subtree to GPT2Model's own
@@ -84,7 +93,7 @@ class PaGatingGPT2LMHeadModel(GPT2LMHeadModel):
 
     # α bookkeeping used by the training callbacks -------------------------------------------
     def units(self) -> list[PaGatingBase]:
-        return [block.mlp.unit for block in self.transformer.h]
+        return [] if self.config.plain else [block.mlp.unit for block in self.transformer.h]
 
     def set_alpha_step(self, step: int) -> None:
         for unit in self.units():

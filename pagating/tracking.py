@@ -458,29 +458,6 @@ def register_cli(sub) -> None:
 
 # The Trainer callback --------------------------------------------------------------------------
 
-# Dense bf16 tensor-core peak, TFLOPS (vendor datasheets, without sparsity). MFU is only reported
-# where the device is listed here or PAGATING_PEAK_TFLOPS says what the peak is.
-PEAK_TFLOPS = {
-    "H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L40": 181.0, "A10": 125.0, "L4": 121.0,
-    "RTX 4090": 165.2, "RTX 4080": 97.5, "RTX 3090": 71.0, "RTX A6000": 154.8, "RTX 6000 Ada": 364.2,
-    "V100": 125.0, "T4": 65.0,
-}
-
-
-def peak_flops(device_name: str) -> float | None:
-    if os.environ.get("PAGATING_PEAK_TFLOPS"):
-        return float(os.environ["PAGATING_PEAK_TFLOPS"]) * 1e12
-    for key in sorted(PEAK_TFLOPS, key=len, reverse=True):  # "RTX 4090" before "RTX 40..."
-        if key.lower() in device_name.lower():
-            return PEAK_TFLOPS[key] * 1e12
-    return None
-
-
-def flops_per_token(n_params: int, n_layer: int, n_embd: int, block_size: int) -> float:
-    """Training FLOPs per token: 6N for the weights plus 12·L·d·T for attention (PaLM appendix B)."""
-    return 6.0 * n_params + 12.0 * n_layer * n_embd * block_size
-
-
 class _Callback:
     """The Trainer's callback protocol without importing transformers (which pulls in torch, ~5 s
     for `pagating report` / `sync`): every event we do not handle is a no-op."""

@@ -32,12 +32,12 @@ FLAG_KEYS = {
 def validate(cfg: dict, world: int = 1) -> None:
     """Every check of a run's settings; `world` is the number of training processes."""
     from pagating.alpha import parse_alpha_mode
-    from pagating.units import get_unit
+    from pagating.units import check_unit
 
     t = cfg["train"]
     try:
         parse_alpha_mode(t["alpha_mode"])
-        get_unit(cfg["model"]["unit"])
+        check_unit(cfg["model"]["unit"])
     except ValueError as exc:
         raise UserError(str(exc)) from None
     for key in ("learning_rate", "batch_size", "max_steps", "eval_steps", "save_steps", "logging_steps"):
@@ -52,6 +52,8 @@ def validate(cfg: dict, world: int = 1) -> None:
 
 
 def run_name(cfg: dict) -> str:
+    if str(cfg["model"]["unit"]).lower() == "plain":  # GPT-2's own MLP: no α
+        return f"plain lr={cfg['train']['learning_rate']:g}"
     return f"{cfg['model']['unit']} {cfg['train']['alpha_mode']} lr={cfg['train']['learning_rate']:g}"
 
 
@@ -223,6 +225,7 @@ def train(cfg: dict, *, resume: str = "none", device: str = "auto", compile_mode
     import torch
     from transformers import default_data_collator, set_seed
 
+    from pagating import flops
     from pagating.alpha import parse_alpha_mode
     from pagating.data import PackedDataset, load_tokenizer
     from pagating.gpu import GpuSampler, gpu_name
@@ -230,7 +233,7 @@ def train(cfg: dict, *, resume: str = "none", device: str = "auto", compile_mode
 
     # 2. The model (deterministic for a seed) and its numbers.
     set_seed(int(t["seed"]))
-    vocab = int(math.ceil(meta["vocab_size"] / 64) * 64)  # tensor-core friendly vocabulary (pad rows unused)
+    vocab = flops.padded_vocab(meta["vocab_size"])  # tensor-core friendly vocabulary (pad rows unused)
     config = build_config(m, vocab_size=vocab, block_size=meta["block_size"], alpha_mode=t["alpha_mode"],
                           max_steps=int(t["max_steps"]), eos_token_id=meta.get("eos_id"),
                           bos_token_id=meta.get("eos_id"))
@@ -286,8 +289,10 @@ def train(cfg: dict, *, resume: str = "none", device: str = "auto", compile_mode
         sampler.start()
     cb = tracking.TrackingCallback(
         spool, uploader, info, tokens_per_step=int(t["batch_size"]) * meta["block_size"],
-        flops_token=tracking.flops_per_token(n_params, config.n_layer, config.n_embd, meta["block_size"]),
-        peak=tracking.peak_flops(dev_name) if device == "cuda" or os.environ.get("PAGATING_PEAK_TFLOPS") else None,
+        flops_token=flops.flops_per_token(n_layer=config.n_layer, n_embd=config.n_embd, d_ff=config.d_ff,
+                                          vocab_size=vocab, block_size=meta["block_size"], gated=not config.plain),
+        # The one peak table, by the NVML name; a GPU it lacks gets no MFU rather than a wrong one.
+        peak=flops.mfu_peak_flops(dev_name) if device == "cuda" or os.environ.get("PAGATING_PEAK_TFLOPS") else None,
         sampler=sampler, usd_per_hour=usd_per_hour, model=model,
         log_alpha=spec.kind in ("learnable", "scheduler_cosine"), cuda=device == "cuda")
 
@@ -359,8 +364,9 @@ def _log_params(mlf, run_id, cfg, spec, n_params, config, device, world, vocab, 
     params = flatten(cfg)
     params.update(extra or {})
     params.update({"model.d_ff": config.d_ff, "model.n_params": n_params, "model.vocab_size": vocab,
-                   "train.device": device, "train.world_size": world, "alpha.kind": spec.kind})
-    if spec.kind == "scheduler_cosine":
+                   "train.device": device, "train.world_size": world,
+                   "alpha.kind": "none (plain GPT-2 MLP)" if config.plain else spec.kind})
+    if spec.kind == "scheduler_cosine" and not config.plain:
         params["alpha.schedule"] = "half cosine, alpha 0 -> 1 over train.max_steps (optimizer steps)"
     items = [Param(k, str(v)) for k, v in sorted(params.items())]
     for i in range(0, len(items), 100):

@@ -129,9 +129,23 @@ UNITS: dict[str, type[PaGatingBase]] = {
 }
 
 
+# Not a paGating unit: GPT-2's own GELU MLP (c_fc, gelu, c_proj), the baseline a sweep can include.
+PLAIN = "plain"
+
+
+def is_plain(name: str) -> bool:
+    return str(name).lower() == PLAIN
+
+
 def get_unit(name: str) -> type[PaGatingBase]:
     """Look a unit up by name (case-insensitive); unknown names raise ValueError listing the choices."""
     for key, cls in UNITS.items():
         if key.lower() == str(name).lower():
             return cls
-    raise ValueError(f"unknown unit {name!r}; valid units: {', '.join(UNITS)}")
+    raise ValueError(f"unknown unit {name!r}; valid units: {', '.join(UNITS)}, {PLAIN} (GPT-2's own MLP)")
+
+
+def check_unit(name: str) -> None:
+    """A valid `model.unit`: a paGating unit or `plain`; ValueError naming the choices otherwise."""
+    if not is_plain(name):
+        get_unit(name)

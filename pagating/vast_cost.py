@@ -17,24 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# Dense BF16 tensor-core peak with FP32 accumulate (what PyTorch autocast uses), TFLOPS, from NVIDIA
-# datasheets and architecture whitepapers (Ada, Ampere GA102, A100, H100, L40S). Keys are normalised
-# names (see norm_gpu); the longest key contained in an offer's name wins.
-PEAK_TFLOPS = {
-    "rtx 4090": 165.2,
-    "rtx 4080": 97.5,
-    "rtx 3090": 35.6,
-    "rtx a6000": 154.8,
-    "a100": 312.0,
-    "h100": 756.0,        # PCIe figure: the lower one when the form factor is not in the name
-    "h100 pcie": 756.0,
-    "h100 sxm": 989.4,
-    "h100 nvl": 835.0,
-    "h200": 989.4,
-    "l40s": 362.0,
-}
-# A GPU missing from the table is assumed as slow as a 3090: over-estimating cost is the safe side.
-UNKNOWN_PEAK_TFLOPS = 35.6
+from pagating import flops
+
+# Peaks and the FLOPs formula are pagating.flops' (the same ones MFU uses). A GPU missing from its
+# table is assumed as slow as a 3090: over-estimating cost is the safe side.
+UNKNOWN_PEAK_TFLOPS = flops.PEAK_BF16_TFLOPS["NVIDIA GeForce RTX 3090"]
 # Share of peak a small GPT-2 reaches under HF Trainer without torch.compile: a conservative guess
 # (nanoGPT-style GPT-2 small training reports ~35-45% on A100/4090 with compile; we assume less).
 # On an RTX 4090 at the wikitext103 seed config this gives ~0.04 s/step of compute, ~0.05 with overhead.
@@ -62,18 +49,14 @@ def gpu_matches(run_gpu: str, offer_gpu: str) -> bool:
 
 
 def peak_tflops(gpu_name: str) -> float:
-    name = f" {norm_gpu(gpu_name)} "
-    keys = [k for k in PEAK_TFLOPS if f" {k} " in name]
-    return PEAK_TFLOPS[max(keys, key=len)] if keys else UNKNOWN_PEAK_TFLOPS
+    return flops.peak_tflops(gpu_name) or UNKNOWN_PEAK_TFLOPS
 
 
 def grid_size(cfg: dict[str, Any]) -> int:
     """Configs in the sweep grid: the product of the list-valued axes of cfg['sweep']."""
-    n = 1
-    for value in (cfg.get("sweep") or {}).values():
-        if isinstance(value, list):
-            n *= len(value)
-    return n
+    from pagating.sweep import grid
+
+    return len(grid(cfg))  # the sweep's own list (a `plain` unit runs once, not once per α mode)
 
 
 def shard_sizes(n_configs: int, n_shards: int) -> list[int]:
@@ -82,17 +65,8 @@ def shard_sizes(n_configs: int, n_shards: int) -> list[int]:
 
 
 def flops_per_step(cfg: dict[str, Any]) -> float:
-    """Training FLOPs of one optimizer step: 6 x matmul params x tokens + attention (Kaplan et al.)."""
-    m, d, t = cfg["model"], cfg["data"], cfg["train"]
-    layers, width = int(m["n_layer"]), int(m["n_embd"])
-    ffn = int(m.get("ffn_dim") or 4 * width)
-    if m.get("param_matched"):
-        ffn = ffn * 2 // 3
-    vocab, block, batch = int(d["vocab_size"]), int(d["block_size"]), int(t["batch_size"])
-    # per layer: attention q,k,v,o (4 d^2) + gated MLP value, gate, out (3 d ffn); plus the LM head
-    matmul_params = layers * (4 * width * width + 3 * width * ffn) + vocab * width
-    per_token = 6 * matmul_params + 12 * layers * block * width
-    return float(per_token * block * batch)
+    """Training FLOPs of one optimizer step: pagating.flops' per-token formula x tokens per step."""
+    return flops.config_flops_per_token(cfg) * int(cfg["data"]["block_size"]) * int(cfg["train"]["batch_size"])
 
 
 def estimated_step_time(cfg: dict[str, Any], gpu_name: str) -> float:

@@ -99,3 +99,19 @@ def test_mlp_dropout_after_c_proj_as_gpt2():
     assert 0.3 < (y == 0).float().mean().item() < 0.7
     mlp.eval()
     torch.testing.assert_close(mlp(torch.ones(1, 32)), mlp.c_proj(mlp.unit(torch.ones(1, 32))))
+
+
+def test_plain_unit_is_gpt2s_own_mlp(tmp_path):
+    """unit `plain`: the baseline is GPT-2 itself (same parameters, same logits), and it round-trips."""
+    torch.manual_seed(0)
+    config = PaGatingGPT2Config(unit="plain", ffn_dim=128, **TINY)
+    model = PaGatingGPT2LMHeadModel(config).eval()
+    assert model.units() == [] and model.alphas() == [] and config.d_ff == 128
+    ref = GPT2LMHeadModel(GPT2Config(n_inner=128, **TINY)).eval()
+    assert count_parameters(model) == count_parameters(ref)
+    ref.load_state_dict(model.state_dict())
+    x = torch.randint(0, 64, (2, 16))
+    torch.testing.assert_close(model(x).logits, ref(x).logits)
+    model.save_pretrained(tmp_path)
+    torch.testing.assert_close(load_model(str(tmp_path)).eval()(x).logits, model(x).logits)
+    assert PaGatingGPT2Config(unit="plain", param_matched=True).d_ff == 3072  # matching is for gated units
