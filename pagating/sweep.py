@@ -88,6 +88,12 @@ def parse_gpus(text: str) -> list[str | None]:
             count = torch.cuda.device_count()
         except ImportError:
             count = 0
+        from pagating.instance import check_cuda, cuda_required
+
+        if cuda_required() and count < cuda_required():  # a rented GPU box: no silent CPU fallback
+            ok, line = check_cuda()
+            if not ok:
+                raise UserError(line)
         return [str(i) for i in range(count)] or [None]
     ids = [x.strip() for x in text.split(",") if x.strip()]
     if not ids or not all(x.isdigit() for x in ids):
@@ -147,6 +153,9 @@ def sweep(base: dict, *, shard: str = "0/1", gpus: str = "auto", device: str = "
     grid_params.update({f"sweep.{k}": json.dumps(v if isinstance(v, list) else [v])
                         for k, v in base["sweep"].items()})
     mlf.log_batch(parent_id, params=[Param(k, str(v)) for k, v in grid_params.items()])
+    # The grid's identities: progress counts a finished config whichever sweep finished it.
+    mlf.set_tag(parent_id, "pagating.grid_hashes", ",".join(
+        config_hash(config_for(base, o), meta.get("source_md5", "")) for o in configs))
 
     # 3. Decide per config: skip (FINISHED), resume (interrupted), or run.
     plan = []

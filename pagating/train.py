@@ -71,6 +71,11 @@ def pick_device(requested: str = "auto") -> str:
         return requested
     if torch.cuda.is_available():
         return "cuda"
+    from pagating.instance import check_cuda
+
+    ok, line = check_cuda()  # a rented GPU box (PAGATING_CUDA_GPUS) must not train on CPU
+    if not ok:
+        raise UserError(line)
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
         return "mps"  # the seed's Mac
     return "cpu"

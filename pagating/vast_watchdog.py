@@ -73,6 +73,24 @@ def destroy_self(lock_dir: Path | None, attempts: int = 5, backoff_s: float = 5.
     return False
 
 
+def vast_start_date() -> float | None:
+    """When Vast says this instance started (its `start_date`): the budget clock keeps counting
+    across reboots and container restarts, which rerun onstart.sh. None when not on Vast or the
+    API does not answer."""
+    iid, key = os.environ.get("CONTAINER_ID"), os.environ.get("CONTAINER_API_KEY")
+    if not iid or not key:
+        return None
+    url = f"{os.environ.get('VAST_SERVER_URL') or DEFAULT_SERVER}/api/v0/instances/{iid}/?owner=me"
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            row = (json.loads(resp.read() or b"{}") or {}).get("instances") or {}
+        return float(row["start_date"]) if row.get("start_date") else None
+    except (urllib.error.URLError, OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        log(f"could not read the instance's start from Vast ({type(exc).__name__}); counting from now")
+        return None
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -129,8 +147,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="destroy when spend reaches this (env PAGATING_BUDGET_USD; 0 = no limit)")
     p.add_argument("--usd-per-hour", type=float, default=_env_float("PAGATING_USD_PER_HOUR", 0.0),
                    help="the instance's price (env PAGATING_USD_PER_HOUR)")
-    p.add_argument("--started-at", type=float, default=_env_float("PAGATING_STARTED_AT", time.time()),
-                   help="unix time billing started (env PAGATING_STARTED_AT; default now)")
+    p.add_argument("--started-at", type=float, default=None,
+                   help="unix time billing started (default: the instance's start_date from the Vast API, "
+                        "else env PAGATING_STARTED_AT, else now)")
     p.add_argument("--stall-s", type=float, default=_env_float("PAGATING_STALL_S", 1800.0),
                    help="destroy after this many seconds without progress (env PAGATING_STALL_S)")
     p.add_argument("--poll-s", type=float, default=60.0, help="seconds between checks")
@@ -141,7 +160,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     dirs = [Path(d) for d in (args.watch or [os.getcwd()])]
-    watch(dirs, args.budget_usd, args.usd_per_hour, args.started_at, args.stall_s, args.poll_s,
+    started_at = args.started_at or vast_start_date() or _env_float("PAGATING_STARTED_AT", time.time())
+    watch(dirs, args.budget_usd, args.usd_per_hour, started_at, args.stall_s, args.poll_s,
           args.pid, args.state_dir)
     return 0
 

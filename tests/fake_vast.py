@@ -4,13 +4,22 @@ It serves the endpoints `pagating.vast` uses, keeps instances in memory and reco
 (method, path, query, JSON body, Authorization header) so tests can assert what was sent.
 Failures are injected per (method, path prefix) as a queue of status codes answered before the
 normal reply: `fake.fail("PUT", "/api/v0/asks/", 500, 500)`.
+
+Like Vast (docs.vast.ai: create_instance's x-input-validation; "Rate limits and errors"), it answers
+400 {"success": false, "error": "invalid_args", "msg": ...} to a create request whose args +
+args_str + onstart exceed 4,096 characters, an env entry 256 (all env 32,768), the label 256 or the
+image 1,024; and 429 "API requests too frequent" (plain text, no Retry-After) to more than ~4.5
+requests/s on one endpoint (method + path with ids folded). New instances sit in `loading` until a
+test moves them (`fake.instances[id]["actual_status"] = "running"`).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
@@ -23,6 +32,7 @@ class Request:
     query: dict
     body: dict | None
     auth: str | None
+    status: int = 0  # what the fake answered (0: the normal reply)
 
 
 def offer(id: int, dph: float, gpu: str = "RTX 4090", **kw) -> dict:
@@ -35,6 +45,30 @@ def offer(id: int, dph: float, gpu: str = "RTX 4090", **kw) -> dict:
     return row
 
 
+# create_instance x-input-validation (Vast's OpenAPI spec), in characters
+MAX_STARTUP, MAX_ENV_ENTRY, MAX_ENV_TOTAL, MAX_LABEL, MAX_IMAGE = 4096, 256, 32768, 256, 1024
+
+
+def create_body_problem(body: dict) -> str | None:
+    """What Vast's create-instance validation would refuse in `body`, or None."""
+    args = body.get("args") or []
+    startup = len(body.get("onstart") or "") + len(body.get("args_str") or "") + len(" ".join(map(str, args)))
+    if startup > MAX_STARTUP:
+        return f"args + args_str + onstart is {startup} characters, above the {MAX_STARTUP} allowed"
+    env = body.get("env") or {}
+    entries = [f"{k}={v}" for k, v in env.items()] if isinstance(env, dict) else str(env).split(" -e ")
+    for entry in entries:
+        if len(entry) > MAX_ENV_ENTRY:
+            return f"env entry {entry.split('=', 1)[0]} is {len(entry)} characters, above {MAX_ENV_ENTRY}"
+    if sum(map(len, entries)) > MAX_ENV_TOTAL:
+        return f"env is above {MAX_ENV_TOTAL} characters"
+    if len(body.get("label") or "") > MAX_LABEL:
+        return f"label is above {MAX_LABEL} characters"
+    if len(body.get("image") or "") > MAX_IMAGE:
+        return f"image is above {MAX_IMAGE} characters"
+    return None
+
+
 @dataclass
 class FakeVast:
     offers: list[dict] = field(default_factory=list)
@@ -44,6 +78,10 @@ class FakeVast:
     log_text: str = "onstart: hello from the fake instance\n"
     # Creates that rent the instance but answer 500 (a reply lost on the way back).
     lose_create_answers: int = 0
+    # Vast's per-endpoint rate (requests/s, over a 2 s window); None: no limit.
+    rate_limit: float | None = 4.5
+    rate_window_s: float = 2.0
+    _recent: dict[str, deque] = field(default_factory=dict)
     _failures: dict[tuple[str, str], list[int]] = field(default_factory=dict)
     _next_id: int = 5001
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -86,6 +124,16 @@ class FakeVast:
         req = Request(method, path, query, body, auth)
         with self._lock:
             self.requests.append(req)
+            if self.rate_limit is not None and not path.startswith("/logs-result/"):
+                key = f"{method} {re.sub(r'/[0-9]+', '/{id}', path)}"
+                now = time.monotonic()
+                recent = self._recent.setdefault(key, deque())
+                while recent and now - recent[0] > self.rate_window_s:
+                    recent.popleft()
+                if len(recent) >= self.rate_limit * self.rate_window_s:
+                    req.status = 429
+                    return 429, f"API requests too frequent: endpoint threshold={self.rate_limit}"
+                recent.append(now)
             for (m, prefix), queue in self._failures.items():
                 if m == method and path.startswith(prefix) and queue:
                     return queue.pop(0), {"error": "injected", "msg": "injected failure"}
@@ -108,6 +156,10 @@ class FakeVast:
             known = {o["id"]: o for o in self.offers}
             if offer_id not in known:
                 return 400, {"success": False, "error": "no_such_ask", "msg": "offer gone"}
+            invalid = create_body_problem(body)
+            if invalid:
+                req.status = 400
+                return 400, {"success": False, "error": "invalid_args", "msg": invalid}
             o = known[offer_id]
             with self._lock:
                 iid = self._next_id

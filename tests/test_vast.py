@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from fake_vast import FakeVast, FakeVastServer, offer
 
-from pagating import cli, vast, vast_cost, vast_watchdog
+from pagating import cli, cloud, vast, vast_cost, vast_watchdog
 from pagating.config import load_config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -33,7 +33,7 @@ DVC_CONFIG = """\
 ['remote "storage"']
     url = s3://example-bucket/pagating
 """
-LAUNCH = ["vast", "launch", "--s-per-step", "0.05", "--repo", REPO_URL, "--commit", COMMIT]
+LAUNCH = ["vast", "launch", "--s-per-step", "0.05", "--repo", REPO_URL, "--commit", COMMIT, "--no-wait"]
 
 
 @pytest.fixture
@@ -64,12 +64,23 @@ def fake(env):
 
 @pytest.fixture
 def keyed(fake, env):
-    """A launchable setup: key, remote tracking server with credentials."""
+    """Key and a remote tracking server with credentials: everything launch checks before it
+    writes anything."""
     env.setenv("VAST_API_KEY", SECRETS["VAST_API_KEY"])
     env.setenv("MLFLOW_TRACKING_URI", REMOTE_URI)
     env.setenv("MLFLOW_TRACKING_USERNAME", "gpu-runner")
     env.setenv("MLFLOW_TRACKING_PASSWORD", SECRETS["MLFLOW_TRACKING_PASSWORD"])
     return fake
+
+
+@pytest.fixture
+def launchable(keyed, env, mlflow_server):
+    """`keyed`, with a tracking server that answers (the sweep's parent run is made before renting):
+    the local test server, which the instance-reachability check would refuse, so that check is off."""
+    env.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
+    env.setattr(cloud, "check_tracking_uri", lambda uri: uri)
+    env.setattr(vast, "POLL_S", 0.3)
+    return keyed
 
 
 def run(capsys, *argv):
@@ -188,21 +199,21 @@ def test_offers_fall_back_to_estimate_when_mlflow_is_unreachable(fake, env, caps
 
 # ---- launch ---------------------------------------------------------------------------------
 
-def test_launch_create_request_has_image_disk_env_label_onstart(keyed, capsys):
+def test_launch_create_request_has_image_disk_env_label_onstart(launchable, capsys):
     rc, out, err = run(capsys, *LAUNCH, "--env", f"AWS_SECRET_ACCESS_KEY={SECRETS['AWS_SECRET_ACCESS_KEY']}",
                        "--sweep-id", "t1")
     assert rc == 0, err
-    creates = keyed.creates()
+    creates = launchable.creates()
     assert len(creates) == 1
     req = creates[0]
     assert req.path == "/api/v0/asks/12/"  # the cheapest offer
     body = req.body
-    cloud = load_config("wikitext103")["cloud"]
-    assert body["image"] == cloud["image"]
-    assert body["disk"] == cloud["min_disk_gb"]
+    cloud_cfg = load_config("wikitext103")["cloud"]
+    assert body["image"] == cloud_cfg["image"]
+    assert body["disk"] == cloud_cfg["min_disk_gb"]
     assert body["label"] == "pagating-t1-0"
-    assert body["onstart"] == vast.onstart_text()
-    assert "mlflow run . " in body["onstart"] and "dvc pull data.dvc" in body["onstart"]
+    assert body["onstart"] == cloud.bootstrap_text()  # the short bootstrap; onstart.sh comes from the commit
+    assert "exec bash scripts/onstart.sh" in body["onstart"] and len(body["onstart"]) <= vast.LIMITS.startup_chars
     assert body["runtype"] == "ssh_proxy"
     assert body.get("price") is None  # on-demand
     e = body["env"]
@@ -211,7 +222,9 @@ def test_launch_create_request_has_image_disk_env_label_onstart(keyed, capsys):
     assert e["PAGATING_SWEEP_ID"] == "t1"
     assert e["PAGATING_USD_PER_HOUR"] == "0.3000"
     assert e["PAGATING_BUDGET_USD"] == "50.00"
-    assert e["MLFLOW_TRACKING_URI"] == REMOTE_URI and e["MLFLOW_TRACKING_USERNAME"] == "gpu-runner"
+    assert e["MLFLOW_TRACKING_URI"] == os.environ["MLFLOW_TRACKING_URI"]
+    assert e["MLFLOW_TRACKING_USERNAME"] == "gpu-runner"
+    assert e["PAGATING_CUDA_GPUS"] == "1" and e["PAGATING_PARENT_RUN_ID"]
     assert e["MLFLOW_TRACKING_PASSWORD"] == SECRETS["MLFLOW_TRACKING_PASSWORD"]
     assert e["AWS_SECRET_ACCESS_KEY"] == SECRETS["AWS_SECRET_ACCESS_KEY"]
     # secrets only in env: never in the onstart text, the label, or anything printed
@@ -231,20 +244,19 @@ def test_launch_refuses_data_the_instance_cannot_pull(keyed, capsys, tmp_path, c
     assert rc == 2 and keyed.requests == [] and "DVC remote" in err
 
 
-def test_sample_profile_needs_no_dvc_remote(keyed, capsys, tmp_path):
+def test_sample_profile_needs_no_dvc_remote(launchable, capsys, tmp_path):
     (tmp_path / ".dvc" / "config").write_text("")
     rc, _, err = run(capsys, *LAUNCH, "--profile", "sample")
     assert rc == 0, err
-    e = keyed.creates()[0].body["env"]
+    e = launchable.creates()[0].body["env"]
     assert e["PAGATING_DATA"] == "sample" and e["PAGATING_PROFILE"] == "sample"
-    assert "pagating data sample" in keyed.creates()[0].body["onstart"]
 
 
 def test_the_default_remote_is_read_from_the_committed_dvc_config(tmp_path):
     (tmp_path / ".dvc").mkdir()
     (tmp_path / ".dvc" / "config").write_text(DVC_CONFIG)
-    assert vast.dvc_default_remote(tmp_path) == ("storage", "s3://example-bucket/pagating")
-    assert vast.data_env(load_config("wikitext103"), tmp_path) == {}
+    assert cloud.dvc_default_remote(tmp_path) == ("storage", "s3://example-bucket/pagating")
+    assert cloud.data_env(load_config("wikitext103"), tmp_path) == {}
 
 
 def test_launch_dry_run_prints_masked_env_and_rents_nothing(keyed, capsys):
@@ -254,7 +266,7 @@ def test_launch_dry_run_prints_masked_env_and_rents_nothing(keyed, capsys):
     assert keyed.calls("PUT", "/api/v0/asks/") == []
     assert "MLFLOW_TRACKING_PASSWORD=***" in out and "AWS_SECRET_ACCESS_KEY=***" in out
     assert "PAGATING_COMMIT=" + COMMIT in out
-    assert vast.onstart_text().strip() in out
+    assert cloud.bootstrap_text().strip() in out
     assert "projected total $" in out and "nothing rented" in out
     for secret in SECRETS.values():
         assert secret not in out and secret not in err
@@ -263,14 +275,15 @@ def test_launch_dry_run_prints_masked_env_and_rents_nothing(keyed, capsys):
 def test_onstart_text_carries_no_secret_and_stays_small(env):
     for name, value in SECRETS.items():
         env.setenv(name, value)
-    text = vast.onstart_text()
+    text = cloud.bootstrap_text()
     assert all(v not in text for v in SECRETS.values())
-    assert text.startswith("#!/usr/bin/env bash") and "\n#" not in text
-    assert len(text) < 6000
+    assert text.startswith("#!/bin/bash") and "\n#" not in text
+    assert len(text) <= vast.LIMITS.startup_chars == 4096
 
 
 @pytest.mark.parametrize("case", ["missing key", "over budget", "low credit", "sqlite", "file", "plain path",
-                                  "loopback", "localhost", "private", "no uri", "http with password"])
+                                  "loopback", "localhost", "private", "no uri", "http with password",
+                                  "http with token"])
 def test_refusals_exit_2_before_renting(keyed, env, capsys, case):
     argv = list(LAUNCH)
     if case == "missing key":
@@ -281,6 +294,10 @@ def test_refusals_exit_2_before_renting(keyed, env, capsys, case):
         keyed.credit = 0.5
     elif case == "no uri":
         env.delenv("MLFLOW_TRACKING_URI")
+    elif case == "http with token":
+        env.delenv("MLFLOW_TRACKING_PASSWORD")
+        env.setenv("MLFLOW_TRACKING_TOKEN", "mlflow-token-9d1e")
+        env.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example.org")
     else:
         uri = {"sqlite": "sqlite:///mlflow.db", "file": "file:///tmp/mlruns", "plain path": "/tmp/mlruns",
                "loopback": "http://127.0.0.1:5000", "localhost": "https://localhost:5000",
@@ -298,45 +315,45 @@ def test_refusals_exit_2_before_renting(keyed, env, capsys, case):
 
 def test_http_without_password_and_https_are_accepted(env):
     env.setenv("MLFLOW_TRACKING_PASSWORD", "x")
-    assert vast.check_tracking_uri("https://mlflow.example.org:8443") == "https://mlflow.example.org:8443"
+    assert cloud.check_tracking_uri("https://mlflow.example.org:8443") == "https://mlflow.example.org:8443"
     env.delenv("MLFLOW_TRACKING_PASSWORD")
-    assert vast.check_tracking_uri("http://mlflow.example.org") == "http://mlflow.example.org"
+    assert cloud.check_tracking_uri("http://mlflow.example.org") == "http://mlflow.example.org"
 
 
-def test_error_after_creation_destroys_the_created_instance(keyed, capsys):
-    keyed.fail("PUT", "/api/v0/asks/13/", 400)  # the second instance's offer is gone
+def test_error_after_creation_destroys_the_created_instance(launchable, capsys):
+    launchable.fail("PUT", "/api/v0/asks/13/", 400)  # the second instance's offer is gone
     rc, out, err = run(capsys, *LAUNCH, "--instances", "2", "--sweep-id", "t2")
     assert rc == 1
-    assert [r.path for r in keyed.creates()] == ["/api/v0/asks/12/"]
-    assert [r.path for r in keyed.destroys()] == ["/api/v0/instances/5001/"]
+    assert [r.path for r in launchable.creates()] == ["/api/v0/asks/12/"]
+    assert [r.path for r in launchable.destroys()] == ["/api/v0/instances/5001/"]
     assert "destroying 5001" in err
 
 
-def test_failure_to_confirm_a_created_instance_destroys_it(keyed, capsys):
-    keyed.fail("GET", "/api/v0/instances/5001/", *[500] * vast.RETRY_ATTEMPTS)
+def test_failure_to_confirm_a_created_instance_destroys_it(launchable, capsys):
+    launchable.fail("GET", "/api/v0/instances/5001/", *[500] * vast.RETRY_ATTEMPTS)
     rc, _, err = run(capsys, *LAUNCH)
     assert rc == 1
-    assert len(keyed.creates()) == 1
-    assert [r.path for r in keyed.destroys()] == ["/api/v0/instances/5001/"]
+    assert len(launchable.creates()) == 1
+    assert [r.path for r in launchable.destroys()] == ["/api/v0/instances/5001/"]
 
 
-def test_429_and_5xx_answers_are_retried(keyed, capsys):
-    keyed.fail("POST", "/api/v0/bundles/", 429, 503)
-    keyed.fail("GET", "/api/v0/users/current", 502)
-    keyed.fail("PUT", "/api/v0/asks/", 500)
+def test_429_and_5xx_answers_are_retried(launchable, capsys):
+    launchable.fail("POST", "/api/v0/bundles/", 429, 503)
+    launchable.fail("GET", "/api/v0/users/current", 502)
+    launchable.fail("PUT", "/api/v0/asks/", 500)
     rc, out, err = run(capsys, *LAUNCH)
     assert rc == 0, err
-    assert len(keyed.calls("POST", "/api/v0/bundles/")) == 3
-    assert len(keyed.calls("GET", "/api/v0/users/current")) == 2
-    assert len(keyed.calls("PUT", "/api/v0/asks/")) == 2 and len(keyed.creates()) == 1
+    assert len(launchable.calls("POST", "/api/v0/bundles/")) == 3
+    assert len(launchable.calls("GET", "/api/v0/users/current")) == 2
+    assert len(launchable.calls("PUT", "/api/v0/asks/")) == 2 and len(launchable.creates()) == 1
     assert "answered HTTP 429" in err and "answered HTTP 500" in err
 
 
-def test_a_create_whose_answer_was_lost_is_adopted_not_doubled(keyed, capsys):
-    keyed.lose_create_answers = 1  # rented, but the reply was a 500
+def test_a_create_whose_answer_was_lost_is_adopted_not_doubled(launchable, capsys):
+    launchable.lose_create_answers = 1  # rented, but the reply was a 500
     rc, out, err = run(capsys, *LAUNCH, "--sweep-id", "t3")
     assert rc == 0, err
-    assert len(keyed.creates()) == 1 and keyed.destroys() == []
+    assert len(launchable.creates()) == 1 and launchable.destroys() == []
     assert "rented instance 5001 (pagating-t3-0)" in out
 
 
@@ -347,10 +364,10 @@ def test_retries_give_up_with_one_line(keyed, capsys):
     assert err.strip().splitlines()[-1].startswith("pagating vast: Vast.ai search_offers failed: HTTP 503")
 
 
-def test_three_instances_run_shards_0_1_2_of_3(keyed, capsys):
+def test_three_instances_run_shards_0_1_2_of_3(launchable, capsys):
     rc, out, err = run(capsys, *LAUNCH, "--instances", "3", "--sweep-id", "t4")
     assert rc == 0, err
-    creates = keyed.creates()
+    creates = launchable.creates()
     assert len(creates) == 3
     assert [c.body["env"]["PAGATING_SHARD"] for c in creates] == ["0/3", "1/3", "2/3"]
     assert [c.body["label"] for c in creates] == ["pagating-t4-0", "pagating-t4-1", "pagating-t4-2"]
@@ -359,12 +376,12 @@ def test_three_instances_run_shards_0_1_2_of_3(keyed, capsys):
     assert vast_cost.shard_sizes(10, 3) == [4, 3, 3]
 
 
-def test_interruptible_launch_bids(keyed, capsys):
+def test_interruptible_launch_bids(launchable, capsys):
     rc, _, err = run(capsys, *LAUNCH, "--interruptible")
     assert rc == 0, err
-    assert search_body(keyed)["type"] == "bid"
-    body = keyed.creates()[0].body
-    cheapest = min(keyed.offers, key=lambda o: o["min_bid"])
+    assert search_body(launchable)["type"] == "bid"
+    body = launchable.creates()[0].body
+    cheapest = min(launchable.offers, key=lambda o: o["min_bid"])
     assert body["price"] == pytest.approx(round(cheapest["min_bid"] * vast.BID_MARGIN, 4))
     assert body["env"]["PAGATING_INTERRUPTIBLE"] == "1"
 
@@ -651,5 +668,54 @@ def test_onstart_runs_a_tiny_real_sweep_and_destroys_once(mlflow_server, tmp_pat
         assert len(children) == 2 and {r.info.status for r in children} == {"FINISHED"}
         assert {r.data.params.get("train.max_steps") for r in children} == {"4"}
         cfg = load_config("sample")
-        prog = vast.sweep_progress(mlflow_server.uri, sweep_id, {**cfg, "sweep": params["sweep"]["sample"]})
+        prog = cloud.sweep_progress(mlflow_server.uri, sweep_id, {**cfg, "sweep": params["sweep"]["sample"]})
         assert prog["done"] == prog["total"] == 2 and prog["running"] == []
+
+
+# ---- Vast's create-request limits and rate limit (the fake enforces them like Vast) ------------
+
+def test_fake_vast_refuses_what_vast_refuses(fake):
+    import requests
+
+    url = f"{fake.url}/api/v0/asks/11/"
+    big = {"image": "img", "onstart": "x" * 4097, "env": {}}
+    r = requests.put(url, json=big, timeout=10)
+    assert r.status_code == 400 and r.json()["error"] == "invalid_args" and "4096" in r.json()["msg"]
+    for body in ({"image": "img", "env": {"A": "v" * 255}}, {"image": "i" * 1025}, {"image": "i", "label": "l" * 257}):
+        assert requests.put(url, json=body, timeout=10).status_code == 400
+    fake.rate_limit = 4.5
+    answers = [requests.get(f"{fake.url}/api/v0/instances/{i}/", timeout=10).status_code for i in range(12)]
+    assert answers[:9] == [200] * 9 and 429 in answers[9:]
+    assert not fake.creates()
+
+
+def test_launch_with_the_longest_realistic_inputs_is_accepted(launchable, env, capsys, mlflow_server):
+    launchable.offers = [offer(30 + i, 0.30 + i / 100) for i in range(10)]
+    # a private repo cloned with a token, a tracking URI carrying a long user and password,
+    # DVC credentials, 8 bid instances
+    repo = ("https://x-access-token:ghp_" + "A1b2C3d4E5" * 4 + "@github.com/"
+            "some-research-group-with-a-long-name/pagating-gpt2-gating-experiments-fork.git")
+    host = mlflow_server.uri.split("//", 1)[1]
+    env.setenv("MLFLOW_TRACKING_URI", f"http://gpu-runner-for-the-long-sweep:{'p' * 64}@{host}")
+    env.setenv("MLFLOW_TRACKING_PASSWORD", "q" * 64)
+    env.setenv("AWS_ACCESS_KEY_ID", "AKIA" + "X" * 16)
+    env.setenv("AWS_SECRET_ACCESS_KEY", "s" * 40)
+    rc, out, err = run(capsys, "vast", "launch", "--s-per-step", "0.05", "--repo", repo, "--commit", COMMIT,
+                       "--instances", "8", "--interruptible", "--no-wait", "--env", "AWS_ACCESS_KEY_ID",
+                       "--env", "AWS_SECRET_ACCESS_KEY")
+    assert rc == 0, err
+    puts = launchable.calls("PUT", "/api/v0/asks/")
+    assert len(launchable.creates()) == 8 and [r.status for r in puts] == [0] * 8  # no 400, no 429
+    for req in launchable.creates():
+        body = req.body
+        assert len(body["onstart"]) <= 4096 and body["env"]["PAGATING_REPO"] == repo
+        assert max(len(f"{k}={v}") for k, v in body["env"].items()) <= 256
+    for secret in ("ghp_", "p" * 64, "q" * 64, "s" * 40):
+        assert secret not in out + err
+
+
+def test_an_env_value_over_vasts_limit_is_refused_before_renting(launchable, capsys):
+    repo = "https://github.com/" + "x" * 250 + "/pagating.git"
+    rc, _, err = run(capsys, *LAUNCH[:5], repo, *LAUNCH[6:])
+    assert rc == 2 and "PAGATING_REPO" in err and "256" in err
+    assert launchable.calls("PUT", "/api/v0/asks/") == []

@@ -1,0 +1,175 @@
+"""What a rented instance runs around the sweep (called by scripts/onstart.sh, any provider):
+
+    python -m pagating.instance dvc-extra     the pip extra of the DVC plugin .dvc/config's remote needs
+    python -m pagating.instance check-cuda    CUDA or nothing: one line, exit 1 when the GPUs are not usable
+    python -m pagating.instance report STATE  tag pagating.instance.<id> on the sweep's parent run
+    python -m pagating.instance upload-log    the onstart log -> logs/instance-<id>.log on the parent run
+
+Importable before the project is installed (standard library at import time; MLflow and torch only
+inside the commands that need them), so a failed install can still be reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import configparser
+import os
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from urllib.parse import urlsplit
+
+REPORT_TAG = "pagating.instance."  # + instance id; value "<state>: <detail>"
+LOG_ARTIFACT_DIR = "logs"
+CUDA_ENV = "PAGATING_CUDA_GPUS"  # CUDA GPUs the instance must see (set by launch)
+TEST_ALLOW_CPU_ENV = "PAGATING_TEST_ALLOW_CPU"  # tests only: a CPU box passes the CUDA requirement
+# DVC remote URL scheme -> the project extra holding its DVC plugin (pyproject.toml)
+DVC_EXTRAS = {"s3": "s3", "gs": "gs", "gcs": "gs", "azure": "azure", "ssh": "ssh", "http": "http", "https": "http"}
+
+
+def instance_id() -> str:
+    return os.environ.get("CONTAINER_ID") or "local"
+
+
+def log_artifact_name(iid: str | int) -> str:
+    return f"instance-{iid}.log"
+
+
+# ---- DVC plugin -------------------------------------------------------------------------------
+
+def dvc_default_remote(root: Path) -> tuple[str, str] | None:
+    """(name, url) of the default remote in the committed .dvc/config (.dvc/config.local is not
+    part of a checkout)."""
+    cp = configparser.ConfigParser(interpolation=None, strict=False)
+    try:
+        cp.read(root / ".dvc" / "config")
+    except configparser.Error:
+        return None
+    name = cp.get("core", "remote", fallback=None)
+    for section in cp.sections():
+        m = re.fullmatch(r"""'?remote "(.+)"'?""", section.strip())
+        if m and m.group(1) == name and cp.has_option(section, "url"):
+            return name, cp.get(section, "url")
+    return None
+
+
+def dvc_extra(url: str | None) -> str:
+    """'' for a local path (DVC itself reads it), else the extra: s3://... -> 's3'."""
+    scheme = urlsplit(url or "").scheme.lower()
+    if len(scheme) <= 1 or scheme == "file":  # a path, or a Windows drive letter
+        return ""
+    if scheme not in DVC_EXTRAS:
+        raise ValueError(f"no DVC plugin known for a {scheme}:// remote; pagating's extras cover "
+                         f"{', '.join(sorted(set(DVC_EXTRAS)))}")
+    return DVC_EXTRAS[scheme]
+
+
+# ---- CUDA -------------------------------------------------------------------------------------
+
+def cuda_required() -> int:
+    """CUDA GPUs this machine must use (0: no requirement, e.g. a laptop)."""
+    try:
+        return max(0, int(os.environ.get(CUDA_ENV) or 0))
+    except ValueError:
+        return 0
+
+
+def cuda_problem() -> str | None:
+    """None when the required CUDA GPUs are usable, else one line: what was found, what was expected."""
+    need = cuda_required()
+    if not need:
+        return None
+    try:
+        import torch
+
+        found = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        detail = f"torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'}"
+    except Exception as exc:  # torch missing or broken: as unusable as no GPU
+        found, detail = 0, f"torch not importable ({type(exc).__name__})"
+    if found >= need:
+        return None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return (f"CUDA required: found {found} usable CUDA GPU(s) ({detail}"
+            + (f", CUDA_VISIBLE_DEVICES={visible!r}" if visible is not None else "")
+            + f"), expected {need}; refusing to train on CPU")
+
+
+def check_cuda() -> tuple[bool, str]:
+    problem = cuda_problem()
+    if problem is None:
+        need = cuda_required()
+        return True, f"CUDA: {need} GPU(s) usable" if need else "CUDA: not required here"
+    if os.environ.get(TEST_ALLOW_CPU_ENV) == "1":
+        return True, f"{problem} -- but {TEST_ALLOW_CPU_ENV}=1 (tests only): continuing on CPU"
+    return False, problem
+
+
+# ---- reporting to the parent run --------------------------------------------------------------
+
+def _client():
+    from pagating.tracking import client
+
+    return client(os.environ.get("MLFLOW_TRACKING_URI"))
+
+
+def report(state: str) -> None:
+    run_id = os.environ.get("PAGATING_PARENT_RUN_ID")
+    if run_id:
+        _client().set_tag(run_id, REPORT_TAG + instance_id(), state[:4000])
+
+
+def upload_log(path: str | None = None) -> str:
+    """Upload the onstart log to the parent run; returns what happened (one line)."""
+    run_id = os.environ.get("PAGATING_PARENT_RUN_ID")
+    path = path or os.environ.get("PAGATING_LOG")
+    if not run_id:
+        return "log not uploaded: no PAGATING_PARENT_RUN_ID"
+    if not path or not Path(path).is_file():
+        return f"log not uploaded: no log file {path!r}"
+    name = log_artifact_name(instance_id())
+    with tempfile.TemporaryDirectory() as tmp:  # a snapshot: the live file keeps growing
+        shutil.copyfile(path, Path(tmp) / name)
+        _client().log_artifact(run_id, str(Path(tmp) / name), LOG_ARTIFACT_DIR)
+    return f"log uploaded to run {run_id} as {LOG_ARTIFACT_DIR}/{name}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pagating.instance", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("dvc-extra")
+    sub.add_parser("check-cuda")
+    sub.add_parser("report").add_argument("state")
+    sub.add_parser("upload-log").add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    if args.cmd == "dvc-extra":
+        remote = dvc_default_remote(Path.cwd())
+        try:
+            print(dvc_extra(remote[1] if remote else None))
+        except ValueError as exc:
+            print(exc)
+            return 1
+        return 0
+    if args.cmd == "check-cuda":
+        ok, line = check_cuda()
+        print(line)
+        return 0 if ok else 1
+    try:
+        if args.cmd == "report":
+            report(args.state)
+            return 0
+        line = upload_log()
+    except Exception as exc:  # the caller goes on (or stops) either way: say why in one line
+        from pagating.tracking import mask_uri
+
+        print(f"pagating-instance: {args.cmd} to {mask_uri(os.environ.get('MLFLOW_TRACKING_URI', '?'))} "
+              f"failed: {type(exc).__name__}: {str(exc)[:200]}", file=sys.stderr)
+        return 1
+    if not args.quiet:
+        print(f"pagating-instance: {line}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
