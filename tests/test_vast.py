@@ -16,7 +16,7 @@ import pytest
 from fake_vast import FakeVast, FakeVastServer, offer
 
 from pagating import cli, cloud, vast, vast_cost, vast_watchdog
-from pagating.config import load_config
+from pagating.config import UserError, load_config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -719,3 +719,140 @@ def test_an_env_value_over_vasts_limit_is_refused_before_renting(launchable, cap
     rc, _, err = run(capsys, *LAUNCH[:5], repo, *LAUNCH[6:])
     assert rc == 2 and "PAGATING_REPO" in err and "256" in err
     assert launchable.calls("PUT", "/api/v0/asks/") == []
+
+
+# ---- CUDA or nothing ------------------------------------------------------------------------------
+
+def test_offers_are_filtered_by_the_hosts_cuda_against_the_images(fake, capsys):
+    fake.offers = [offer(41, 0.20, cuda_max_good=12.2), offer(42, 0.40, cuda_max_good=12.4),
+                   offer(43, 0.30, cuda_max_good=12.8)]
+    rc, out, _ = run(capsys, "vast", "offers")
+    assert rc == 0
+    assert search_body(fake)["cuda_max_good"] == {"gte": 12.4}  # pytorch/pytorch:...-cuda12.4-...
+    ids = [ln.split()[0] for ln in out.splitlines() if ln.split()[:1] in (["41"], ["42"], ["43"])]
+    assert ids == ["43", "42"]  # 41's driver cannot run CUDA 12.4, even if the API returned it
+    rc, _, _ = run(capsys, "vast", "offers", "--image", "ghcr.io/me/pagating:abc", "--image-cuda", "12.6")
+    assert search_body(fake)["cuda_max_good"] == {"gte": 12.6}
+    assert vast.image_cuda("ghcr.io/me/pagating:abc", 12.4) == 12.4
+
+
+def test_no_cuda_where_cuda_is_required_is_one_line_and_no_cpu_fallback(monkeypatch):
+    from pagating import instance, sweep
+
+    monkeypatch.delenv(instance.TEST_ALLOW_CPU_ENV, raising=False)
+    monkeypatch.delenv(instance.CUDA_ENV, raising=False)
+    assert instance.check_cuda() == (True, "CUDA: not required here")
+    assert sweep.parse_gpus("auto") == [None]  # a laptop: the CPU slot
+    monkeypatch.setenv(instance.CUDA_ENV, "2")
+    ok, line = instance.check_cuda()
+    assert not ok and "\n" not in line
+    assert line.startswith("CUDA required: found 0 usable CUDA GPU(s)") and "expected 2" in line
+    with pytest.raises(UserError, match="CUDA required"):
+        sweep.parse_gpus("auto")
+    monkeypatch.setenv(instance.TEST_ALLOW_CPU_ENV, "1")
+    assert instance.check_cuda()[0] and sweep.parse_gpus("auto") == [None]
+
+
+def test_the_dvc_plugin_extra_of_each_remote_kind_is_a_project_extra():
+    import tomllib
+
+    extras = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    from pagating.instance import dvc_extra
+
+    for url, extra, plugin in [("s3://b/p", "s3", "dvc-s3"), ("gs://b/p", "gs", "dvc-gs"),
+                               ("azure://c/p", "azure", "dvc-azure"), ("ssh://u@h/srv/dvc", "ssh", "dvc-ssh"),
+                               ("https://h/dvc", "http", "dvc-http"), ("/srv/dvc", "", None)]:
+        assert dvc_extra(url) == extra
+        if plugin:
+            assert any(dep.startswith(plugin) for dep in extras[extra])
+            for doc in ("README.md", "docs/vast.md"):  # the docs name each extra for its remote
+                assert f"pagating[{extra}]" in (REPO_ROOT / doc).read_text(), (doc, extra)
+    with pytest.raises(ValueError, match="no DVC plugin"):
+        dvc_extra("webdav://h/p")
+
+
+# ---- no instance left billing ---------------------------------------------------------------------
+
+def test_launch_destroys_an_instance_that_never_starts(launchable, env, capsys):
+    # new fake instances sit in `loading` (an image pull that never ends) and never report in
+    rc, out, err = run(capsys, *[a for a in LAUNCH if a != "--no-wait"], "--start-timeout", "0.02")
+    assert rc == 1
+    assert [r.path for r in launchable.destroys()] == ["/api/v0/instances/5001/"]
+    assert "instance 5001: not started after" in err and "loading" in err
+
+
+def test_launch_returns_once_the_instance_reported_in(launchable, env, capsys, mlflow_server):
+    from mlflow.tracking import MlflowClient
+
+    def instance_starts():  # what the bootstrap does: it runs, then tags the parent run
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            inst = launchable.instances.get(5001)
+            env_ = dict((inst or {}).get("extra_env") or [])
+            if env_.get("PAGATING_PARENT_RUN_ID"):
+                time.sleep(0.5)
+                inst["actual_status"] = "running"
+                MlflowClient(mlflow_server.uri).set_tag(env_["PAGATING_PARENT_RUN_ID"], "pagating.instance.5001",
+                                                        "started: checking out")
+                return
+            time.sleep(0.1)
+
+    import threading
+
+    t = threading.Thread(target=instance_starts)
+    t.start()
+    rc, out, err = run(capsys, *[a for a in LAUNCH if a != "--no-wait"], "--start-timeout", "1")
+    t.join()
+    assert rc == 0, err
+    assert "instance 5001: running, reported in (started: checking out)" in out
+    assert launchable.destroys() == []
+
+
+def test_watch_destroys_stuck_instances_and_retries_a_failed_destroy(keyed, env, capsys):
+    keyed.add_instance(980, label="pagating-s1-0", actual_status="loading", start_date=time.time() - 3600,
+                       status_msg="Error response from daemon: pull access denied",
+                       extra_env=_instance_env("s1", "0/3"))
+    keyed.add_instance(981, label="pagating-s1-1", actual_status="loading", start_date=time.time(),
+                       extra_env=_instance_env("s1", "1/3"))
+    keyed.add_instance(982, label="pagating-s2-0", actual_status="running", start_date=time.time() - 3600,
+                       extra_env=_instance_env("s2", "0/1"))  # another sweep, running: left alone
+    keyed.fail("DELETE", "/api/v0/instances/980/", *[500] * vast.RETRY_ATTEMPTS)  # the first destroy fails
+    rc, out, _ = run(capsys, "vast", "watch", "--sweep", "s1", "--interval", "0.3", "--start-timeout", "0.05",
+                     *NO_MLFLOW)  # it runs until every instance of the sweep is gone
+    assert rc == 0 and "all instances are gone" in out
+    assert "pull access denied" in out and "retrying next round" in out
+    assert len(keyed.destroys(980)) == vast.RETRY_ATTEMPTS + 1  # failed attempts, then the retry that went through
+    assert len(keyed.destroys(981)) == 1  # loading past the (short) timeout as well
+    assert keyed.destroys(982) == []
+
+
+def test_logs_of_a_gone_instance_come_from_its_parent_run(keyed, env, capsys, mlflow_server, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_server.uri)
+    exp = client.get_experiment_by_name("pagating-vasttest")
+    exp_id = exp.experiment_id if exp else client.create_experiment("pagating-vasttest")
+    parent = client.create_run(exp_id, tags={"pagating.instance.7701": "finished: shard 0/1",
+                                             "pagating.instance.7702": "created: waiting for the instance",
+                                             "pagating.instance.7703": "failed: cannot check out commit abc"})
+    log = tmp_path / "instance-7701.log"
+    log.write_text("line 1\npagating-onstart: sweep shard 0/1 finished\n")
+    client.log_artifact(parent.info.run_id, str(log), "logs")
+    env.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
+    rc, out, _ = run(capsys, "vast", "logs", "7701")
+    assert rc == 0 and "sweep shard 0/1 finished" in out
+    assert keyed.calls("PUT", "/api/v0/instances/request_logs/") == []  # gone: not asked of Vast
+    rc, out, _ = run(capsys, "vast", "logs", "7702")
+    assert "never reported" in out
+    rc, out, _ = run(capsys, "vast", "logs", "7703")
+    assert "cannot check out commit abc" in out
+
+
+def test_watchdog_budget_clock_counts_from_vasts_start_across_reboots(fake, env):
+    fake.add_instance(5560, start_date=time.time() - 7200)  # started two hours ago; onstart reran just now
+    env.setenv("CONTAINER_ID", "5560")
+    env.setenv("CONTAINER_API_KEY", "container-key")
+    env.setenv("PAGATING_STARTED_AT", str(time.time()))
+    started = vast_watchdog.vast_start_date()
+    assert started == pytest.approx(time.time() - 7200, abs=5)
+    assert "reached the budget" in vast_watchdog.check(time.time(), started, 1.0, 1.5, time.time(), 1e9)
