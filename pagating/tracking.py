@@ -477,13 +477,16 @@ class TrackingCallback(_Callback):
 
     def __init__(self, spool: MetricSpool, uploader: CheckpointUploader | None, run_info: dict,
                  tokens_per_step: int, flops_token: float, peak: float | None, sampler=None,
-                 usd_per_hour: float | None = None, model=None, log_alpha: bool = False, cuda: bool = False):
+                 usd_per_hour: float | None = None, model=None, log_alpha: bool = False, cuda: bool = False,
+                 compile_watch=None):
         self.spool, self.uploader, self.run_info = spool, uploader, run_info
         self.tokens_per_step, self.flops_token, self.peak = tokens_per_step, flops_token, peak
         self.sampler, self.usd_per_hour, self.model = sampler, usd_per_hour, model
         self.log_alpha, self.cuda = log_alpha, cuda
+        self.compile_watch = compile_watch  # pagating.runtime.CompileWatch when torch.compile is on
         self.t0: float | None = None
         self.step0 = 0
+        self.c0 = 0.0
         self.started = time.time()
         self.eval_losses: list[float] = []
 
@@ -496,6 +499,7 @@ class TrackingCallback(_Callback):
     def _restart_window(self, state) -> None:
         self._sync()
         self.t0, self.step0 = time.perf_counter(), state.global_step
+        self.c0 = self.compile_watch.seconds() if self.compile_watch is not None else 0.0
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.started = time.time()
@@ -514,7 +518,14 @@ class TrackingCallback(_Callback):
             self.eval_losses.append(logs["eval_loss"])
         if "loss" in logs and self.t0 is not None and step > self.step0:
             self._sync()
-            step_time = (time.perf_counter() - self.t0) / (step - self.step0)
+            elapsed = time.perf_counter() - self.t0
+            if self.compile_watch is not None:
+                # Compiling is a one-off cost, not step time: it is logged apart, cumulative.
+                compiled = self.compile_watch.seconds()
+                elapsed -= min(compiled - self.c0, 0.99 * elapsed)
+                out["perf/compile_time_s"] = compiled
+                out["perf/recompiles"] = self.compile_watch.recompiles
+            step_time = elapsed / (step - self.step0)
             out["perf/step_time_s"] = step_time
             out["perf/tokens_per_s"] = self.tokens_per_step / step_time
             if self.peak:

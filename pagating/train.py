@@ -19,6 +19,9 @@ from typing import Any
 import yaml
 
 from pagating.config import UserError, config_hash, flatten, load_config, parse_sets
+from pagating.runtime import passive_openmp
+
+passive_openmp()  # before transformers pulls in torch: OpenMP reads its wait policy once, at load
 
 # Seed flag -> params.yaml key. The seed's spellings (underscores) are the canonical flags.
 FLAG_KEYS = {
@@ -160,7 +163,8 @@ def find_resume(cfg: dict, resume: str, run_dir: Path, mlf, exp_id: str, h: str)
                     f"config (hash {h}) uploaded one; run without --resume to start fresh")
 
 
-def _training_arguments(cfg: dict, run_dir: Path, device: str, compile_model: bool, world: int):
+def _training_arguments(cfg: dict, run_dir: Path, device: str, compile_model: bool, world: int,
+                        bf16: bool | None = None):
     from transformers import TrainingArguments
 
     t = cfg["train"]
@@ -185,7 +189,7 @@ def _training_arguments(cfg: dict, run_dir: Path, device: str, compile_model: bo
         report_to="none",  # tracking is ours (pagating.tracking), not transformers' MLflowCallback
         seed=int(t["seed"]),
         data_seed=int(t["seed"]),
-        bf16=cuda,
+        bf16=cuda if bf16 is None else bf16,  # autocast (CPU too), weights stay fp32
         tf32=cuda or None,
         optim="adamw_torch_fused" if cuda else "adamw_torch",
         torch_compile=compile_model,
@@ -199,9 +203,10 @@ def _training_arguments(cfg: dict, run_dir: Path, device: str, compile_model: bo
 
 def train(cfg: dict, *, resume: str = "none", device: str = "auto", compile_model: str = "auto",
           parent_run_id: str | None = None, sweep_id: str | None = None,
-          extra_tags: dict[str, str] | None = None) -> dict[str, Any]:
+          extra_tags: dict[str, str] | None = None, precision: str = "auto",
+          threads: int | None = None) -> dict[str, Any]:
     """Run one config; returns {"run_id", "status", "run_dir", "final_eval_loss", ...}."""
-    from pagating import tracking
+    from pagating import runtime, tracking
     from pagating.data import check_prepared, data_md5
 
     # 1. Input checks: nothing is written before these pass.
@@ -215,6 +220,8 @@ def train(cfg: dict, *, resume: str = "none", device: str = "auto", compile_mode
     h = config_hash(cfg, meta.get("source_md5", ""))
     run_dir = run_dir_for(cfg, h)
     device = pick_device(device)
+    precision = runtime.resolve_precision(precision, device)
+    n_threads = runtime.set_threads(threads)
     mlf = tracking.client(uri)
     # Started by `mlflow run`: that run is our parent, and its experiment is ours, so the UI nests them.
     launcher = None if parent_run_id else os.environ.get("MLFLOW_RUN_ID")
@@ -279,7 +286,9 @@ def train(cfg: dict, *, resume: str = "none", device: str = "auto", compile_mode
             run_id = run.info.run_id
             _log_params(mlf, run_id, cfg, spec, n_params, config, device, world, vocab,
                         {"eval.blocks": len(eval_pick), "eval.tokens": len(eval_pick) * int(meta["block_size"]),
-                         "test.tokens": int(meta["splits"]["test"]["tokens_packed"])})
+                         "test.tokens": int(meta["splits"]["test"]["tokens_packed"]),
+                         "train.precision": precision, "train.compile": "on" if compile_on else "off",
+                         "train.threads": n_threads})
     info = {"run_id": run_id, "experiment_id": exp_id, "config_hash": h,
             "tracking_uri": tracking.mask_uri(uri)}
     if rank == 0:
@@ -299,7 +308,8 @@ def train(cfg: dict, *, resume: str = "none", device: str = "auto", compile_mode
         # The one peak table, by the NVML name; a GPU it lacks gets no MFU rather than a wrong one.
         peak=flops.mfu_peak_flops(dev_name) if device == "cuda" or os.environ.get("PAGATING_PEAK_TFLOPS") else None,
         sampler=sampler, usd_per_hour=usd_per_hour, model=model,
-        log_alpha=spec.kind in ("learnable", "scheduler_cosine"), cuda=device == "cuda")
+        log_alpha=spec.kind in ("learnable", "scheduler_cosine"), cuda=device == "cuda",
+        compile_watch=runtime.CompileWatch() if compile_on else None)
 
     status = "FAILED"
     result: dict[str, Any] = {"run_id": run_id, "run_dir": str(run_dir), "config_hash": h}
@@ -308,7 +318,8 @@ def train(cfg: dict, *, resume: str = "none", device: str = "auto", compile_mode
         train_ds = PackedDataset(cfg["data"]["prepared_dir"], "train")
         eval_ds = torch.utils.data.Subset(PackedDataset(cfg["data"]["prepared_dir"], "validation"), eval_pick)
         tokenizer = load_tokenizer(cfg["data"]["prepared_dir"])
-        trainer = _make_trainer_class()(model=model, args=_training_arguments(cfg, run_dir, device, compile_on, world),
+        args = _training_arguments(cfg, run_dir, device, compile_on, world, bf16=precision == "bf16")
+        trainer = _make_trainer_class()(model=model, args=args,
                           train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
                           data_collator=default_data_collator,  # blocks are packed: never pad
                           callbacks=[AlphaCallback(model), cb] if rank == 0 else [AlphaCallback(model)])
@@ -344,6 +355,8 @@ def train(cfg: dict, *, resume: str = "none", device: str = "auto", compile_mode
         status = "KILLED"
         raise
     finally:
+        if cb.compile_watch is not None:
+            cb.compile_watch.close()
         if sampler is not None:
             sampler.stop()
         if rank == 0:
@@ -435,6 +448,10 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
                    help="torch.compile (auto: on for CUDA)")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="bf16 autocast or fp32 (auto: bf16 on a CUDA GPU that has it)")
+    p.add_argument("--threads", type=_opt(int),
+                   help="torch CPU threads (default: OMP_NUM_THREADS, else this process's share of the cores)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override any params.yaml value, e.g. --set model.ffn_dim=512")
 
@@ -484,7 +501,8 @@ def cli_train(args) -> int:
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         return launch_ddp(args, cfg, resume)
     result = train(cfg, resume=resume, device=args.device, compile_model=args.compile,
-                   parent_run_id=args.parent_run_id, sweep_id=args.sweep_id)
+                   parent_run_id=args.parent_run_id, sweep_id=args.sweep_id, precision=args.precision,
+                   threads=args.threads)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(result, default=str))
     return 0 if result["status"] == "FINISHED" else 1

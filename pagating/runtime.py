@@ -1,0 +1,138 @@
+"""How a run uses the machine: CPU threads, numeric precision, and torch.compile's bookkeeping.
+
+Threads: torch's default (one OpenMP thread per core, busy-waiting between ops) collapses when
+anything else runs on the cores: a tiny-GPT-2 step measured ~25 ms alone and ~215 ms beside two
+busy processes on the 2-core dev box. A run therefore takes its share of the cores it may use
+(affinity and cgroup quota, divided among the sweep's workers or torchrun's local processes) and
+lets idle OpenMP threads sleep instead of spin (OMP_WAIT_POLICY=PASSIVE), unless the user says
+otherwise (--threads, OMP_NUM_THREADS, OMP_WAIT_POLICY win).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import threading
+
+from pagating.config import UserError
+
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def passive_openmp() -> None:
+    """Idle OpenMP threads sleep rather than spin; only takes effect before torch (libgomp) loads."""
+    if "torch" not in sys.modules:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def usable_cores() -> int:
+    """Cores this process may run on: its CPU affinity, capped by a cgroup v2 CPU quota (containers)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # macOS has no affinity call
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
+
+
+def thread_share(workers: int) -> int:
+    """Each of `workers` processes sharing this machine gets an equal share of its cores (at least 1)."""
+    return max(1, usable_cores() // max(1, workers))
+
+
+def explicit_threads() -> int | None:
+    """OMP_NUM_THREADS when the user set it to a number; an explicit setting wins over our share."""
+    text = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    return int(text) if text.isdigit() and int(text) > 0 else None
+
+
+def set_threads(requested: int | None = None) -> int:
+    """Set torch's intra-op threads: --threads, else OMP_NUM_THREADS, else this process's share of
+    the cores (torchrun's LOCAL_WORLD_SIZE processes divide them). Returns the number set."""
+    import torch
+
+    if requested is not None and requested < 1:
+        raise UserError(f"--threads must be >= 1, got {requested}")
+    n = requested or explicit_threads() or thread_share(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    torch.set_num_threads(n)
+    return n
+
+
+def resolve_precision(requested: str, device: str) -> str:
+    """auto: bf16 autocast on a CUDA GPU that supports it, fp32 elsewhere. bf16 on CPU is autocast too."""
+    import torch
+
+    if requested not in PRECISIONS:
+        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {requested!r}")
+    if requested == "auto":
+        return "bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if requested == "bf16" and device == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError("--precision bf16: this GPU has no bf16 support; use --precision fp32")
+    if requested == "bf16" and device == "mps":
+        raise UserError("--precision bf16 is not supported on mps; use --precision fp32")
+    return requested
+
+
+class CompileWatch:
+    """Counts torch.compile's work in this process: compilations, recompilations (a frame compiled
+    again, e.g. after a guard on a changed value failed) and seconds spent compiling.
+
+    Read at each logging step; the step timer subtracts the compile seconds of its window, so
+    perf/step_time_s is the steady step and the compile cost shows apart (perf/compile_time_s).
+    """
+
+    _ID = re.compile(r"(\d+)/(\d+)")
+
+    def __init__(self):
+        self.compiles = 0
+        self.recompiles = 0
+        self._lock = threading.Lock()
+        self._registered = False
+        try:
+            from torch._dynamo.callback import callback_handler
+
+            callback_handler.register_end_callback(self._on_compile_end)
+            self._registered = True
+        except (ImportError, AttributeError):  # an older torch: compile time only
+            pass
+
+    def _on_compile_end(self, args=None) -> None:
+        trigger = getattr(getattr(args, "callback_trigger", None), "name", "DYNAMO")
+        if trigger != "DYNAMO":  # lazy backward compile, autotuning, cudagraph recording: not a frame
+            return
+        compile_id = getattr(args, "compile_id", None)
+        if compile_id is None:  # torch versions whose callbacks take no argument
+            from torch._guards import CompileContext
+
+            compile_id = str(CompileContext.current_compile_id())
+        m = self._ID.search(str(compile_id))
+        with self._lock:
+            self.compiles += 1
+            if m and int(m.group(2)) > 0:  # [frame/n]: the n-th compile of that frame
+                self.recompiles += 1
+
+    @staticmethod
+    def seconds() -> float:
+        """Cumulative seconds in Dynamo frame compiles and (lazy) backward compiles, this process."""
+        try:
+            from torch._dynamo.utils import calculate_time_spent
+
+            return float(calculate_time_spent().get("total_wall_time", 0.0))
+        except (ImportError, AttributeError):
+            return 0.0
+
+    def close(self) -> None:
+        if self._registered:
+            from torch._dynamo.callback import callback_handler
+
+            try:
+                callback_handler.remove_end_callback(self._on_compile_end)
+            except ValueError:
+                pass
+            self._registered = False
