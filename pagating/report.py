@@ -1,7 +1,8 @@
 """`pagating report`: a sweep's runs, read back from MLflow, as tables, DVC metrics and plots.
 
-Every figure here is read from MLflow (or derived from what is read: a mean, a product, a sum);
-none is typed by hand. Files are written only after every read succeeded, with sorted keys and
+Every figure here is read from MLflow (or derived from what is read: a mean, a product, a sum, a
+confidence interval), except the seed plan's quoted figures (SEED_PLAN) and the pagating.flops estimate
+beside them. Files are written only after every read succeeded, with sorted keys and
 fixed float formats, so two reports over the same runs are byte-identical (PNGs aside).
 
 Which runs: the run ids of `reports/sweep.json` (written by `pagating sweep`; it also names configs
@@ -169,9 +170,17 @@ def collect(mlf, name: str, run) -> dict[str, Any] | None:
     else:
         cost = None
     max_steps = _float(params.get("train.max_steps"))
+    seed, n_params = _float(params.get("train.seed")), _float(params.get("model.n_params"))
     return {
+        "config": name, "seed": int(seed) if seed is not None else None,
+        "n_params": int(n_params) if n_params is not None else None,
+        "param_matched": params.get("model.param_matched", "?"), "d_ff": params.get("model.d_ff", "?"),
+        "test_loss": metrics.get("test/loss"), "eval_tail": losses[-3:],
         "name": name, "run_id": rid, "config_hash": tags.get("pagating.config_hash", ""),
-        "alpha_mode": params.get("train.alpha_mode", "?"), "learning_rate": _float(params.get("train.learning_rate")),
+        # GPT-2's own MLP has no α: its bars and CSV rows say `plain`, not the unused train.alpha_mode.
+        "alpha_mode": ("plain" if params.get("model.unit", "").lower() == "plain"
+                       else params.get("train.alpha_mode", "?")),
+        "learning_rate": _float(params.get("train.learning_rate")),
         "unit": params.get("model.unit", "?"), "max_steps": int(max_steps) if max_steps else None,
         "gpu": tags.get("gpu.name") or "unknown", "usd_per_hour": rate,
         "best_eval_loss": best, "final_eval_loss": final,
@@ -183,6 +192,147 @@ def collect(mlf, name: str, run) -> dict[str, Any] | None:
         "gpu_util_pct": steady_mean(h["gpu/util_pct"]), "cost_usd": cost,
         "eval_curve": h["eval/loss"], "alpha_curve": alpha,
     }
+
+
+# Does gating help? --------------------------------------------------------------------------
+
+def t_two_sided_p(t: float, df: int) -> float:
+    """Two-sided p-value of Student's t with integer df, exactly (Abramowitz & Stegun 26.7.3-4): a
+    closed form for integer df, so no scipy."""
+    theta = math.atan(abs(t) / math.sqrt(df))
+    c2, s = math.cos(theta) ** 2, math.sin(theta)
+    if df % 2:  # odd
+        total, term = 0.0, 1.0
+        for k in range(1, (df - 1) // 2 + 1):
+            total += term
+            term *= c2 * (2 * k) / (2 * k + 1)
+        inside = 2 / math.pi * (theta + (s * math.cos(theta) * total if df > 1 else 0.0))
+    else:
+        total, term = 0.0, 1.0
+        for k in range(1, df // 2 + 1):
+            total += term
+            term *= c2 * (2 * k - 1) / (2 * k)
+        inside = s * total
+    return min(1.0, max(0.0, 1.0 - inside))
+
+
+def t_quantile_975(df: int) -> float:
+    """t such that P(|T| > t) = 0.05 for df degrees of freedom (bisection on the exact p-value)."""
+    lo, hi = 0.0, 1000.0
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if t_two_sided_p(mid, df) > 0.05 else (lo, mid)
+    return (lo + hi) / 2
+
+
+def mean_ci(values: list[float]) -> tuple[float, float | None]:
+    """Mean and the half-width of its 95% t confidence interval (None for one value)."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, None
+    return mean, t_quantile_975(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def paired(a: dict[int, float], b: dict[int, float]) -> dict[str, Any] | None:
+    """Paired comparison over the seeds both configs ran: mean difference a - b, its 95% CI and the
+    paired t-test's two-sided p (None with fewer than two common seeds)."""
+    seeds = sorted(set(a) & set(b))
+    if len(seeds) < 2:
+        return None
+    diffs = [a[s] - b[s] for s in seeds]
+    mean, half = mean_ci(diffs)
+    sd = statistics.stdev(diffs)
+    p = 0.0 if sd == 0 and mean != 0 else 1.0 if sd == 0 else t_two_sided_p(mean / (sd / math.sqrt(len(diffs))),
+                                                                          len(diffs) - 1)
+    return {"diff": mean, "ci95": half, "p": p, "seeds": len(seeds)}
+
+
+def is_plain_row(r: dict) -> bool:
+    return str(r["unit"]).lower() == "plain"
+
+
+def comparison(rows: list[dict]) -> dict[str, Any]:
+    """Runs grouped by config (everything but the seed): mean ± 95% CI of final eval loss over seeds, each
+    config against the best one and against the plain baseline (same lr) by a paired test over seeds."""
+    groups: dict[tuple, dict[str, Any]] = {}
+    for r in rows:
+        key = (r["config"], r["param_matched"], r["d_ff"])
+        g = groups.setdefault(key, {"config": r["config"], "unit": r["unit"], "plain": is_plain_row(r),
+                                    "alpha_mode": "-" if is_plain_row(r) else r["alpha_mode"],
+                                    "learning_rate": r["learning_rate"], "n_params": r["n_params"],
+                                    "param_matched": r["param_matched"], "d_ff": r["d_ff"], "by_seed": {}})
+        g["by_seed"][r["seed"] if r["seed"] is not None else len(g["by_seed"])] = r["final_eval_loss"]
+    out = list(groups.values())
+    for g in out:
+        g["n"] = len(g["by_seed"])
+        g["mean"], g["ci95"] = mean_ci(list(g["by_seed"].values()))
+    out.sort(key=lambda g: (g["mean"], g["config"]))
+    best = out[0]
+    for g in out:
+        g["vs_best"] = None if g is best else paired(g["by_seed"], best["by_seed"])
+        bases = [b for b in out if b["plain"] and not g["plain"]]
+        base = next((b for b in bases if b["learning_rate"] == g["learning_rate"]), bases[0] if bases else None)
+        g["baseline"] = base["config"] if base else None
+        g["vs_baseline"] = paired(g["by_seed"], base["by_seed"]) if base else None
+    seeded = any(g["n"] > 1 for g in out)
+    # One seed per config: the spread of each run's last evals is the noise a difference must beat.
+    tails = [statistics.stdev(r["eval_tail"]) for r in rows if len(r["eval_tail"]) >= 2]
+    return {"groups": out, "best": best["config"], "seeded": seeded,
+            "eval_noise": statistics.median(tails) if tails else None, "has_baseline": any(g["plain"] for g in out)}
+
+
+def _pm(mean: float, half: float | None) -> str:
+    return f"{mean:.4f}" if half is None else f"{mean:.4f} ± {half:.4f}"
+
+
+def _diff(d: dict | None, noise: float | None = None, delta: float | None = None) -> str:
+    if d is not None:
+        return f"{d['diff']:+.4f} ± {d['ci95']:.4f} (p={d['p']:.3g}, {d['seeds']} seeds)"
+    if delta is None:
+        return "-"
+    within = noise is not None and abs(delta) < 2 * noise
+    return f"{delta:+.4f}" + (" (within noise)" if within else "")
+
+
+def comparison_md(cmp: dict[str, Any]) -> str:
+    out = io.StringIO()
+    w = out.write
+    w("## Does gating help?\n\n")
+    groups = cmp["groups"]
+    best_mean = groups[0]["mean"]
+    means = {g["config"]: g["mean"] for g in groups}
+    w("| config | unit | α mode | lr | params | param_matched | d_ff | seeds | final eval loss (mean ± 95% CI) "
+      "| vs best | vs baseline |\n|---|---|---|---:|---:|---|---:|---:|---:|---|---|\n")
+    for g in groups:
+        label = f"{g['config']} (baseline)" if g["plain"] else g["config"]
+        params = f"{g['n_params']:,}" if g["n_params"] else "n/a"
+        vs_best = ("best" if g["config"] == cmp["best"]
+                   else _diff(g["vs_best"], cmp["eval_noise"], g["mean"] - best_mean))
+        vs_base = "-" if g["plain"] or not g["baseline"] else _diff(
+            g["vs_baseline"], cmp["eval_noise"], g["mean"] - means[g["baseline"]])
+        lr = "n/a" if g["learning_rate"] is None else f"{g['learning_rate']:g}"
+        w(f"| {label} | {g['unit']} | {g['alpha_mode']} | {lr} | {params} | {g['param_matched']} "
+          f"| {g['d_ff']} | {g['n']} | {_pm(g['mean'], g['ci95'])} | {vs_best} | {vs_base} |\n")
+    w("\nFinal eval loss: mean over seeds, ± the half-width of its 95% t interval. vs best / vs baseline: the "
+      "mean difference in final eval loss over the seeds both ran (negative = lower loss than the other), "
+      "± its 95% CI, and the paired t-test's two-sided p.")
+    if not cmp["has_baseline"]:
+        w(" No `plain` run (GPT-2's own MLP) in this sweep: add `sweep.unit: [paGLU, plain]` for a baseline.")
+    if not cmp["seeded"]:
+        noise = cmp["eval_noise"]
+        w("\n\n**One seed per config:** a single seed cannot separate differences smaller than the eval noise"
+          + (f", measured here as {noise:.4f} (median over runs of the standard deviation of each run's last "
+             "3 eval losses); differences under twice that are marked *within noise*" if noise is not None
+             else " (too few evals to measure it)")
+          + ". Add a `seed` axis (e.g. `sweep.seed: [1, 2, 3]`) for confidence intervals and paired tests.")
+    w("\n\n")
+    return out.getvalue()
+
+
+# The seed document's "Expected Performance Improvement" table: the plan's own figures, quoted (the only
+# numbers in the report not read from MLflow).
+SEED_PLAN = {"M4 (seed, measured)": {"s_per_step": 3.04},
+             "RTX 4090 (seed, projected)": {"s_per_step": 0.25, "sweep_h": 14.0, "sweep_usd": 12.0}}
 
 
 # Figures -------------------------------------------------------------------------------------
@@ -241,7 +391,8 @@ def _opt(x: float | None, fmt: str) -> str:
     return "n/a" if x is None else format(x, fmt)
 
 
-def summary_md(info: dict, exp_name: str, rows: list[dict], perf: dict[str, dict]) -> str:
+def summary_md(info: dict, exp_name: str, rows: list[dict], perf: dict[str, dict], cmp: dict | None = None,
+               estimate: dict | None = None) -> str:
     out = io.StringIO()
     w = out.write
     w(f"# Sweep report: {info['sweep_id']}\n\n")
@@ -263,27 +414,40 @@ def summary_md(info: dict, exp_name: str, rows: list[dict], perf: dict[str, dict
         w("\nNot ranked: " + "; ".join(f"{n} ({why})" for n, why in info["excluded"]) + ".\n")
     w("\ns/step, tokens/s and GPU util: means over the run's logging windows, without the first (warm-up). "
       "$: the run's last `cost/usd`, else its wall time × `cost.usd_per_hour`.\n\n")
-    w("## Expected Performance Improvement (measured)\n\n")
+    if cmp is not None:
+        w(comparison_md(cmp))
+    w("## Expected Performance Improvement (the seed's plan beside the measured)\n\n")
+    # Columns: the seed document's figures, pagating.flops' estimate for the plan's GPU, then each GPU measured.
+    cols: list[tuple[str, dict]] = [(k, {"plan": v}) for k, v in SEED_PLAN.items()]
+    if estimate:
+        cols.append((f"{estimate['gpu']} (estimate: pagating.flops)", {"estimate": estimate}))
+    cols += [(f"{g} (measured)", {"measured": p}) for g, p in perf.items()]
+    w("| | " + " | ".join(c for c, _ in cols) + " |\n|---|" + "---:|" * len(cols) + "\n")
+
+    def row(label: str, plan, est, meas) -> None:
+        cells = [plan(v["plan"]) if "plan" in v else est(v["estimate"]) if "estimate" in v else meas(v["measured"])
+                 for _, v in cols]
+        w(f"| {label} | " + " | ".join(cells) + " |\n")
+
+    row("time per step", lambda p: f"{p['s_per_step']:.4g} s", lambda e: f"{e['s_per_step']:.4g} s",
+        lambda p: f"{p['s_per_step']:.4g} s")
+    row("configs measured", lambda p: "-", lambda e: "-", lambda p: str(p["configs"]))
+    row("one run (train.max_steps × s/step)", lambda p: "-",
+        lambda e: f"{fmt_duration(e['one_run_s'])} ({e['max_steps']} steps)",
+        lambda p: f"{fmt_duration(p['one_run_s'])} ({'/'.join(str(s) for s in p['max_steps'])} steps)")
+    row("whole sweep", lambda p: f"~{p['sweep_h']:g} h" if "sweep_h" in p else "-",
+        lambda e: f"{fmt_duration(e['sweep_s'])} ({e['configs']} configs)", lambda p: fmt_duration(p["sweep_s"]))
+    row("cost of the sweep (hours × $/h)", lambda p: f"~${p['sweep_usd']:g}" if "sweep_usd" in p else "-",
+        lambda e: "-",
+        lambda p: fmt_usd(p["sweep_usd"]) + (f" at ${'/'.join(f'{x:g}' for x in p['usd_per_hour'])}/h"
+                                               if p["sweep_usd"] is not None else ""))
+    w("\nSeed columns: the figures of the seed document's plan, quoted. Estimate: FLOPs per step over "
+      f"{estimate['mfu_guess']:.0%} of the GPU's peak (pagating.flops, the table MFU and `vast offers` use) for "
+      "this profile's grid and train.max_steps. " if estimate else "\nSeed columns: the seed plan's figures. ")
+    w("Measured: mean s/step of the configs run on that GPU; one run = train.max_steps × s/step, averaged; "
+      "whole sweep = their sum (training steps only; evaluation, checkpoints and start-up come on top).\n")
     if not perf:
-        w("No run logged `perf/step_time_s`.\n")
-    else:
-        gpus = list(perf)
-        w("| | " + " | ".join(gpus) + " |\n|---|" + "---:|" * len(gpus) + "\n")
-
-        def row(label: str, cell) -> None:
-            w(f"| {label} | " + " | ".join(cell(perf[g]) for g in gpus) + " |\n")
-
-        row("configs measured", lambda p: str(p["configs"]))
-        row("time per step", lambda p: f"{p['s_per_step']:.4g} s")
-        row("one run (train.max_steps × s/step)",
-            lambda p: f"{fmt_duration(p['one_run_s'])} ({'/'.join(str(s) for s in p['max_steps'])} steps)")
-        row("whole sweep (sum over configs)", lambda p: fmt_duration(p["sweep_s"]))
-        row("cost of the sweep (hours × $/h)",
-            lambda p: fmt_usd(p["sweep_usd"]) + (f" at ${'/'.join(f'{x:g}' for x in p['usd_per_hour'])}/h"
-                                                   if p["sweep_usd"] is not None else ""))
-        w("\nTime per step: mean s/step of the configs run on that GPU. One run: mean over those configs of "
-          "train.max_steps × s/step. Whole sweep: their sum (training steps only; evaluation, checkpoints "
-          "and start-up come on top).\n")
+        w("\nNo run logged `perf/step_time_s`.\n")
     w("\n## Plots\n\n")
     for name, title in (("eval_loss", "eval loss vs step"), ("final_eval_loss", "final eval loss by α mode and lr"),
                         ("alpha", "α trajectories"), ("perf", "s/step and GPU util")):
@@ -393,6 +557,19 @@ def plot_files(rows: list[dict]) -> dict[str, bytes | str]:
 
 # The stage -----------------------------------------------------------------------------------
 
+def plan_estimate(cfg: dict, gpu: str = "RTX 4090") -> dict[str, Any] | None:
+    """The profile's sweep on the seed plan's GPU, projected from pagating.flops (peak table + formula)."""
+    from pagating import vast_cost
+
+    try:
+        s = vast_cost.estimated_step_time(cfg, gpu)
+        configs, steps = vast_cost.grid_size(cfg), int(cfg["train"]["max_steps"])
+    except (KeyError, TypeError, ValueError, UserError):
+        return None
+    return {"gpu": gpu, "s_per_step": s, "max_steps": steps, "one_run_s": steps * s, "configs": configs,
+            "sweep_s": configs * steps * s, "mfu_guess": vast_cost.MFU_GUESS}
+
+
 def report(cfg: dict, sweep_json: str | Path | None = "reports/sweep.json", sweep_id: str | None = None,
            out_dir: str | Path = "reports") -> dict[str, Any]:
     """Write summary.md, metrics.json and plots/ for a sweep; returns the metrics dict."""
@@ -408,12 +585,15 @@ def report(cfg: dict, sweep_json: str | Path | None = "reports/sweep.json", swee
     exp_name = mlf.get_experiment(info["runs"][0][1].info.experiment_id).name
 
     rows, seen = [], set()
+    repeated = {n for n in (name for name, _ in info["runs"]) if sum(m == n for m, _ in info["runs"]) > 1}
     for name, run in info["runs"]:
         row = collect(mlf, name, run)
         if row is None:
             info["excluded"].append((name, "no eval/loss"))
             continue
-        if row["name"] in seen:  # the same run name twice (seed axis): tell them apart
+        if name in repeated and row["seed"] is not None:  # a seed axis: name each run by its seed
+            row["name"] = f"{name} seed={row['seed']}"
+        if row["name"] in seen:  # the same run name twice otherwise: tell them apart
             row["name"] = f"{name} #{row['config_hash'][:8] or run.info.run_id[:8]}"
         seen.add(row["name"])
         rows.append(row)
@@ -424,11 +604,13 @@ def report(cfg: dict, sweep_json: str | Path | None = "reports/sweep.json", swee
 
     doc = metrics_doc(rows)
     perf = performance(rows)
+    cmp = comparison(rows)
+    estimate = plan_estimate(cfg)
     plots = plot_files(rows)
     out = Path(out_dir)
     (out / PLOTS).mkdir(parents=True, exist_ok=True)
     (out / METRICS).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
-    (out / SUMMARY).write_text(summary_md(info, exp_name, rows, perf))
+    (out / SUMMARY).write_text(summary_md(info, exp_name, rows, perf, cmp, estimate))
     for fname, content in plots.items():
         path = out / PLOTS / fname
         path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)

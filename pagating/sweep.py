@@ -1,5 +1,9 @@
 """The sweep: the α × lr grid of params.yaml, one parent MLflow run, one child run per config.
 
+Optional axes: `unit` (e.g. [paGLU, plain]: `plain` is GPT-2's own MLP, the baseline, run once per lr
+and seed since it has no α) and `seed` (repeats of every config, so the report can put confidence
+intervals on differences).
+
 Each config runs as its own `pagating train` process: a crash or OOM in one config cannot take the
 others down, and on a multi-GPU box each process gets its own CUDA_VISIBLE_DEVICES. Re-running is
 idempotent: a config whose run FINISHED (same config hash) is skipped, an interrupted one resumes
@@ -43,7 +47,20 @@ def grid(cfg: dict) -> list[dict[str, Any]]:
         values.append([(AXES[key], v) for v in vals])
     if not values:
         raise UserError("empty grid: params.yaml `sweep` has no axes; give alpha_mode and learning_rate lists")
-    return [dict(combo) for combo in itertools.product(*values)]
+    configs, seen = [], set()
+    for combo in itertools.product(*values):
+        config = dict(combo)
+        if str(config.get("model.unit", base_unit(cfg))).lower() == "plain":
+            config.pop("train.alpha_mode", None)  # GPT-2's own MLP has no α: one run per remaining cell
+        key = json.dumps(config, sort_keys=True, default=str)
+        if key not in seen:
+            seen.add(key)
+            configs.append(config)
+    return configs
+
+
+def base_unit(cfg: dict) -> str:
+    return str((cfg.get("model") or {}).get("unit", "paGLU"))
 
 
 def parse_shard(text: str) -> tuple[int, int]:

@@ -211,12 +211,19 @@ def test_report_from_sweep_json_matches_mlflow(sweep, monkeypatch, tmp_path):
     ws = list(want.values())
     sps = statistics.fmean(w["s_per_step"] for w in ws)
     run_s = [w["max_steps"] * w["s_per_step"] for w in ws]
-    col = {k: v["RTX 4090"] for k, v in perf.items()}
-    assert list(perf["configs measured"]) == ["RTX 4090"] and col["configs measured"] == "3"
+    col = {k: v["RTX 4090 (measured)"] for k, v in perf.items()}
+    assert list(perf["configs measured"]) == ["M4 (seed, measured)", "RTX 4090 (seed, projected)",
+                                              "RTX 4090 (estimate: pagating.flops)", "RTX 4090 (measured)"]
+    assert col["configs measured"] == "3"
     assert close(col["time per step"], sps)
     assert close(col["one run (train.max_steps × s/step)"], statistics.fmean(run_s))
     assert "(120 steps)" in col["one run (train.max_steps × s/step)"]
-    assert close(col["whole sweep (sum over configs)"], sum(run_s))
+    assert close(col["whole sweep"], sum(run_s))
+    # The seed plan's figures beside them.
+    assert perf["time per step"]["M4 (seed, measured)"] == "3.04 s"
+    plan = {k: v["RTX 4090 (seed, projected)"] for k, v in perf.items()}
+    assert (plan["time per step"], plan["whole sweep"], plan["cost of the sweep (hours × $/h)"]) == (
+        "0.25 s", "~14 h", "~$12")
     assert close(col["cost of the sweep (hours × $/h)"], sum(run_s) / 3600 * 0.4)
 
     # Plots: valid PNGs; CSVs for dvc plots hold the MLflow values.
@@ -261,9 +268,10 @@ def test_report_finds_sweeps_in_mlflow(sweep, monkeypatch, tmp_path):
     assert c[8] == "n/a" and c[9] == "n/a"  # cpu: no GPU util, no price
     assert "gpu_util_pct" not in doc[want["C"]["name"]]
     perf = perf_table(md)
-    assert list(perf["time per step"]) == ["RTX 4090", "cpu"]
-    assert close(perf["time per step"]["cpu"], want["C"]["s_per_step"])
-    assert perf["cost of the sweep (hours × $/h)"]["cpu"] == "n/a"
+    assert [c for c in perf["time per step"] if c.endswith("(measured)") and "seed" not in c] == [
+        "RTX 4090 (measured)", "cpu (measured)"]
+    assert close(perf["time per step"]["cpu (measured)"], want["C"]["s_per_step"])
+    assert perf["cost of the sweep (hours × $/h)"]["cpu (measured)"] == "n/a"
     assert math.isclose(doc[want["C"]["name"]]["best_eval_loss"], 4.05, rel_tol=1e-6)  # best != final
     # --sweep-id picks an older sweep, even with a sweep.json of another sweep present.
     doc = report(sweep["cfg"], sweep_json=sweep["sweep_json"], sweep_id="old", out_dir=tmp_path / "old")
@@ -286,3 +294,18 @@ def test_missing_sweep_or_server_is_one_line_exit_2(sweep, monkeypatch, tmp_path
     assert main(["report", "--out", str(tmp_path / "r")]) == 2
     assert "no MLflow store" in capsys.readouterr().err and not (tmp_path / "nothing.db").exists()
     assert not (tmp_path / "r").exists()  # nothing written on an error
+
+
+def test_t_distribution_without_scipy():
+    """The report's t quantiles and paired p-values match the printed Student t table."""
+    from pagating.report import mean_ci, paired, t_quantile_975, t_two_sided_p
+
+    for df, t in ((1, 12.706), (2, 4.303), (3, 3.182), (4, 2.776), (9, 2.262), (10, 2.228), (30, 2.042)):
+        assert t_quantile_975(df) == pytest.approx(t, abs=1e-3)
+        assert t_two_sided_p(t, df) == pytest.approx(0.05, abs=2e-4)
+    assert t_two_sided_p(0.0, 5) == 1.0 and t_two_sided_p(1.0, 1) == pytest.approx(0.5)
+    mean, half = mean_ci([1.0, 2.0, 3.0])
+    assert mean == 2.0 and half == pytest.approx(4.303 * 1.0 / math.sqrt(3), abs=1e-3)
+    d = paired({1: 3.0, 2: 3.2, 3: 3.1}, {1: 3.1, 2: 3.25, 3: 3.2, 4: 9.0})  # seed 4 is unpaired: left out
+    assert d["seeds"] == 3 and d["diff"] == pytest.approx(-0.0833333)
+    assert d["p"] == pytest.approx(0.0377, abs=1e-3)  # t = -5, df = 2

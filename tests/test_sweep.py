@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,7 +16,8 @@ from pagating.config import UserError, load_config
 from pagating.sweep import grid, parse_shard, take_shard
 
 SMALL = ["--set", "train.max_steps=10", "--set", "train.eval_steps=5", "--set", "train.save_steps=5",
-         "--set", "train.logging_steps=5", "--set", "train.batch_size=8", "--set", "train.warmup_steps=2"]
+         "--set", "train.logging_steps=5", "--set", "train.batch_size=8", "--set", "train.warmup_steps=2",
+         "--set", "train.max_eval_batches=4"]  # 32 blocks spread over the validation split: fast evals
 
 
 def test_grid_is_the_seed_grid():
@@ -139,3 +141,49 @@ def test_one_config_per_gpu_slot_at_once(sample_project, mlflow_server, tmp_path
     assert sorted(r.data.tags["gpu.visible_devices"] for r in runs) == ["0", "1"]
     a, b = (r.info for r in runs)
     assert a.start_time < b.end_time and b.start_time < a.end_time  # they overlapped
+
+
+def test_plain_unit_runs_once_per_lr_and_seed():
+    configs = grid(load_config("sample", {"sweep.unit": "[paGLU, plain]", "sweep.seed": "[1, 2]"}))
+    plain = [c for c in configs if c["model.unit"] == "plain"]
+    assert len(configs) == 5 * 2 * 2 + 2 * 2 and len(plain) == 4
+    assert all("train.alpha_mode" not in c for c in plain)  # GPT-2's own MLP has no α
+
+
+@pytest.mark.slow
+def test_unit_and_seed_axes_give_a_report_with_baseline_cis_and_the_plan(sample_project, mlflow_server, tmp_path):
+    """2 units x 2 seeds on the sample: the report answers "does gating help?" against the plain baseline."""
+    env = {"MLFLOW_TRACKING_URI": mlflow_server.uri}
+    tiny = ["--set", "train.max_steps=4", "--set", "train.eval_steps=2", "--set", "train.save_steps=4",
+            "--set", "train.logging_steps=2", "--set", "train.batch_size=8", "--set", "train.warmup_steps=1",
+            "--set", "train.max_eval_batches=2"]
+    proc = run_cli(["sweep", *tiny, "--set", "sweep.unit=[paGLU, plain]", "--set", "sweep.seed=[1, 2]",
+                    "--set", "sweep.alpha_mode=[static_1.0]", "--set", "sweep.learning_rate=[3e-3]",
+                    "--set", f"train.output_dir={tmp_path / 'out'}", "--summary", str(tmp_path / "sweep.json")],
+                   cwd=sample_project, env=env, check=True)
+    assert "4 ran, 0 skipped, 0 resumed, 0 failed" in proc.stdout
+    run_cli(["report", "--sweep-json", str(tmp_path / "sweep.json"), "--out", str(tmp_path / "rep")],
+            cwd=sample_project, env=env, check=True)
+    md = (tmp_path / "rep" / "summary.md").read_text()
+    section = md.split("## Does gating help?")[1].split("\n\n")[1]
+    rows = {r[0]: r for r in ([c.strip() for c in line.strip("|").split("|")] for line in section.splitlines()[2:])}
+    assert set(rows) == {"paGLU static_1.0 lr=0.003", "plain lr=0.003 (baseline)"}
+    base, gated = rows["plain lr=0.003 (baseline)"], rows["paGLU static_1.0 lr=0.003"]
+    mlf = MlflowClient(mlflow_server.uri)
+    kids = {(r.data.params["model.unit"], r.data.params["train.seed"]): r for r in _children(
+        mlf, json.loads((tmp_path / "sweep.json").read_text())["parent_run_id"])}
+    assert len(kids) == 4
+    # params and param_matched in the table; two seeds each; mean ± 95% CI of the seeds' final eval loss.
+    for row, unit in ((base, "plain"), (gated, "paGLU")):
+        assert row[4] == f"{int(kids[(unit, '1')].data.params['model.n_params']):,}" and row[5] == "False"
+        assert row[7] == "2"
+        losses = [kids[(unit, s)].data.metrics["final/eval_loss"] for s in ("1", "2")]
+        mean, half = (float(x) for x in row[8].split(" ± "))
+        assert mean == pytest.approx(sum(losses) / 2, abs=6e-5)
+        assert half == pytest.approx(12.7062 * abs(losses[0] - losses[1]) / 2, abs=1e-4)  # t(0.975, 1) · sd/√2
+    assert int(gated[4].replace(",", "")) > int(base[4].replace(",", ""))  # the gate adds parameters
+    # The gated config against the baseline: a paired test over the two seeds.
+    assert re.fullmatch(r"[+-]\d\.\d{4} ± \d\.\d{4} \(p=[\d.e-]+, 2 seeds\)", gated[10]), gated[10]
+    # The seed plan's figures beside the measured ones.
+    assert "| time per step | 3.04 s | 0.25 s |" in md and "~14 h" in md and "~$12" in md
+    assert "cpu (measured)" in md
