@@ -193,7 +193,7 @@ def _nvml(seconds: float) -> dict:
     started = sampler.start()
     out: dict = {"sampler_started": started}
     if not started:
-        out["note"] = "no NVML GPU visible: GpuSampler logs no gpu/ metric"
+        out["note"] = "no NVML GPU visible: GpuSampler logs no system/gpu_* metric"
     device = "cuda" if torch.cuda.is_available() else "cpu"
     n = 8192 if device == "cuda" else 256
     dtype = torch.bfloat16 if device == "cuda" else torch.float32

@@ -369,6 +369,7 @@ def sweep_progress(uri: str, sweep_id: str, cfg: dict) -> dict:
         runs = client.search_runs(exp_ids, filter_string=f"tags.\"pagating.sweep_id\" = '{sweep_id}'",
                                   max_results=1000) if exp_ids else []
         children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+        parents = [r for r in runs if r.data.tags.get("pagating.role") == "sweep"]
         grid = set()
         for r in runs:  # the sweep tags its parent with the grid's config hashes
             grid |= set(filter(None, (r.data.tags.get("pagating.grid_hashes") or "").split(",")))
@@ -387,8 +388,11 @@ def sweep_progress(uri: str, sweep_id: str, cfg: dict) -> dict:
                   if "perf/step_time_s" in r.data.metrics]
     max_steps = int(next((r.data.params["train.max_steps"] for r in children
                           if "train.max_steps" in r.data.params), cfg["train"]["max_steps"]))
+    from pagating.tracking import run_url
+
     return {"total": len(grid) or vast_cost.grid_size(cfg), "done": len(done), "running": running,
-            "max_steps": max_steps, "s_per_step": sum(step_times) / len(step_times) if step_times else None}
+            "max_steps": max_steps, "s_per_step": sum(step_times) / len(step_times) if step_times else None,
+            "links": [run_url(uri, p.info.experiment_id, p.info.run_id) for p in parents]}  # the UI's sweep row
 
 
 def progress_line(sweep_id: str, prog: dict, fallback_s_per_step: float, parallel: int) -> str:

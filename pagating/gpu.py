@@ -1,20 +1,25 @@
-"""GPU telemetry: a background NVML sampler, averaged per logging window.
+"""System telemetry under MLflow's system-metric names, so the run page's System metrics tab shows it.
 
-`GpuSampler.start()` samples utilisation, memory, power and temperature of the GPUs this process
-uses about once a second in a daemon thread; `window()` returns the means since the previous call
-(one MLflow logging step), `summary()` the whole-run means. Metric names (DESIGN.md):
+`GpuSampler.start()` samples the GPUs this process uses about once a second in a daemon thread;
+`window()` returns the means since the previous call (one MLflow logging step), `summary()` the
+whole-run means. GPU i is numbered as this process sees it (cuda:<i>). Names and units are those of
+MLflow's own monitor (mlflow/system_metrics/metrics/gpu_monitor.py, cpu_monitor.py), plus temperature:
 
-    gpu/util_pct     % of the period a kernel was running (nvmlDeviceGetUtilizationRates().gpu)
-    gpu/mem_used_mb  device memory in use, MiB (2**20 bytes, as nvidia-smi shows it)
-    gpu/power_w      board power draw, W
-    gpu/temp_c       GPU core temperature, °C
+    system/gpu_<i>_utilization_percentage   % of the period a kernel was running
+    system/gpu_<i>_memory_usage_megabytes   device memory in use, MB (10**6 bytes, as MLflow)
+    system/gpu_<i>_memory_usage_percentage  used / total
+    system/gpu_<i>_power_usage_watts        board power draw, W
+    system/gpu_<i>_power_usage_percentage   draw / enforced power limit
+    system/gpu_<i>_temperature_celsius      GPU core temperature, °C (MLflow's monitor has none)
+    system/cpu_utilization_percentage       all cores, mean over the window (`cpu_window()`)
+    system/system_memory_usage_megabytes    RAM in use, MB
+    system/system_memory_usage_percentage
 
-With one GPU only these plain names are returned. With several, the plain names are the mean over
-the GPUs and `gpu/<metric>/<i>` is GPU i, numbered as this process sees them (cuda:<i>).
-
-Without NVML (no driver, no GPU, nvidia-ml-py missing) `start()` returns False, no thread runs,
-`window()` is {} and the process logs once that no gpu/ metric will be logged. The sampling thread
-never raises: a failing NVML call skips that reading only.
+MLflow's monitor thread is not used: it logs directly and stops at the first server error; these go
+through the run's metric spool, which rides out outages. Without NVML (no driver, no GPU,
+nvidia-ml-py missing) `start()` returns False, no thread runs, `window()` is {} and the process logs
+once that no GPU metric will be logged. The sampling thread never raises: a failing NVML call skips
+that reading only.
 """
 
 from __future__ import annotations
@@ -26,8 +31,13 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-METRICS = ("util_pct", "mem_used_mb", "power_w", "temp_c")
-NO_GPU_MESSAGE = "no NVIDIA GPU: no gpu/ metrics will be logged"
+METRICS = ("utilization_percentage", "memory_usage_megabytes", "memory_usage_percentage", "power_usage_watts",
+           "power_usage_percentage", "temperature_celsius")
+NO_GPU_MESSAGE = "no NVIDIA GPU: no system/gpu_* metrics will be logged"
+
+
+def metric_name(gpu: int, metric: str) -> str:
+    return f"system/gpu_{gpu}_{metric}"
 
 _said_no_gpu = False
 _said_lock = threading.Lock()
@@ -105,18 +115,8 @@ class _Means:
         self.counts[gpu][metric] += 1
 
     def means(self) -> dict[str, float]:
-        n = len(self.sums)
-        per_gpu: dict[str, list[float]] = {}
-        out: dict[str, float] = {}
-        for g in range(n):
-            for m, name in enumerate(METRICS):
-                if self.counts[g][m]:
-                    mean = self.sums[g][m] / self.counts[g][m]
-                    per_gpu.setdefault(name, []).append(mean)
-                    if n > 1:
-                        out[f"gpu/{name}/{g}"] = mean
-        for name, values in per_gpu.items():
-            out[f"gpu/{name}"] = sum(values) / len(values)
+        out = {metric_name(g, name): self.sums[g][m] / self.counts[g][m]
+               for g in range(len(self.sums)) for m, name in enumerate(METRICS) if self.counts[g][m]}
         return dict(sorted(out.items()))
 
 
@@ -177,10 +177,12 @@ class GpuSampler:
 
     def _read(self, handle) -> list[float | None]:
         nvml = self._nvml
-        readers = (
+        readers = (  # in METRICS order
             lambda: nvml.nvmlDeviceGetUtilizationRates(handle).gpu,
-            lambda: nvml.nvmlDeviceGetMemoryInfo(handle).used / 2**20,
+            lambda: nvml.nvmlDeviceGetMemoryInfo(handle).used / 1e6,
+            lambda: (lambda mem: 100.0 * mem.used / mem.total)(nvml.nvmlDeviceGetMemoryInfo(handle)),
             lambda: nvml.nvmlDeviceGetPowerUsage(handle) / 1000.0,
+            lambda: 100.0 * nvml.nvmlDeviceGetPowerUsage(handle) / nvml.nvmlDeviceGetEnforcedPowerLimit(handle),
             lambda: nvml.nvmlDeviceGetTemperature(handle, getattr(nvml, "NVML_TEMPERATURE_GPU", 0)),
         )
         values: list[float | None] = []
@@ -235,6 +237,26 @@ def _shutdown(nvml) -> None:
         nvml.nvmlShutdown()
     except Exception:
         pass
+
+
+def cpu_window() -> dict[str, float]:
+    """CPU utilisation since the previous call (psutil's own bookkeeping: the first call primes it and
+    returns nothing) and RAM in use now, under MLflow's names."""
+    try:
+        import psutil
+    except ImportError:
+        return {}
+    global _cpu_primed
+    util = psutil.cpu_percent(interval=None)
+    mem = psutil.virtual_memory()
+    out = {"system/system_memory_usage_megabytes": mem.used / 1e6, "system/system_memory_usage_percentage": mem.percent}
+    if _cpu_primed:
+        out["system/cpu_utilization_percentage"] = util
+    _cpu_primed = True
+    return out
+
+
+_cpu_primed = False
 
 
 def gpu_name() -> str:

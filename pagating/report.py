@@ -123,6 +123,20 @@ def _history(mlf, run_id: str, key: str) -> list[tuple[int, float]]:
     return [(s, by_step[s][1]) for s in sorted(by_step)]
 
 
+GPU_UTIL = re.compile(r"system/gpu_(\d+)_utilization_percentage")
+
+
+def gpu_util_history(mlf, run_id: str, metrics: dict) -> list[tuple[int, float]]:
+    """GPU utilisation per logging step (MLflow's system/gpu_<i>_utilization_percentage), the mean
+    over the run's GPUs at the steps every GPU logged."""
+    keys = sorted(k for k in metrics if GPU_UTIL.fullmatch(k))
+    if not keys:
+        return []
+    per_gpu = [dict(_history(mlf, run_id, k)) for k in keys]
+    common = sorted(set.intersection(*(set(p) for p in per_gpu)))
+    return [(s, statistics.fmean(p[s] for p in per_gpu)) for s in common]
+
+
 def steady_mean(history: list[tuple[int, float]], harmonic: bool = False) -> float | None:
     """Mean over logging windows, without the first (it holds warm-up: compilation, first batches).
 
@@ -148,7 +162,8 @@ def collect(mlf, name: str, run) -> dict[str, Any] | None:
     """One config's figures from its MLflow run; None when it never evaluated."""
     rid, metrics, params, tags = run.info.run_id, run.data.metrics, run.data.params, run.data.tags
     h = {key: _history(mlf, rid, key) for key in
-         ("eval/loss", "eval/ppl", "perf/step_time_s", "perf/tokens_per_s", "gpu/util_pct")}
+         ("eval/loss", "eval/ppl", "perf/step_time_s", "perf/tokens_per_s")}
+    h["gpu_util"] = gpu_util_history(mlf, rid, metrics)
     if not h["eval/loss"] and "best/eval_loss" not in metrics:
         return None
     losses = [v for _, v in h["eval/loss"]]
@@ -189,7 +204,7 @@ def collect(mlf, name: str, run) -> dict[str, Any] | None:
         "final_eval_ppl": metrics.get("final/eval_ppl", ppls[-1] if ppls else None),
         "s_per_step": steady_mean(h["perf/step_time_s"]),
         "tokens_per_s": steady_mean(h["perf/tokens_per_s"], harmonic=True),
-        "gpu_util_pct": steady_mean(h["gpu/util_pct"]), "cost_usd": cost,
+        "gpu_util_pct": steady_mean(h["gpu_util"]), "cost_usd": cost,
         "eval_curve": h["eval/loss"], "alpha_curve": alpha,
     }
 
@@ -571,8 +586,9 @@ def plan_estimate(cfg: dict, gpu: str = "RTX 4090") -> dict[str, Any] | None:
 
 
 def report(cfg: dict, sweep_json: str | Path | None = "reports/sweep.json", sweep_id: str | None = None,
-           out_dir: str | Path = "reports") -> dict[str, Any]:
-    """Write summary.md, metrics.json and plots/ for a sweep; returns the metrics dict."""
+           out_dir: str | Path = "reports", register: str | None = None) -> dict[str, Any]:
+    """Write summary.md, metrics.json and plots/ for a sweep, attach them to the sweep's parent run, and
+    (register=NAME) register the best config's MLflow model; returns the metrics dict."""
     from pagating import tracking
 
     uri = tracking.tracking_uri(cfg)
@@ -614,7 +630,38 @@ def report(cfg: dict, sweep_json: str | Path | None = "reports/sweep.json", swee
     for fname, content in plots.items():
         path = out / PLOTS / fname
         path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
+    exp_id = info["runs"][0][1].info.experiment_id
+    if info.get("parent_run_id"):  # the sweep row in the UI carries its report
+        parent = info["parent_run_id"]
+        tracking.retry(lambda: _attach(mlf, parent, out), "attach the report to the sweep run", attempts=4)
+        print(f"sweep run (report attached): {tracking.run_url(uri, exp_id, parent)}")
+    print(f"runs: {tracking.experiment_url(uri, exp_id)}")
+    if register:
+        print(f"registered: {register_best(mlf, uri, rows[0], register)}")
     return doc
+
+
+def _attach(mlf, run_id: str, out: Path) -> None:
+    mlf.log_artifact(run_id, str(out / SUMMARY), "report")
+    mlf.log_artifact(run_id, str(out / METRICS), "report")
+    for png in sorted((out / PLOTS).glob("*.png")):
+        mlf.log_artifact(run_id, str(png), "report/plots")
+
+
+def register_best(mlf, uri: str, best: dict, name: str) -> str:
+    """Register the best config's MLflow model as a new version of `name`; returns 'name vN'."""
+    import mlflow
+
+    from pagating import tracking
+
+    model_id = tracking.run_model_id(mlf, mlf.get_run(best["run_id"]))
+    if model_id is None:
+        raise UserError(f"the best run {best['run_id']} ({best['name']}) logged no MLflow model; rerun it "
+                        "with this version of pagating to register it")
+    mlflow.set_tracking_uri(uri)
+    mv = mlflow.register_model(f"models:/{model_id}", name)
+    mlf.set_model_version_tag(name, mv.version, "pagating.config", best["name"])
+    return f"{name} v{mv.version} ({tracking.ui_base(uri)}/#/models/{name}/versions/{mv.version})"
 
 
 def cli_report(args) -> int:
@@ -622,7 +669,8 @@ def cli_report(args) -> int:
     if args.sweep_json and not Path(args.sweep_json).is_file():
         raise UserError(f"{args.sweep_json} not found: give the file `pagating sweep` wrote, or leave "
                         "--sweep-json out to find the sweep in MLflow")
-    doc = report(cfg, sweep_json=args.sweep_json or "reports/sweep.json", sweep_id=args.sweep_id, out_dir=args.out)
+    doc = report(cfg, sweep_json=args.sweep_json or "reports/sweep.json", sweep_id=args.sweep_id, out_dir=args.out,
+                 register=args.register)
     best = doc["best_config"]
     print(f"pagating report: {len(doc) - 1} configs -> {Path(args.out) / SUMMARY}, {Path(args.out) / METRICS}, "
           f"{Path(args.out) / PLOTS}/; best: {best} (best eval loss {doc[best]['best_eval_loss']:.4f})")
@@ -636,4 +684,5 @@ def register_cli(sub) -> None:
                    "else the newest sweep in the profile's experiment)")
     p.add_argument("--sweep-json", help="the run list `pagating sweep` wrote (default: reports/sweep.json if present)")
     p.add_argument("--out", default="reports", help="output folder (default: reports)")
+    p.add_argument("--register", metavar="NAME", help="register the best config's model in the Model Registry")
     p.set_defaults(func=cli_report)

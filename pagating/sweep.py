@@ -16,6 +16,7 @@ import copy
 import hashlib
 import itertools
 import json
+import math
 import os
 import queue
 import subprocess
@@ -129,9 +130,46 @@ def _child_command(cfg: dict, overrides: dict, parent_id: str, sweep_id: str, re
     return cmd
 
 
+def _sweep_note(base: dict, configs: list[dict], command: str) -> str:
+    axes = "; ".join(f"{k} ∈ {{{', '.join(str(v) for v in (vals if isinstance(vals, list) else [vals]))}}}"
+                     for k, vals in base["sweep"].items())
+    t, m = base["train"], base["model"]
+    return (f"Sweep of {len(configs)} configs on the {base['profile']} profile: {axes}. Each child run trains "
+            f"GPT-2 ({m['n_layer']} layers, d_model {m['n_embd']}) with a {m['unit']} MLP for {t['max_steps']} "
+            f"steps, batch {t['batch_size']}; finished configs are skipped on a re-run.\n\nReproduce:\n\n"
+            f"    {command}\n")
+
+
+def log_best(mlf, parent_id: str, exp_id: str, sweep_id: str, run_ids: list[str]) -> dict | None:
+    """The sweep row's summary: the best finished config (lowest best/eval_loss) as tags and metrics."""
+    from mlflow.entities import Metric, RunTag
+
+    runs = {r.info.run_id: r for r in mlf.search_runs(
+        [exp_id], filter_string=f"tags.`pagating.sweep_id` = '{sweep_id}' and attributes.status = 'FINISHED'")}
+    for rid in run_ids:
+        if rid and rid not in runs:
+            run = mlf.get_run(rid)
+            if run.info.status == "FINISHED":
+                runs[rid] = run
+    scored = [r for r in runs.values() if "best/eval_loss" in r.data.metrics]
+    if not scored:
+        return None
+    best = min(scored, key=lambda r: (r.data.metrics["best/eval_loss"], r.info.run_name or ""))
+    m = best.data.metrics
+    now = int(time.time() * 1000)
+    metrics = {k: m[k] for k in ("best/eval_loss", "final/eval_loss", "final/eval_ppl") if k in m}
+    metrics["best/eval_ppl"] = math.exp(min(m["best/eval_loss"], 50.0))
+    mlf.log_batch(parent_id, metrics=[Metric(k, v, now, len(scored)) for k, v in metrics.items()],
+                  tags=[RunTag("pagating.best_config", best.info.run_name or best.info.run_id),
+                        RunTag("pagating.best_run_id", best.info.run_id)])
+    return {"run_id": best.info.run_id, "name": best.info.run_name, **metrics}
+
+
 def sweep(base: dict, *, shard: str = "0/1", gpus: str = "auto", device: str = "auto",
           sweep_id: str | None = None, extra_sets: list[str] | None = None,
           summary_path: str | Path = "reports/sweep.json") -> dict[str, Any]:
+    from mlflow.entities import Param, RunTag
+
     from pagating import tracking
     from pagating.data import check_prepared, data_md5
     from pagating.train import run_dir_for, run_name, validate
@@ -151,21 +189,23 @@ def sweep(base: dict, *, shard: str = "0/1", gpus: str = "auto", device: str = "
     mine = take_shard(configs, i, n)
 
     # 2. The parent run: the one `mlflow run` opened, else this sweep's earlier parent, else a new one.
+    # `mlflow run` without --experiment-name puts its run in Default: then it only points to this sweep.
     launched = os.environ.get("MLFLOW_RUN_ID")
-    if launched:
+    exp_id = tracking.experiment_id(mlf, base)
+    if launched and tracking.adopt_launcher(mlf, launched, exp_id):
         parent_id = launched
-        exp_id = mlf.get_run(parent_id).info.experiment_id
     else:
-        exp_id = tracking.experiment_id(mlf, base)
         earlier = mlf.search_runs([exp_id], filter_string=f"tags.`pagating.sweep_id` = '{sweep_id}' and "
                                   "tags.`pagating.role` = 'sweep'", order_by=["attributes.start_time DESC"])
         parent_id = earlier[0].info.run_id if earlier else mlf.create_run(exp_id).info.run_id
     mlf.update_run(parent_id, status="RUNNING", name=f"sweep {sweep_id}")
-    for key, value in {"pagating.sweep_id": sweep_id, "pagating.role": "sweep", "git.commit": tracking.git_commit(),
-                       "dvc.data_md5": data_md5()}.items():
-        mlf.set_tag(parent_id, key, value)
-    from mlflow.entities import Param
-
+    commit = tracking.git_commit()
+    command = " ".join(["pagating", "sweep", "--profile", base["profile"], *(f"--set '{x}'" for x in extra_sets)])
+    parent_tags = {"pagating.sweep_id": sweep_id, "pagating.role": "sweep", "git.commit": commit,
+                   "dvc.data_md5": data_md5(), **tracking.source_tags("sweep"),
+                   "mlflow.note.content": _sweep_note(base, configs, f"git checkout {commit} && {command}"
+                                                      if commit else command)}
+    mlf.log_batch(parent_id, tags=[RunTag(k, v) for k, v in parent_tags.items()])
     grid_params = {"profile": base["profile"], "sweep.n_configs": len(configs)}
     grid_params.update({f"sweep.{k}": json.dumps(v if isinstance(v, list) else [v])
                         for k, v in base["sweep"].items()})
@@ -240,6 +280,7 @@ def sweep(base: dict, *, shard: str = "0/1", gpus: str = "auto", device: str = "
         list(pool.map(run_one, todo))
 
     failed = [e for e in plan if e["status"] == "failed"]
+    best = log_best(mlf, parent_id, exp_id, sweep_id, [e.get("run_id") for e in plan])
     mlf.set_terminated(parent_id, "FAILED" if failed else "FINISHED")
     summary = {"sweep_id": sweep_id, "parent_run_id": parent_id, "experiment_id": exp_id,
                "profile": base["profile"], "shard": f"{i}/{n}",
@@ -248,6 +289,9 @@ def sweep(base: dict, *, shard: str = "0/1", gpus: str = "auto", device: str = "
         Path(summary_path).parent.mkdir(parents=True, exist_ok=True)
         Path(summary_path).write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
     print_table(plan)
+    if best:
+        print(f"best: {best['name']} (best eval loss {best['best/eval_loss']:.4f})")
+    print(f"runs: {tracking.experiment_url(uri, exp_id)}\nsweep run: {tracking.run_url(uri, exp_id, parent_id)}")
     return summary
 
 
@@ -313,9 +357,10 @@ def quickstart(profile: str | None = None) -> int:
     summary = sweep(base)
     report(base, sweep_json="reports/sweep.json", out_dir="reports")
     uri = tracking.tracking_uri(base)
+    link = tracking.experiment_url(uri, summary["experiment_id"])
     print(f"\nreport: reports/summary.md (plots in reports/plots/, DVC metrics in reports/metrics.json)\n"
-          f"compare runs: mlflow ui --backend-store-uri {tracking.mask_uri(uri)}  ->  http://127.0.0.1:5000"
-          if uri.startswith("sqlite:") else f"\nreport: reports/summary.md; runs: {tracking.mask_uri(uri)}")
+          f"compare runs: mlflow ui --backend-store-uri {tracking.mask_uri(uri)}  ->  {link}"
+          if uri.startswith("sqlite:") else f"\nreport: reports/summary.md; runs: {link}")
     return 1 if any(c["status"] == "failed" for c in summary["configs"]) else 0
 
 

@@ -92,9 +92,11 @@ def experiment_id(mlf, cfg: dict) -> str:
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
             mlf.restore_experiment(exp.experiment_id)
+        if KIND_TAG not in exp.tags:  # made by `mlflow run --experiment-name` or an older version
+            mlf.set_experiment_tag(exp.experiment_id, KIND_TAG, EXPERIMENT_KIND[KIND_TAG])
         return exp.experiment_id
     try:
-        return mlf.create_experiment(name)
+        return mlf.create_experiment(name, tags=EXPERIMENT_KIND)
     except Exception:  # created by a concurrent process in the meantime
         return mlf.get_experiment_by_name(name).experiment_id
 
@@ -115,6 +117,144 @@ def git_commit(root: str | Path = ".") -> str:
 
 def host_tag() -> str:
     return socket.gethostname()
+
+
+# MLflow's own fields: what its UI reads ----------------------------------------------------------
+
+# MLflow 3 opens an experiment without a kind in its GenAI view (traces); this tag and the
+# workflowType query parameter (the UI's `mlflow.workflowType` switch) pick its runs table.
+KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = {KIND_TAG: "custom_model_development"}
+ML_VIEW = "workflowType=machine_learning"
+MLFLOW_UI_DEFAULT = "http://127.0.0.1:5000"  # `mlflow ui` / `mlflow server` default address
+
+
+def adopt_launcher(mlf, launcher_run_id: str, exp_id: str) -> bool:
+    """True when the run `mlflow run` opened is in the profile's experiment (it can be the parent).
+    Otherwise (no --experiment-name: it is in Default) it stays a pointer to where the runs are, and
+    one line says how to have them together."""
+    run = mlf.get_run(launcher_run_id)
+    if run.info.experiment_id == exp_id:
+        return True
+    uri = mlf.tracking_uri
+    name = mlf.get_experiment(exp_id).name
+    here = mlf.get_experiment(run.info.experiment_id).name
+    mlf.set_tag(launcher_run_id, "mlflow.note.content",
+                f"The runs this `mlflow run` started are in experiment {name}: {experiment_url(uri, exp_id)}")
+    print(f"pagating: runs go to experiment {name!r}, not {here!r} where `mlflow run` put its own run; "
+          f"add `--experiment-name {name}` to `mlflow run` to have them in one place", file=sys.stderr)
+    return False
+
+
+def strip_credentials(url: str) -> str:
+    """A URL without user:password@ (for links and tags; mask_uri keeps a placeholder instead)."""
+    return re.sub(r"^([A-Za-z][\w+.-]*://)[^/@]*@", r"\1", url)
+
+
+def ui_base(uri: str) -> str:
+    """The web UI of a tracking URI: the server itself, else where `mlflow ui` serves a local store."""
+    if uri.startswith(("http://", "https://")):
+        return strip_credentials(uri).rstrip("/")
+    return os.environ.get("PAGATING_UI_URL", MLFLOW_UI_DEFAULT).rstrip("/")
+
+
+def experiment_url(uri: str, exp_id: str) -> str:
+    return f"{ui_base(uri)}/#/experiments/{exp_id}/runs?{ML_VIEW}"
+
+
+def run_url(uri: str, exp_id: str, run_id: str) -> str:
+    return f"{ui_base(uri)}/#/experiments/{exp_id}/runs/{run_id}?{ML_VIEW}"
+
+
+def git_repo_url(root: str | Path = ".") -> str:
+    try:
+        out = subprocess.run(["git", "remote", "get-url", "origin"], cwd=root, capture_output=True, text=True,
+                             timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return strip_credentials(out.stdout.strip()) if out.returncode == 0 else ""
+
+
+def user_name() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except Exception:  # no passwd entry (some containers)
+        return os.environ.get("USER", "unknown")
+
+
+def source_tags(entry_point: str, root: str | Path = ".") -> dict[str, str]:
+    """mlflow.source.* / mlflow.user as `mlflow run` sets them: the project at its commit, the entry point.
+    The UI's Source column shows `<project>:<entry point>`, linked to the commit when the repo is on GitHub."""
+    commit, repo = git_commit(root), git_repo_url(root)
+    tags = {"mlflow.source.type": "PROJECT", "mlflow.source.name": repo or str(Path(root).resolve()),
+            "mlflow.project.entryPoint": entry_point, "mlflow.user": user_name()}
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    if repo:
+        tags["mlflow.source.git.repoURL"] = repo
+    return tags
+
+
+def dvc_data_source(root: str | Path = ".", path: str = "data/raw") -> str:
+    """Where data.dvc's data lives: the default DVC remote's URL (no credentials), else the local path.
+    Read from .dvc/config (+ config.local) directly: importing dvc costs seconds per run."""
+    import configparser
+
+    cfg = configparser.ConfigParser()
+    cfg.read([Path(root) / ".dvc" / "config", Path(root) / ".dvc" / "config.local"])
+    remote = cfg.get("core", "remote", fallback="")
+    url = cfg.get(f'remote "{remote}"', "url", fallback="") if remote else ""
+    return strip_credentials(url) if url else str((Path(root) / path).resolve())
+
+
+def log_datasets(mlf, run_id: str, profile: str, digest: str, source: str) -> None:
+    """The run's data as MLflow dataset inputs (the UI's Dataset column): the training split with context
+    `training`, the validation split with `eval`. Digest = data.dvc's md5, so the UI names the DVC version.
+    (mlflow.log_input does the same for the fluent API's active run; our runs are made with the client.)"""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+
+    src = resolve_dataset_source(source)
+    inputs = []
+    # One dataset per (name, digest) per run: the two splits need two names.
+    for name, context in ((profile, "training"), (f"{profile}/validation", "eval")):
+        entity = MetaDataset(src, name=name, digest=digest[:36] or None)._to_mlflow_entity()
+        inputs.append(DatasetInput(entity, [InputTag("mlflow.data.context", context)]))
+    mlf.log_inputs(run_id, datasets=inputs)
+
+
+def run_note(cfg: dict, command: str, n_params: int | None = None) -> str:
+    """mlflow.note.content (the run page's Description): the config in one paragraph + how to reproduce it."""
+    t, m, d = cfg["train"], cfg["model"], cfg["data"]
+    size = f"{n_params:,} parameters, " if n_params else ""
+    return (f"GPT-2 ({m['n_layer']} layers, d_model {m['n_embd']}, {m['n_head']} heads) with a {m['unit']} MLP "
+            f"(d_ff {m['ffn_dim']}{', parameter-matched' if m.get('param_matched') else ''}, init {m.get('init')}), "
+            f"{size}α mode {t['alpha_mode']}, learning rate {t['learning_rate']:g}, batch {t['batch_size']} × "
+            f"block {d['block_size']}, {t['max_steps']} steps (warm-up {t.get('warmup_steps', 0)}, cosine), "
+            f"seed {t['seed']}, on the {cfg['profile']} profile's data ({d.get('source')}, {d.get('tokenizer')} "
+            f"tokenizer, vocabulary {d.get('vocab_size')}).\n\nReproduce:\n\n    {command}\n")
+
+
+def reproduce_command(cfg: dict, commit: str = "") -> str:
+    """The command that reruns this config: `pagating train` with every value that differs from params.yaml."""
+    import shlex
+
+    from pagating.config import flatten, load_config
+
+    base = flatten(load_config(cfg["profile"]), ("data", "model", "train"))
+    now = flatten(cfg, ("data", "model", "train"))
+    parts = ["pagating", "train", "--profile", cfg["profile"], "--alpha_mode", str(cfg["train"]["alpha_mode"]),
+             "--learning_rate", f"{cfg['train']['learning_rate']:g}"]
+    for key in sorted(now):
+        if key in ("profile", "train.alpha_mode", "train.learning_rate") or base.get(key) == now[key]:
+            continue
+        value = json.dumps(now[key]) if isinstance(now[key], list | dict) else now[key]
+        parts += ["--set", f"{key}={value}"]
+    cmd = " ".join(shlex.quote(str(p)) for p in parts)
+    return f"git checkout {commit} && {cmd}" if commit else cmd
 
 
 def last_steps(mlf, run_id: str) -> dict[str, int]:
@@ -502,6 +642,9 @@ class TrackingCallback(_Callback):
         self.c0 = self.compile_watch.seconds() if self.compile_watch is not None else 0.0
 
     def on_train_begin(self, args, state, control, **kwargs):
+        from pagating.gpu import cpu_window
+
+        cpu_window()  # primes psutil: the first window's CPU figure then covers that window only
         self.started = time.time()
         self._restart_window(state)
 
@@ -532,6 +675,9 @@ class TrackingCallback(_Callback):
                 out["perf/mfu"] = self.flops_token * out["perf/tokens_per_s"] / self.peak
             if self.sampler is not None:
                 out.update(self.sampler.window())
+            from pagating.gpu import cpu_window
+
+            out.update(cpu_window())
             if self.log_alpha and self.model is not None:
                 for i, a in enumerate(self.model.alphas()):
                     out[f"alpha/layer_{i:02d}"] = a
@@ -551,3 +697,55 @@ class TrackingCallback(_Callback):
             if self.uploader is not None:
                 self.uploader.submit(ckpt, state.global_step)
         self._restart_window(state)  # saving time is not step time
+
+
+# The final model as an MLflow model ------------------------------------------------------------
+
+def log_model(uri: str, run_id: str, model_dir: str | Path, step: int) -> str:
+    """Log the saved final model (`model_dir`, HF format) as the run's MLflow model `model`; returns its model id.
+
+    How, not when: the caller decides when and retries (`retry`). The pytorch flavour, because it loads
+    back as the same nn.Module (`mlflow.pytorch.load_model("runs:/<id>/model")`) without the custom
+    config being registered with transformers' Auto classes first; the pagating package travels with it
+    (code_paths), the tokenizer and HF config as extra files. `step` is the run's last step: MLflow links
+    the metrics logged at it (final/eval_loss, final/eval_ppl, best/eval_loss) to the model, which is how
+    the UI's Logged models list shows them. Checkpoints stay plain artifacts (CheckpointUploader).
+    Pickle, not MLflow 3.17's default pt2: torch.export of the Trainer's GPT-2 needs a traced example and
+    fixed shapes, and loads back as an ExportedProgram, not the model.
+    """
+    import mlflow
+    import mlflow.pytorch
+    import numpy as np
+    import torch
+    import transformers
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    from pagating.model import load_model
+
+    model_dir = Path(model_dir)
+    model = load_model(str(model_dir)).eval()  # on CPU whatever device trained it: loads anywhere
+    vocab = int(model.config.vocab_size)
+    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype("int64"), (-1, -1), "input_ids")]),
+                               outputs=Schema([TensorSpec(np.dtype("float32"), (-1, -1, vocab), "logits")]))
+    extra = [str(p) for p in sorted(model_dir.iterdir()) if p.is_file() and p.suffix in (".json", ".txt", ".model")]
+    # Explicit requirements: inferring them loads the model in a subprocess (seconds to minutes).
+    reqs = [f"torch=={torch.__version__.split('+')[0]}", f"transformers=={transformers.__version__}",
+            f"mlflow=={mlflow.__version__}"]
+    mlflow.set_tracking_uri(uri)
+    # The model belongs to the run's experiment (log_model takes the fluent API's active one, else Default).
+    mlflow.set_experiment(experiment_id=client(uri).get_run(run_id).info.experiment_id)
+    info = mlflow.pytorch.log_model(model, name="model", run_id=run_id, step=step, signature=signature,
+                                    code_paths=[str(Path(__file__).resolve().parent)], extra_files=extra,
+                                    pip_requirements=reqs, serialization_format="pickle")
+    return info.model_id
+
+
+def run_model_id(mlf, run) -> str | None:
+    """The id of the MLflow model a run logged as `model` (its newest), or None."""
+    outputs = getattr(run, "outputs", None)
+    ids = [o.model_id for o in (outputs.model_outputs if outputs else [])]
+    for model_id in reversed(ids):
+        if mlf.get_logged_model(model_id).name == "model":
+            return model_id
+    return None

@@ -223,15 +223,17 @@ def train(cfg: dict, *, resume: str = "none", device: str = "auto", compile_mode
     precision = runtime.resolve_precision(precision, device)
     n_threads = runtime.set_threads(threads)
     mlf = tracking.client(uri)
-    # Started by `mlflow run`: that run is our parent, and its experiment is ours, so the UI nests them.
+    # Started by `mlflow run`: that run is our parent when it is in the profile's experiment, so the UI
+    # nests them; one `mlflow run` put elsewhere (Default) only points to the run (tracking.adopt_launcher).
     launcher = None if parent_run_id else os.environ.get("MLFLOW_RUN_ID")
-    parent_run_id = parent_run_id or launcher or None
-    if launcher and rank == 0:
-        mlf.set_tag(launcher, "mlflow.runName", f"mlflow run: {run_name(cfg)}")
     if parent_run_id:
         exp_id = mlf.get_run(parent_run_id).info.experiment_id
     else:
         exp_id = tracking.experiment_id(mlf, cfg)
+        if launcher and tracking.adopt_launcher(mlf, launcher, exp_id):
+            parent_run_id = launcher
+            if rank == 0:
+                mlf.set_tag(launcher, "mlflow.runName", f"mlflow run: {run_name(cfg)}")
     ckpt, run_id = find_resume(cfg, resume, run_dir, mlf, exp_id, h)
 
     import torch
@@ -273,7 +275,10 @@ def train(cfg: dict, *, resume: str = "none", device: str = "auto", compile_mode
         else:
             tags = {"pagating.config_hash": h, "git.commit": tracking.git_commit(),
                     "dvc.data_md5": data_md5(), "gpu.name": dev_name, "host": tracking.host_tag(),
-                    "mlflow.runName": run_name(cfg), **(extra_tags or {})}
+                    "mlflow.runName": run_name(cfg), **tracking.source_tags("train"),
+                    "mlflow.note.content": tracking.run_note(
+                        cfg, tracking.reproduce_command(cfg, tracking.git_commit()), n_params),
+                    **(extra_tags or {})}
             if sweep_id:
                 tags["pagating.sweep_id"] = sweep_id
             if parent_run_id:
@@ -289,6 +294,8 @@ def train(cfg: dict, *, resume: str = "none", device: str = "auto", compile_mode
                          "test.tokens": int(meta["splits"]["test"]["tokens_packed"]),
                          "train.precision": precision, "train.compile": "on" if compile_on else "off",
                          "train.threads": n_threads})
+            tracking.log_datasets(mlf, run_id, cfg["profile"], data_md5() or _meta_digest(meta),
+                                  tracking.dvc_data_source(path=cfg["data"]["raw_dir"]))
     info = {"run_id": run_id, "experiment_id": exp_id, "config_hash": h,
             "tracking_uri": tracking.mask_uri(uri)}
     if rank == 0:
@@ -297,7 +304,7 @@ def train(cfg: dict, *, resume: str = "none", device: str = "auto", compile_mode
     spool = tracking.MetricSpool(tracking.spool_path(run_dir, run_id), run_id, uri, skip_until=skip).start() \
         if rank == 0 else None
     uploader = tracking.CheckpointUploader(run_id, uri, run_dir / ".upload-staging", spool) if rank == 0 else None
-    # NVML sees the GPUs of CUDA_VISIBLE_DEVICES; without any it says so once and logs no gpu/ metric.
+    # NVML sees the GPUs of CUDA_VISIBLE_DEVICES; without any it says so once and logs no system/gpu_* metric.
     sampler = GpuSampler() if rank == 0 else None
     if sampler is not None:
         sampler.start()
@@ -329,7 +336,8 @@ def train(cfg: dict, *, resume: str = "none", device: str = "auto", compile_mode
                 "upload optimizer_groups.json")
             result["resumed_from"] = str(ckpt) if ckpt else None
             print(f"pagating: {run_name(cfg)} -> run {run_id} ({'resumed from ' + str(ckpt) if ckpt else 'new'}),"
-                  f" {n_params:,} params, {device}, output {run_dir}", file=sys.stderr)
+                  f" {n_params:,} params, {device}, output {run_dir}\n"
+                  f"pagating: run page {tracking.run_url(uri, exp_id, run_id)}", file=sys.stderr)
 
         # 5. Train (the Trainer restores optimizer, LR schedule, RNG and data order on resume).
         trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
@@ -347,7 +355,14 @@ def train(cfg: dict, *, resume: str = "none", device: str = "auto", compile_mode
                        "test/ppl": math.exp(min(test["test_loss"], 50.0))}, trainer.state.global_step)
             model_dir = run_dir / "model"
             trainer.save_model(str(model_dir))
-            tracking.retry(lambda: mlf.log_artifacts(run_id, str(model_dir), "model"), "upload model/")
+            step = trainer.state.global_step
+            written = spool.written()
+
+            def log_final_model():
+                spool.flush_until(written)  # the final metrics first: MLflow links those at `step` to the model
+                return tracking.log_model(uri, run_id, model_dir, step)
+
+            result["model_id"] = tracking.retry(log_final_model, "log the model")
             result.update(final_eval_loss=final, best_eval_loss=min(evals), first_eval_loss=evals[0],
                           test_loss=test["test_loss"])
         status = "FINISHED"
@@ -374,6 +389,13 @@ def train(cfg: dict, *, resume: str = "none", device: str = "auto", compile_mode
                 print(f"pagating: could not mark run {status}: {type(exc).__name__}", file=sys.stderr)
     result["status"] = status
     return result
+
+
+def _meta_digest(meta: dict) -> str:
+    """Without data.dvc: a digest of the raw files' md5s that prepare recorded."""
+    import hashlib
+
+    return hashlib.md5(json.dumps(meta.get("source_md5", {}), sort_keys=True).encode()).hexdigest()
 
 
 def _log_params(mlf, run_id, cfg, spec, n_params, config, device, world, vocab, extra=None) -> None:

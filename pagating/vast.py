@@ -598,6 +598,8 @@ def report_status(client: Vast, sweep_id: str | None, do_relaunch: bool, trackin
         gpu = members[0].get("gpu_name") or cfg["cloud"]["gpu_name"]
         parallel = sum(int(i.get("num_gpus") or 1) for i in members if not is_outbid(i))
         print(cloud.progress_line(sid, prog, vast_cost.estimated_step_time(cfg, gpu), parallel))
+        for link in prog.get("links", []):
+            print(f"sweep {sid}: {link}")
     return len(insts)
 
 

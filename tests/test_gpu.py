@@ -1,4 +1,4 @@
-"""GpuSampler against a fake `pynvml` (no GPU here) and against the real library's no-GPU path."""
+"""GpuSampler (MLflow's system/gpu_<i>_* names) against a fake `pynvml` (no GPU here) and the real no-GPU path."""
 
 from __future__ import annotations
 
@@ -56,13 +56,15 @@ def fake_nvml(devices: list[dict], fail: dict | None = None, init_error: bool = 
     m.nvmlDeviceGetHandleByIndex = lambda i: i
     m.nvmlDeviceGetUUID = lambda h: devices[h].get("uuid", f"GPU-{h:08d}-aaaa")
     m.nvmlDeviceGetUtilizationRates = util
-    m.nvmlDeviceGetMemoryInfo = lambda h: types.SimpleNamespace(used=devices[h]["mem"], total=0, free=0)
+    m.nvmlDeviceGetMemoryInfo = lambda h: types.SimpleNamespace(used=devices[h]["mem"], total=24 * 2**30, free=0)
     m.nvmlDeviceGetPowerUsage = power
+    m.nvmlDeviceGetEnforcedPowerLimit = lambda h: 450_000
     m.nvmlDeviceGetTemperature = lambda h, sensor: devices[h]["temp"]
     m.nvmlDeviceGetName = lambda h: devices[h].get("name", "NVIDIA GeForce RTX 4090").encode()
     return m
 
 
+UTIL0 = "system/gpu_0_utilization_percentage"
 GPU0 = {"util": 87, "mem": 3 * 2**30, "power": 312_500, "temp": 64, "name": "NVIDIA GeForce RTX 4090"}
 GPU1 = {"util": 13, "mem": 1 * 2**30, "power": 100_000, "temp": 40, "name": "NVIDIA H200"}
 
@@ -95,9 +97,11 @@ def test_single_gpu_values_and_units(monkeypatch):
     sampler = gpu.GpuSampler(period_s=0.01)
     assert sampler.start() is True
     try:
-        w = wait_window(sampler, ["gpu/util_pct"])
-        assert w == {"gpu/util_pct": 87.0, "gpu/mem_used_mb": 3072.0, "gpu/power_w": 312.5,
-                     "gpu/temp_c": 64.0}
+        w = wait_window(sampler, [UTIL0])
+        assert w == pytest.approx({
+            UTIL0: 87.0, "system/gpu_0_memory_usage_megabytes": 3 * 2**30 / 1e6,
+            "system/gpu_0_memory_usage_percentage": 12.5, "system/gpu_0_power_usage_watts": 312.5,
+            "system/gpu_0_power_usage_percentage": 312.5 / 450 * 100, "system/gpu_0_temperature_celsius": 64.0})
         time.sleep(0.05)
         assert sampler.window() == w  # constant fake -> every window has the same means
         assert sampler.summary() == w
@@ -114,13 +118,13 @@ def test_window_is_mean_since_previous_call(monkeypatch):
     sampler = gpu.GpuSampler(period_s=0.005)
     sampler.start()
     try:
-        wait_window(sampler, ["gpu/util_pct"])
+        wait_window(sampler, [UTIL0])
         dev["util"] = 10
         time.sleep(0.05)
         sampler.window()  # drops the window that straddles the change
         time.sleep(0.05)
-        assert sampler.window()["gpu/util_pct"] == 10.0
-        summary = sampler.summary()["gpu/util_pct"]
+        assert sampler.window()[UTIL0] == 10.0
+        summary = sampler.summary()[UTIL0]
         assert 10.0 < summary < 87.0  # the whole run saw both values
     finally:
         sampler.stop()
@@ -131,13 +135,13 @@ def test_multi_gpu_keys(monkeypatch):
     sampler = gpu.GpuSampler(period_s=0.01)
     sampler.start()
     try:
-        w = wait_window(sampler, ["gpu/util_pct/0", "gpu/util_pct/1"])
+        w = wait_window(sampler, [UTIL0, "system/gpu_1_utilization_percentage"])
     finally:
         sampler.stop()
-    assert w["gpu/util_pct/0"] == 87.0 and w["gpu/util_pct/1"] == 13.0
-    assert w["gpu/util_pct"] == 50.0
-    assert w["gpu/mem_used_mb/1"] == 1024.0 and w["gpu/power_w/1"] == 100.0 and w["gpu/temp_c/1"] == 40.0
-    assert len(w) == 12
+    assert w[UTIL0] == 87.0 and w["system/gpu_1_utilization_percentage"] == 13.0
+    assert w["system/gpu_1_memory_usage_megabytes"] == pytest.approx(2**30 / 1e6)
+    assert w["system/gpu_1_power_usage_watts"] == 100.0 and w["system/gpu_1_temperature_celsius"] == 40.0
+    assert len(w) == 12  # 6 per GPU, no aggregate names (MLflow's UI charts each GPU)
 
 
 @pytest.mark.parametrize("visible, expected_util", [("1", 13.0), ("GPU-00000001", 13.0), ("0", 87.0)])
@@ -147,11 +151,11 @@ def test_cuda_visible_devices_picks_the_used_gpu(monkeypatch, visible, expected_
     sampler = gpu.GpuSampler(period_s=0.01)
     sampler.start()
     try:
-        w = wait_window(sampler, ["gpu/util_pct"])
+        w = wait_window(sampler, [UTIL0])
     finally:
         sampler.stop()
-    assert w["gpu/util_pct"] == expected_util
-    assert not any(k.endswith("/0") for k in w)  # one used GPU -> plain names only
+    assert w[UTIL0] == expected_util  # the used GPU is gpu_0, as the process sees it
+    assert not any(k.startswith("system/gpu_1_") for k in w)
     assert gpu.gpu_name() == ("NVIDIA H200" if expected_util == 13.0 else "NVIDIA GeForce RTX 4090")
 
 
@@ -160,7 +164,7 @@ def test_explicit_device_indices(monkeypatch):
     sampler = gpu.GpuSampler(period_s=0.01, device_indices=[1])
     sampler.start()
     try:
-        assert wait_window(sampler, ["gpu/temp_c"])["gpu/temp_c"] == 40.0
+        assert wait_window(sampler, ["system/gpu_0_temperature_celsius"])["system/gpu_0_temperature_celsius"] == 40.0
     finally:
         sampler.stop()
 
@@ -170,12 +174,12 @@ def test_failing_reading_does_not_kill_the_thread(monkeypatch):
     sampler = gpu.GpuSampler(period_s=0.005)
     sampler.start()
     try:
-        first = wait_window(sampler, ["gpu/util_pct"])
+        first = wait_window(sampler, [UTIL0])
         # the other readings kept coming while power failed, and power comes back once NVML recovers
-        w = wait_window(sampler, ["gpu/power_w"])
+        w = wait_window(sampler, ["system/gpu_0_power_usage_watts"])
         assert sampler.running
         assert nvml.calls["power"] > 5
-        assert w["gpu/power_w"] == 312.5 and first["gpu/util_pct"] == 87.0
+        assert w["system/gpu_0_power_usage_watts"] == 312.5 and first[UTIL0] == 87.0
     finally:
         sampler.stop()
 
@@ -189,7 +193,8 @@ def test_always_failing_and_unexpected_errors(monkeypatch):
         time.sleep(0.1)
         w = sampler.window()
         assert sampler.running
-        assert w == {"gpu/util_pct": 87.0, "gpu/mem_used_mb": 3072.0}
+        assert w == pytest.approx({UTIL0: 87.0, "system/gpu_0_memory_usage_megabytes": 3 * 2**30 / 1e6,
+                                   "system/gpu_0_memory_usage_percentage": 12.5})
     finally:
         sampler.stop()
 
@@ -240,3 +245,10 @@ def test_real_nvml_without_gpu(caplog):
         assert gpu.GpuSampler().start() is False
     assert caplog.text.count(gpu.NO_GPU_MESSAGE) == 1
     assert gpu.gpu_name() == "cpu"
+
+
+def test_cpu_window_mlflow_names():
+    gpu.cpu_window()
+    w = gpu.cpu_window()
+    assert 0.0 <= w["system/cpu_utilization_percentage"] <= 100.0
+    assert w["system/system_memory_usage_megabytes"] > 0 and 0 < w["system/system_memory_usage_percentage"] < 100

@@ -48,7 +48,7 @@ def _config_run(mlf, exp_id, name, mode, lr, *, evals, gpu, step_time, parent=No
         put("perf/step_time_s", s, st)
         put("perf/tokens_per_s", s, 16 * 64 / st)
         if util is not None:
-            put("gpu/util_pct", s, util - (40 if i == 0 else i % 4))
+            put("system/gpu_0_utilization_percentage", s, util - (40 if i == 0 else i % 4))
         if alpha is not None:
             put("alpha/layer_00", s, alpha + 0.001 * s)
             put("alpha/layer_01", s, alpha - 0.0005 * s)
@@ -138,7 +138,7 @@ def expected(mlf, rid):
             "first_eval_loss": _hist(mlf, rid, "eval/loss")[0],
             "s_per_step": steady("perf/step_time_s"),
             "tokens_per_s": steady("perf/tokens_per_s", statistics.harmonic_mean),
-            "gpu_util_pct": steady("gpu/util_pct"), "cost_usd": cost,
+            "gpu_util_pct": steady("system/gpu_0_utilization_percentage"), "cost_usd": cost,
             "gpu": run.data.tags["gpu.name"], "rate": float(rate) if rate else None,
             "max_steps": int(run.data.params["train.max_steps"]), "name": run.info.run_name}
 

@@ -97,20 +97,25 @@ def test_tiny_run_logs_everything(sample_project, mlflow_server, tmp_path):
     ppl = mlf.get_metric_history(run.info.run_id, "eval/ppl")[-1].value
     assert abs(ppl - torch.tensor(evals[-1]).exp().item()) < 1e-3 * ppl
     assert run.data.metrics["best/eval_loss"] == min(evals)
-    assert not any(k.startswith("gpu/") for k in run.data.metrics)  # no GPU here: none logged
+    assert not any(k.startswith("system/gpu_") for k in run.data.metrics)  # no GPU here: none logged
+    assert "system/cpu_utilization_percentage" in run.data.metrics
     tps = mlf.get_metric_history(run.info.run_id, "perf/tokens_per_s")[-1].value
     st = mlf.get_metric_history(run.info.run_id, "perf/step_time_s")[-1].value
     assert abs(tps * st - 8 * 64) < 1e-6 * tps * st  # tokens per step = batch x block
     assert mlf.get_metric_history(run.info.run_id, "alpha/layer_00")[0].value != 0.5  # α learned
-    # Artifacts: model/ loads with one call, gives the same logits as the local copy, generates.
+    # Artifacts: the MLflow model loads with one call, gives the same logits as the local copy, generates
+    # with the tokenizer it carries.
     arts = {a.path for a in mlf.list_artifacts(run.info.run_id)}
-    assert {"model", "checkpoints", "params.yaml"} <= arts
-    local = mlf.download_artifacts(run.info.run_id, "model", str(tmp_path / "dl"))
+    assert {"checkpoints", "params.yaml"} <= arts
+    import mlflow
     from transformers import AutoTokenizer
 
     from pagating.model import load_model
 
-    model, ref = load_model(local).eval(), load_model(os.path.join(result["run_dir"] if os.path.isabs(
+    mlflow.set_tracking_uri(mlflow_server.uri)
+    uri = f"runs:/{run.info.run_id}/model"
+    model = mlflow.pytorch.load_model(uri).eval()
+    ref = load_model(os.path.join(result["run_dir"] if os.path.isabs(
         result["run_dir"]) else sample_project / result["run_dir"], "model")).eval()
     x = torch.randint(0, 2000, (2, 16))
     assert torch.equal(model(x).logits, ref(x).logits)
@@ -118,7 +123,8 @@ def test_tiny_run_logs_everything(sample_project, mlflow_server, tmp_path):
     # recomputed here by hand from the saved model on the same eval blocks.
     assert abs(hand_eval_loss(model, sample_project, run.data.params) - run.data.metrics["final/eval_loss"]) \
         < 1e-5 * run.data.metrics["final/eval_loss"]
-    tok = AutoTokenizer.from_pretrained(local)
+    local = mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp_path / "dl"))
+    tok = AutoTokenizer.from_pretrained(os.path.join(local, "extra_files"))
     ids = tok("ROMEO. What", return_tensors="pt").input_ids
     text = tok.decode(model.generate(ids, max_new_tokens=8, do_sample=False)[0])
     assert text.startswith("ROMEO. What") and len(text) > len("ROMEO. What")
@@ -151,8 +157,9 @@ NVML_TEMPERATURE_GPU = 0
                     "--save_steps", "10", "--logging_steps", "5"], cwd=sample_project, env=env, check=True)
     run_id = json.loads(proc.stdout.strip().splitlines()[-1])["run_id"]
     m = MlflowClient(mlflow_server.uri).get_run(run_id).data.metrics
-    assert m["gpu/util_pct"] == 87 and m["gpu/mem_used_mb"] == 3000
-    assert m["gpu/power_w"] == 215 and m["gpu/temp_c"] == 61
+    assert m["system/gpu_0_utilization_percentage"] == 87
+    assert m["system/gpu_0_memory_usage_megabytes"] == 3000 * 2**20 / 1e6  # MB, as MLflow's monitor
+    assert m["system/gpu_0_power_usage_watts"] == 215 and m["system/gpu_0_temperature_celsius"] == 61
 
 
 def test_kill9_then_resume_from_mlflow_matches_uninterrupted(sample_project, mlflow_server, tmp_path):
