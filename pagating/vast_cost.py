@@ -73,13 +73,33 @@ def estimated_step_time(cfg: dict[str, Any], gpu_name: str) -> float:
     return flops_per_step(cfg) / (peak_tflops(gpu_name) * 1e12 * MFU_GUESS) + STEP_OVERHEAD_S
 
 
+# Validation tokens when the prepared meta is not on this machine (the launcher may never have prepared
+# the data): WikiText-103's validation split is ~217k words, ~250k GPT-2 tokens.
+VALIDATION_TOKENS_GUESS = {"wikitext-103": 250_000}
+
+
+def eval_batches(cfg: dict[str, Any]) -> int:
+    """Batches of one evaluation: the cap, or the whole validation split (max_eval_batches: 0)."""
+    t = cfg["train"]
+    cap = int(t.get("max_eval_batches") or 0)
+    if cap > 0:
+        return cap
+    from pagating.data import load_meta
+
+    try:
+        blocks = int(load_meta(cfg["data"]["prepared_dir"])["splits"]["validation"]["blocks"])
+    except Exception:  # not prepared here: estimate from the source's known size
+        tokens = VALIDATION_TOKENS_GUESS.get(str(cfg["data"].get("source")), 0)
+        blocks = tokens // int(cfg["data"]["block_size"])
+    return math.ceil(blocks / int(t["batch_size"]))
+
+
 def eval_overhead(cfg: dict[str, Any]) -> float:
     """Eval time as a fraction of train time: forward-only batches cost about a third of a step."""
-    t = cfg["train"]
-    eval_steps = int(t.get("eval_steps") or 0)
+    eval_steps = int(cfg["train"].get("eval_steps") or 0)
     if eval_steps <= 0:
         return 0.0
-    return int(t.get("max_eval_batches") or 0) / eval_steps / 3
+    return eval_batches(cfg) / eval_steps / 3
 
 
 @dataclass

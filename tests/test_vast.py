@@ -4,6 +4,7 @@ a real MLflow server where progress or measured step times are read, and onstart
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -153,6 +154,21 @@ def test_offers_projection_uses_grid_and_max_steps():
     expected = 10 * 20000 * 0.05 * (1 + vast_cost.eval_overhead(cfg)) / 3600 + vast_cost.SETUP_HOURS
     assert hours == pytest.approx(expected)
     assert vast_cost.instance_hours(cfg, 10, 2, 0.05) < hours  # two GPUs run two configs at once
+
+
+def test_whole_split_eval_counts_in_the_projection(tmp_path):
+    # max_eval_batches 0 = the whole validation split: its batches come from the prepared meta, or from the
+    # source's known size when the launcher has not prepared the data.
+    cfg = load_config("wikitext103", {"data.prepared_dir": str(tmp_path / "absent")})
+    assert cfg["train"]["max_eval_batches"] == 0
+    guess = vast_cost.eval_batches(cfg)
+    assert guess == math.ceil(250_000 // 128 / 16)
+    assert vast_cost.eval_overhead(cfg) == pytest.approx(guess / 1000 / 3)
+    (tmp_path / "absent").mkdir()
+    (tmp_path / "absent" / "meta.json").write_text(json.dumps({"splits": {"validation": {"blocks": 320}}}))
+    assert vast_cost.eval_batches(cfg) == 20
+    capped = load_config("wikitext103", {"train.max_eval_batches": 7})
+    assert vast_cost.eval_batches(capped) == 7
 
 
 @pytest.mark.slow
