@@ -514,7 +514,12 @@ def launch_ddp(args, cfg: dict, resume: str) -> int:
             del argv[i:i + 2]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
            "-m", "pagating.cli", *argv, "--resume", resume]
-    return subprocess.call(cmd)
+    from pagating.runtime import explicit_threads, thread_share
+
+    env = dict(os.environ)
+    if not explicit_threads():  # torchrun would set 1 per process; each process gets its share instead
+        env["OMP_NUM_THREADS"] = str(thread_share(args.nproc))
+    return subprocess.call(cmd, env=env)
 
 
 def cli_train(args) -> int:

@@ -6,6 +6,8 @@ import pytest
 from conftest import run_cli
 from mlflow.tracking import MlflowClient
 
+from pagating.runtime import thread_share
+
 pytestmark = pytest.mark.slow
 
 ARGS = ["train", "--alpha_mode", "static_0.5", "--max_steps", "16", "--eval_steps", "8", "--save_steps", "8",
@@ -20,13 +22,15 @@ def test_two_processes_match_one(sample_project, mlflow_server, tmp_path):
     exp = mlf.get_run(one_id).info.experiment_id
     before = {r.info.run_id for r in mlf.search_runs([exp])}
 
-    ddp = run_cli([*ARGS, "--output_dir", str(tmp_path / "two"), "--nproc", "2"], cwd=sample_project, env=env,
-                  check=True)
+    # No OMP_NUM_THREADS: each of the two processes takes half the usable cores (torchrun alone would give 1).
+    ddp = run_cli([*ARGS, "--output_dir", str(tmp_path / "two"), "--nproc", "2"], cwd=sample_project,
+                  env={**env, "OMP_NUM_THREADS": ""}, check=True)
     new = [r for r in mlf.search_runs([exp]) if r.info.run_id not in before]
     assert len(new) == 1, "exactly one MLflow run for the two processes"
     run = new[0]
     assert run.info.status == "FINISHED" and run.data.params["train.world_size"] == "2"
     assert run.data.params["train.batch_size"] == "8"  # the global batch, split 4 + 4
+    assert run.data.params["train.threads"] == str(thread_share(2))
     assert json.loads(ddp.stdout.strip().splitlines()[-1])["run_id"] == run.info.run_id
     a = mlf.get_metric_history(one_id, "train/loss")
     b = mlf.get_metric_history(run.info.run_id, "train/loss")

@@ -13,6 +13,7 @@ from conftest import run_cli
 from mlflow.tracking import MlflowClient
 
 from pagating.config import UserError, load_config
+from pagating.runtime import thread_share
 from pagating.sweep import grid, parse_shard, take_shard
 
 SMALL = ["--set", "train.max_steps=10", "--set", "train.eval_steps=5", "--set", "train.save_steps=5",
@@ -133,12 +134,14 @@ def test_one_config_per_gpu_slot_at_once(sample_project, mlflow_server, tmp_path
     args = ["sweep", *SMALL, "--set", "train.max_steps=20", "--set", "sweep.alpha_mode=[static_0.25, static_0.75]",
             "--set", "sweep.learning_rate=[1e-3]", "--set", f"train.output_dir={tmp_path / 'out'}",
             "--gpus", "0,1", "--summary", str(tmp_path / "sweep.json")]
-    run_cli(args, cwd=sample_project, env={"MLFLOW_TRACKING_URI": mlflow_server.uri, "OMP_NUM_THREADS": "1"},
+    # No OMP_NUM_THREADS: the sweep gives each of its two workers half the usable cores.
+    run_cli(args, cwd=sample_project, env={"MLFLOW_TRACKING_URI": mlflow_server.uri, "OMP_NUM_THREADS": ""},
             check=True)
     summary = json.loads((tmp_path / "sweep.json").read_text())
     mlf = MlflowClient(mlflow_server.uri)
     runs = [mlf.get_run(c["run_id"]) for c in summary["configs"]]
     assert sorted(r.data.tags["gpu.visible_devices"] for r in runs) == ["0", "1"]
+    assert [r.data.params["train.threads"] for r in runs] == [str(thread_share(2))] * 2
     a, b = (r.info for r in runs)
     assert a.start_time < b.end_time and b.start_time < a.end_time  # they overlapped
 
