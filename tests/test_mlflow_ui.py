@@ -195,3 +195,75 @@ def test_report_attaches_to_the_sweep_and_registers_the_best_model(ui_sweep):
     assert version.run_id == best_run
     assert version.source == f"models:/{mlf.get_run(best_run).outputs.model_outputs[0].model_id}"
     assert "registered: pagating-best v1" in proc.stdout
+
+
+# The UI in a real browser --------------------------------------------------------------------------------
+
+def _chromium() -> tuple[str, str]:
+    """Debian's chromium + chromium-driver, installed here if missing (CI is a fresh root machine)."""
+    paths = (shutil.which("chromium"), shutil.which("chromedriver"))
+    if all(paths):
+        return paths
+    if not shutil.which("apt-get") or os.geteuid() != 0:
+        pytest.skip("needs Debian's chromium and chromium-driver: apt-get is unavailable or not root here")
+    subprocess.run(["apt-get", "update", "-q"], check=True, capture_output=True, timeout=600)
+    subprocess.run(["apt-get", "install", "-y", "-q", "chromium", "chromium-driver"], check=True,
+                   capture_output=True, timeout=900, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    return shutil.which("chromium"), shutil.which("chromedriver")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium (the dev extra) is not installed")
+    from selenium.webdriver.chrome.service import Service
+
+    chromium, driver = _chromium()
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1600,1000"):
+        opts.add_argument(arg)
+    d = webdriver.Chrome(service=Service(driver), options=opts)
+    yield d
+    d.quit()
+
+
+def test_mlflow_ui_shows_the_sweep(ui_sweep, browser, tmp_path):
+    """What a person sees after clicking the link the sweep printed (screenshots under tmp_path)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    (link,) = [ln.split("runs: ", 1)[1] for ln in ui_sweep["runs"][0].stdout.splitlines() if ln.startswith("runs: ")]
+    wait = WebDriverWait(browser, 60, poll_frequency=0.5)
+    browser.get(link)
+    parent = wait.until(lambda d: d.find_element(By.PARTIAL_LINK_TEXT, f"sweep {ui_sweep['summary']['sweep_id']}"))
+    browser.save_screenshot(str(tmp_path / "1-runs-table.png"))
+    assert "Model training" in browser.find_element(By.TAG_NAME, "body").text  # not the GenAI overview
+    # Expand the sweep row: both children, each with its Dataset, Source and Models cell filled.
+    parent.find_element(By.XPATH, "./ancestor::*[@role='gridcell'][1]").find_element(By.TAG_NAME, "button").click()
+    kids = [c["run_id"] for c in ui_sweep["summary"]["configs"]]
+
+    def cells(d):
+        out = {rid: {} for rid in kids}
+        for cell in d.find_elements(By.CSS_SELECTOR, "[role='row'][row-id] [role='gridcell']"):
+            rid = cell.find_element(By.XPATH, "./ancestor::*[@role='row'][1]").get_attribute("row-id")
+            if rid in out:
+                out[rid][cell.get_attribute("col-id")] = cell.text.strip()
+        return out if all(len(v) > 3 for v in out.values()) else None
+
+    table = wait.until(cells)
+    browser.save_screenshot(str(tmp_path / "2-sweep-expanded.png"))
+    for rid, row in table.items():
+        for col in ("Dataset", "Source", "Models"):
+            text = row.get(f"attributes.`{col}`", "")
+            assert text not in ("", "-"), (rid, col, row)
+        assert row["attributes.`Dataset`"].startswith("sample (4b8e") and row["attributes.`Source`"] == "pagating:train"
+    # The chart view: the children's eval/loss curves.
+    browser.execute_script("arguments[0].click()", browser.find_element(By.CSS_SELECTOR, "input[value='CHART']"))
+    search = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "input[placeholder='Search metric charts']"))
+    search.send_keys("eval/loss", Keys.ENTER)
+    wait.until(lambda d: d.find_elements(By.XPATH, "//*[normalize-space(text())='eval/loss']"))
+    browser.save_screenshot(str(tmp_path / "3-charts.png"))
+    body = browser.find_element(By.TAG_NAME, "body").text
+    assert "No charts in this section" not in body
+    assert all(f"{c['name']} (eval/loss)" in body for c in ui_sweep["summary"]["configs"])
