@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup sweep test lint bench clean browser
+.PHONY: setup sweep test lint bench clean browser gpu-kit
 
 $(STAMP): pyproject.toml
 	@command -v $(PY) >/dev/null || { echo "need $(PY) (Python 3.11) on PATH"; exit 2; }
@@ -37,6 +37,11 @@ test: $(STAMP) browser
 
 bench: $(STAMP)
 	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done
+
+# What bench/gpu_check.sh's acceptance part installs offline on a lent GPU machine (wheels for Linux
+# x86_64 py3.11 of what it lacks + prepared sample data); carry gpu-kit/ there. Needs PyPI, not a GPU.
+gpu-kit: $(STAMP)
+	$(BIN)/python bench/gpu_kit.py make gpu-kit
 
 clean:
 	rm -rf $(VENV) mlflow.db mlruns mlartifacts outputs reports data/prepared

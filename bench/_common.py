@@ -243,7 +243,9 @@ def _merge(parts_dir: Path, out_path: Path) -> dict:
         err_file = parts_dir / f"{name}.err"
         tail = err_file.read_text(errors="replace").strip().splitlines()[-5:] if err_file.exists() else []
         why = "timed out" if rc in (124, 137) else f"exit {rc}" if rc else "no JSON on the last line"
-        parts[name] = {"error": f"{why}: {' | '.join(tail)[-600:]}", "part_s": seconds}
+        if figures is not None and figures.get("failed"):  # an acceptance part: its figures say what failed
+            tail = [f"failed checks: {', '.join(figures['failed'])}", *tail]
+        parts[name] = {**(figures or {}), "error": f"{why}: {' | '.join(tail)[-600:]}", "part_s": seconds}
     result = {"bench": "gpu_check", "cpu_mode": os.environ.get("GPU_CHECK_CPU") == "1",
               "summary": _summary(parts), "errors": sorted(n for n, p in parts.items() if "error" in p),
               "parts": parts}
@@ -268,6 +270,13 @@ def _summary(parts: dict) -> dict:
     s["units_ratio_vs_naive"] = {k: v.get("ratio_vs_naive") for k, v in units.items()} or None
     s["units_fused_vs_unfused"] = {k: v.get("fused_vs_unfused") for k, v in units.items()} or None
     s["gpu"] = parts.get("env", {}).get("gpu")
+    acc = parts.get("accept_train", {})
+    s["accept_ms_per_step"] = acc.get("ms_per_step")
+    s["accept_mfu"] = acc.get("mfu")
+    s["accept_compile_time_s"] = acc.get("compile_time_s")
+    s["accept_nvml_max"] = acc.get("nvml_max")
+    accept = [n for n in ("accept_install", "accept_train", "accept_nproc", "accept_sweep") if n in parts]
+    s["accept_ok"] = all("error" not in parts[n] for n in accept) if accept else None
     return s
 
 

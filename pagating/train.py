@@ -499,10 +499,10 @@ def launch_ddp(args, cfg: dict, resume: str) -> int:
     meta = check_prepared(cfg)  # made from this config, else exit 2 naming the fix
     uri = tracking.tracking_uri(cfg)
     tracking.check_server(uri)
+    mlf = tracking.client(uri)
+    exp_id = tracking.experiment_id(mlf, cfg)  # a new sqlite store is created here once, not by N ranks at once
     if resume not in ("none", ""):
-        mlf = tracking.client(uri)
         h = config_hash(cfg, meta.get("source_md5", ""))
-        exp_id = tracking.experiment_id(mlf, cfg)
         ckpt, _ = find_resume(cfg, resume, run_dir_for(cfg, h), mlf, exp_id, h)
         resume = str(ckpt) if ckpt else "none"
     argv = list(args.argv)
