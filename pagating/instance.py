@@ -117,7 +117,10 @@ def _client():
 def report(state: str) -> None:
     run_id = os.environ.get("PAGATING_PARENT_RUN_ID")
     if run_id:
-        _client().set_tag(run_id, REPORT_TAG + instance_id(), state[:4000])
+        from pagating.tracking import retry
+
+        # A shared server answers a transient 5xx or reset now and then (several instances report at once).
+        retry(lambda: _client().set_tag(run_id, REPORT_TAG + instance_id(), state[:4000]), "report", attempts=4)
 
 
 def upload_log(path: str | None = None) -> str:
@@ -131,7 +134,10 @@ def upload_log(path: str | None = None) -> str:
     name = log_artifact_name(instance_id())
     with tempfile.TemporaryDirectory() as tmp:  # a snapshot: the live file keeps growing
         shutil.copyfile(path, Path(tmp) / name)
-        _client().log_artifact(run_id, str(Path(tmp) / name), LOG_ARTIFACT_DIR)
+        from pagating.tracking import retry
+
+        retry(lambda: _client().log_artifact(run_id, str(Path(tmp) / name), LOG_ARTIFACT_DIR), "log upload",
+              attempts=4)
     return f"log uploaded to run {run_id} as {LOG_ARTIFACT_DIR}/{name}"
 
 
