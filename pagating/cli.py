@@ -22,6 +22,7 @@ VERBS = {
     "quickstart": "pagating.sweep",
     "report": "pagating.report",
     "server": "pagating.server",
+    "grant": "pagating.server",
     "sync": "pagating.tracking",
     "vast": "pagating.vast",
 }

@@ -61,6 +61,22 @@ def _coerce(value: Any) -> Any:
     return _numbers(value)
 
 
+def _read_yaml(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path} is not UTF-8 text (byte offset {exc.start}): re-save it as UTF-8") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        what = exc.problem or exc.context or "syntax error"
+        raise UserError(f"{path}: YAML syntax error{where}: {what}; fix it and run again") from None
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: YAML error: {str(exc).splitlines()[0]}; fix it and run again") from None
+
+
 def load_config(profile: str | None = None, overrides: dict[str, Any] | None = None,
                 path: str | os.PathLike | None = None) -> dict[str, Any]:
     """Load params.yaml for `profile` and apply `overrides` ({"train.learning_rate": "1e-3"}).
@@ -70,7 +86,7 @@ def load_config(profile: str | None = None, overrides: dict[str, Any] | None = N
     path = Path(path) if path else params_path()
     if not path.exists():
         raise UserError(f"{path} not found: run from the project root (the folder with params.yaml)")
-    raw = _numbers(yaml.safe_load(path.read_text()) or {})
+    raw = _numbers(_read_yaml(path) or {})
     profile = profile or raw.get("profile", "sample")
     profiles = sorted(raw.get("data", {}))
     if profile not in profiles:

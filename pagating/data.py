@@ -295,6 +295,29 @@ def _tokenize_batch(batch: dict, indices: list[int], tokenizer, eos_id: int, fir
     return {"ids": [np.asarray(ids, dtype=np.int32)]}
 
 
+def check_utf8(path: Path, shown: str) -> None:
+    """UserError naming the file (and where) unless it is UTF-8 text: the tokenizer would otherwise
+    fail deep inside `datasets` without saying which file."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, line = 0, 1
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(1 << 22)
+            try:
+                decoder.decode(block, final=not block)
+            except UnicodeDecodeError as exc:
+                at = offset + max(exc.start, 0)
+                line += block[:max(exc.start, 0)].count(b"\n")
+                raise UserError(f"{shown} is not UTF-8 text (byte 0x{block[exc.start]:02x} at offset {at}, "
+                                f"line {line}): re-save it as UTF-8 and run `pagating prepare` again") from None
+            if not block:
+                return
+            offset += len(block)
+            line += block.count(b"\n")
+
+
 def _first_heading(path: Path) -> int:
     with open(path, encoding="utf-8") as f:
         for i, line in enumerate(f):
@@ -366,6 +389,8 @@ def prepare(cfg: dict[str, Any], *, timings: dict[str, float] | None = None) -> 
         if not (raw_dir / name).is_file():
             where = d["raw_dir"] if not raw_dir.is_dir() else f"{d['raw_dir']}/{name}"
             raise UserError(f"{where} not found: {MISSING_RAW_HINT}")
+    for name in RAW_FILES.values():
+        check_utf8(raw_dir / name, f"{d['raw_dir']}/{name}")
     # prepare replaces prepared_dir wholesale: never let that be a folder it did not make.
     if raw_dir.is_relative_to(prepared_dir):
         raise UserError(f"data.prepared_dir {d['prepared_dir']} holds data.raw_dir; choose another folder")

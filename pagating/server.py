@@ -12,9 +12,9 @@ mlflow server's, which reads it to create the admin on first start); the auth st
 holds no password. Nothing here prints a password.
 
 Permissions: every request without valid credentials gets 401. The admin can do everything; the
-GPU user is an ordinary user: it can create experiments and runs and log to them, and gets
-`--default-permission` (EDIT: read and log, no delete or permission changes) on experiments it did
-not create, so a GPU run can log into an experiment the researcher created.
+GPU user, whose password sits on a rented machine nobody should trust, gets `--default-permission`
+(NO_PERMISSIONS: it cannot even read) on experiments it was not granted, and `pagating grant` gives
+it EDIT (read and log; no delete, no permission changes) on exactly the experiments a sweep uses.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ DEFAULTS: dict[str, Any] = {
     "auth_dir": "mlflow-server",
     "auth_db_uri": None,  # default: sqlite:///<auth_dir>/basic_auth.db
     "gpu_user": "gpu-runner",
-    "default_permission": "EDIT",
+    "default_permission": "NO_PERMISSIONS",
     "workers": 2,
     "allowed_hosts": None,
 }
@@ -76,12 +76,93 @@ def register_cli(sub) -> None:
     p.add_argument("--gpu-user", default=DEFAULTS["gpu_user"],
                    help=f"user that GPU runs log as; password from {GPU_PASSWORD_ENV} (default %(default)s)")
     p.add_argument("--default-permission", choices=PERMISSIONS, default=DEFAULTS["default_permission"],
-                   help="what a logged-in non-admin may do on experiments it did not create "
-                        "(default %(default)s)")
+                   help="what a logged-in non-admin may do on experiments it was not granted and did not "
+                        "create (default %(default)s; `pagating grant` gives the GPU user EDIT on a sweep's)")
     p.add_argument("--workers", type=int, default=DEFAULTS["workers"])
     p.add_argument("--allowed-hosts", default=None,
                    help="Host headers MLflow accepts, e.g. mlflow.example.org (set it behind a proxy)")
     p.set_defaults(func=run_server)
+
+    g = sub.add_parser(
+        "grant", help="give the GPU user EDIT on exactly the experiments a sweep uses (run as the admin)",
+        description=f"Create the profile's experiment as the admin if needed and grant the GPU user EDIT on it "
+                    f"(log runs, metrics, artifacts; no delete, no permission changes). Server: "
+                    f"MLFLOW_TRACKING_URI; admin: {ADMIN_PASSWORD_ENV} (or MLFLOW_TRACKING_USERNAME/PASSWORD "
+                    f"of an admin).")
+    g.add_argument("--profile", help="params.yaml profile whose sweep to grant (default: params.yaml's `profile`)")
+    g.add_argument("--experiment", action="append", default=[], help="an experiment name instead (repeatable)")
+    g.add_argument("--user", default=DEFAULTS["gpu_user"], help="the GPU user (default %(default)s)")
+    g.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help=argparse.SUPPRESS)
+    g.set_defaults(func=cli_grant)
+
+
+def admin_credentials() -> tuple[str, str]:
+    if os.environ.get(ADMIN_PASSWORD_ENV):
+        return os.environ.get(ADMIN_USERNAME_ENV) or "admin", os.environ[ADMIN_PASSWORD_ENV]
+    if os.environ.get("MLFLOW_TRACKING_USERNAME") and os.environ.get("MLFLOW_TRACKING_PASSWORD"):
+        return os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]
+    raise UserError(f"granting needs the admin: export {ADMIN_PASSWORD_ENV} (the admin's password) and run again")
+
+
+def grant_experiments(uri: str, admin: tuple[str, str], names: list[str], user: str,
+                      permission: str = "EDIT") -> dict[str, str]:
+    """Create each experiment as the admin if missing (the admin owns it) and give `user` exactly
+    `permission` on it (MLflow's per-user grant API, /api/3.0/mlflow/users/permissions/grant).
+    Returns {name: experiment_id}."""
+    import requests
+
+    api = uri.rstrip("/")
+    out = {}
+    for name in names:
+        r = requests.get(f"{api}/api/2.0/mlflow/experiments/get-by-name", params={"experiment_name": name},
+                         auth=admin, timeout=30)
+        if r.status_code in (401, 403):
+            raise UserError(f"{mask_admin(admin)} cannot manage {uri}: give the admin's credentials")
+        if r.status_code == 404 or (r.ok and r.json()["experiment"]["lifecycle_stage"] == "deleted"):
+            if r.ok:
+                requests.post(f"{api}/api/2.0/mlflow/experiments/restore",
+                              json={"experiment_id": r.json()["experiment"]["experiment_id"]}, auth=admin, timeout=30)
+                exp_id = r.json()["experiment"]["experiment_id"]
+            else:
+                c = requests.post(f"{api}/api/2.0/mlflow/experiments/create", json={"name": name}, auth=admin,
+                                  timeout=30)
+                c.raise_for_status()
+                exp_id = c.json()["experiment_id"]
+        else:
+            r.raise_for_status()
+            exp_id = r.json()["experiment"]["experiment_id"]
+        body = {"username": user, "resource_type": "experiment", "resource_id": exp_id}
+        g = requests.post(f"{api}/api/3.0/mlflow/users/permissions/grant", json={**body, "permission": permission},
+                          auth=admin, timeout=30)
+        if g.status_code == 400 and "RESOURCE_ALREADY_EXISTS" in g.text:  # re-grant: replace, never widen
+            requests.post(f"{api}/api/3.0/mlflow/users/permissions/revoke", json=body, auth=admin,
+                          timeout=30).raise_for_status()
+            g = requests.post(f"{api}/api/3.0/mlflow/users/permissions/grant",
+                              json={**body, "permission": permission}, auth=admin, timeout=30)
+        if not g.ok:
+            raise UserError(f"could not grant {user!r} {permission} on {name}: HTTP {g.status_code} "
+                            f"{g.text[:200].strip()}")
+        out[name] = exp_id
+    return out
+
+
+def mask_admin(admin: tuple[str, str]) -> str:
+    return f"user {admin[0]!r}"
+
+
+def cli_grant(args: argparse.Namespace) -> int:
+    from pagating.config import experiment_name, load_config, parse_sets
+    from pagating.tracking import mask_uri, tracking_uri
+
+    cfg = load_config(args.profile or None, parse_sets(args.set))
+    uri = tracking_uri(cfg)
+    if not uri.startswith(("http://", "https://")):
+        raise UserError(f"MLFLOW_TRACKING_URI must be the `pagating server` (http[s]://...), not {mask_uri(uri)}")
+    names = args.experiment or [experiment_name(cfg)]
+    granted = grant_experiments(uri, admin_credentials(), names, args.user)
+    for name, exp_id in granted.items():
+        print(f"pagating grant: {args.user!r} has EDIT on experiment {name} (id {exp_id}) at {mask_uri(uri)}")
+    return 0
 
 
 def run_server(args: argparse.Namespace) -> int:

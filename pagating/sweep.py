@@ -122,7 +122,7 @@ def parse_gpus(text: str) -> list[str | None]:
 def _child_command(cfg: dict, overrides: dict, parent_id: str, sweep_id: str, resume: str, device: str,
                    extra_sets: list[str], threads: int | None = None) -> list[str]:
     cmd = [sys.executable, "-m", "pagating.cli", "train", "--profile", cfg["profile"], "--resume", resume,
-           "--parent-run-id", parent_id, "--sweep-id", sweep_id, "--device", device]
+           "--parent-run-id", parent_id, "--sweep-id", sweep_id, "--device", device, "--if-claimed", "skip"]
     if threads:
         cmd += ["--threads", str(threads)]
     for item in extra_sets:
@@ -263,6 +263,14 @@ def sweep(base: dict, *, shard: str = "0/1", gpus: str = "auto", device: str = "
                 with open(entry["log"], "a") as log:
                     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
                 result = _last_json(proc.stdout)
+                if proc.returncode == 0 and result.get("status") == "claimed":
+                    # Another process (another sweep over this grid) trains it: come back to it later.
+                    entry.update(status="elsewhere", run_id=result.get("run_id"))
+                    break
+                if proc.returncode == 0 and result.get("already_finished"):
+                    entry.update(status="skipped", run_id=result["run_id"],
+                                 final_eval_loss=result.get("final_eval_loss"))
+                    break
                 if proc.returncode == 0 and result.get("status") == "FINISHED":
                     entry.update(run_id=result["run_id"], final_eval_loss=result.get("final_eval_loss"),
                                  first_eval_loss=result.get("first_eval_loss"),
@@ -273,6 +281,8 @@ def sweep(base: dict, *, shard: str = "0/1", gpus: str = "auto", device: str = "
                 if proc.returncode == 2:  # a user error will not go away on retry
                     break
             entry["seconds"] = round(time.time() - started, 1)
+            if entry["status"] == "elsewhere":
+                return
             with lock:
                 k = next(counter)
                 detail = (f"eval loss {entry['first_eval_loss']:.3f} -> {entry['final_eval_loss']:.3f}"
@@ -285,6 +295,22 @@ def sweep(base: dict, *, shard: str = "0/1", gpus: str = "auto", device: str = "
 
     with ThreadPoolExecutor(max_workers=len(slots)) as pool:
         list(pool.map(run_one, todo))
+    # Configs another process held: wait until they finish there, or take them over when its heartbeat stops.
+    poll_s = min(float(base["tracking"].get("heartbeat_s", 30)), 10.0)
+    for entry in [e for e in plan if e["status"] == "elsewhere"]:
+        claim = tracking.Claim.for_config(mlf, exp_id, entry["config_hash"], base["tracking"])
+        print(f"sweep {sweep_id}: {entry['name']} is being trained elsewhere; waiting for it", file=sys.stderr)
+        while entry["status"] == "elsewhere":
+            done = [r for r in tracking.runs_with_hash(mlf, exp_id, entry["config_hash"])
+                    if r.info.status == "FINISHED"]
+            if done:
+                entry.update(status="skipped", run_id=done[0].info.run_id,
+                             final_eval_loss=done[0].data.metrics.get("final/eval_loss"))
+            elif not claim.is_live(claim.current()):
+                entry["status"] = "resume"
+                run_one(entry)
+            else:
+                time.sleep(poll_s)
 
     failed = [e for e in plan if e["status"] == "failed"]
     best = log_best(mlf, parent_id, exp_id, sweep_id, [e.get("run_id") for e in plan])

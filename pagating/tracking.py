@@ -10,6 +10,7 @@ until the server answers; training only ever appends to a local file.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -19,6 +20,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -34,8 +36,11 @@ SPOOL_GLOB = "mlflow_spool.*.jsonl"  # one spool per run id: a run dir reused by
 
 def spool_path(run_dir: str | Path, run_id: str) -> Path:
     return Path(run_dir) / f"mlflow_spool.{run_id}.jsonl"
-CKPT_ARTIFACT = "checkpoints/latest"
-CKPT_MARKER = "pagating_checkpoint.json"  # uploaded last: a checkpoint without it is incomplete
+
+
+CKPT_ROOT = "checkpoints"  # slot-0/, slot-1/ and the pointer latest.json
+CKPT_POINTER = "latest.json"
+CKPT_MARKER = "pagating_checkpoint.json"  # files' sizes + sha256, written last: without it a checkpoint is incomplete
 
 
 def _mlflow_env_defaults() -> None:
@@ -70,19 +75,32 @@ def check_server(uri: str) -> None:
         return
     import requests
 
-    try:
-        requests.get(uri.rstrip("/") + "/health", timeout=5)
-    except requests.RequestException:
-        raise UserError(f"tracking server {mask_uri(uri)} is unreachable: start it (`pagating server`) or "
-                        "set MLFLOW_TRACKING_URI to a running one") from None
+    shown = mask_uri(uri)
     auth = None
     if os.environ.get("MLFLOW_TRACKING_USERNAME"):
         auth = (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ.get("MLFLOW_TRACKING_PASSWORD", ""))
-    r = requests.get(uri.rstrip("/") + "/api/2.0/mlflow/experiments/search",
-                     params={"max_results": 1}, auth=auth, timeout=10)
+    try:
+        health = requests.get(uri.rstrip("/") + "/health", timeout=5)
+        r = requests.get(uri.rstrip("/") + "/api/2.0/mlflow/experiments/search",
+                         params={"max_results": 1}, auth=auth, timeout=10)
+    except requests.RequestException:
+        raise UserError(f"tracking server {shown} is unreachable: start it (`pagating server`) or "
+                        "set MLFLOW_TRACKING_URI to a running one") from None
     if r.status_code in (401, 403):
-        raise UserError(f"tracking server {mask_uri(uri)} refused the credentials: set "
+        raise UserError(f"tracking server {shown} refused the credentials: set "
                         "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
+    for answer in (health, r):
+        if answer.status_code >= 500:  # e.g. a reverse proxy whose MLflow is down
+            raise UserError(f"tracking server {shown} answers HTTP {answer.status_code} {answer.reason}: the "
+                            f"server (or the proxy in front of it) is failing; fix it or point "
+                            f"MLFLOW_TRACKING_URI at a working MLflow server")
+    try:
+        is_mlflow = r.status_code == 200 and isinstance(r.json(), dict)
+    except ValueError:
+        is_mlflow = False
+    if not is_mlflow:
+        raise UserError(f"{shown} is not an MLflow tracking server (its experiments API answered HTTP "
+                        f"{r.status_code} {r.headers.get('content-type', '')}): check MLFLOW_TRACKING_URI")
 
 
 def experiment_id(mlf, cfg: dict) -> str:
@@ -452,11 +470,65 @@ def _hardlink_copy(src: Path, dst: Path) -> None:
     shutil.copytree(src, dst, copy_function=link)
 
 
-class CheckpointUploader:
-    """Uploads the newest checkpoint to `checkpoints/latest/` in a background thread.
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
-    A newer save supersedes a pending one; a failed upload is retried with backoff; the marker
-    file goes last, so a download can tell a complete checkpoint from one cut off mid-upload.
+
+def write_checkpoint_marker(ckpt: str | Path, step: int, spool_lines: int = 0) -> dict:
+    """The marker that makes a checkpoint folder whole: every file's size and sha256, written last.
+
+    A folder without it (a save or an upload cut off midway) or whose files differ from it is never
+    resumed from. `spool_lines`: metric lines logged when it was saved (sent before the upload)."""
+    ckpt = Path(ckpt)
+    files = {str(p.relative_to(ckpt)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(ckpt.rglob("*")) if p.is_file() and p.name != CKPT_MARKER}
+    marker = {"step": int(step), "state": "complete", "files": files, "spool_lines": int(spool_lines)}
+    tmp = ckpt / (CKPT_MARKER + ".tmp")
+    tmp.write_text(json.dumps(marker, indent=1, sort_keys=True))
+    os.replace(tmp, ckpt / CKPT_MARKER)
+    return marker
+
+
+def verify_checkpoint(ckpt: str | Path) -> str | None:
+    """None when the folder is a whole checkpoint (marker present, every file's size and hash match);
+    else what is wrong, in a few words."""
+    ckpt = Path(ckpt)
+    try:
+        marker = json.loads((ckpt / CKPT_MARKER).read_text())
+    except FileNotFoundError:
+        return f"no {CKPT_MARKER} (cut off before it was complete)"
+    except (OSError, ValueError):
+        return f"unreadable {CKPT_MARKER}"
+    if marker.get("state") != "complete" or not isinstance(marker.get("files"), dict):
+        return "marked incomplete (cut off mid-upload)"
+    for name, want in marker["files"].items():
+        path = ckpt / name
+        if not path.is_file():
+            return f"{name} missing"
+        if path.stat().st_size != want["size"]:
+            return f"{name} has {path.stat().st_size} bytes, the marker says {want['size']}"
+        if _sha256(path) != want["sha256"]:
+            return f"{name} does not match its sha256"
+    return None
+
+
+def checkpoint_step(ckpt: str | Path) -> int:
+    return int(Path(ckpt).name.rsplit("-", 1)[-1])
+
+
+class CheckpointUploader:
+    """Uploads each new checkpoint in a background thread so that MLflow always holds whole ones.
+
+    Two slots, `checkpoints/slot-0` and `checkpoints/slot-1`: a save goes into the slot the pointer
+    `checkpoints/latest.json` does not name, in this order: an "incomplete" marker (the slot stops
+    being resumable), the files, the marker with their sizes and hashes, then the pointer. A kill at
+    any moment leaves the previous checkpoint whole, and only the last two ever stay (no artifact
+    delete needed: the GPU credential has EDIT, which cannot delete). A newer save supersedes a
+    pending one; a failed upload is retried with backoff.
     """
 
     def __init__(self, run_id: str, uri: str, staging: str | Path, spool: MetricSpool | None = None):
@@ -466,39 +538,52 @@ class CheckpointUploader:
         self._busy = False
         self._cond = threading.Condition()
         self._stop = False
+        self._slot: str | None = None  # the slot the pointer names
         self.uploaded_step: int | None = None
         self.last_error: str | None = None
         self._thread = threading.Thread(target=self._run, name="pagating-ckpt-upload", daemon=True)
         self._thread.start()
 
     def submit(self, ckpt_dir: str | Path, step: int) -> None:
+        """ckpt_dir already holds its marker (write_checkpoint_marker)."""
         dst = self.staging / f"step-{step}"
         if dst.exists():
             shutil.rmtree(dst)
         _hardlink_copy(Path(ckpt_dir), dst)
-        files = sorted(str(p.relative_to(dst)) for p in dst.rglob("*") if p.is_file())
-        # The metrics logged so far go to MLflow before the checkpoint does: a run resumed from
-        # this checkpoint on another machine then misses no metric step.
-        lines = self.spool.written() if self.spool is not None else 0
-        (dst / CKPT_MARKER).write_text(json.dumps({"step": step, "files": files, "spool_lines": lines}))
         with self._cond:
             if self._pending is not None:
                 shutil.rmtree(self._pending, ignore_errors=True)
             self._pending = dst
             self._cond.notify_all()
 
+    def upload_now(self, path: Path) -> None:
+        """Upload one staged checkpoint in the caller's thread (`pagating sync`); raises on failure."""
+        self._upload(path)
+        self.uploaded_step = json.loads((path / CKPT_MARKER).read_text())["step"]
+
     def _upload(self, path: Path) -> None:
+        marker = json.loads((path / CKPT_MARKER).read_text())
         if self.spool is not None:
-            self.spool.flush_until(json.loads((path / CKPT_MARKER).read_text())["spool_lines"])
+            # The metrics logged so far go to MLflow before the checkpoint does: a run resumed
+            # from this checkpoint on another machine then misses no metric step.
+            self.spool.flush_until(marker.get("spool_lines", 0))
         mlf = client(self.uri)
-        for item in sorted(path.iterdir()):
-            if item.name == CKPT_MARKER:
-                continue
-            if item.is_dir():
-                mlf.log_artifacts(self.run_id, str(item), f"{CKPT_ARTIFACT}/{item.name}")
-            else:
-                mlf.log_artifact(self.run_id, str(item), CKPT_ARTIFACT)
-        mlf.log_artifact(self.run_id, str(path / CKPT_MARKER), CKPT_ARTIFACT)
+        if self._slot is None:
+            self._slot = (_read_pointer(mlf, self.run_id) or {}).get("slot")
+        slot = "slot-1" if self._slot == "slot-0" else "slot-0"
+        dest = f"{CKPT_ROOT}/{slot}"
+        with tempfile.TemporaryDirectory() as tmp:
+            opening = Path(tmp) / CKPT_MARKER
+            opening.write_text(json.dumps({"step": marker["step"], "state": "writing"}))
+            mlf.log_artifact(self.run_id, str(opening), dest)
+            for name in sorted(marker["files"]):
+                sub = str(Path(dest, name).parent)
+                mlf.log_artifact(self.run_id, str(path / name), sub)
+            mlf.log_artifact(self.run_id, str(path / CKPT_MARKER), dest)
+            pointer = Path(tmp) / CKPT_POINTER
+            pointer.write_text(json.dumps({"slot": slot, "step": marker["step"]}))
+            mlf.log_artifact(self.run_id, str(pointer), CKPT_ROOT)
+        self._slot = slot
 
     def _run(self) -> None:
         backoff = _Backoff()
@@ -513,6 +598,7 @@ class CheckpointUploader:
                 self._upload(path)
                 self.uploaded_step = json.loads((path / CKPT_MARKER).read_text())["step"]
                 shutil.rmtree(path, ignore_errors=True)
+                self.last_error = None
                 backoff.ok()
             except Exception as exc:
                 self.last_error = f"{type(exc).__name__}: {str(exc)[:200]}"
@@ -526,6 +612,10 @@ class CheckpointUploader:
                 with self._cond:
                     self._busy = False
                     self._cond.notify_all()
+
+    def pending(self) -> Path | None:
+        with self._cond:
+            return self._pending
 
     def wait(self, timeout_s: float) -> bool:
         """Wait for pending uploads; True when nothing is left."""
@@ -541,56 +631,287 @@ class CheckpointUploader:
             self._cond.notify_all()
 
 
+def _read_pointer(mlf, run_id: str) -> dict | None:
+    """checkpoints/latest.json of a run, or None when absent (raises when the server does not answer)."""
+    names = {a.path.rsplit("/", 1)[-1] for a in mlf.list_artifacts(run_id, CKPT_ROOT)}
+    if CKPT_POINTER not in names:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            return json.loads(Path(mlf.download_artifacts(run_id, f"{CKPT_ROOT}/{CKPT_POINTER}", tmp)).read_text())
+        except ValueError:
+            return None
+
+
 def download_checkpoint(mlf, run_id: str, dst: str | Path) -> Path | None:
-    """Fetch `checkpoints/latest` of a run into dst/checkpoint-<step>; None if absent or incomplete."""
+    """The newest whole checkpoint of a run, verified against its marker, as dst/checkpoint-<step>;
+    a cut-off or corrupt one is named in one line and the older one tried; None if none is whole."""
     try:
-        names = {a.path.rsplit("/", 1)[-1] for a in mlf.list_artifacts(run_id, CKPT_ARTIFACT)}
+        slots = [a.path.rsplit("/", 1)[-1] for a in mlf.list_artifacts(run_id, CKPT_ROOT) if a.is_dir]
+        pointer = _read_pointer(mlf, run_id) or {}
     except Exception:
         return None
-    if CKPT_MARKER not in names:
-        return None
-    tmp = Path(dst) / ".download"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    local = Path(mlf.download_artifacts(run_id, CKPT_ARTIFACT, str(tmp)))
-    marker = json.loads((local / CKPT_MARKER).read_text())
-    state = json.loads((local / "trainer_state.json").read_text()) if (local / "trainer_state.json").exists() else {}
-    complete = state.get("global_step") == marker["step"] and all((local / f).exists() for f in marker["files"])
-    if not complete:  # cut off mid-upload: files of two different saves
-        shutil.rmtree(tmp, ignore_errors=True)
-        return None
-    final = Path(dst) / f"checkpoint-{marker['step']}"
-    shutil.rmtree(final, ignore_errors=True)
-    local.rename(final)
-    shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    tmp_root = Path(dst) / ".download"
+    markers = []
+    for slot in slots:
+        shutil.rmtree(tmp_root, ignore_errors=True)
+        tmp_root.mkdir(parents=True)
+        try:
+            marker = json.loads(Path(mlf.download_artifacts(run_id, f"{CKPT_ROOT}/{slot}/{CKPT_MARKER}",
+                                                            str(tmp_root))).read_text())
+        except Exception:
+            marker = {"step": -1, "state": "missing"}
+        markers.append((slot == pointer.get("slot"), int(marker.get("step", -1)), slot, marker))
+    # Newest first; the pointer breaks a tie (it only ever names a slot whose marker went up whole).
+    for _, step, slot, marker in sorted(markers, key=lambda m: (m[1], m[0]), reverse=True):
+        where = f"MLflow run {run_id} {CKPT_ROOT}/{slot} (step {step})"
+        if marker.get("state") != "complete":
+            print(f"pagating: skipping {where}: {marker.get('state', 'no marker')}, not a whole checkpoint",
+                  file=sys.stderr)
+            continue
+        shutil.rmtree(tmp_root, ignore_errors=True)
+        tmp_root.mkdir(parents=True)
+        local = Path(mlf.download_artifacts(run_id, f"{CKPT_ROOT}/{slot}", str(tmp_root)))
+        problem = verify_checkpoint(local)
+        if problem:
+            print(f"pagating: skipping {where}: {problem}", file=sys.stderr)
+            continue
+        final = Path(dst) / f"checkpoint-{step}"
+        shutil.rmtree(final, ignore_errors=True)
+        local.rename(final)
+        shutil.rmtree(tmp_root, ignore_errors=True)
+        return final
+    shutil.rmtree(tmp_root, ignore_errors=True)
+    return None
+
+
+# One run per config: a claim in MLflow ----------------------------------------------------------
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Claim:
+    """Who trains a config right now: an experiment tag `pagating.claim.<config hash>` holding the
+    owner (host, pid, a random id), the run and a heartbeat time, refreshed by a thread.
+
+    MLflow has no compare-and-swap, so acquiring is write-then-read: write our claim, wait
+    `settle_s` (far longer than a request takes), read it back; the last writer wins and every
+    contender reads the same winner. A claim is live while its heartbeat is younger than
+    `timeout_s`; on the same host a dead pid frees it at once. A tag rather than a run, so a loser
+    never creates (and would have to delete, which EDIT cannot) a second run.
+    """
+
+    def __init__(self, mlf, exp_id: str, config_hash: str, settle_s: float = 2.0, timeout_s: float = 300.0,
+                 heartbeat_s: float = 30.0):
+        import uuid
+
+        self.mlf, self.exp_id, self.key = mlf, exp_id, f"pagating.claim.{config_hash}"
+        self.settle_s, self.timeout_s, self.heartbeat_s = settle_s, timeout_s, heartbeat_s
+        self.me = {"owner": uuid.uuid4().hex, "host": host_tag(), "pid": os.getpid()}
+        self.run_id: str | None = None
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @classmethod
+    def for_config(cls, mlf, exp_id: str, config_hash: str, tracking_cfg: dict) -> Claim:
+        return cls(mlf, exp_id, config_hash, settle_s=float(tracking_cfg.get("claim_settle_s", 2)),
+                   timeout_s=float(tracking_cfg.get("claim_timeout_s", 300)),
+                   heartbeat_s=float(tracking_cfg.get("heartbeat_s", 30)))
+
+    def current(self) -> dict | None:
+        value = self.mlf.get_experiment(self.exp_id).tags.get(self.key)
+        try:
+            return json.loads(value) if value else None
+        except ValueError:
+            return None
+
+    def is_live(self, claim: dict | None) -> bool:
+        if not claim or claim.get("released"):
+            return False
+        if claim.get("host") == host_tag() and claim.get("pid") and not _pid_alive(int(claim["pid"])):
+            return False
+        return time.time() - float(claim.get("t", 0)) < self.timeout_s
+
+    def mine(self, claim: dict | None) -> bool:
+        return bool(claim) and claim.get("owner") == self.me["owner"]
+
+    def _write(self, **extra) -> None:
+        value = {**self.me, "t": time.time(), "run_id": self.run_id, **extra}
+        self.mlf.set_experiment_tag(self.exp_id, self.key, json.dumps(value, sort_keys=True))
+
+    def acquire(self) -> dict | None:
+        """None when the config is ours now, else the live claim that holds it."""
+        held = self.current()
+        if self.is_live(held) and not self.mine(held):
+            return held
+        self._write()
+        time.sleep(self.settle_s)
+        held = self.current()
+        return None if self.mine(held) else held
+
+    def start_heartbeat(self, run_id: str) -> None:
+        self.run_id = run_id
+        self._beat()
+        self._thread = threading.Thread(target=self._loop, name="pagating-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        held = self.current()
+        if held and not self.mine(held) and self.is_live(held):
+            if not self.lost:
+                print(f"pagating: the claim on this config was taken over by {held.get('host')} pid "
+                      f"{held.get('pid')} (our heartbeat was older than {self.timeout_s:.0f}s)", file=sys.stderr)
+            self.lost = True
+            return
+        self._write()
+        if self.run_id:
+            self.mlf.set_tag(self.run_id, "pagating.heartbeat", str(int(time.time())))
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            try:
+                self._beat()
+            except Exception:  # server down: the heartbeat resumes when it answers
+                pass
+
+    def release(self) -> None:
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        try:
+            if self.mine(self.current()):
+                self._write(released=True)
+        except Exception:
+            pass  # server down: the dead pid / the timeout frees it
+
+
+def describe_claim(claim: dict, timeout_s: float) -> str:
+    age = time.time() - float(claim.get("t", 0))
+    return (f"{claim.get('host')} pid {claim.get('pid')} (run {claim.get('run_id') or 'starting'}, "
+            f"heartbeat {age:.0f}s ago; taken over after {timeout_s:.0f}s without one)")
 
 
 # `pagating sync` ------------------------------------------------------------------------------
 
+PENDING_FILE = "pagating_pending.json"  # what a run could not upload before its drain budget ran out
+STAGING_DIR = ".upload-staging"
+
+
+def finish_run(mlf, run_id: str, run_dir: str | Path, status: str, spool: MetricSpool | None,
+               uploader: CheckpointUploader | None, model_dir: str | Path | None, model_step: int,
+               budget_s: float, backoff_cap_s: float = 30.0) -> tuple[list[str], str | None]:
+    """The end of a run: last metrics, last checkpoint, the model (log_model: the metrics at model_step
+    are in MLflow first, so they link to it), then the run's status, in that order, retried while the
+    server is away for up to budget_s. Returns (what is still only local, empty when everything arrived;
+    the model id); PENDING_FILE in run_dir then tells `pagating sync` what to finish."""
+    deadline = time.time() + budget_s
+    backoff = _Backoff(first=1.0, cap=backoff_cap_s)
+    model_done, said, model_id = model_dir is None, False, None
+    while True:
+        try:
+            if spool is not None:
+                while spool.flush_once():
+                    pass
+            if uploader is not None and not uploader.wait(max(0.0, min(10.0, deadline - time.time()))):
+                raise ConnectionError(f"checkpoint upload: {uploader.last_error}")
+            if not model_done:
+                model_id = log_model(mlf.tracking_uri, run_id, model_dir, model_step)
+                model_done = True
+            mlf.set_terminated(run_id, status)
+            (Path(run_dir) / PENDING_FILE).unlink(missing_ok=True)
+            if said:
+                print(f"pagating: server back: final uploads done, run {run_id} {status}", file=sys.stderr)
+            return [], model_id
+        except Exception as exc:
+            left = deadline - time.time()
+            if left <= 0:
+                break
+            if not said:
+                print(f"pagating: MLflow did not take the final uploads ({type(exc).__name__}); waiting up to "
+                      f"{budget_s:.0f}s for it (tracking.drain_timeout_s)", file=sys.stderr)
+                said = True
+            time.sleep(min(backoff.fail(), left))
+    local = []
+    staged = _staged_checkpoints(run_dir)
+    if staged:
+        local.append(f"checkpoint step {checkpoint_step(staged[-1])}")
+    if not model_done:
+        local.append("model/")
+    if spool is not None and spool.pending():
+        local.append(f"{spool.pending()} metric lines")
+    (Path(run_dir) / PENDING_FILE).write_text(json.dumps(
+        {"run_id": run_id, "status": status, "model": None if model_done else str(Path(model_dir).name),
+         "step": model_step}))
+    return local or ["the run's final status"], model_id
+
+
+def _staged_checkpoints(run_dir: str | Path) -> list[Path]:
+    return sorted((p for p in (Path(run_dir) / STAGING_DIR).glob("step-*") if (p / CKPT_MARKER).exists()),
+                  key=checkpoint_step)
+
+
 def sync(output_dir: str | Path, timeout_s: float = 120.0) -> int:
-    """Push every leftover metric spool under output_dir to its run; returns lines still unsent."""
+    """Push what runs under output_dir could not send (metric spools, the last checkpoint, model/) and
+    finish them; returns how many runs still have something local."""
     spools = sorted(Path(output_dir).rglob(SPOOL_GLOB))
-    if not spools:
+    pendings = sorted(Path(output_dir).rglob(PENDING_FILE))
+    if not spools and not pendings:
         raise UserError(f"no metric spool ({SPOOL_GLOB}) under {output_dir}: give the run's output directory")
-    left = 0
+    runs: dict[str, Path] = {}
     for path in spools:
-        run_id = path.name.split(".")[1]
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or (read_run_file(path.parent) or {}).get("tracking_uri")
+        runs.setdefault(path.name.split(".")[1], path.parent)
+    for path in pendings:
+        runs.setdefault(json.loads(path.read_text())["run_id"], path.parent)
+    left = 0
+    for run_id, run_dir in runs.items():
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or (read_run_file(run_dir) or {}).get("tracking_uri")
         if not uri:
             raise UserError("set MLFLOW_TRACKING_URI to the server the run logged to")
         check_server(uri)
-        spool = MetricSpool(path, run_id, uri)
+        spool = MetricSpool(spool_path(run_dir, run_id), run_id, uri)
         remaining = spool.drain(timeout_s)
+        done = []
+        pending_path = run_dir / PENDING_FILE
+        if pending_path.exists() and not remaining:
+            pending = json.loads(pending_path.read_text())
+            mlf = client(uri)
+            try:
+                for staged in _staged_checkpoints(run_dir)[-1:]:
+                    uploader = CheckpointUploader(run_id, uri, run_dir / STAGING_DIR)
+                    uploader.upload_now(staged)
+                    uploader.close()
+                    shutil.rmtree(staged, ignore_errors=True)
+                    done.append(f"checkpoint step {checkpoint_step(staged)}")
+                if pending.get("model"):
+                    log_model(uri, run_id, run_dir / pending["model"], int(pending.get("step", 0)))
+                    done.append("model")
+                mlf.set_terminated(run_id, pending["status"])
+                pending_path.unlink()
+                done.append(f"run {pending['status']}")
+            except Exception as exc:
+                spool.last_error = f"{type(exc).__name__}: {str(exc)[:200]}"
         spool.close()
-        print(f"{path.parent}: run {run_id}: {spool.sent()} sent, {remaining} left"
-              + (f" ({spool.last_error})" if remaining and spool.last_error else ""))
-        left += remaining
+        unfinished = remaining or pending_path.exists()
+        print(f"{run_dir}: run {run_id}: {spool.sent()} sent, {remaining} left"
+              + (f"; {', '.join(done)}" if done else "")
+              + (f" ({spool.last_error})" if unfinished and spool.last_error else ""))
+        left += bool(unfinished)
     return left
 
 
 def register_cli(sub) -> None:
-    p = sub.add_parser("sync", help="push metrics a run could not send (server outage) to MLflow")
+    p = sub.add_parser("sync", help="push what a run could not send in an outage (metrics, last checkpoint, "
+                                    "model/) and finish it")
     p.add_argument("output_dir", help="the run's output directory (or a parent of several)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to keep trying per run")
     p.set_defaults(func=lambda a: 1 if sync(a.output_dir, a.timeout) else 0)
@@ -694,6 +1015,8 @@ class TrackingCallback(_Callback):
         ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if ckpt.exists():
             write_run_file(ckpt, self.run_info)
+            # The marker goes last, locally too: a resume never picks a save cut off midway.
+            write_checkpoint_marker(ckpt, state.global_step, self.spool.written() if self.spool else 0)
             if self.uploader is not None:
                 self.uploader.submit(ckpt, state.global_step)
         self._restart_window(state)  # saving time is not step time

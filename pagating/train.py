@@ -8,6 +8,7 @@ MLflow run exists.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
@@ -84,9 +85,28 @@ def pick_device(requested: str = "auto") -> str:
     return "cpu"
 
 
-def newest_checkpoint(run_dir: Path) -> Path | None:
-    ckpts = [p for p in run_dir.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
-    return max(ckpts, key=lambda p: int(p.name.split("-")[-1]), default=None)
+def newest_checkpoint(run_dir: Path, run_id: str | None = None) -> Path | None:
+    """The newest whole local checkpoint (its marker's sizes and hashes match) of run_id, if given;
+    a cut-off or corrupt one is named in one line and skipped."""
+    from pagating import tracking
+
+    ckpts = sorted((p for p in run_dir.glob("checkpoint-*") if p.name.rsplit("-", 1)[-1].isdigit()),
+                   key=tracking.checkpoint_step, reverse=True)
+    for ckpt in ckpts:
+        info = tracking.read_run_file(ckpt) or {}
+        if run_id and info.get("run_id") not in (None, run_id):
+            continue  # another run's leftovers in a reused folder
+        problem = tracking.verify_checkpoint(ckpt)
+        if problem is None:
+            return ckpt
+        print(f"pagating: skipping checkpoint {ckpt}: {problem}", file=sys.stderr)
+    return None
+
+
+def unfinished_runs(mlf, exp_id: str, h: str) -> list:
+    from pagating import tracking
+
+    return [r for r in tracking.runs_with_hash(mlf, exp_id, h) if r.info.status != "FINISHED"]
 
 
 def eval_indices(n_blocks: int, max_blocks: int = 0) -> list[int]:
@@ -129,38 +149,36 @@ def _make_trainer_class():
 
 
 def find_resume(cfg: dict, resume: str, run_dir: Path, mlf, exp_id: str, h: str) -> tuple[Path | None, str | None]:
-    """(checkpoint dir, MLflow run id) to continue, or (None, None) for a fresh run."""
+    """(checkpoint dir, MLflow run id) to continue, or (None, None) for a fresh run.
+
+    An unfinished run of this config (its claim is ours by now) is always continued, whatever
+    `resume` says: one run per config. `auto` insists on a checkpoint; `if-any`/`none` start over
+    under the same run id when there is none (steps already logged are skipped)."""
     from pagating import tracking
 
-    if resume in ("none", "", None):
-        return None, None
-    if resume == "if-any":  # the sweep: continue an interrupted run of this config, else start fresh
-        try:
-            return find_resume(cfg, "auto", run_dir, mlf, exp_id, h)
-        except UserError:
-            # Interrupted before its first checkpoint: start over under the same run id (metric
-            # steps already logged are skipped), so the config never has two runs.
-            unfinished = [r for r in tracking.runs_with_hash(mlf, exp_id, h) if r.info.status != "FINISHED"]
-            return None, (unfinished[0].info.run_id if unfinished else None)
-    if resume != "auto":
+    unfinished = unfinished_runs(mlf, exp_id, h)
+    if resume not in ("none", "", None, "auto", "if-any"):
         ckpt = Path(resume)
         if not (ckpt / "trainer_state.json").exists():
             raise UserError(f"{ckpt} is not a Trainer checkpoint (no trainer_state.json)")
+        if (ckpt / tracking.CKPT_MARKER).exists() and tracking.verify_checkpoint(ckpt):
+            raise UserError(f"checkpoint {ckpt} is corrupt ({tracking.verify_checkpoint(ckpt)}): pick another one")
         info = tracking.read_run_file(ckpt) or tracking.read_run_file(run_dir) or {}
         return ckpt, info.get("run_id")
-    ckpt = newest_checkpoint(run_dir)
-    if ckpt is not None:
-        info = tracking.read_run_file(ckpt) or tracking.read_run_file(run_dir) or {}
-        return ckpt, info.get("run_id")
-    # Nothing local (a new machine): the newest run of this config that uploaded a checkpoint.
-    for run in tracking.runs_with_hash(mlf, exp_id, h):
-        if run.info.status == "FINISHED":
-            continue
-        ckpt = tracking.download_checkpoint(mlf, run.info.run_id, run_dir)
+    if resume in ("none", "", None) and not unfinished:
+        return None, None
+    for run in unfinished:  # newest first: local copy, else the MLflow one
+        rid = run.info.run_id
+        ckpt = newest_checkpoint(run_dir, rid) or tracking.download_checkpoint(mlf, rid, run_dir)
         if ckpt is not None:
-            return ckpt, run.info.run_id
-    raise UserError(f"nothing to resume: no checkpoint in {run_dir} and no unfinished MLflow run of this "
-                    f"config (hash {h}) uploaded one; run without --resume to start fresh")
+            return ckpt, rid
+    if resume == "auto":
+        ckpt = newest_checkpoint(run_dir)
+        if ckpt is not None:  # a local checkpoint whose run is not in this experiment / server
+            return ckpt, (tracking.read_run_file(ckpt) or {}).get("run_id")
+        raise UserError(f"nothing to resume: no checkpoint in {run_dir} and no unfinished MLflow run of this "
+                        f"config (hash {h}) uploaded one; run without --resume to start fresh")
+    return None, (unfinished[0].info.run_id if unfinished else None)
 
 
 def _training_arguments(cfg: dict, run_dir: Path, device: str, compile_model: bool, world: int,
@@ -185,7 +203,7 @@ def _training_arguments(cfg: dict, run_dir: Path, device: str, compile_model: bo
         eval_steps=int(t["eval_steps"]),
         save_strategy="steps",
         save_steps=int(t["save_steps"]),
-        save_total_limit=2,  # bounded local disk; MLflow keeps only checkpoints/latest
+        save_total_limit=2,  # bounded local disk; MLflow keeps two too (checkpoints/slot-0, slot-1)
         report_to="none",  # tracking is ours (pagating.tracking), not transformers' MLflowCallback
         seed=int(t["seed"]),
         data_seed=int(t["seed"]),
@@ -204,16 +222,18 @@ def _training_arguments(cfg: dict, run_dir: Path, device: str, compile_model: bo
 def train(cfg: dict, *, resume: str = "none", device: str = "auto", compile_model: str = "auto",
           parent_run_id: str | None = None, sweep_id: str | None = None,
           extra_tags: dict[str, str] | None = None, precision: str = "auto",
-          threads: int | None = None) -> dict[str, Any]:
-    """Run one config; returns {"run_id", "status", "run_dir", "final_eval_loss", ...}."""
+          threads: int | None = None, if_claimed: str = "exit") -> dict[str, Any]:
+    """Run one config; returns {"run_id", "status", "run_dir", "final_eval_loss", ...}.
+
+    if_claimed: what to do when a live process already trains this config: "exit" (UserError,
+    exit 2) or "skip" (status "claimed", for the sweep, which comes back to it later)."""
     from pagating import runtime, tracking
-    from pagating.data import check_prepared, data_md5
+    from pagating.data import check_prepared
 
     # 1. Input checks: nothing is written before these pass.
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     validate(cfg, world)
-    t, m = cfg["train"], cfg["model"]
     meta = check_prepared(cfg)  # made from this config, else exit 2 naming the fix
     uri = tracking.tracking_uri(cfg)
     tracking.check_server(uri)
@@ -234,7 +254,51 @@ def train(cfg: dict, *, resume: str = "none", device: str = "auto", compile_mode
             parent_run_id = launcher
             if rank == 0:
                 mlf.set_tag(launcher, "mlflow.runName", f"mlflow run: {run_name(cfg)}")
+    claim = None
+    if rank == 0:
+        done = _finished_run(mlf, exp_id, h)
+        if done is not None:
+            return done | {"run_dir": str(run_dir)}
+        if resume == "auto" and not unfinished_runs(mlf, exp_id, h) and not any(run_dir.glob("checkpoint-*")):
+            raise UserError(f"nothing to resume: no checkpoint in {run_dir} and no unfinished MLflow run of this "
+                            f"config (hash {h}); run without --resume to start fresh")
+        # 1b. One process per config: claim it in MLflow before anything is trained or written.
+        claim = tracking.Claim.for_config(mlf, exp_id, h, cfg["tracking"])
+        held = claim.acquire()
+        if held is not None:
+            if if_claimed == "skip":
+                return {"status": "claimed", "config_hash": h, "run_id": held.get("run_id"), "run_dir": str(run_dir)}
+            raise UserError(f"this config (hash {h}) is already being trained by "
+                            f"{tracking.describe_claim(held, claim.timeout_s)}: wait for it, or stop that process")
+        done = _finished_run(mlf, exp_id, h)  # finished while we were claiming
+        if done is not None:
+            claim.release()
+            return done | {"run_dir": str(run_dir)}
+    try:
+        return _train_claimed(cfg, resume=resume, device=device, compile_model=compile_model,
+                              parent_run_id=parent_run_id, sweep_id=sweep_id, extra_tags=extra_tags, rank=rank,
+                              world=world, meta=meta, uri=uri, h=h, run_dir=run_dir, mlf=mlf, exp_id=exp_id,
+                              claim=claim, precision=precision, n_threads=n_threads)
+    finally:
+        if claim is not None:
+            claim.release()
+
+
+def _train_claimed(cfg: dict, *, resume, device, compile_model, parent_run_id, sweep_id, extra_tags, rank, world,
+                   meta, uri, h, run_dir, mlf, exp_id, claim, precision, n_threads) -> dict[str, Any]:
+    """train() once this process holds the config's claim (rank 0) or is a DDP worker."""
+    from pagating import runtime, tracking
+    from pagating.data import data_md5
+
+    t, m = cfg["train"], cfg["model"]
     ckpt, run_id = find_resume(cfg, resume, run_dir, mlf, exp_id, h)
+    if rank == 0 and run_id and not ckpt:
+        print(f"pagating: continuing interrupted run {run_id} from step 0 (no whole checkpoint of it)", file=sys.stderr)
+    if rank == 0 and run_id and (run_dir / tracking.PENDING_FILE).exists():
+        # Trained to the end, but the server was away for the final uploads: finish those only.
+        left = tracking.sync(run_dir, timeout_s=float(cfg["tracking"].get("drain_timeout_s", 1800)))
+        return {"run_id": run_id, "run_dir": str(run_dir), "config_hash": h,
+                "status": "FINISHED" if not left else "KILLED", "synced": True}
 
     import torch
     from transformers import default_data_collator, set_seed
@@ -259,6 +323,8 @@ def train(cfg: dict, *, resume: str = "none", device: str = "auto", compile_mode
     compile_on = compile_model == "on" or (compile_model == "auto" and device == "cuda")
     dev_name = gpu_name() if device == "cuda" else device
     usd_per_hour = float(os.environ["PAGATING_USD_PER_HOUR"]) if os.environ.get("PAGATING_USD_PER_HOUR") else None
+    if rank == 0:
+        check_disk(run_dir, n_params)
 
     # 3. The MLflow run: new, or the interrupted one continued under the same id.
     skip: dict[str, int] = {}
@@ -269,7 +335,7 @@ def train(cfg: dict, *, resume: str = "none", device: str = "auto", compile_mode
             # logged" known, and the resumed run skips exactly those steps.
             leftover = tracking.MetricSpool(tracking.spool_path(run_dir, run_id), run_id, uri)
             if leftover.pending():
-                leftover.drain(float(cfg["tracking"].get("drain_timeout_s", 60)))
+                leftover.drain(120.0)
             leftover.close()
             skip = tracking.last_steps(mlf, run_id)
         else:
@@ -300,10 +366,11 @@ def train(cfg: dict, *, resume: str = "none", device: str = "auto", compile_mode
             "tracking_uri": tracking.mask_uri(uri)}
     if rank == 0:
         tracking.write_run_file(run_dir, info)
+        claim.start_heartbeat(run_id)
 
     spool = tracking.MetricSpool(tracking.spool_path(run_dir, run_id), run_id, uri, skip_until=skip).start() \
         if rank == 0 else None
-    uploader = tracking.CheckpointUploader(run_id, uri, run_dir / ".upload-staging", spool) if rank == 0 else None
+    uploader = tracking.CheckpointUploader(run_id, uri, run_dir / tracking.STAGING_DIR, spool) if rank == 0 else None
     # NVML sees the GPUs of CUDA_VISIBLE_DEVICES; without any it says so once and logs no system/gpu_* metric.
     sampler = GpuSampler() if rank == 0 else None
     if sampler is not None:
@@ -339,14 +406,19 @@ def train(cfg: dict, *, resume: str = "none", device: str = "auto", compile_mode
                   f" {n_params:,} params, {device}, output {run_dir}\n"
                   f"pagating: run page {tracking.run_url(uri, exp_id, run_id)}", file=sys.stderr)
 
-        # 5. Train (the Trainer restores optimizer, LR schedule, RNG and data order on resume).
-        trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
-        if trainer.state.global_step % int(t["eval_steps"]) != 0:
-            trainer.evaluate()
+        # 5. Train (the Trainer restores optimizer, LR schedule, RNG and data order on resume). The
+        # Trainer itself evaluates at the last step; a checkpoint of the last step trains nothing more.
+        if ckpt is not None and _checkpoint_global_step(ckpt) >= int(t["max_steps"]):
+            from transformers import TrainerState
+
+            trainer._load_from_checkpoint(str(ckpt))
+            trainer.state = TrainerState.load_from_json(str(Path(ckpt) / "trainer_state.json"))
+        else:
+            trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
         # The test split, once, on the final weights.
         test = trainer.evaluate(PackedDataset(cfg["data"]["prepared_dir"], "test"), metric_key_prefix="test")
 
-        # 6. Summary metrics and the final model.
+        # 6. Summary metrics and the final model (uploaded in step 7, with the server's time).
         if rank == 0:
             evals = [e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e]
             final = evals[-1]
@@ -355,38 +427,39 @@ def train(cfg: dict, *, resume: str = "none", device: str = "auto", compile_mode
                        "test/ppl": math.exp(min(test["test_loss"], 50.0))}, trainer.state.global_step)
             model_dir = run_dir / "model"
             trainer.save_model(str(model_dir))
-            step = trainer.state.global_step
-            written = spool.written()
-
-            def log_final_model():
-                spool.flush_until(written)  # the final metrics first: MLflow links those at `step` to the model
-                return tracking.log_model(uri, run_id, model_dir, step)
-
-            result["model_id"] = tracking.retry(log_final_model, "log the model")
+            model_step = trainer.state.global_step
             result.update(final_eval_loss=final, best_eval_loss=min(evals), first_eval_loss=evals[0],
                           test_loss=test["test_loss"])
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
         raise
+    except (OSError, RuntimeError) as exc:
+        if not _disk_full(exc, run_dir):
+            raise
+        raise UserError(f"disk full in {Path(run_dir).absolute()}: free space there (or set train.output_dir "
+                        f"elsewhere) and resume with --resume auto") from None
     finally:
         if cb.compile_watch is not None:
             cb.compile_watch.close()
         if sampler is not None:
             sampler.stop()
         if rank == 0:
-            drain_s = float(cfg["tracking"].get("drain_timeout_s", 60))
-            if uploader is not None and not uploader.wait(drain_s if status == "FINISHED" else 5):
-                print(f"pagating: checkpoint upload unfinished ({uploader.last_error})", file=sys.stderr)
-            left = spool.drain(drain_s)
+            # 7. Last metrics, last checkpoint, model/, status: waiting for the server as long as the drain
+            # budget allows; past it everything stays in run_dir for `pagating sync`.
+            budget = float(cfg["tracking"].get("drain_timeout_s", 1800)) if status == "FINISHED" else 5.0
+            local, model_id = tracking.finish_run(
+                mlf, run_id, run_dir, status, spool, uploader, model_dir if status == "FINISHED" else None,
+                model_step if status == "FINISHED" else 0, budget, float(cfg["tracking"].get("retry_max_s", 30)))
+            if model_id:
+                result["model_id"] = model_id
             spool.close()
-            if left:
-                print(f"pagating: {left} metric lines not yet in MLflow ({spool.last_error}); they are kept in "
-                      f"{spool.path}: run `pagating sync {run_dir}` when the server is back", file=sys.stderr)
-            try:
-                tracking.retry(lambda: mlf.set_terminated(run_id, status), f"mark the run {status}", attempts=5)
-            except Exception as exc:  # the run stays RUNNING; resume/sweep treat it as interrupted
-                print(f"pagating: could not mark run {status}: {type(exc).__name__}", file=sys.stderr)
+            uploader.close()
+            if local:
+                result["pending_sync"] = local
+                print(f"pagating: MLflow did not answer within {budget:.0f}s: {', '.join(local)} of run {run_id} "
+                      f"still only in {run_dir}; `pagating sync {run_dir}` will push them and finish the run",
+                      file=sys.stderr)
     result["status"] = status
     return result
 
@@ -396,6 +469,56 @@ def _meta_digest(meta: dict) -> str:
     import hashlib
 
     return hashlib.md5(json.dumps(meta.get("source_md5", {}), sort_keys=True).encode()).hexdigest()
+
+
+# Bytes per parameter on disk: fp32 weights (4) + Adam's two moments (8) per checkpoint, two kept by
+# save_total_limit plus the one being written, and model/ (4).
+DISK_BYTES_PER_PARAM = 3 * 12 + 4
+
+
+def check_disk(run_dir: Path, n_params: int) -> None:
+    """Refuse to start when the output folder's disk cannot hold the run's checkpoints and model."""
+    import shutil
+
+    where = Path(run_dir).absolute()
+    while not where.exists():
+        where = where.parent
+    need, free = DISK_BYTES_PER_PARAM * n_params, shutil.disk_usage(where).free
+    if free < need:
+        raise UserError(f"not enough disk space in {where}: the run needs about {need / 2**20:.0f} MiB for "
+                        f"checkpoints and model, {free / 2**20:.0f} MiB are free; free some or set train.output_dir "
+                        f"elsewhere")
+
+
+def _disk_full(exc: BaseException, run_dir: Path) -> bool:
+    # torch.save reports ENOSPC as a RuntimeError ("basic_ios::clear: iostream error"), so the disk
+    # itself is asked too.
+    import shutil
+
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return True
+    try:
+        return shutil.disk_usage(run_dir).free < 64 * 2**20
+    except OSError:
+        return False
+
+
+def _checkpoint_global_step(ckpt: Path) -> int:
+    return int(json.loads((Path(ckpt) / "trainer_state.json").read_text()).get("global_step", 0))
+
+
+def _finished_run(mlf, exp_id: str, h: str) -> dict | None:
+    """A FINISHED run of this config: the result to report instead of training it again."""
+    from pagating import tracking
+
+    done = [r for r in tracking.runs_with_hash(mlf, exp_id, h) if r.info.status == "FINISHED"]
+    if not done:
+        return None
+    run = done[0]
+    print(f"pagating: this config (hash {h}) already FINISHED as run {run.info.run_id}: nothing to do",
+          file=sys.stderr)
+    return {"run_id": run.info.run_id, "config_hash": h, "status": "FINISHED", "already_finished": True,
+            "final_eval_loss": run.data.metrics.get("final/eval_loss")}
 
 
 def _log_params(mlf, run_id, cfg, spec, n_params, config, device, world, vocab, extra=None) -> None:
@@ -467,6 +590,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="processes (GPUs) for one run: torchrun + the Trainer's DDP; batch_size stays global")
     p.add_argument("--parent-run-id", help=argparse.SUPPRESS)  # set by the sweep
     p.add_argument("--sweep-id", help=argparse.SUPPRESS)
+    p.add_argument("--if-claimed", default="exit", choices=["exit", "skip"], help=argparse.SUPPRESS)  # sweep: skip
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
                    help="torch.compile (auto: on for CUDA)")
@@ -529,10 +653,10 @@ def cli_train(args) -> int:
         return launch_ddp(args, cfg, resume)
     result = train(cfg, resume=resume, device=args.device, compile_model=args.compile,
                    parent_run_id=args.parent_run_id, sweep_id=args.sweep_id, precision=args.precision,
-                   threads=args.threads)
+                   threads=args.threads, if_claimed=args.if_claimed)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(result, default=str))
-    return 0 if result["status"] == "FINISHED" else 1
+    return 0 if result["status"] in ("FINISHED", "claimed") else 1
 
 
 def register_cli(sub) -> None:

@@ -102,3 +102,60 @@ def sample_project(tmp_path_factory):
     finally:
         os.chdir(cwd)
     return root
+
+
+class ThrottleProxy:
+    """A TCP proxy on 127.0.0.1 in front of a server that lets client -> server bytes through at
+    `rate` bytes/s: uploads through it are slow enough to be cut off midway."""
+
+    def __init__(self, target_port: int, rate: float):
+        import threading
+
+        self.target_port, self.rate = target_port, rate
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self._sock = socket.socket()
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind(("127.0.0.1", self.port))
+        self._sock.listen(64)
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import threading
+
+        while not self._closed:
+            try:
+                client, _ = self._sock.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:
+                client.close()
+                continue
+            threading.Thread(target=self._pipe, args=(client, upstream, self.rate), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, None), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src, dst, rate) -> None:
+        try:
+            while True:
+                data = src.recv(16384)
+                if not data:
+                    break
+                dst.sendall(data)
+                if rate:
+                    time.sleep(len(data) / rate)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self._closed = True
+        self._sock.close()

@@ -10,6 +10,8 @@ import pytest
 from conftest import MlflowServer, run_cli
 from mlflow.tracking import MlflowClient
 
+from pagating.tracking import run_model_id
+
 pytestmark = pytest.mark.slow
 
 
@@ -87,7 +89,7 @@ def test_resume_sends_the_killed_process_spool_first(sample_project, tmp_path):
     server = MlflowServer(tmp_path / "srv").start()
     try:
         env = {**os.environ, "MLFLOW_TRACKING_URI": server.uri}
-        args = ["train", "--output_dir", str(tmp_path / "out"), "--max_steps", "60", "--logging_steps", "5",
+        args = ["train", "--output_dir", str(tmp_path / "out"), "--max_steps", "100", "--logging_steps", "5",
                 "--eval_steps", "20", "--save_steps", "20", "--batch_size", "8", "--seed", "11"]
         proc = subprocess.Popen([sys.executable, "-m", "pagating.cli", *args], cwd=sample_project, env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -95,8 +97,8 @@ def test_resume_sends_the_killed_process_spool_first(sample_project, tmp_path):
         run_id, deadline = None, time.time() + 300
         while time.time() < deadline and run_id is None and proc.poll() is None:
             for r in mlf.search_runs([e.experiment_id for e in mlf.search_experiments()]):
-                names = [a.path for a in mlf.list_artifacts(r.info.run_id, "checkpoints/latest")]
-                if any(n.endswith("pagating_checkpoint.json") for n in names):
+                names = [a.path for a in mlf.list_artifacts(r.info.run_id, "checkpoints")]
+                if "checkpoints/latest.json" in names:  # a whole checkpoint is up
                     run_id = r.info.run_id
             time.sleep(0.2)
         assert run_id, "no checkpoint reached MLflow"
@@ -125,6 +127,58 @@ def test_resume_sends_the_killed_process_spool_first(sample_project, tmp_path):
         assert mlf.get_run(run_id).info.status == "FINISHED"
         for key in ("train/loss", "train/lr", "perf/step_time_s"):
             steps = [m.step for m in mlf.get_metric_history(run_id, key)]
-            assert steps == list(range(5, 61, 5)), (key, steps)
+            assert steps == list(range(5, 101, 5)), (key, steps)
+    finally:
+        server.stop()
+
+
+def test_outage_spanning_the_end_of_training(sample_project, tmp_path):
+    """The server goes away before training ends (time compressed through the drain budget): a run
+    whose budget outlasts the outage finishes by itself; one whose budget runs out exits 0 saying what is
+    still local, and `pagating sync` then completes it (FINISHED, model/, last checkpoint, every metric)."""
+    server = MlflowServer(tmp_path / "srv").start()
+    try:
+        env = {**os.environ, "MLFLOW_TRACKING_URI": server.uri}
+        common = ["train", "--max_steps", "60", "--logging_steps", "5", "--eval_steps", "20", "--save_steps", "20",
+                  "--batch_size", "8", "--set", "train.max_eval_batches=2", "--set", "tracking.retry_max_s=1"]
+        procs = {
+            name: subprocess.Popen([sys.executable, "-m", "pagating.cli", *common, "--seed", seed, "--output_dir",
+                                    str(tmp_path / name), "--set", f"tracking.drain_timeout_s={budget}"],
+                                   cwd=sample_project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True)
+            for name, seed, budget in (("short", "1", 3), ("long", "2", 300))}
+        mlf = MlflowClient(server.uri)
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            runs = mlf.search_runs([e.experiment_id for e in mlf.search_experiments()])
+            if len(runs) == 2 and all("train/loss" in r.data.metrics for r in runs):
+                break
+            time.sleep(0.2)
+        server.stop()  # both still training: the outage spans their end
+        assert all(p.poll() is None for p in procs.values())
+        out, err = procs["short"].communicate(timeout=600)  # budget spent while the server is away
+        assert procs["short"].returncode == 0, err[-3000:]
+        assert procs["long"].poll() is None  # still waiting for the server, within its budget
+        said = [ln for ln in err.splitlines() if "pagating sync" in ln]
+        assert len(said) == 1 and "model/" in said[0] and "checkpoint step 60" in said[0], err[-3000:]
+        short = json.loads(out.strip().splitlines()[-1])
+        server.start()
+        out, err = procs["long"].communicate(timeout=600)
+        assert procs["long"].returncode == 0, err[-3000:]
+        long_id = json.loads(out.strip().splitlines()[-1])["run_id"]
+        mlf = MlflowClient(server.uri)
+        assert mlf.get_run(short["run_id"]).info.status == "RUNNING"  # not finished until its uploads arrive
+        proc = run_cli(["sync", str(tmp_path / "short")], cwd=sample_project, env={"MLFLOW_TRACKING_URI": server.uri})
+        assert proc.returncode == 0 and "run FINISHED" in proc.stdout, proc.stdout + proc.stderr
+        for run_id in (short["run_id"], long_id):
+            run = mlf.get_run(run_id)
+            assert run.info.status == "FINISHED"
+            assert [m.step for m in mlf.get_metric_history(run_id, "train/loss")] == list(range(5, 61, 5))
+            assert "final/eval_loss" in run.data.metrics
+            model_id = run_model_id(mlf, run)  # the final model, logged as the run's MLflow model
+            assert model_id and str(mlf.get_logged_model(model_id).status) == "READY"
+            pointer = mlf.download_artifacts(run_id, "checkpoints/latest.json", str(tmp_path / run_id))
+            assert json.loads(open(pointer).read())["step"] == 60
+        assert not list((tmp_path / "short").rglob("pagating_pending.json"))
     finally:
         server.stop()

@@ -92,25 +92,56 @@ def test_gpu_user_logs_with_the_mlflow_client(auth_server, as_gpu_user, tmp_path
 
 
 @pytest.mark.slow
-def test_gpu_user_logs_into_admin_experiment_but_is_no_admin(auth_server, as_gpu_user):
-    from mlflow import MlflowClient
+def test_gpu_user_edits_only_granted_experiments(auth_server, tmp_path):
+    """NO_PERMISSIONS by default: the GPU credential cannot rename, re-status, re-tag or overwrite
+    artifacts in an admin experiment it was not granted; `pagating grant` gives EDIT on exactly one."""
+    from conftest import run_cli
 
-    uri = auth_server.uri
-    r = requests.post(f"{uri}/api/2.0/mlflow/experiments/create", json={"name": "pagating-test-admin"},
-                      auth=("admin", ADMIN_PW), timeout=30)
-    assert r.ok, r.text
-    exp = r.json()["experiment_id"]
-    client = MlflowClient(tracking_uri=uri)
-    run = client.create_run(exp)  # default_permission EDIT: log into the researcher's experiment
-    client.log_metric(run.info.run_id, "eval/loss", 1.5, step=1)
-    assert client.get_run(run.info.run_id).data.metrics["eval/loss"] == 1.5
-    # ...but not delete it, nor manage users.
-    r = requests.post(f"{uri}/api/2.0/mlflow/experiments/delete", json={"experiment_id": exp},
-                      auth=("gpu-runner", GPU_PW), timeout=30)
+    uri, admin, gpu = auth_server.uri, ("admin", ADMIN_PW), ("gpu-runner", GPU_PW)
+    api = f"{uri}/api/2.0/mlflow"
+
+    def post(path, body, auth):
+        return requests.post(f"{api}/{path}", json=body, auth=auth, timeout=30)
+
+    exps, runs = {}, {}
+    for name in ("pagating-granted", "pagating-private"):
+        exps[name] = post("experiments/create", {"name": name}, admin).json()["experiment_id"]
+        runs[name] = post("runs/create", {"experiment_id": exps[name]}, admin).json()["run"]["info"]["run_id"]
+    # The verb, as a researcher runs it: admin password in the env, the experiment by name.
+    res = run_cli(["grant", "--experiment", "pagating-granted"], cwd=tmp_path,
+                  env={"MLFLOW_TRACKING_URI": uri, server.ADMIN_PASSWORD_ENV: ADMIN_PW})
+    assert res.returncode == 0 and "'gpu-runner' has EDIT on experiment pagating-granted" in res.stdout, res.stderr
+
+    def attempts(name):
+        exp, run = exps[name], runs[name]
+        return {
+            "rename": post("experiments/update", {"experiment_id": exp, "new_name": name}, gpu),
+            "status": post("runs/update", {"run_id": run, "status": "FAILED"}, gpu),
+            "run tag": post("runs/set-tag", {"run_id": run, "key": "k", "value": "v"}, gpu),
+            "experiment tag": post("experiments/set-experiment-tag",
+                                   {"experiment_id": exp, "key": "k", "value": "v"}, gpu),
+            "artifact": requests.put(f"{uri}/api/2.0/mlflow-artifacts/artifacts/{exp}/{run}/artifacts/x.txt",
+                                     data=b"tampered", auth=gpu, timeout=30),
+            "new run": post("runs/create", {"experiment_id": exp}, gpu),
+        }
+
+    for what, r in attempts("pagating-private").items():
+        assert r.status_code == 403, (what, r.status_code, r.text[:200])
+    for what, r in attempts("pagating-granted").items():
+        assert r.status_code == 200, (what, r.status_code, r.text[:200])
+    # EDIT is not MANAGE: no deleting, no granting itself more.
+    assert post("experiments/delete", {"experiment_id": exps["pagating-granted"]}, gpu).status_code == 403
+    r = requests.post(f"{uri}/api/3.0/mlflow/users/permissions/grant", auth=gpu, timeout=30,
+                      json={"username": "gpu-runner", "resource_type": "experiment",
+                            "resource_id": exps["pagating-private"], "permission": "EDIT"})
     assert r.status_code == 403
-    r = requests.post(f"{uri}/api/2.0/mlflow/users/create", json={"username": "x", "password": "y" * 12},
-                      auth=("gpu-runner", GPU_PW), timeout=30)
-    assert r.status_code == 403
+    assert post("users/create", {"username": "x", "password": "y" * 12}, gpu).status_code == 403
+    # Granting again is idempotent, and the private experiment's run is untouched.
+    assert server.grant_experiments(uri, admin, ["pagating-granted"], "gpu-runner") == \
+        {"pagating-granted": exps["pagating-granted"]}
+    run = requests.get(f"{api}/runs/get", params={"run_id": runs["pagating-private"]}, auth=admin, timeout=30)
+    assert run.json()["run"]["info"]["status"] == "RUNNING"
+    assert "k" not in {t["key"] for t in run.json()["run"]["data"].get("tags", [])}
 
 
 @pytest.mark.slow
@@ -122,6 +153,8 @@ def test_training_run_with_gpu_user_credentials_is_logged(auth_server, sample_pr
     from mlflow import MlflowClient
 
     env = {"MLFLOW_TRACKING_URI": auth_server.uri, "MLFLOW_TRACKING_USERNAME": "gpu-runner"}
+    run_cli(["grant"], cwd=sample_project, env={"MLFLOW_TRACKING_URI": auth_server.uri,
+                                                server.ADMIN_PASSWORD_ENV: ADMIN_PW}, check=True)
     args = ["train", "--output_dir", str(tmp_path / "o"), "--max_steps", "6", "--eval_steps", "3",
             "--save_steps", "3", "--logging_steps", "3"]
     bad = run_cli(args, cwd=sample_project, env={**env, "MLFLOW_TRACKING_PASSWORD": "wrong-password-123"})
@@ -144,7 +177,7 @@ def test_auth_config_file(auth_server):
     ini = Path(auth_server.auth_config_path)
     assert stat.S_IMODE(ini.stat().st_mode) == 0o600
     text = ini.read_text()
-    assert "default_permission = EDIT" in text and "admin_username = admin" in text
+    assert "default_permission = NO_PERMISSIONS" in text and "admin_username = admin" in text
     assert "admin_password" not in text
     assert stat.S_IMODE((ini.parent / "basic_auth.db").stat().st_mode) == 0o600
 

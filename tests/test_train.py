@@ -7,10 +7,11 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import ThrottleProxy, run_cli
 from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.slow
@@ -162,50 +163,132 @@ NVML_TEMPERATURE_GPU = 0
     assert m["system/gpu_0_power_usage_watts"] == 215 and m["system/gpu_0_temperature_celsius"] == 61
 
 
-def test_kill9_then_resume_from_mlflow_matches_uninterrupted(sample_project, mlflow_server, tmp_path):
+def _server_artifacts(server, run_id: str) -> Path:
+    return next(server.root.glob(f"artifacts/*/{run_id}/artifacts"))
+
+
+def _marker(folder: Path) -> dict:
+    try:
+        return json.loads((folder / "pagating_checkpoint.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def test_kill9_mid_checkpoint_upload_then_resume_from_mlflow(sample_project, mlflow_server, tmp_path):
+    """SIGKILL while the second checkpoint is half uploaded (a throttling proxy slows the upload):
+    MLflow keeps the first one whole, and a fresh folder resumes from exactly it."""
     args = ["train", "--alpha_mode", "scheduler_cosine", "--max_steps", "40", "--eval_steps", "10",
             "--save_steps", "10", "--logging_steps", "5", "--batch_size", "8", "--seed", "7"]
     env = env_for(mlflow_server)
-    ref = run_cli([*args, "--output_dir", str(tmp_path / "ref")], cwd=sample_project, env=env, check=True)
+    # The uninterrupted reference: same config, its own experiment (one run per config per experiment).
+    ref = run_cli([*args, "--output_dir", str(tmp_path / "ref"), "--set", "tracking.experiment_prefix=ref"],
+                  cwd=sample_project, env=env, check=True)
     ref_id = json.loads(ref.stdout.strip().splitlines()[-1])["run_id"]
     mlf = MlflowClient(mlflow_server.uri)
 
-    # Same config, killed with SIGKILL once a checkpoint has reached MLflow.
+    proxy = ThrottleProxy(mlflow_server.port, rate=600_000)  # ~3.4 MB checkpoint: ~6 s per upload
     proc = subprocess.Popen([sys.executable, "-m", "pagating.cli", *args, "--output_dir", str(tmp_path / "a")],
-                            cwd=sample_project, env={**os.environ, **env}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    killed_id = None
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        runs = [r for r in mlf.search_runs([mlf.get_run(ref_id).info.experiment_id])
-                if r.info.run_id != ref_id and r.info.status == "RUNNING"]
-        if runs:
-            names = [a.path for a in mlf.list_artifacts(runs[0].info.run_id, "checkpoints/latest")]
-            if any(n.endswith("pagating_checkpoint.json") for n in names):
-                killed_id = runs[0].info.run_id
+                            cwd=sample_project, env={**os.environ, "MLFLOW_TRACKING_URI": proxy.uri},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    killed_id, deadline = None, time.time() + 300
+    while time.time() < deadline and proc.poll() is None and killed_id is None:
+        exp = mlf.get_experiment_by_name("pagating-sample")
+        for r in mlf.search_runs([exp.experiment_id] if exp else [], filter_string="attributes.status = 'RUNNING'"):
+            try:
+                slots = _server_artifacts(mlflow_server, r.info.run_id) / "checkpoints"
+            except StopIteration:
+                continue
+            whole = [s for s in slots.glob("slot-*") if _marker(s).get("state") == "complete"]
+            cut = [s for s in slots.glob("slot-*") if _marker(s).get("state") == "writing"
+                   and (s / "model.safetensors").exists()]
+            if whole and cut:  # the second upload has begun: new weights are up, the rest is not
                 os.killpg(proc.pid, signal.SIGKILL)
+                killed_id = r.info.run_id
                 break
-        time.sleep(0.2)
+        time.sleep(0.05)
     proc.wait()
-    assert killed_id, "the run finished before a checkpoint was uploaded"
-    assert mlf.get_run(killed_id).info.status == "RUNNING"
+    proxy.close()
+    assert killed_id, f"no kill mid-upload: {proc.stdout.read().decode()[-2000:]}"
+    named = whole[0]
+    named_step = _marker(named)["step"]
 
-    # A fresh output dir: the checkpoint can only come from MLflow.
-    res = run_cli([*args, "--output_dir", str(tmp_path / "b"), "--resume", "auto"], cwd=sample_project,
-                  env=env, check=True)
-    assert "resumed from" in res.stderr
+    # What a fresh machine downloads: the whole checkpoint, byte for byte, not the cut-off one.
+    from pagating.tracking import download_checkpoint
+
+    probe = download_checkpoint(mlf, killed_id, tmp_path / "probe")
+    assert probe is not None and probe.name == f"checkpoint-{named_step}"
+    for f in ("model.safetensors", "optimizer.pt", "trainer_state.json", "scheduler.pt", "rng_state.pth"):
+        assert (probe / f).read_bytes() == (named / f).read_bytes(), f
+    assert json.loads((probe / "trainer_state.json").read_text())["global_step"] == named_step
+
+    # A fresh output dir and no proxy: the checkpoint can only come from MLflow.
+    res = run_cli([*args, "--output_dir", str(tmp_path / "b"), "--resume", "auto"], cwd=sample_project, env=env,
+                  check=True)
+    assert f"resumed from {tmp_path / 'b'}" in res.stderr and f"checkpoint-{named_step})" in res.stderr, res.stderr
     assert json.loads(res.stdout.strip().splitlines()[-1])["run_id"] == killed_id
     run = mlf.get_run(killed_id)
     assert run.info.status == "FINISHED"
-    for key in ("train/loss", "eval/loss", "alpha/layer_00", "perf/step_time_s"):
+    for key in ("train/loss", "eval/loss", "alpha/layer_00", "perf/step_time_s", "final/eval_loss"):
         steps = metric_steps(mlf, killed_id, key)
-        assert len(steps) == len(set(steps)), f"{key} has duplicate steps {steps}"
+        assert steps == sorted(set(steps)), f"{key} has duplicate steps {steps}"
         assert steps == metric_steps(mlf, ref_id, key), key
     final = mlf.get_metric_history(killed_id, "train/loss")[-1]
     ref_final = mlf.get_metric_history(ref_id, "train/loss")[-1]
     assert final.step == ref_final.step == 40
     assert abs(final.value - ref_final.value) < 1e-4
+    assert abs(run.data.metrics["eval/loss"] - mlf.get_run(ref_id).data.metrics["eval/loss"]) < 1e-4
     assert abs(run.data.metrics["alpha/layer_00"] - mlf.get_run(ref_id).data.metrics["alpha/layer_00"]) < 1e-6
+    # Only the last two checkpoints stay in MLflow, each whole, and the pointer names the newest.
+    slots = _server_artifacts(mlflow_server, killed_id) / "checkpoints"
+    assert sorted(p.name for p in slots.iterdir()) == ["latest.json", "slot-0", "slot-1"]
+    pointer = json.loads((slots / "latest.json").read_text())
+    assert pointer["step"] == 40 and _marker(slots / pointer["slot"])["state"] == "complete"
+
+
+def test_each_step_once_finished_is_done_corrupt_checkpoint_skipped(sample_project, mlflow_server, tmp_path):
+    args = ["train", "--max_steps", "12", "--eval_steps", "5", "--save_steps", "5", "--logging_steps", "5",
+            "--batch_size", "8", "--seed", "5", "--output_dir", str(tmp_path / "o")]
+    env = env_for(mlflow_server)
+    mlf = MlflowClient(mlflow_server.uri)
+    first = json.loads(run_cli(args, cwd=sample_project, env=env, check=True).stdout.strip().splitlines()[-1])
+    run_id, run_dir = first["run_id"], Path(first["run_dir"])
+    if not run_dir.is_absolute():
+        run_dir = sample_project / run_dir
+
+    def all_steps():
+        return {k: metric_steps(mlf, run_id, k) for k in mlf.get_run(run_id).data.metrics}
+
+    assert metric_steps(mlf, run_id, "eval/loss") == [5, 10, 12]  # one evaluation at the last step
+    steps = all_steps()
+    assert all(v == sorted(set(v)) for v in steps.values()), steps
+
+    # The same config again (resume or not): it is FINISHED, so nothing happens.
+    end = mlf.get_run(run_id).info.end_time
+    for extra in (["--resume", "auto"], []):
+        again = run_cli([*args, *extra], cwd=sample_project, env=env, check=True)
+        assert "already FINISHED" in again.stderr and len(again.stderr.strip().splitlines()) == 1, again.stderr
+    assert mlf.get_run(run_id).info.end_time == end and all_steps() == steps
+    assert len(mlf.search_runs([mlf.get_run(run_id).info.experiment_id],
+                               filter_string=f"tags.`pagating.config_hash` = '{first['config_hash']}'")) == 1
+
+    # Interrupted (as MLflow sees it) with a corrupt newest local checkpoint: named once, skipped.
+    mlf.set_terminated(run_id, "KILLED")
+    (run_dir / "checkpoint-12" / "model.safetensors").unlink()
+    res = run_cli([*args, "--resume", "auto"], cwd=sample_project, env=env, check=True)
+    named = [ln for ln in res.stderr.splitlines() if "checkpoint-12" in ln]
+    assert len(named) == 1 and "skipping" in named[0] and "model.safetensors missing" in named[0], res.stderr
+    assert f"resumed from {run_dir / 'checkpoint-10'}" in res.stderr
+    assert mlf.get_run(run_id).info.status == "FINISHED" and all_steps() == steps
+
+    # Every local checkpoint corrupt: the whole one in MLflow (the last step: nothing left to train).
+    mlf.set_terminated(run_id, "KILLED")
+    for ckpt in run_dir.glob("checkpoint-*"):
+        with open(ckpt / "optimizer.pt", "r+b") as f:
+            f.truncate(100)
+    res = run_cli([*args, "--resume", "auto"], cwd=sample_project, env=env, check=True)
+    assert len([ln for ln in res.stderr.splitlines() if "skipping" in ln]) == 2, res.stderr
+    assert f"resumed from {run_dir / 'checkpoint-12'}" in res.stderr
+    assert mlf.get_run(run_id).info.status == "FINISHED" and all_steps() == steps
 
 
 def test_seed_command_runs(sample_project, mlflow_server):
