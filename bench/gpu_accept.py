@@ -11,7 +11,7 @@ reads the store back with MlflowClient and ends with one JSON line: the figures 
           on the kit's sample data prepared at block 128 (its BPE stops at ~25k tokens, so the vocabulary is
           smaller than GPT-2's 50257), 300 steps, a checkpoint every 100. Checks: run FINISHED,
           perf/step_time_s and perf/mfu logged, NVML metrics > 0 (utilization, memory, power),
-          checkpoints/latest complete (marker), the logged model loads back and runs.
+          the newest MLflow checkpoint whole (sizes + sha256), the logged model loads back and runs.
   nproc   `pagating train --nproc <GPUs present>` on the tiny config: one FINISHED run, world size = GPUs.
   sweep   `pagating sweep --gpus all` with two tiny configs: both FINISHED under one FINISHED parent.
 --cpu (the dry run of gpu_check.sh): tiny sizes, CPU, --nproc 2 over gloo, and PAGATING_PEAK_TFLOPS=1 so the
@@ -138,8 +138,11 @@ def cmd_train(a) -> int:
     figures["nvml_max"] = nvml
     if not a.cpu:
         checks.update({f"NVML {name} > 0": bool(v and v > 0) for name, v in nvml.items()})
-    names = {x.path.rsplit("/", 1)[-1] for x in mlf.list_artifacts(run.info.run_id, "checkpoints/latest")}
-    checks["checkpoints/latest complete"] = "pagating_checkpoint.json" in names
+    sys.path.insert(0, str(ROOT))  # the checkout's package, as the CLI runs get it
+    from pagating.tracking import download_checkpoint
+
+    whole = download_checkpoint(mlf, run.info.run_id, p.dir / "ckpt-check")  # verified against its hashes
+    checks["checkpoint in MLflow whole (sha256)"] = whole is not None
     try:
         import mlflow.pytorch
         import torch

@@ -291,7 +291,10 @@ def _train_claimed(cfg: dict, *, resume, device, compile_model, parent_run_id, s
     from pagating.data import data_md5
 
     t, m = cfg["train"], cfg["model"]
-    ckpt, run_id = find_resume(cfg, resume, run_dir, mlf, exp_id, h)
+    if rank == 0:
+        ckpt, run_id = find_resume(cfg, resume, run_dir, mlf, exp_id, h)
+    else:  # a DDP worker follows what the launcher resolved (rank 0 may be creating the run right now)
+        ckpt, run_id = (Path(resume) if resume not in ("none", "", None, "auto", "if-any") else None), None
     if rank == 0 and run_id and not ckpt:
         print(f"pagating: continuing interrupted run {run_id} from step 0 (no whole checkpoint of it)", file=sys.stderr)
     if rank == 0 and run_id and (run_dir / tracking.PENDING_FILE).exists():
@@ -624,11 +627,14 @@ def launch_ddp(args, cfg: dict, resume: str) -> int:
     uri = tracking.tracking_uri(cfg)
     tracking.check_server(uri)
     mlf = tracking.client(uri)
+    h = config_hash(cfg, meta.get("source_md5", ""))
     exp_id = tracking.experiment_id(mlf, cfg)  # a new sqlite store is created here once, not by N ranks at once
-    if resume not in ("none", ""):
-        h = config_hash(cfg, meta.get("source_md5", ""))
-        ckpt, _ = find_resume(cfg, resume, run_dir_for(cfg, h), mlf, exp_id, h)
-        resume = str(ckpt) if ckpt else "none"
+    done = _finished_run(mlf, exp_id, h)  # decided here: N processes must all train or none
+    if done is not None:
+        print(json.dumps(done | {"run_dir": str(run_dir_for(cfg, h))}, default=str))
+        return 0
+    ckpt, _ = find_resume(cfg, resume, run_dir_for(cfg, h), mlf, exp_id, h)
+    resume = str(ckpt) if ckpt else "none"
     argv = list(args.argv)
     cut = argv.index("--nproc")
     del argv[cut:cut + 2]

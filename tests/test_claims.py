@@ -40,7 +40,7 @@ def test_same_config_twice_at_once_one_run(sample_project, mlflow_server, tmp_pa
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
 
 
-def test_live_claim_refused_stale_claim_taken_over(sample_project, mlflow_server, tmp_path):
+def test_live_claim_refused_stale_claim_taken_over(sample_project, mlflow_server, tmp_path, monkeypatch):
     mlf = MlflowClient(mlflow_server.uri)
     exp_id = mlf.create_experiment("takeover-sample")
     args = ["train", *TINY, "--set", "tracking.experiment_prefix=takeover", "--set", "tracking.claim_timeout_s=5",
@@ -49,8 +49,9 @@ def test_live_claim_refused_stale_claim_taken_over(sample_project, mlflow_server
     from pagating.config import config_hash, load_config, parse_sets
     from pagating.data import load_meta
 
-    cfg = load_config("sample", parse_sets(args[2:-2:2]), path=sample_project / "params.yaml")
-    h = config_hash(cfg, load_meta(sample_project / "data" / "prepared")["source_md5"])
+    monkeypatch.chdir(sample_project)
+    cfg = load_config("sample", parse_sets(args[2:-2:2]))
+    h = config_hash(cfg, load_meta(cfg["data"]["prepared_dir"])["source_md5"])
     run_id = mlf.create_run(exp_id, run_name="elsewhere", tags={"pagating.config_hash": h}).info.run_id
 
     def claim(age_s):

@@ -38,7 +38,9 @@ def runs(sample_project, mlflow_server, tmp_path_factory):
 
     def start(name: str, *flags: str):
         err = open(tmp / f"{name}.err", "w")
-        cmd = [sys.executable, "-m", "pagating.cli", "train", *ARGS, "--output_dir", str(tmp / name), *flags]
+        # Its own experiment per run: compiled and eager are one config, and one config gets one run per experiment.
+        cmd = [sys.executable, "-m", "pagating.cli", "train", *ARGS, "--output_dir", str(tmp / name), *flags,
+               "--set", f"tracking.experiment_prefix=compile-{name}"]
         return name, subprocess.Popen(cmd, cwd=sample_project, env=env, stdout=subprocess.PIPE, stderr=err,
                                       text=True), err
 

@@ -17,9 +17,12 @@ ARGS = ["train", "--alpha_mode", "static_0.5", "--max_steps", "16", "--eval_step
 def test_two_processes_match_one(sample_project, mlflow_server, tmp_path):
     env = {"MLFLOW_TRACKING_URI": mlflow_server.uri, "OMP_NUM_THREADS": "1"}
     mlf = MlflowClient(mlflow_server.uri)
-    single = run_cli([*ARGS, "--output_dir", str(tmp_path / "one")], cwd=sample_project, env=env, check=True)
+    # Its own experiment: one config gets one run per experiment, and the DDP run is the same config.
+    single = run_cli([*ARGS, "--output_dir", str(tmp_path / "one"), "--set", "tracking.experiment_prefix=ddp-one"],
+                     cwd=sample_project, env=env, check=True)
     one_id = json.loads(single.stdout.strip().splitlines()[-1])["run_id"]
-    exp = mlf.get_run(one_id).info.experiment_id
+    exp = mlf.get_experiment_by_name("pagating-sample")
+    exp = exp.experiment_id if exp else mlf.create_experiment("pagating-sample")
     before = {r.info.run_id for r in mlf.search_runs([exp])}
 
     # No OMP_NUM_THREADS: each of the two processes takes half the usable cores (torchrun alone would give 1).
