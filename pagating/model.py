@@ -81,13 +81,8 @@ class PaGatingGPT2LMHeadModel(GPT2LMHeadModel):
             # GPT-2's scaled init of residual projections (1/sqrt(2 * n_layer)), as for GPT2MLP.c_proj.
             std = self.config.initializer_range / math.sqrt(2 * self.config.n_layer)
             hf_init.normal_(module.c_proj.weight, mean=0.0, std=std)
-        elif isinstance(module, Alpha):
-            if module.kind == "learnable":
-                hf_init.zeros_(module.alpha_param)
-            elif module.kind == "static":
-                hf_init.constant_(module.alpha, module.static_value)
-            elif module.kind == "scheduler_cosine":
-                hf_init.zeros_(module.alpha)
+        elif isinstance(module, Alpha) and module.mode is not None:
+            hf_init.constant_(module.raw, module.mode.initial(module.max_steps))
         elif isinstance(module, paSwishU) and isinstance(module.beta, nn.Parameter):
             hf_init.constant_(module.beta, module.beta_init)
 

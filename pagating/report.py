@@ -470,12 +470,6 @@ def summary_md(info: dict, exp_name: str, rows: list[dict], perf: dict[str, dict
     return out.getvalue()
 
 
-def _alpha_key(mode: str) -> tuple:
-    if mode.startswith("static_"):
-        return (0, _float(mode[7:]) or 0.0, mode)
-    return (1 if mode == "learnable" else 2, 0.0, mode)
-
-
 def _csv(rows: list[list]) -> str:
     buf = io.StringIO()
     csv.writer(buf, lineterminator="\n").writerows(rows)
@@ -490,6 +484,8 @@ def plot_files(rows: list[dict]) -> dict[str, bytes | str]:
     """{file name under plots/: content}: the PNGs (Agg) and the CSVs for `dvc plots`."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+
+    from pagating.alpha import sort_key as alpha_sort_key  # each mode's class says where it goes
 
     files: dict[str, bytes | str] = {}
 
@@ -512,7 +508,7 @@ def plot_files(rows: list[dict]) -> dict[str, bytes | str]:
                                   + [[r["name"], s, _g(v)] for r in rows for s, v in r["eval_curve"]])
 
     # Final eval loss by α mode (groups) and lr (bars). Several runs of one cell (unit/seed axes): mean.
-    modes = sorted({r["alpha_mode"] for r in rows}, key=_alpha_key)
+    modes = sorted({r["alpha_mode"] for r in rows}, key=alpha_sort_key)
     lrs = sorted({r["learning_rate"] for r in rows if r["learning_rate"] is not None})
     fig = Figure(figsize=(8, 5))
     ax = fig.add_subplot()
@@ -535,9 +531,9 @@ def plot_files(rows: list[dict]) -> dict[str, bytes | str]:
     files["final_eval_loss.csv"] = _csv(
         [["alpha_mode", "learning_rate", "final_eval_loss"]]
         + [[r["alpha_mode"], _g(r["learning_rate"]) if r["learning_rate"] is not None else "", _g(r["final_eval_loss"])]
-           for r in sorted(rows, key=lambda r: (_alpha_key(r["alpha_mode"]), r["learning_rate"] or 0, r["name"]))])
+           for r in sorted(rows, key=lambda r: (alpha_sort_key(r["alpha_mode"]), r["learning_rate"] or 0, r["name"]))])
 
-    # α trajectories (learnable and scheduler_cosine log alpha/layer_NN).
+    # α trajectories (the modes whose α moves log alpha/layer_NN).
     fig = Figure(figsize=(8, 5))
     ax = fig.add_subplot()
     with_alpha = [r for r in rows if r["alpha_curve"]]

@@ -385,7 +385,7 @@ def _train_claimed(cfg: dict, *, resume, device, compile_model, parent_run_id, s
         # The one peak table, by the NVML name; a GPU it lacks gets no MFU rather than a wrong one.
         peak=flops.mfu_peak_flops(dev_name) if device == "cuda" or os.environ.get("PAGATING_PEAK_TFLOPS") else None,
         sampler=sampler, usd_per_hour=usd_per_hour, model=model,
-        log_alpha=spec.kind in ("learnable", "scheduler_cosine"), cuda=device == "cuda",
+        log_alpha=spec.logged, cuda=device == "cuda",
         compile_watch=runtime.CompileWatch() if compile_on else None)
 
     status = "FAILED"
@@ -531,9 +531,7 @@ def _log_params(mlf, run_id, cfg, spec, n_params, config, device, world, vocab, 
     params.update(extra or {})
     params.update({"model.d_ff": config.d_ff, "model.n_params": n_params, "model.vocab_size": vocab,
                    "train.device": device, "train.world_size": world,
-                   "alpha.kind": "none (plain GPT-2 MLP)" if config.plain else spec.kind})
-    if spec.kind == "scheduler_cosine" and not config.plain:
-        params["alpha.schedule"] = "half cosine, alpha 0 -> 1 over train.max_steps (optimizer steps)"
+                   **({"alpha.kind": "none (plain GPT-2 MLP)"} if config.plain else spec.params())})
     items = [Param(k, str(v)) for k, v in sorted(params.items())]
     for i in range(0, len(items), 100):
         mlf.log_batch(run_id, params=items[i:i + 100])
@@ -573,9 +571,11 @@ def _opt(kind):
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
+    from pagating.alpha import choices as alpha_choices
+
     p.add_argument("--profile", help="params.yaml profile (default: params.yaml's `profile`)")
     g = p.add_argument_group("seed flags")
-    g.add_argument("--alpha_mode", "--alpha-mode", help="static_<a> | learnable | scheduler_cosine")
+    g.add_argument("--alpha_mode", "--alpha-mode", help=alpha_choices(" | "))
     g.add_argument("--learning_rate", "--learning-rate", type=_opt(float))
     g.add_argument("--batch_size", "--batch-size", type=_opt(int))
     g.add_argument("--max_steps", "--max-steps", type=_opt(int))
