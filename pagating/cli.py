@@ -11,9 +11,10 @@ import argparse
 import importlib
 import sys
 
+from pagating import cloud
 from pagating.config import UserError
 
-# verb -> module that registers it (help text lives in the module).
+# verb -> module that registers it (help text lives in the module); GPU providers come from cloud.PROVIDERS.
 VERBS = {
     "data": "pagating.data",
     "prepare": "pagating.data",
@@ -24,15 +25,15 @@ VERBS = {
     "server": "pagating.server",
     "grant": "pagating.server",
     "sync": "pagating.tracking",
-    "vast": "pagating.vast",
 }
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pagating", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="verb", metavar="<verb>", required=True)
-    wanted = argv[0] if argv and argv[0] in VERBS else None
-    modules = [VERBS[wanted]] if wanted else list(dict.fromkeys(VERBS.values()))
+    verbs = {**VERBS, **cloud.PROVIDERS}
+    wanted = argv[0] if argv and argv[0] in verbs else None
+    modules = [verbs[wanted]] if wanted else list(dict.fromkeys(verbs.values()))
     for name in modules:
         try:
             module = importlib.import_module(name)

@@ -47,6 +47,17 @@ class Provider(Protocol):
     def instance(self, instance_id: int) -> dict | None: ...
 
 
+# The GPU providers: `pagating <name> ...` -> the module that implements the provider (its `Provider`
+# client and `register_cli(subparsers)` adding the verb). A new provider is one module + one entry here
+# (or `register_provider`); the CLI imports a provider's module only when its verb runs.
+PROVIDERS: dict[str, str] = {"vast": "pagating.vast"}
+
+
+def register_provider(name: str, module: str) -> None:
+    """Make `pagating <name>` dispatch to `module` (an importable module name with `register_cli`)."""
+    PROVIDERS[name] = module
+
+
 # ---- secrets --------------------------------------------------------------------------------
 
 def mask_url(value: str) -> str:
