@@ -1,6 +1,9 @@
 """α modes are a registry: each class alone decides parsing, start value, step update, logging, params and
 report order, so a new mode (here a toy linear ramp) trains through the real Trainer path with no other edit."""
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -9,13 +12,14 @@ from pagating import alpha
 from pagating.alpha import MODES, Alpha, AlphaMode, parse_alpha_mode, register, sort_key
 
 
+@dataclass(frozen=True)
 class LinearRamp(AlphaMode):
     """The toy mode CONTRIBUTING.md describes: α goes linearly from 0.25 to 0.75 over max_steps."""
 
-    name = "linear_ramp"
-    syntax = "linear_ramp"
-    order = 3
-    logged = True
+    name: ClassVar[str] = "linear_ramp"
+    syntax: ClassVar[str] = "linear_ramp"
+    order: ClassVar[int] = 3
+    logged: ClassVar[bool] = True
 
     def initial(self, max_steps):
         return 0.25
