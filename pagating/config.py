@@ -1,18 +1,27 @@
-"""params.yaml -> one plain dict for a profile, with CLI / MLproject overrides applied.
+"""Every setting declared once, and params.yaml -> one plain dict for a profile with overrides applied.
+
+The sections below (one dataclass each) declare each setting's type, default, help and CLI flag.
+From them come: the flags of every verb (`add_config_args`), the sweep's axes (`AXES`), the
+MLproject parameters (`mlproject_text`, committed as MLproject) and the typing of load_config.
+params.yaml holds the values: per-profile blocks for data/model/train/sweep (a profile's block
+overrides the declared default), one block for tracking and cloud.
 
 The returned config has the sections of DESIGN.md: data, model, train, sweep (the chosen
-profile's block of each), tracking, cloud, plus `profile`. Every stage reads only this dict.
+profile's block of each), tracking, cloud, plus `profile`; every declared key is present, so
+stages read `cfg[section][key]` and never restate a default.
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
+import dataclasses
 import hashlib
 import json
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, get_type_hints
 
 import yaml
 
@@ -22,6 +31,154 @@ PLAIN_SECTIONS = ("tracking", "cloud")
 
 class UserError(ValueError):
     """A mistake the user can fix: the CLI prints it as one line and exits with status 2."""
+
+
+# ---- declarations ------------------------------------------------------------------------------
+
+TRAIN_VERBS = ("train", "sweep")  # a sweep passes these on to every child run
+CLOUD_VERBS = ("vast offers", "vast launch")
+
+
+def setting(default: Any, help: str, *, flags: tuple[str, ...] | None = None, verbs: tuple[str, ...] = (),
+            axis: bool = False) -> Any:
+    """One setting: its default (used where params.yaml leaves it out), help, and CLI flag.
+
+    `verbs` are the verbs with a flag of their own for it (every verb has `--set` for all of them);
+    `flags` spell it (default `--key`, plus `--key-with-dashes`); `axis`: a sweep grid may vary it.
+    """
+    return dataclasses.field(default=default, metadata={"help": help, "flags": flags, "verbs": verbs,
+                                                        "axis": axis})
+
+
+@dataclasses.dataclass
+class Data:
+    """`data`: the corpus and its tokenised, packed form."""
+    PROFILED: ClassVar[bool] = True  # params.yaml: one block per profile, overriding these defaults
+    source: str = setting("sample", "sample (the bundled corpus) | wikitext-103")
+    raw_dir: str = setting("data/raw", "raw text folder (WikiText-103 layout)")
+    prepared_dir: str = setting("data/prepared/sample", "packed blocks + tokenizer, one folder per profile")
+    tokenizer: str = setting("bpe", "bpe (trained on the train split) | gpt2 (pretrained)")
+    vocab_size: int = setting(2048, "vocabulary size of a trained BPE tokenizer")
+    block_size: int = setting(64, "tokens per packed block (the context length)")
+
+
+@dataclasses.dataclass
+class Model:
+    """`model`: GPT-2 with a paGating MLP."""
+    PROFILED: ClassVar[bool] = True
+    init: str = setting("scratch", "scratch | gpt2 | a checkpoint path (pretrained c_fc -> value path)")
+    unit: str = setting("paGLU", "paGLU | paGTU | paSwishU | paReGLU | paGELU | paMishU | paSiLU | plain",
+                        verbs=TRAIN_VERBS[:1], axis=True)
+    n_layer: int = setting(2, "transformer blocks")
+    n_head: int = setting(2, "attention heads")
+    n_embd: int = setting(64, "model width")
+    ffn_dim: int = setting(256, "MLP width d_ff")
+    param_matched: bool = setting(False, "d_ff = 2/3 * 3072 so parameters match plain GPT-2")
+    dropout: float = setting(0.0, "dropout where GPT-2 has it")
+
+
+@dataclasses.dataclass
+class Train:
+    """`train`: one training run. The seed's flags (underscores) are the canonical spellings."""
+    PROFILED: ClassVar[bool] = True
+    alpha_mode: str = setting("static_0.5", "an α mode of pagating/alpha.py (static_<a>, learnable, ...)",
+                              verbs=TRAIN_VERBS[:1], axis=True)
+    learning_rate: float = setting(1e-3, "peak learning rate (cosine schedule)", verbs=TRAIN_VERBS[:1], axis=True)
+    batch_size: int = setting(16, "global batch size in blocks", verbs=TRAIN_VERBS)
+    max_steps: int = setting(300, "optimizer steps", verbs=TRAIN_VERBS)
+    warmup_steps: int = setting(20, "linear warm-up steps", verbs=TRAIN_VERBS)
+    weight_decay: float = setting(0.01, "AdamW weight decay (none on α, β, biases, norms)")
+    logging_steps: int = setting(10, "log train metrics every N steps", verbs=TRAIN_VERBS)
+    eval_steps: int = setting(50, "evaluate every N steps", verbs=TRAIN_VERBS)
+    save_steps: int = setting(150, "checkpoint every N steps", verbs=TRAIN_VERBS)
+    max_eval_batches: int = setting(0, "0: the whole validation split; N: N batches spread over it")
+    seed: int = setting(42, "random seed", verbs=TRAIN_VERBS[:1], axis=True)
+    output_dir: str = setting("outputs", "base folder; each run gets a subfolder", verbs=TRAIN_VERBS)
+
+
+@dataclasses.dataclass
+class Tracking:
+    """`tracking`: MLflow. MLFLOW_TRACKING_URI wins over tracking_uri."""
+    PROFILED: ClassVar[bool] = False
+    tracking_uri: str = setting("sqlite:///mlflow.db", "the embedded default tracking store")
+    experiment_prefix: str = setting("pagating", "experiments are named <prefix>-<profile>")
+    drain_timeout_s: float = setting(1800, "end of a run: how long the final uploads wait for an absent server")
+    retry_max_s: float = setting(30, "longest wait between two tries of a final upload")
+    heartbeat_s: float = setting(30, "a training process refreshes its claim on its config this often")
+    claim_timeout_s: float = setting(300, "a claim without a heartbeat for this long is taken over")
+    claim_settle_s: float = setting(2, "claiming: write, wait this long, read back")
+
+
+@dataclasses.dataclass
+class Cloud:
+    """`cloud`: renting a GPU (`pagating vast`)."""
+    PROFILED: ClassVar[bool] = False
+    gpu_name: str = setting("RTX 4090", "GPU model, Vast spelling ('any' for all)", verbs=CLOUD_VERBS)
+    min_reliability: float = setting(0.95, "lowest host reliability", verbs=CLOUD_VERBS)
+    min_disk_gb: float = setting(50, "least disk an offer must have (GB)", verbs=CLOUD_VERBS)
+    min_inet_down_mbps: float = setting(100, "least download bandwidth (Mbit/s)", flags=("--min-inet-down",),
+                                        verbs=CLOUD_VERBS)
+    budget_usd: float = setting(50, "most the sweep may cost (USD)", flags=("--budget",), verbs=CLOUD_VERBS)
+    image: str = setting("pytorch/pytorch:2.6.0-cuda12.4-cudnn9-runtime", "docker image", verbs=CLOUD_VERBS)
+    image_cuda: float = setting(12.4, "CUDA of an image whose tag does not say; offers need cuda_max_good >= it",
+                                verbs=CLOUD_VERBS)
+    start_timeout_min: float = setting(15, "destroy an instance that has not started its onstart by then (min)",
+                                       flags=("--start-timeout",), verbs=CLOUD_VERBS[1:])
+
+
+SECTIONS: dict[str, type] = {"data": Data, "model": Model, "train": Train, "tracking": Tracking, "cloud": Cloud}
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    key: str                 # "train.learning_rate"
+    type: type
+    default: Any
+    help: str
+    flags: tuple[str, ...]   # CLI spellings, first one canonical
+    verbs: tuple[str, ...]
+    axis: bool
+    profiled: bool
+
+
+def _settings() -> dict[str, Setting]:
+    out = {}
+    for section, cls in SECTIONS.items():
+        hints = get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            name = f.name
+            flags = f.metadata["flags"] or tuple(dict.fromkeys((f"--{name}", f"--{name.replace('_', '-')}")))
+            out[f"{section}.{name}"] = Setting(f"{section}.{name}", hints[name], f.default, f.metadata["help"],
+                                               flags, f.metadata["verbs"], f.metadata["axis"], cls.PROFILED)
+    return out
+
+
+SETTINGS: dict[str, Setting] = _settings()
+# Grid axis (params.yaml `sweep` key) -> the setting it varies.
+AXES: dict[str, str] = {s.key.partition(".")[2]: s.key for s in SETTINGS.values() if s.axis}
+
+
+def defaults(section: str) -> dict[str, Any]:
+    """A section's declared defaults: {"dropout": 0.0, ...}."""
+    return {s.key.partition(".")[2]: s.default for s in SETTINGS.values() if s.key.startswith(section + ".")}
+
+
+def typed(key: str, value: Any) -> Any:
+    """`value` as the declared type of `key`, or a UserError naming the setting."""
+    kind = SETTINGS[key].type
+    if kind is str:
+        return value if isinstance(value, str) else str(value)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"{key} must be true or false, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise UserError(f"{key} must be a number, got {value!r}")
+    if kind is int and isinstance(value, float):
+        if not value.is_integer():
+            raise UserError(f"{key} must be a whole number, got {value!r}")
+        return int(value)  # MLproject has no int type: `-P batch_size=16` may arrive as 16.0
+    return value
 
 
 def project_root() -> Path:
@@ -96,6 +253,8 @@ def load_config(profile: str | None = None, overrides: dict[str, Any] | None = N
         cfg[section] = copy.deepcopy((raw.get(section) or {}).get(profile) or {})
     for section in PLAIN_SECTIONS:
         cfg[section] = copy.deepcopy(raw.get(section) or {})
+    for section in SECTIONS:  # every declared key present: readers never restate a default
+        cfg[section] = {**defaults(section), **cfg[section]}
     for dotted, value in (overrides or {}).items():
         if value is None:
             continue
@@ -105,7 +264,12 @@ def load_config(profile: str | None = None, overrides: dict[str, Any] | None = N
                             f"{', '.join(PROFILED_SECTIONS + PLAIN_SECTIONS)}")
         if key not in cfg[section] and section != "sweep":  # new sweep axes are checked by the sweep
             raise UserError(f"unknown setting {dotted!r}; {section} has: {', '.join(sorted(cfg[section]))}")
-        cfg[section][key] = _coerce(value)
+        declared = SETTINGS.get(dotted)
+        # A string setting keeps the text as given (YAML would turn `yes` into True, `2024` into 2024).
+        cfg[section][key] = value if declared and declared.type is str and isinstance(value, str) else _coerce(value)
+    for key in SETTINGS:
+        section, _, name = key.partition(".")
+        cfg[section][name] = typed(key, cfg[section][name])
     return cfg
 
 
@@ -120,9 +284,47 @@ def parse_sets(items: list[str]) -> dict[str, str]:
     return out
 
 
+def _flag_value(text: str) -> str | None:
+    # "" means "not given" (an empty MLproject parameter); load_config types the rest.
+    return None if text == "" else text
+
+
+def add_config_args(p: argparse.ArgumentParser, verb: str, default_profile: str | None = None,
+                    helps: dict[str, str] | None = None) -> None:
+    """`--profile`, `--set` and the declared flags of `verb` ("train", "vast launch", ...).
+
+    A flag's dest is its setting's key, so `config_from_args` needs no table of its own. `helps`:
+    help known only to the verb's module (the α modes' registry), by setting key.
+    """
+    p.add_argument("--profile", default=default_profile,
+                   help=f"params.yaml profile (default: {default_profile or 'the `profile` of params.yaml'})")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override any params.yaml value, e.g. --set model.ffn_dim=512 (repeatable)")
+    for s in SETTINGS.values():
+        if verb in s.verbs:
+            p.add_argument(*s.flags, dest=s.key, type=_flag_value, default=None, metavar=s.type.__name__.upper(),
+                           help=f"{(helps or {}).get(s.key, s.help)} (params {s.key})")
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The declared flags given on the command line, then `--set`s: load_config overrides."""
+    out = {key: getattr(args, key) for key in SETTINGS if getattr(args, key, None) is not None}
+    out.update(parse_sets(args.sets))
+    return out
+
+
+def sets_from_args(args: argparse.Namespace) -> list[str]:
+    """The same overrides as `--set` items, for a command that starts another (sweep -> train)."""
+    return [f"{key}={value}" for key, value in overrides_from_args(args).items()]
+
+
+def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    return load_config(args.profile or None, overrides_from_args(args))
+
+
 def experiment_name(cfg: dict[str, Any]) -> str:
     """The MLflow experiment of a profile: `pagating-<profile>`."""
-    return f"{cfg['tracking'].get('experiment_prefix', 'pagating')}-{cfg['profile']}"
+    return f"{cfg['tracking']['experiment_prefix']}-{cfg['profile']}"
 
 
 def flatten(cfg: dict[str, Any], sections=("data", "model", "train")) -> dict[str, Any]:
@@ -146,3 +348,75 @@ def config_hash(cfg: dict[str, Any], data_md5: str = "") -> str:
     flat["data.md5"] = data_md5
     blob = json.dumps(flat, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# ---- MLproject ---------------------------------------------------------------------------------
+
+_SEED_PARAMS = ("train.alpha_mode", "train.learning_rate", "train.batch_size", "train.max_steps", "model.unit",
+                "train.seed", "train.output_dir", "resume")
+# Entry point -> (verb, its fixed profile or None for a `profile` parameter, parameters). A parameter is a
+# declared setting (typed, default = the profile's value) or an option of the verb (default = its default).
+ENTRY_POINTS: dict[str, tuple[str, str | None, tuple[str, ...]]] = {
+    "main": ("sweep", None, ("shard", "gpus")),
+    "sweep": ("sweep", None, ("shard", "gpus")),
+    "train": ("train", "sample", _SEED_PARAMS),
+    "train_wikitext103": ("train", "wikitext103", _SEED_PARAMS),
+    "report": ("report", None, ()),
+}
+
+_MLPROJECT_HEADER = """\
+# Generated from pagating/config.py (`python -m pagating.config mlproject > MLproject`); tests/test_config.py
+# checks it is current. `mlflow run . -e <entry> --env-manager local` (plain `mlflow run . -e <entry>` builds
+# conda.yaml's env where conda is installed). Each entry calls the same function as its `pagating` verb and its
+# dvc.yaml stage. Every default is the value the run itself resolves from params.yaml (`train` has the sample
+# profile's, `train_wikitext103` the wikitext103 profile's), so `mlflow run` logs what the run uses; MLflow has
+# no integer type, so whole numbers are `float` parameters. Runs land in `pagating-<profile>`: the run
+# `mlflow run` opens becomes the sweep's parent when it is in that experiment (`--experiment-name
+# pagating-sample`); otherwise the sweep keeps its parent there and the launcher run only points to it.
+"""
+
+
+def _verb_parser(verb: str) -> argparse.ArgumentParser:
+    import importlib
+
+    from pagating.cli import VERBS
+
+    sub = argparse.ArgumentParser().add_subparsers()
+    importlib.import_module(VERBS[verb]).register_cli(sub)
+    return sub.choices[verb]
+
+
+def _scalar(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).replace("\n...\n", "").strip()
+
+
+def mlproject_text(path: str | os.PathLike | None = None) -> str:
+    """The MLproject file, generated from the declarations and params.yaml's values."""
+    raw = _numbers(_read_yaml(Path(path) if path else params_path()) or {})
+    out = [_MLPROJECT_HEADER, "name: pagating", "", "conda_env: conda.yaml", "", "entry_points:"]
+    for entry, (verb, profile, names) in ENTRY_POINTS.items():
+        parser, cfg = _verb_parser(verb), load_config(profile, path=path)
+        params = [] if profile else [("profile", "string", raw.get("profile", "sample"))]
+        command = f"pagating {verb} --profile {profile or '{profile}'}"
+        for name in names:
+            if name in SETTINGS:
+                s = SETTINGS[name]
+                section, _, key = name.partition(".")
+                flag, kind, default = s.flags[0], "string" if s.type is str else "float", cfg[section][key]
+            else:
+                action = next(a for a in parser._actions if a.dest == name)
+                flag, kind, default = action.option_strings[0], "string", action.default
+            params.append((flag.lstrip("-"), kind, default))
+            command += f" {flag} {{{flag.lstrip('-')}}}"
+        out += ["", f"  {entry}:", "    parameters:"]
+        out += [f"      {n}: {{type: {k}, default: {_scalar(d)}}}" for n, k, d in params]
+        out.append(f"    command: {_scalar(command)}")
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] != ["mlproject"]:
+        sys.exit("usage: python -m pagating.config mlproject > MLproject")
+    sys.stdout.write(mlproject_text())

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from pagating.config import UserError, load_config, parse_sets, project_root
+from pagating.config import UserError, add_config_args, config_from_args, load_config, project_root
 
 # split name (as in HF datasets) -> file name (as in the WikiText-103 raw zip)
 RAW_FILES = {"train": "wiki.train.raw", "validation": "wiki.valid.raw", "test": "wiki.test.raw"}
@@ -628,7 +628,7 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
-    cfg = load_config(args.profile, parse_sets(args.overrides))
+    cfg = config_from_args(args)
     meta = prepare(cfg)
     out = cfg["data"]["prepared_dir"]
     print(f"{out}: tokenizer {meta['tokenizer']} (vocab {meta['vocab_size']}), "
@@ -650,7 +650,5 @@ def register_cli(sub) -> None:
     fetch.set_defaults(func=_cmd_fetch)
 
     prep = sub.add_parser("prepare", help="tokenize data/raw and pack it into blocks in data/prepared/<profile>")
-    prep.add_argument("--profile", help="params.yaml profile (default: its `profile`)")
-    prep.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                      help="override one setting, e.g. --set data.block_size=128 (repeatable)")
+    add_config_args(prep, "prepare")  # --profile, --set (e.g. --set data.block_size=128)
     prep.set_defaults(func=_cmd_prepare)

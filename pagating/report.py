@@ -21,7 +21,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from pagating.config import UserError, experiment_name, load_config
+from pagating.config import UserError, add_config_args, config_from_args, experiment_name
 
 SUMMARY = "summary.md"
 METRICS = "metrics.json"
@@ -661,7 +661,7 @@ def register_best(mlf, uri: str, best: dict, name: str) -> str:
 
 
 def cli_report(args) -> int:
-    cfg = load_config(args.profile)
+    cfg = config_from_args(args)
     if args.sweep_json and not Path(args.sweep_json).is_file():
         raise UserError(f"{args.sweep_json} not found: give the file `pagating sweep` wrote, or leave "
                         "--sweep-json out to find the sweep in MLflow")
@@ -675,7 +675,7 @@ def cli_report(args) -> int:
 
 def register_cli(sub) -> None:
     p = sub.add_parser("report", help="tables, DVC metrics and plots of a sweep, read from MLflow")
-    p.add_argument("--profile", help="params.yaml profile (default: params.yaml's `profile`)")
+    add_config_args(p, "report")
     p.add_argument("--sweep-id", help="the sweep to report (default: the one in reports/sweep.json, "
                    "else the newest sweep in the profile's experiment)")
     p.add_argument("--sweep-json", help="the run list `pagating sweep` wrote (default: reports/sweep.json if present)")

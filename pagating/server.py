@@ -31,7 +31,7 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
-from pagating.config import UserError
+from pagating.config import UserError, add_config_args
 
 ADMIN_PASSWORD_ENV = "MLFLOW_AUTH_ADMIN_PASSWORD"
 ADMIN_USERNAME_ENV = "MLFLOW_AUTH_ADMIN_USERNAME"  # MLflow's own override of admin_username
@@ -89,10 +89,9 @@ def register_cli(sub) -> None:
                     f"(log runs, metrics, artifacts; no delete, no permission changes). Server: "
                     f"MLFLOW_TRACKING_URI; admin: {ADMIN_PASSWORD_ENV} (or MLFLOW_TRACKING_USERNAME/PASSWORD "
                     f"of an admin).")
-    g.add_argument("--profile", help="params.yaml profile whose sweep to grant (default: params.yaml's `profile`)")
     g.add_argument("--experiment", action="append", default=[], help="an experiment name instead (repeatable)")
     g.add_argument("--user", default=DEFAULTS["gpu_user"], help="the GPU user (default %(default)s)")
-    g.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help=argparse.SUPPRESS)
+    add_config_args(g, "grant")  # --profile: whose sweep to grant; --set tracking.experiment_prefix=...
     g.set_defaults(func=cli_grant)
 
 
@@ -151,10 +150,10 @@ def mask_admin(admin: tuple[str, str]) -> str:
 
 
 def cli_grant(args: argparse.Namespace) -> int:
-    from pagating.config import experiment_name, load_config, parse_sets
+    from pagating.config import config_from_args, experiment_name
     from pagating.tracking import mask_uri, tracking_uri
 
-    cfg = load_config(args.profile or None, parse_sets(args.set))
+    cfg = config_from_args(args)
     uri = tracking_uri(cfg)
     if not uri.startswith(("http://", "https://")):
         raise UserError(f"MLFLOW_TRACKING_URI must be the `pagating server` (http[s]://...), not {mask_uri(uri)}")

@@ -27,11 +27,17 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from pagating.config import UserError, config_hash, load_config, parse_sets
-
-# Grid axis (params.yaml `sweep` key) -> the setting it varies.
-AXES = {"alpha_mode": "train.alpha_mode", "learning_rate": "train.learning_rate", "unit": "model.unit",
-        "seed": "train.seed"}
+from pagating.config import (
+    AXES,
+    UserError,
+    add_config_args,
+    config_from_args,
+    config_hash,
+    load_config,
+    parse_sets,
+    sets_from_args,
+    typed,
+)
 
 
 def grid(cfg: dict) -> list[dict[str, Any]]:
@@ -45,7 +51,7 @@ def grid(cfg: dict) -> list[dict[str, Any]]:
         vals = vals if isinstance(vals, list) else [vals]
         if not vals:
             raise UserError(f"empty grid: sweep.{key} has no values; give at least one")
-        values.append([(AXES[key], v) for v in vals])
+        values.append([(AXES[key], typed(AXES[key], v)) for v in vals])
     if not values:
         raise UserError("empty grid: params.yaml `sweep` has no axes; give alpha_mode and learning_rate lists")
     configs, seen = [], set()
@@ -61,7 +67,7 @@ def grid(cfg: dict) -> list[dict[str, Any]]:
 
 
 def base_unit(cfg: dict) -> str:
-    return str((cfg.get("model") or {}).get("unit", "paGLU"))
+    return str(cfg["model"]["unit"])
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -296,7 +302,7 @@ def sweep(base: dict, *, shard: str = "0/1", gpus: str = "auto", device: str = "
     with ThreadPoolExecutor(max_workers=len(slots)) as pool:
         list(pool.map(run_one, todo))
     # Configs another process held: wait until they finish there, or take them over when its heartbeat stops.
-    poll_s = min(float(base["tracking"].get("heartbeat_s", 30)), 10.0)
+    poll_s = min(float(base["tracking"]["heartbeat_s"]), 10.0)
     for entry in [e for e in plan if e["status"] == "elsewhere"]:
         claim = tracking.Claim.for_config(mlf, exp_id, entry["config_hash"], base["tracking"])
         print(f"sweep {sweep_id}: {entry['name']} is being trained elsewhere; waiting for it", file=sys.stderr)
@@ -356,38 +362,38 @@ def print_table(plan: list[dict]) -> None:
 
 
 def cli_sweep(args) -> int:
-    base = load_config(args.profile or None, parse_sets(args.set))
+    base = config_from_args(args)
     summary = sweep(base, shard=args.shard, gpus=args.gpus, device=args.device, sweep_id=args.sweep_id or None,
-                    extra_sets=args.set, summary_path=args.summary)
+                    extra_sets=sets_from_args(args), summary_path=args.summary)
     return 1 if any(c["status"] == "failed" for c in summary["configs"]) else 0
 
 
 def register_cli(sub) -> None:
     p = sub.add_parser("sweep", help="the α × lr grid: one parent run, one child run per config")
-    p.add_argument("--profile", help="params.yaml profile (default: params.yaml's `profile`)")
+    add_config_args(p, "sweep")  # --profile, --set (e.g. --set sweep.alpha_mode=[learnable]) and train flags
     p.add_argument("--shard", default="0/1", help="i/n: run the i-th of n disjoint slices of the grid")
     p.add_argument("--gpus", default="auto", help="auto | all | none | 0,1,..: one config per GPU at once")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
     p.add_argument("--sweep-id", help="join this sweep (default: derived from the grid and settings)")
     p.add_argument("--summary", default="reports/sweep.json", help="where to write the sweep's run list")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a params.yaml value, e.g. --set train.max_steps=50 or sweep.alpha_mode=[learnable]")
     p.set_defaults(func=cli_sweep)
     _register_quickstart(sub)
 
 
-def quickstart(profile: str | None = None) -> int:
-    """The README's first command: sample corpus -> prepare -> sweep -> report, all local."""
+def quickstart(profile: str | None = None, sets: list[str] | None = None) -> int:
+    """The README's first command: sample corpus -> prepare -> sweep -> report, all local.
+
+    `sets`: SECTION.KEY=VALUE overrides, for every stage and every child run."""
     from pagating import tracking
     from pagating.data import build_sample, prepare
     from pagating.report import report
 
-    base = load_config(profile)
+    base = load_config(profile, parse_sets(sets or []))
     raw = Path(base["data"]["raw_dir"])
-    if base["data"].get("source") == "sample" and not raw.exists():
+    if base["data"]["source"] == "sample" and not raw.exists():
         build_sample(raw)
     prepare(base)
-    summary = sweep(base)
+    summary = sweep(base, extra_sets=sets)
     report(base, sweep_json="reports/sweep.json", out_dir="reports")
     uri = tracking.tracking_uri(base)
     link = tracking.experiment_url(uri, summary["experiment_id"])
@@ -399,5 +405,5 @@ def quickstart(profile: str | None = None) -> int:
 
 def _register_quickstart(sub) -> None:
     p = sub.add_parser("quickstart", help="sample corpus, prepare, the 10-config sweep and the report, locally")
-    p.add_argument("--profile", help="params.yaml profile (default: params.yaml's `profile`)")
-    p.set_defaults(func=lambda a: quickstart(a.profile))
+    add_config_args(p, "quickstart")
+    p.set_defaults(func=lambda a: quickstart(a.profile, sets_from_args(a)))

@@ -19,19 +19,10 @@ from typing import Any
 
 import yaml
 
-from pagating.config import UserError, config_hash, flatten, load_config, parse_sets
+from pagating.config import UserError, add_config_args, config_from_args, config_hash, flatten
 from pagating.runtime import passive_openmp
 
 passive_openmp()  # before transformers pulls in torch: OpenMP reads its wait policy once, at load
-
-# Seed flag -> params.yaml key. The seed's spellings (underscores) are the canonical flags.
-FLAG_KEYS = {
-    "alpha_mode": "train.alpha_mode", "learning_rate": "train.learning_rate", "batch_size": "train.batch_size",
-    "max_steps": "train.max_steps", "output_dir": "train.output_dir", "seed": "train.seed",
-    "eval_steps": "train.eval_steps", "save_steps": "train.save_steps", "logging_steps": "train.logging_steps",
-    "warmup_steps": "train.warmup_steps", "unit": "model.unit",
-}
-
 
 def validate(cfg: dict, world: int = 1) -> None:
     """Every check of a run's settings; `world` is the number of training processes."""
@@ -563,7 +554,7 @@ class AlphaCallback(TrainerCallback):
 # CLI ------------------------------------------------------------------------------------------
 
 def _opt(kind):
-    """An argparse type where "" means "not given": MLproject passes its empty defaults through."""
+    """An argparse type where "" means "not given" (an empty MLproject parameter)."""
     def parse(text: str):
         return None if text == "" else kind(text)
     parse.__name__ = kind.__name__
@@ -573,20 +564,10 @@ def _opt(kind):
 def add_train_args(p: argparse.ArgumentParser) -> None:
     from pagating.alpha import choices as alpha_choices
 
-    p.add_argument("--profile", help="params.yaml profile (default: params.yaml's `profile`)")
-    g = p.add_argument_group("seed flags")
-    g.add_argument("--alpha_mode", "--alpha-mode", help=alpha_choices(" | "))
-    g.add_argument("--learning_rate", "--learning-rate", type=_opt(float))
-    g.add_argument("--batch_size", "--batch-size", type=_opt(int))
-    g.add_argument("--max_steps", "--max-steps", type=_opt(int))
-    g.add_argument("--output_dir", "--output-dir", help="base folder; each run gets a subfolder")
-    g.add_argument("--resume_from_checkpoint", "--resume-from-checkpoint", help="a checkpoint folder")
-    p.add_argument("--unit", help="paGLU | paGTU | paSwishU | paReGLU | paGELU | paMishU | paSiLU")
-    p.add_argument("--seed", type=_opt(int))
-    p.add_argument("--eval_steps", "--eval-steps", type=_opt(int))
-    p.add_argument("--save_steps", "--save-steps", type=_opt(int))
-    p.add_argument("--logging_steps", "--logging-steps", type=_opt(int))
-    p.add_argument("--warmup_steps", "--warmup-steps", type=_opt(int))
+    # --profile, --set and the seed's flags (--alpha_mode, --learning_rate, ...) come from pagating/config.py;
+    # the α modes' help from their registry.
+    add_config_args(p, "train", helps={"train.alpha_mode": alpha_choices(" | ")})
+    p.add_argument("--resume_from_checkpoint", "--resume-from-checkpoint", help="a checkpoint folder")
     p.add_argument("--resume", default="none",
                    help="none | auto (local checkpoint, else MLflow; error if none) | if-any | a checkpoint path")
     p.add_argument("--nproc", type=int, default=1,
@@ -601,15 +582,6 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="bf16 autocast or fp32 (auto: bf16 on a CUDA GPU that has it)")
     p.add_argument("--threads", type=_opt(int),
                    help="torch CPU threads (default: OMP_NUM_THREADS, else this process's share of the cores)")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override any params.yaml value, e.g. --set model.ffn_dim=512")
-
-
-def config_from_args(args) -> dict:
-    overrides = {key: getattr(args, flag) for flag, key in FLAG_KEYS.items()
-                 if getattr(args, flag, None) not in (None, "")}
-    overrides.update(parse_sets(args.set))
-    return load_config(args.profile or None, overrides)
 
 
 def launch_ddp(args, cfg: dict, resume: str) -> int:

@@ -25,7 +25,7 @@ from typing import Any
 
 from pagating import cloud, vast_cost, vast_watchdog
 from pagating.cloud import format_table, mask_url
-from pagating.config import UserError, project_root
+from pagating.config import UserError, add_config_args, project_root
 
 DEFAULT_PROFILE = "wikitext103"  # the GPU runs the real thing; --profile overrides
 OFFER_SEARCH_LIMIT = 64
@@ -178,6 +178,19 @@ def load_profile(profile: str | None) -> dict[str, Any]:
     return load_config(profile or DEFAULT_PROFILE)
 
 
+def config_for(args) -> dict[str, Any]:
+    """The profile with this command's cloud flags and `--set`s applied. The instance runs the committed
+    params.yaml, so only `cloud` (what to rent, how much to spend) may be changed from here."""
+    from pagating.config import load_config, overrides_from_args
+
+    overrides = overrides_from_args(args)
+    other = sorted(k for k in overrides if not k.startswith("cloud."))
+    if other:
+        raise UserError(f"--set {other[0]}: the instance runs the committed params.yaml, so `vast` takes cloud.* "
+                        "settings only; commit the change to params.yaml and launch that commit")
+    return load_config(args.profile or DEFAULT_PROFILE, overrides)
+
+
 def image_cuda(image: str, fallback: float | None) -> float | None:
     """The CUDA version an image needs from the host driver: from its tag (pytorch/pytorch:2.6.0-
     cuda12.4-cudnn9-runtime -> 12.4), else `fallback` (--image-cuda, params cloud.image_cuda)."""
@@ -224,11 +237,11 @@ def rank_offers(args, cfg: dict) -> tuple[list[dict], str | None]:
     cloud_cfg = cfg["cloud"]
     client = Vast(api_key())
     disk = max(args.disk or 0, args.min_disk_gb)
-    min_cuda = image_cuda(args.image or cloud_cfg.get("image"), args.image_cuda)
+    min_cuda = image_cuda(args.image or cloud_cfg["image"], args.image_cuda)
     query = offer_query(args.gpu_name or cloud_cfg["gpu_name"], args.min_reliability, disk,
                         args.min_inet_down, args.num_gpus, min_cuda=min_cuda)
     offers = [o for o in client.search_offers(query, args.interruptible, disk) if cuda_ok(o, min_cuda)]
-    uri = tracking_uri_for_lookup(args) or cfg["tracking"].get("tracking_uri")
+    uri = tracking_uri_for_lookup(args) or cfg["tracking"]["tracking_uri"]
     times, note = vast_cost.step_times(cfg, [o.get("gpu_name", "") for o in offers], uri, args.s_per_step)
     sizes = vast_cost.shard_sizes(vast_cost.grid_size(cfg), args.instances)
     for o in offers:
@@ -258,7 +271,7 @@ def offers_table(offers: list[dict], budget: float | None = None) -> str:
 
 @_guard
 def cmd_offers(args) -> int:
-    cfg = load_profile(args.profile)
+    cfg = config_for(args)
     _fill_cloud_defaults(args, cfg)
     offers, note = rank_offers(args, cfg)
     if note:
@@ -277,13 +290,12 @@ def cmd_offers(args) -> int:
 # ---- launch -----------------------------------------------------------------------------------
 
 def _fill_cloud_defaults(args, cfg: dict) -> None:
-    c = cfg["cloud"]
+    c = cfg["cloud"]  # the cloud flags (pagating/config.py) are already applied to it
     for attr, key in (("gpu_name", "gpu_name"), ("min_reliability", "min_reliability"),
                       ("min_disk_gb", "min_disk_gb"), ("min_inet_down", "min_inet_down_mbps"),
                       ("budget", "budget_usd"), ("image", "image"), ("image_cuda", "image_cuda"),
                       ("start_timeout", "start_timeout_min")):
-        if getattr(args, attr, None) is None and hasattr(args, attr):
-            setattr(args, attr, c.get(key))
+        setattr(args, attr, c[key])
     if args.instances < 1:
         raise UserError("--instances must be >= 1")
     if getattr(args, "bid", None) and not args.interruptible:
@@ -334,7 +346,7 @@ def wait_started(client: Vast, uri: str, run_id: str, ids: list[int], timeout_s:
 @_guard
 def cmd_launch(args) -> int:
     key = require_key()
-    cfg = load_profile(args.profile)
+    cfg = config_for(args)
     _fill_cloud_defaults(args, cfg)
     tracking_uri = cloud.check_tracking_uri(args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
     repo = cloud.resolve_repo(args.repo)
@@ -497,7 +509,7 @@ def relaunch(client: Vast, inst: dict, cfg: dict, siblings: list[dict]) -> int |
     c = cfg["cloud"]
     disk = float(inst.get("disk_space") or c["min_disk_gb"])
     machine = inst.get("machine_id")
-    min_cuda = image_cuda(inst.get("image_uuid") or c["image"], c.get("image_cuda"))
+    min_cuda = image_cuda(inst.get("image_uuid") or c["image"], c["image_cuda"])
     query = offer_query(inst.get("gpu_name") or c["gpu_name"], c["min_reliability"], disk,
                         c["min_inet_down_mbps"], int(inst.get("num_gpus") or 1),
                         exclude_machines=[machine] if machine else None, min_cuda=min_cuda)
@@ -666,15 +678,9 @@ def cmd_destroy(args) -> int:
 
 # ---- CLI --------------------------------------------------------------------------------------
 
-def _offer_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--profile", default=DEFAULT_PROFILE,
-                   help=f"params.yaml profile (default {DEFAULT_PROFILE})")
-    p.add_argument("--gpu-name", default=None,
-                   help="GPU model, Vast spelling (default params cloud.gpu_name; 'any' for all)")
-    p.add_argument("--min-reliability", type=float, default=None, help="default params cloud.min_reliability")
-    p.add_argument("--min-disk-gb", type=float, default=None, help="default params cloud.min_disk_gb")
-    p.add_argument("--min-inet-down", type=float, default=None, metavar="MBPS",
-                   help="default params cloud.min_inet_down_mbps")
+def _offer_flags(p: argparse.ArgumentParser, verb: str) -> None:
+    # --profile, --set cloud.KEY=VALUE and the cloud flags (--gpu-name, --budget, ...): pagating/config.py.
+    add_config_args(p, f"vast {verb}", default_profile=DEFAULT_PROFILE)
     p.add_argument("--num-gpus", type=int, default=1, help="GPUs per instance (one config per GPU)")
     p.add_argument("--interruptible", action="store_true",
                    help="bid (interruptible) offers instead of on-demand")
@@ -683,15 +689,9 @@ def _offer_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--instances", type=int, default=1, help="instances; instance i runs shard i/N")
     p.add_argument("--disk", type=float, default=None, metavar="GB",
                    help="disk to rent (default --min-disk-gb)")
-    p.add_argument("--budget", type=float, default=None, metavar="USD",
-                   help="default params cloud.budget_usd")
     p.add_argument("--s-per-step", type=float, default=None,
                    help="seconds per step to project with (default: measured in MLflow, else estimated)")
     p.add_argument("--tracking-uri", default=None, help="MLflow server (default MLFLOW_TRACKING_URI)")
-    p.add_argument("--image", default=None, help="docker image (default params cloud.image)")
-    p.add_argument("--image-cuda", type=float, default=None, metavar="VERSION",
-                   help="CUDA version the image needs when its tag does not say (default params "
-                        "cloud.image_cuda); offers need the host's cuda_max_good >= it")
 
 
 def register_cli(sub) -> None:
@@ -701,12 +701,12 @@ def register_cli(sub) -> None:
     verbs = vast.add_subparsers(dest="vast_verb", metavar="<command>")
 
     p = verbs.add_parser("offers", help="offers ranked by projected sweep cost")
-    _offer_flags(p)
+    _offer_flags(p, "offers")
     p.add_argument("--limit", type=int, default=10, help="rows to print")
     p.set_defaults(func=cmd_offers)
 
     p = verbs.add_parser("launch", help="rent the cheapest offer(s) within the budget and run the sweep")
-    _offer_flags(p)
+    _offer_flags(p, "launch")
     p.add_argument("--env", action="append", default=[], metavar="NAME[=VALUE]",
                    help="extra instance env, e.g. DVC remote credentials (NAME alone forwards this "
                    "shell's value)")
@@ -717,9 +717,6 @@ def register_cli(sub) -> None:
     p.add_argument("--sweep-id", default=None, help="id in labels and PAGATING_SWEEP_ID (default: new)")
     p.add_argument("--stall-minutes", type=float, default=DEFAULT_STALL_MINUTES,
                    help="the instance destroys itself after this long without progress")
-    p.add_argument("--start-timeout", type=float, default=None, metavar="MIN",
-                   help="destroy an instance whose onstart has not reported in by then (default params "
-                        "cloud.start_timeout_min)")
     p.add_argument("--no-wait", action="store_true",
                    help="return once the instances exist (`vast watch` then destroys stuck ones)")
     p.add_argument("--dry-run", action="store_true",

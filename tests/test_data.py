@@ -21,7 +21,7 @@ import pagating.data as data
 from pagating.config import UserError, load_config
 
 BIN = Path(sys.executable).parent
-# In the temp repos below, which hold a copy of pagating/data.py for dvc.yaml's deps, the console
+# In the temp repos below, which hold copies of pagating/{config,data}.py for dvc.yaml's deps, the console
 # script is used: `python -m pagating.cli` there would import the partial copy from the cwd.
 PAGATING, DVC = str(BIN / "pagating"), str(BIN / "dvc")
 ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "DVC_NO_ANALYTICS": "1",
@@ -294,7 +294,7 @@ def dvc_origin(tmp_path_factory):
     root = tmp_path_factory.mktemp("dvc")
     origin, remote = root / "origin", root / "remote"
     (origin / "pagating").mkdir(parents=True)
-    for name in ("params.yaml", ".gitignore", "pagating/data.py"):
+    for name in ("params.yaml", ".gitignore", "pagating/config.py", "pagating/data.py"):
         shutil.copy(REPO / name, origin / name)
     # the repo's own `prepare` stage, alone: the later stages need the whole package
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]

@@ -110,20 +110,6 @@ def test_mlflow_run_bare_lands_in_the_profile_experiment_and_rerun_skips(ui_swee
     assert len(hint) == 1
 
 
-def test_mlproject_defaults_are_params_yaml_values():
-    spec = yaml.safe_load((REPO / "MLproject").read_text())["entry_points"]
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    for entry in ("main", "sweep", "report"):
-        assert spec[entry]["parameters"]["profile"]["default"] == params["profile"]
-    for entry, profile in (("train", "sample"), ("train_wikitext103", "wikitext103")):
-        assert f"--profile {profile} " in spec[entry]["command"]
-        for key, p in spec[entry]["parameters"].items():
-            section = "model" if key == "unit" else "train"
-            if key != "resume":
-                assert p["default"] == params[section][profile][key], (entry, key)
-            assert p["default"] not in ("", None)
-
-
 def test_runs_carry_mlflow_fields_model_and_system_metrics(ui_sweep):
     import mlflow
     import torch

@@ -128,6 +128,22 @@ def test_offers_flags_override_every_filter(fake, capsys):
     assert q["type"] == "bid"
 
 
+def test_vast_set_and_flags_override_cloud_settings(fake, capsys):
+    rc, _, _ = run(capsys, "vast", "offers", "--set", "cloud.gpu_name=RTX 3090", "--set", "cloud.min_disk_gb=70",
+                   "--min-reliability", "0.9")
+    assert rc == 0
+    q = search_body(fake)
+    assert q["gpu_name"] == {"eq": "RTX 3090"} and q["disk_space"] == {"gte": 70} and q["reliability"] == {"gte": 0.9}
+
+
+@pytest.mark.parametrize("verb", ["offers", "launch"])
+def test_vast_set_takes_cloud_settings_only(keyed, capsys, verb):
+    # the instance runs the committed params.yaml: a local train/model change would be projected, not run
+    rc, _, err = run(capsys, "vast", verb, "--set", "train.max_steps=5")
+    assert rc == 2 and len(err.strip().splitlines()) == 1
+    assert "--set train.max_steps" in err and "cloud.*" in err and not keyed.calls("POST")
+
+
 def test_offers_ranked_by_projected_sweep_cost_not_hourly_price(fake, capsys):
     # The 3090 is cheaper per hour but ~2x slower per step (71 vs 165 peak TFLOPS): the whole sweep costs more on it.
     fake.offers = [offer(21, 0.35, gpu="RTX 3090"), offer(22, 0.45), offer(23, 0.60)]
