@@ -185,7 +185,7 @@ def data_env(cfg: dict[str, Any], root: Path) -> dict[str, str]:
             except ValueError as exc:
                 raise UserError(f"DVC remote {remote[0]!r}: {exc}") from None
             return {}
-    if cfg["data"].get("source") == "sample":
+    if cfg["data"]["source"] == "sample":
         return {"PAGATING_DATA": "sample"}
     if remote:
         raise UserError(f"DVC remote {remote[0]!r} ({mask_url(remote[1])}) is on this machine; the instance "
@@ -373,7 +373,7 @@ def sweep_progress(uri: str, sweep_id: str, cfg: dict) -> dict:
     running children with their latest train/loss step, the sweep's mean s/step."""
     from mlflow.tracking import MlflowClient
 
-    prefix = (cfg.get("tracking") or {}).get("experiment_prefix", "pagating")
+    prefix = cfg["tracking"]["experiment_prefix"]
     with vast_cost.quick_mlflow():
         client = MlflowClient(tracking_uri=uri)
         exp_ids = vast_cost.pagating_experiments(client, prefix)

@@ -381,7 +381,7 @@ def prepare(cfg: dict[str, Any], *, timings: dict[str, float] | None = None) -> 
     """
     d = cfg["data"]
     raw_dir, prepared_dir = _resolve(d["raw_dir"]), _resolve(d["prepared_dir"])
-    spec = str(d.get("tokenizer", "bpe"))
+    spec = str(d["tokenizer"])
     block_size = _positive_int(d, "block_size")
     if spec == "bpe" and _positive_int(d, "vocab_size") < 257:
         raise UserError(f"data.vocab_size must be at least 257 for a byte-level BPE, got {d['vocab_size']!r}")

@@ -113,9 +113,9 @@ def config_flops_per_token(cfg: dict) -> float:
     """flops_per_token of a params.yaml config (model + data sections), as train builds the model."""
     m, d = cfg["model"], cfg["data"]
     width = int(m["n_embd"])
-    d_ff = int(m.get("ffn_dim") or 4 * width)
-    gated = str(m.get("unit", "paGLU")).lower() != "plain"
-    if m.get("param_matched") and gated:
+    d_ff = int(m["ffn_dim"])
+    gated = str(m["unit"]).lower() != "plain"
+    if m["param_matched"] and gated:
         d_ff = d_ff * 2 // 3
     return flops_per_token(n_layer=int(m["n_layer"]), n_embd=width, d_ff=d_ff,
                            vocab_size=padded_vocab(int(d["vocab_size"])), block_size=int(d["block_size"]),

@@ -15,6 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHea
 from transformers import initialization as hf_init
 
 from pagating.alpha import Alpha, parse_alpha_mode
+from pagating.config import defaults
 from pagating.units import PaGatingBase, check_unit, get_unit, is_plain, paSwishU
 
 
@@ -105,12 +106,13 @@ AutoModelForCausalLM.register(PaGatingGPT2Config, PaGatingGPT2LMHeadModel)
 
 def build_config(model_cfg: dict, vocab_size: int, block_size: int, alpha_mode: str = "static_0.5",
                  max_steps: int = 1, **extra) -> PaGatingGPT2Config:
-    """params.yaml `model` section -> config. `init` other than scratch takes dims from that checkpoint."""
-    init = model_cfg.get("init", "scratch")
-    pagating = dict(unit=model_cfg.get("unit", "paGLU"), alpha_mode=alpha_mode,
-                    ffn_dim=model_cfg.get("ffn_dim", 3072), param_matched=model_cfg.get("param_matched", False),
-                    alpha_max_steps=max_steps, **extra)
-    dropout = model_cfg.get("dropout", 0.1)
+    """params.yaml `model` section -> config. `init` other than scratch takes dims from that checkpoint.
+    Keys the section leaves out take their declared defaults (pagating/config.py)."""
+    model_cfg = {**defaults("model"), **model_cfg}
+    init = model_cfg["init"]
+    pagating = dict(unit=model_cfg["unit"], alpha_mode=alpha_mode, ffn_dim=model_cfg["ffn_dim"],
+                    param_matched=model_cfg["param_matched"], alpha_max_steps=max_steps, **extra)
+    dropout = model_cfg["dropout"]
     drops = dict(resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
     if init != "scratch":
         base = GPT2Config.from_pretrained(init).to_dict()

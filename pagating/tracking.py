@@ -249,11 +249,11 @@ def run_note(cfg: dict, command: str, n_params: int | None = None) -> str:
     t, m, d = cfg["train"], cfg["model"], cfg["data"]
     size = f"{n_params:,} parameters, " if n_params else ""
     return (f"GPT-2 ({m['n_layer']} layers, d_model {m['n_embd']}, {m['n_head']} heads) with a {m['unit']} MLP "
-            f"(d_ff {m['ffn_dim']}{', parameter-matched' if m.get('param_matched') else ''}, init {m.get('init')}), "
+            f"(d_ff {m['ffn_dim']}{', parameter-matched' if m['param_matched'] else ''}, init {m['init']}), "
             f"{size}α mode {t['alpha_mode']}, learning rate {t['learning_rate']:g}, batch {t['batch_size']} × "
-            f"block {d['block_size']}, {t['max_steps']} steps (warm-up {t.get('warmup_steps', 0)}, cosine), "
-            f"seed {t['seed']}, on the {cfg['profile']} profile's data ({d.get('source')}, {d.get('tokenizer')} "
-            f"tokenizer, vocabulary {d.get('vocab_size')}).\n\nReproduce:\n\n    {command}\n")
+            f"block {d['block_size']}, {t['max_steps']} steps (warm-up {t['warmup_steps']}, cosine), "
+            f"seed {t['seed']}, on the {cfg['profile']} profile's data ({d['source']}, {d['tokenizer']} "
+            f"tokenizer, vocabulary {d['vocab_size']}).\n\nReproduce:\n\n    {command}\n")
 
 
 def reproduce_command(cfg: dict, commit: str = "") -> str:
@@ -722,9 +722,9 @@ class Claim:
 
     @classmethod
     def for_config(cls, mlf, exp_id: str, config_hash: str, tracking_cfg: dict) -> Claim:
-        return cls(mlf, exp_id, config_hash, settle_s=float(tracking_cfg.get("claim_settle_s", 2)),
-                   timeout_s=float(tracking_cfg.get("claim_timeout_s", 300)),
-                   heartbeat_s=float(tracking_cfg.get("heartbeat_s", 30)))
+        return cls(mlf, exp_id, config_hash, settle_s=float(tracking_cfg["claim_settle_s"]),
+                   timeout_s=float(tracking_cfg["claim_timeout_s"]),
+                   heartbeat_s=float(tracking_cfg["heartbeat_s"]))
 
     def current(self) -> dict | None:
         value = self.mlf.get_experiment(self.exp_id).tags.get(self.key)

@@ -186,8 +186,8 @@ def _training_arguments(cfg: dict, run_dir: Path, device: str, compile_model: bo
         per_device_eval_batch_size=per_device,
         learning_rate=float(t["learning_rate"]),
         lr_scheduler_type="cosine",
-        warmup_steps=int(t.get("warmup_steps", 0)),
-        weight_decay=float(t.get("weight_decay", 0.0)),
+        warmup_steps=int(t["warmup_steps"]),
+        weight_decay=float(t["weight_decay"]),
         max_grad_norm=1.0,
         logging_steps=int(t["logging_steps"]),
         eval_strategy="steps",
@@ -290,7 +290,7 @@ def _train_claimed(cfg: dict, *, resume, device, compile_model, parent_run_id, s
         print(f"pagating: continuing interrupted run {run_id} from step 0 (no whole checkpoint of it)", file=sys.stderr)
     if rank == 0 and run_id and (run_dir / tracking.PENDING_FILE).exists():
         # Trained to the end, but the server was away for the final uploads: finish those only.
-        left = tracking.sync(run_dir, timeout_s=float(cfg["tracking"].get("drain_timeout_s", 1800)))
+        left = tracking.sync(run_dir, timeout_s=float(cfg["tracking"]["drain_timeout_s"]))
         return {"run_id": run_id, "run_dir": str(run_dir), "config_hash": h,
                 "status": "FINISHED" if not left else "KILLED", "synced": True}
 
@@ -309,11 +309,11 @@ def _train_claimed(cfg: dict, *, resume, device, compile_model, parent_run_id, s
     config = build_config(m, vocab_size=vocab, block_size=meta["block_size"], alpha_mode=t["alpha_mode"],
                           max_steps=int(t["max_steps"]), eos_token_id=meta.get("eos_id"),
                           bos_token_id=meta.get("eos_id"))
-    model = build_model(config, init=m.get("init", "scratch"))
+    model = build_model(config, init=m["init"])
     n_params = count_parameters(model)
     spec = parse_alpha_mode(t["alpha_mode"])
     eval_pick = eval_indices(int(meta["splits"]["validation"]["blocks"]),
-                             int(t.get("max_eval_batches") or 0) * int(t["batch_size"]))
+                             int(t["max_eval_batches"]) * int(t["batch_size"]))
     compile_on = compile_model == "on" or (compile_model == "auto" and device == "cuda")
     dev_name = gpu_name() if device == "cuda" else device
     usd_per_hour = float(os.environ["PAGATING_USD_PER_HOUR"]) if os.environ.get("PAGATING_USD_PER_HOUR") else None
@@ -441,10 +441,10 @@ def _train_claimed(cfg: dict, *, resume, device, compile_model, parent_run_id, s
         if rank == 0:
             # 7. Last metrics, last checkpoint, model/, status: waiting for the server as long as the drain
             # budget allows; past it everything stays in run_dir for `pagating sync`.
-            budget = float(cfg["tracking"].get("drain_timeout_s", 1800)) if status == "FINISHED" else 5.0
+            budget = float(cfg["tracking"]["drain_timeout_s"]) if status == "FINISHED" else 5.0
             local, model_id = tracking.finish_run(
                 mlf, run_id, run_dir, status, spool, uploader, model_dir if status == "FINISHED" else None,
-                model_step if status == "FINISHED" else 0, budget, float(cfg["tracking"].get("retry_max_s", 30)))
+                model_step if status == "FINISHED" else 0, budget, float(cfg["tracking"]["retry_max_s"]))
             if model_id:
                 result["model_id"] = model_id
             spool.close()

@@ -81,7 +81,7 @@ VALIDATION_TOKENS_GUESS = {"wikitext-103": 250_000}
 def eval_batches(cfg: dict[str, Any]) -> int:
     """Batches of one evaluation: the cap, or the whole validation split (max_eval_batches: 0)."""
     t = cfg["train"]
-    cap = int(t.get("max_eval_batches") or 0)
+    cap = int(t["max_eval_batches"])
     if cap > 0:
         return cap
     from pagating.data import load_meta
@@ -89,14 +89,14 @@ def eval_batches(cfg: dict[str, Any]) -> int:
     try:
         blocks = int(load_meta(cfg["data"]["prepared_dir"])["splits"]["validation"]["blocks"])
     except Exception:  # not prepared here: estimate from the source's known size
-        tokens = VALIDATION_TOKENS_GUESS.get(str(cfg["data"].get("source")), 0)
+        tokens = VALIDATION_TOKENS_GUESS.get(str(cfg["data"]["source"]), 0)
         blocks = tokens // int(cfg["data"]["block_size"])
     return math.ceil(blocks / int(t["batch_size"]))
 
 
 def eval_overhead(cfg: dict[str, Any]) -> float:
     """Eval time as a fraction of train time: forward-only batches cost about a third of a step."""
-    eval_steps = int(cfg["train"].get("eval_steps") or 0)
+    eval_steps = int(cfg["train"]["eval_steps"])
     if eval_steps <= 0:
         return 0.0
     return eval_batches(cfg) / eval_steps / 3
@@ -165,7 +165,7 @@ def measured_step_times(uri: str, cfg: dict[str, Any], gpu_names: list[str]) -> 
     counting only runs with this config's model shape. GPU models without such runs are left out."""
     from mlflow.tracking import MlflowClient
 
-    prefix = (cfg.get("tracking") or {}).get("experiment_prefix", "pagating")
+    prefix = cfg["tracking"]["experiment_prefix"]
     with quick_mlflow():
         client = MlflowClient(tracking_uri=uri)
         exp_ids = pagating_experiments(client, prefix)
