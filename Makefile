@@ -38,7 +38,7 @@ test: $(STAMP) browser
 bench: $(STAMP)
 	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done
 
-# What bench/gpu_check.sh's acceptance part installs offline on a lent GPU machine (wheels for Linux
+# What bench/gpu_check.sh's acceptance part installs offline on an offline GPU machine (wheels for Linux
 # x86_64 py3.11 of what it lacks + prepared sample data); carry gpu-kit/ there. Needs PyPI, not a GPU.
 gpu-kit: $(STAMP)
 	$(BIN)/python bench/gpu_kit.py make gpu-kit

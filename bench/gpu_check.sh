@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One short check for a lent GPU machine (no internet; torch, transformers, tokenizers, nvidia-ml-py
+# One short check for an offline GPU machine (no internet; torch, transformers, tokenizers, nvidia-ml-py
 # present; no mlflow, datasets or dvc). Prepare the kit here first (`make gpu-kit`: wheels of what the
 # machine lacks + prepared sample data, in gpu-kit/, kept out of git), carry gpu-kit/ along, then from
 # the repo root:

@@ -1,4 +1,4 @@
-"""The kit bench/gpu_check.sh's acceptance part carries to a lent GPU machine (no package index there).
+"""The kit bench/gpu_check.sh's acceptance part carries to an offline GPU machine (no package index there).
 
     .venv/bin/python bench/gpu_kit.py make [gpu-kit]          # = `make gpu-kit`; needs PyPI, not a GPU
     python bench/gpu_kit.py install KIT VENV [--emulate]      # gpu_check.sh: venv + offline install of the wheels
@@ -31,7 +31,7 @@ from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# What the lent GPU machine has (bench/gpu_check.sh's header), and what the acceptance part imports.
+# What the offline GPU machine has (bench/gpu_check.sh's header), and what the acceptance part imports.
 BOX = ["torch", "transformers", "tokenizers", "nvidia-ml-py"]
 # mlflow-skinny, not mlflow: the full package adds pyarrow, scipy, scikit-learn, matplotlib, flask, ... (~150 MB)
 # for the server and UI, which a local sqlite store does not use; sqlalchemy + alembic are that store;

@@ -15,11 +15,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from pagating import vast_cost
 from pagating.config import UserError, experiment_name, project_root
 from pagating.instance import LOG_ARTIFACT_DIR, REPORT_TAG, dvc_default_remote, dvc_extra, log_artifact_name
+from pagating.tracking import mask_uri
 
 BOOTSTRAP = Path(__file__).resolve().parent.parent / "scripts" / "bootstrap.sh"
 LABEL_PREFIX = "pagating-"
@@ -60,21 +61,8 @@ def register_provider(name: str, module: str) -> None:
 
 # ---- secrets --------------------------------------------------------------------------------
 
-def mask_url(value: str) -> str:
-    """Hide credentials in a URL: https://user:pw@host -> https://user:***@host, a bare token -> ***@host."""
-    try:
-        parts = urlsplit(value)
-    except ValueError:
-        return value
-    if not parts.scheme or "@" not in parts.netloc:
-        return value
-    userinfo, host = parts.netloc.rsplit("@", 1)
-    masked = f"{userinfo.split(':', 1)[0]}:***@{host}" if ":" in userinfo else f"***@{host}"
-    return urlunsplit(parts._replace(netloc=masked))
-
-
 def mask_env(env: dict[str, str]) -> dict[str, str]:
-    return {k: ("***" if SECRET_NAME.search(k) else mask_url(str(v))) for k, v in env.items()}
+    return {k: ("***" if SECRET_NAME.search(k) else mask_uri(str(v))) for k, v in env.items()}
 
 
 # ---- checks before renting --------------------------------------------------------------------
@@ -100,7 +88,7 @@ def check_tracking_uri(uri: str | None) -> str:
         return uri
     parts = urlsplit(uri)
     scheme = parts.scheme.lower()
-    shown = mask_url(uri)
+    shown = mask_uri(uri)
     if scheme in ("", "file", "sqlite") or len(scheme) == 1:  # a path (or a Windows drive letter)
         raise UserError(f"tracking URI {shown} is on this machine, the instance cannot reach it: {hint}")
     if _local_host(parts.hostname or ""):
@@ -132,7 +120,7 @@ def resolve_repo(repo: str | None) -> str:
         repo = f"https://{m.group(1)}/{m.group(2)}"
     parts = urlsplit(repo)
     if parts.scheme not in ("https", "http", "git") or _local_host(parts.hostname or ""):
-        raise UserError(f"repository {mask_url(repo)} is not reachable from the instance: push it to a "
+        raise UserError(f"repository {mask_uri(repo)} is not reachable from the instance: push it to a "
                         "git host and pass --repo https://...")
     return repo
 
@@ -188,7 +176,7 @@ def data_env(cfg: dict[str, Any], root: Path) -> dict[str, str]:
     if cfg["data"]["source"] == "sample":
         return {"PAGATING_DATA": "sample"}
     if remote:
-        raise UserError(f"DVC remote {remote[0]!r} ({mask_url(remote[1])}) is on this machine; the instance "
+        raise UserError(f"DVC remote {remote[0]!r} ({mask_uri(remote[1])}) is on this machine; the instance "
                         "cannot pull from it: add a cloud remote (`dvc remote add -d storage s3://...`), "
                         "`dvc push`, commit .dvc/config")
     raise UserError("no default DVC remote in .dvc/config for the instance to `dvc pull data.dvc` from: "
@@ -320,7 +308,7 @@ def open_sweep_run(uri: str, cfg: dict, sweep_id: str) -> str:
                              tags={"pagating.sweep_id": sweep_id, "pagating.role": "sweep"})
     except Exception as exc:
         raise UserError(f"cannot create the sweep's run in {experiment_name(cfg)} on "
-                        f"{mask_url(uri)} ({type(exc).__name__}): check MLFLOW_TRACKING_* credentials "
+                        f"{mask_uri(uri)} ({type(exc).__name__}): check MLFLOW_TRACKING_* credentials "
                         "and permissions") from None
     return run.info.run_id
 
@@ -349,7 +337,7 @@ def instance_log(uri: str, instance_id: int) -> str:
     """The instance's uploaded log, or one line saying why there is none."""
     run = find_instance_run(uri, instance_id)
     if run is None:
-        return (f"no sweep run on {mask_url(uri)} knows instance {instance_id} (launched against another "
+        return (f"no sweep run on {mask_uri(uri)} knows instance {instance_id} (launched against another "
                 "tracking server? pass --tracking-uri)")
     path = f"{LOG_ARTIFACT_DIR}/{log_artifact_name(instance_id)}"
     state = run.data.tags.get(f"{REPORT_TAG}{instance_id}", "")
@@ -360,7 +348,7 @@ def instance_log(uri: str, instance_id: int) -> str:
     except Exception:
         pass
     if state.startswith("created"):
-        return (f"no log for instance {instance_id}: it never reported to {mask_url(uri)} (last state: {state}); "
+        return (f"no log for instance {instance_id}: it never reported to {mask_uri(uri)} (last state: {state}); "
                 "it could not run its onstart or could not reach the tracking server with its credentials")
     return (f"no log artifact {path} on run {run.info.run_id} for instance {instance_id}: it stopped before it "
             f"could upload one; its last report: {state}")

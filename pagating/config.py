@@ -6,7 +6,7 @@ MLproject parameters (`mlproject_text`, committed as MLproject) and the typing o
 params.yaml holds the values: per-profile blocks for data/model/train/sweep (a profile's block
 overrides the declared default), one block for tracking and cloud.
 
-The returned config has the sections of DESIGN.md: data, model, train, sweep (the chosen
+The returned config has the sections of params.yaml: data, model, train, sweep (the chosen
 profile's block of each), tracking, cloud, plus `profile`; every declared key is present, so
 stages read `cfg[section][key]` and never restate a default.
 """

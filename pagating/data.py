@@ -55,11 +55,8 @@ def is_article_heading(line: str) -> bool:
 
 
 def _file_md5(path: Path) -> str:
-    h = hashlib.md5()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "md5").hexdigest()
 
 
 def _write_text_atomic(path: Path, text: str) -> None:

@@ -148,7 +148,14 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("check-cuda")
     sub.add_parser("report").add_argument("state")
     sub.add_parser("upload-log").add_argument("--quiet", action="store_true")
+    sub.add_parser("experiment-name").add_argument("profile")
     args = p.parse_args(argv)
+    if args.cmd == "experiment-name":  # onstart.sh asks rather than rebuilding the name
+        from pagating.config import experiment_name, load_config
+
+        # The name needs only the profile's name and the shared tracking section; the sweep checks the profile.
+        print(experiment_name({**load_config(), "profile": args.profile}))
+        return 0
     if args.cmd == "dvc-extra":
         remote = dvc_default_remote(Path.cwd())
         try:

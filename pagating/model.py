@@ -139,7 +139,7 @@ def load_pretrained_gpt2(model: PaGatingGPT2LMHeadModel, name_or_path: str) -> N
         raise ValueError(f"pretrained init needs d_ff == the checkpoint's ({4 * plain.config.n_embd}); "
                          "set param_matched: false and ffn_dim to it")
     state = {k: v for k, v in plain.state_dict().items() if ".mlp." not in k}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    unexpected = model.load_state_dict(state, strict=False).unexpected_keys  # missing: the new MLP, expected
     assert not unexpected, unexpected
     for block, plain_block in zip(model.transformer.h, plain.transformer.h, strict=True):
         # HF Conv1D stores weight as (in, out); nn.Linear as (out, in).

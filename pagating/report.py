@@ -23,6 +23,9 @@ from typing import Any
 
 from pagating.config import UserError, add_config_args, config_from_args, experiment_name
 
+# Where reports live (dvc.yaml names the same paths): one folder, the sweep's run list beside what the report writes.
+REPORTS_DIR = "reports"
+SWEEP_JSON = f"{REPORTS_DIR}/sweep.json"
 SUMMARY = "summary.md"
 METRICS = "metrics.json"
 PLOTS = "plots"
@@ -61,7 +64,7 @@ def _experiment(mlf, cfg: dict):
     return exp
 
 
-def find_sweep(mlf, cfg: dict, uri: str, sweep_json: str | Path | None = "reports/sweep.json",
+def find_sweep(mlf, cfg: dict, uri: str, sweep_json: str | Path | None = SWEEP_JSON,
                sweep_id: str | None = None) -> dict[str, Any]:
     """{"sweep_id", "parent_run_id", "profile", "runs": [(name, Run)], "excluded": [(name, why)]}."""
     doc = None
@@ -482,35 +485,45 @@ def _g(x: float) -> str:
 
 def plot_files(rows: list[dict]) -> dict[str, bytes | str]:
     """{file name under plots/: content}: the PNGs (Agg) and the CSVs for `dvc plots`."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    return {**_eval_loss_plot(rows), **_final_loss_plot(rows), **_alpha_plot(rows), **_perf_plot(rows)}
+
+
+def _figure(size=(8, 5)):
     from matplotlib.figure import Figure
 
-    from pagating.alpha import sort_key as alpha_sort_key  # each mode's class says where it goes
+    return Figure(figsize=size)
 
-    files: dict[str, bytes | str] = {}
 
-    def png(fig) -> bytes:
-        FigureCanvasAgg(fig)
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
-        return buf.getvalue()
+def _png(fig) -> bytes:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    # Eval loss vs step.
-    fig = Figure(figsize=(8, 5))
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
+    return buf.getvalue()
+
+
+def _eval_loss_plot(rows: list[dict]) -> dict[str, bytes | str]:
+    """Eval loss vs step."""
+    fig = _figure()
     ax = fig.add_subplot()
     for r in rows:
         ax.plot([s for s, _ in r["eval_curve"]], [v for _, v in r["eval_curve"]], marker="o", ms=3, label=r["name"])
     ax.set(xlabel="optimizer step", ylabel="eval loss", title="Eval loss per config")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    files["eval_loss.png"] = png(fig)
-    files["eval_loss.csv"] = _csv([["config", "step", "eval_loss"]]
-                                  + [[r["name"], s, _g(v)] for r in rows for s, v in r["eval_curve"]])
+    return {"eval_loss.png": _png(fig),
+            "eval_loss.csv": _csv([["config", "step", "eval_loss"]]
+                                  + [[r["name"], s, _g(v)] for r in rows for s, v in r["eval_curve"]])}
 
-    # Final eval loss by α mode (groups) and lr (bars). Several runs of one cell (unit/seed axes): mean.
+
+def _final_loss_plot(rows: list[dict]) -> dict[str, bytes | str]:
+    """Final eval loss by α mode (groups) and lr (bars). Several runs of one cell (unit/seed axes): mean."""
+    from pagating.alpha import sort_key as alpha_sort_key  # each mode's class says where it goes
+
     modes = sorted({r["alpha_mode"] for r in rows}, key=alpha_sort_key)
     lrs = sorted({r["learning_rate"] for r in rows if r["learning_rate"] is not None})
-    fig = Figure(figsize=(8, 5))
+    fig = _figure()
     ax = fig.add_subplot()
     width = 0.8 / max(len(lrs), 1)
     for j, lr in enumerate(lrs):
@@ -527,14 +540,15 @@ def plot_files(rows: list[dict]) -> dict[str, bytes | str]:
     lows = [r["final_eval_loss"] for r in rows]
     ax.set_ylim(min(lows) - 0.1 * (max(lows) - min(lows) + 0.1), max(lows) + 0.1 * (max(lows) - min(lows) + 0.1))
     ax.legend()
-    files["final_eval_loss.png"] = png(fig)
-    files["final_eval_loss.csv"] = _csv(
+    return {"final_eval_loss.png": _png(fig), "final_eval_loss.csv": _csv(
         [["alpha_mode", "learning_rate", "final_eval_loss"]]
         + [[r["alpha_mode"], _g(r["learning_rate"]) if r["learning_rate"] is not None else "", _g(r["final_eval_loss"])]
-           for r in sorted(rows, key=lambda r: (alpha_sort_key(r["alpha_mode"]), r["learning_rate"] or 0, r["name"]))])
+           for r in sorted(rows, key=lambda r: (alpha_sort_key(r["alpha_mode"]), r["learning_rate"] or 0, r["name"]))])}
 
-    # α trajectories (the modes whose α moves log alpha/layer_NN).
-    fig = Figure(figsize=(8, 5))
+
+def _alpha_plot(rows: list[dict]) -> dict[str, bytes | str]:
+    """α trajectories (the modes whose α moves log alpha/layer_NN)."""
+    fig = _figure()
     ax = fig.add_subplot()
     with_alpha = [r for r in rows if r["alpha_curve"]]
     for r in with_alpha:
@@ -545,10 +559,12 @@ def plot_files(rows: list[dict]) -> dict[str, bytes | str]:
         ax.text(0.5, 0.5, "no config logged alpha/layer_NN (static α only)", ha="center", transform=ax.transAxes)
     ax.set(xlabel="optimizer step", ylabel="α (mean over layers)", title="α trajectories", ylim=(-0.05, 1.05))
     ax.grid(alpha=0.3)
-    files["alpha.png"] = png(fig)
+    return {"alpha.png": _png(fig)}
 
-    # s/step and GPU util per config.
-    fig = Figure(figsize=(10, 5))
+
+def _perf_plot(rows: list[dict]) -> dict[str, bytes | str]:
+    """s/step and GPU util per config."""
+    fig = _figure((10, 5))
     names = [r["name"] for r in rows]
     for k, (key, label) in enumerate((("s_per_step", "s/step"), ("gpu_util_pct", "GPU util (%)"))):
         ax = fig.add_subplot(1, 2, k + 1)
@@ -562,8 +578,7 @@ def plot_files(rows: list[dict]) -> dict[str, bytes | str]:
         ax.invert_yaxis()
         ax.set(xlabel=label, title=label)
     fig.suptitle("Speed per config (steady-state windows)")
-    files["perf.png"] = png(fig)
-    return files
+    return {"perf.png": _png(fig)}
 
 
 # The stage -----------------------------------------------------------------------------------
@@ -581,8 +596,8 @@ def plan_estimate(cfg: dict, gpu: str = "RTX 4090") -> dict[str, Any] | None:
             "sweep_s": configs * steps * s, "mfu_guess": vast_cost.MFU_GUESS}
 
 
-def report(cfg: dict, sweep_json: str | Path | None = "reports/sweep.json", sweep_id: str | None = None,
-           out_dir: str | Path = "reports", register: str | None = None) -> dict[str, Any]:
+def report(cfg: dict, sweep_json: str | Path | None = SWEEP_JSON, sweep_id: str | None = None,
+           out_dir: str | Path = REPORTS_DIR, register: str | None = None) -> dict[str, Any]:
     """Write summary.md, metrics.json and plots/ for a sweep, attach them to the sweep's parent run, and
     (register=NAME) register the best config's MLflow model; returns the metrics dict."""
     from pagating import tracking
@@ -665,7 +680,7 @@ def cli_report(args) -> int:
     if args.sweep_json and not Path(args.sweep_json).is_file():
         raise UserError(f"{args.sweep_json} not found: give the file `pagating sweep` wrote, or leave "
                         "--sweep-json out to find the sweep in MLflow")
-    doc = report(cfg, sweep_json=args.sweep_json or "reports/sweep.json", sweep_id=args.sweep_id, out_dir=args.out,
+    doc = report(cfg, sweep_json=args.sweep_json or SWEEP_JSON, sweep_id=args.sweep_id, out_dir=args.out,
                  register=args.register)
     best = doc["best_config"]
     print(f"pagating report: {len(doc) - 1} configs -> {Path(args.out) / SUMMARY}, {Path(args.out) / METRICS}, "
@@ -679,6 +694,6 @@ def register_cli(sub) -> None:
     p.add_argument("--sweep-id", help="the sweep to report (default: the one in reports/sweep.json, "
                    "else the newest sweep in the profile's experiment)")
     p.add_argument("--sweep-json", help="the run list `pagating sweep` wrote (default: reports/sweep.json if present)")
-    p.add_argument("--out", default="reports", help="output folder (default: reports)")
+    p.add_argument("--out", default=REPORTS_DIR, help=f"output folder (default: {REPORTS_DIR})")
     p.add_argument("--register", metavar="NAME", help="register the best config's model in the Model Registry")
     p.set_defaults(func=cli_report)

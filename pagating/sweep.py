@@ -38,6 +38,7 @@ from pagating.config import (
     sets_from_args,
     typed,
 )
+from pagating.report import METRICS, PLOTS, REPORTS_DIR, SUMMARY, SWEEP_JSON
 
 
 def grid(cfg: dict) -> list[dict[str, Any]]:
@@ -175,7 +176,7 @@ def log_best(mlf, parent_id: str, exp_id: str, sweep_id: str, run_ids: list[str]
 
 def sweep(base: dict, *, shard: str = "0/1", gpus: str = "auto", device: str = "auto",
           sweep_id: str | None = None, extra_sets: list[str] | None = None,
-          summary_path: str | Path = "reports/sweep.json") -> dict[str, Any]:
+          summary_path: str | Path = SWEEP_JSON) -> dict[str, Any]:
     from mlflow.entities import Param, RunTag
 
     from pagating import tracking
@@ -375,7 +376,7 @@ def register_cli(sub) -> None:
     p.add_argument("--gpus", default="auto", help="auto | all | none | 0,1,..: one config per GPU at once")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
     p.add_argument("--sweep-id", help="join this sweep (default: derived from the grid and settings)")
-    p.add_argument("--summary", default="reports/sweep.json", help="where to write the sweep's run list")
+    p.add_argument("--summary", default=SWEEP_JSON, help="where to write the sweep's run list")
     p.set_defaults(func=cli_sweep)
     _register_quickstart(sub)
 
@@ -394,12 +395,13 @@ def quickstart(profile: str | None = None, sets: list[str] | None = None) -> int
         build_sample(raw)
     prepare(base)
     summary = sweep(base, extra_sets=sets)
-    report(base, sweep_json="reports/sweep.json", out_dir="reports")
+    report(base, sweep_json=SWEEP_JSON, out_dir=REPORTS_DIR)
     uri = tracking.tracking_uri(base)
     link = tracking.experiment_url(uri, summary["experiment_id"])
-    print(f"\nreport: reports/summary.md (plots in reports/plots/, DVC metrics in reports/metrics.json)\n"
+    shown = f"{REPORTS_DIR}/{SUMMARY}"
+    print(f"\nreport: {shown} (plots in {REPORTS_DIR}/{PLOTS}/, DVC metrics in {REPORTS_DIR}/{METRICS})\n"
           f"compare runs: mlflow ui --backend-store-uri {tracking.mask_uri(uri)}  ->  {link}"
-          if uri.startswith("sqlite:") else f"\nreport: reports/summary.md; runs: {link}")
+          if uri.startswith("sqlite:") else f"\nreport: {shown}; runs: {link}")
     return 1 if any(c["status"] == "failed" for c in summary["configs"]) else 0
 
 

@@ -25,8 +25,10 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from pagating.config import UserError, experiment_name
+from pagating.vast_watchdog import pid_alive
 
 log = logging.getLogger("pagating.tracking")
 
@@ -58,8 +60,17 @@ def tracking_uri(cfg: dict | None = None) -> str:
 
 
 def mask_uri(uri: str) -> str:
-    """A URI fit to print: user:password@ removed."""
-    return re.sub(r"//[^/@]*@", "//***@", uri)
+    """The one masker of URIs fit to print: https://user:pw@host -> https://user:***@host, a bare
+    token -> ***@host; anything without credentials comes back as it is."""
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        return uri
+    if not parts.scheme or "@" not in parts.netloc:
+        return uri
+    userinfo, host = parts.netloc.rsplit("@", 1)
+    masked = f"{userinfo.split(':', 1)[0]}:***@{host}" if ":" in userinfo else f"***@{host}"
+    return urlunsplit(parts._replace(netloc=masked))
 
 
 def client(uri: str | None = None):
@@ -308,18 +319,28 @@ class _Backoff:
         self.delay = self.first
 
 
-def retry(fn, what: str, attempts: int = 8):
-    """fn() with the same backoff as the background senders, for the few calls a run must make
-    in the foreground (final model upload, closing the run); raises after `attempts`."""
-    backoff = _Backoff(first=1.0, cap=30.0)
-    for i in range(attempts):
+def retry(fn, what: str, attempts: int = 8, *, first: float = 1.0, cap: float = 30.0,
+          transient=lambda exc: True, wait_for=None, before_wait=None, say=None):
+    """fn() with the project's one foreground retry policy, the backoff of the background senders
+    (doubling from `first` up to `cap`); raises the last error after `attempts`, or at once when
+    `transient(exc)` is false. `wait_for(exc, delay)` may replace a delay (a server's Retry-After),
+    `before_wait()` may end the retrying with a result (the failed call went through after all), and
+    `say(exc, attempt, delay)` replaces the line printed before each wait."""
+    backoff = _Backoff(first=first, cap=cap)
+    for attempt in range(1, attempts + 1):
         try:
             return fn()
         except Exception as exc:
-            if i == attempts - 1:
+            if attempt == attempts or not transient(exc):
                 raise
-            delay = backoff.fail()
-            print(f"pagating: {what} failed ({type(exc).__name__}), retrying in {delay:.0f}s", file=sys.stderr)
+            delay = backoff.fail() if wait_for is None else wait_for(exc, backoff.fail())
+            found = before_wait() if before_wait is not None else None
+            if found is not None:
+                return found
+            if say is None:
+                print(f"pagating: {what} failed ({type(exc).__name__}), retrying in {delay:.0f}s", file=sys.stderr)
+            else:
+                say(exc, attempt, delay)
             time.sleep(delay)
 
 
@@ -471,11 +492,8 @@ def _hardlink_copy(src: Path, dst: Path) -> None:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def write_checkpoint_marker(ckpt: str | Path, step: int, spool_lines: int = 0) -> dict:
@@ -687,16 +705,6 @@ def download_checkpoint(mlf, run_id: str, dst: str | Path) -> Path | None:
 
 # One run per config: a claim in MLflow ----------------------------------------------------------
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class Claim:
     """Who trains a config right now: an experiment tag `pagating.claim.<config hash>` holding the
     owner (host, pid, a random id), the run and a heartbeat time, refreshed by a thread.
@@ -736,7 +744,7 @@ class Claim:
     def is_live(self, claim: dict | None) -> bool:
         if not claim or claim.get("released"):
             return False
-        if claim.get("host") == host_tag() and claim.get("pid") and not _pid_alive(int(claim["pid"])):
+        if claim.get("host") == host_tag() and claim.get("pid") and not pid_alive(int(claim["pid"])):
             return False
         return time.time() - float(claim.get("t", 0)) < self.timeout_s
 
@@ -817,6 +825,8 @@ def finish_run(mlf, run_id: str, run_dir: str | Path, status: str, spool: Metric
     deadline = time.time() + budget_s
     backoff = _Backoff(first=1.0, cap=backoff_cap_s)
     model_done, said, model_id = model_dir is None, False, None
+    # Not `retry`: the same backoff, but bounded by the drain budget rather than a count, and what is
+    # left at the end stays local for `pagating sync` instead of raising.
     while True:
         try:
             if spool is not None:
@@ -930,7 +940,7 @@ class _Callback:
 
 
 class TrackingCallback(_Callback):
-    """Trainer logs -> spool (metric names of DESIGN.md), step timing, MFU, GPU telemetry, α, cost,
+    """Trainer logs -> spool (the metric names README lists), step timing, MFU, GPU telemetry, α, cost,
     and checkpoint upload. Only the main process logs."""
 
     NAMES = {"loss": "train/loss", "learning_rate": "train/lr", "grad_norm": "train/grad_norm",
@@ -949,7 +959,6 @@ class TrackingCallback(_Callback):
         self.step0 = 0
         self.c0 = 0.0
         self.started = time.time()
-        self.eval_losses: list[float] = []
 
     def _sync(self) -> None:
         if self.cuda:
@@ -979,7 +988,6 @@ class TrackingCallback(_Callback):
         out = {name: logs[key] for key, name in self.NAMES.items() if key in logs}
         if "eval_loss" in logs:
             out["eval/ppl"] = math.exp(min(logs["eval_loss"], 50.0))
-            self.eval_losses.append(logs["eval_loss"])
         if "loss" in logs and self.t0 is not None and step > self.step0:
             self._sync()
             elapsed = time.perf_counter() - self.t0

@@ -17,6 +17,7 @@ Secrets stay in the instance env; the onstart text and everything printed carry 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import sys
@@ -24,8 +25,9 @@ import time
 from typing import Any
 
 from pagating import cloud, vast_cost, vast_watchdog
-from pagating.cloud import format_table, mask_url
+from pagating.cloud import format_table
 from pagating.config import UserError, add_config_args, project_root
+from pagating.tracking import mask_uri, retry
 
 DEFAULT_PROFILE = "wikitext103"  # the GPU runs the real thing; --profile overrides
 OFFER_SEARCH_LIMIT = 64
@@ -33,7 +35,7 @@ OFFER_SEARCH_LIMIT = 64
 BID_MARGIN = 1.10
 DEFAULT_STALL_MINUTES = 30
 # The SDK retries 429/502/503/504 itself but only for ~0.4 s and never a 500; we retry every
-# 429/5xx and connection error here (the SDK's own retry is turned off so there is one policy).
+# 429/5xx and connection error here with tracking.retry (the SDK's own retry is turned off: one policy).
 # Vast sends no Retry-After on 429 (docs: rate limits and errors), so the backoff is ours.
 RETRY_ATTEMPTS = 5
 RETRY_BACKOFF_S = 2.0
@@ -86,39 +88,38 @@ class Vast:
     def _retrying(self, what: str, fn, recover=None):
         import requests
 
-        delay = RETRY_BACKOFF_S
-        for attempt in range(1, RETRY_ATTEMPTS + 1):
-            wait = delay
+        def status(exc) -> int:
+            resp = getattr(exc, "response", None)
+            return resp.status_code if resp is not None else 0
+
+        def transient(exc) -> bool:
+            if isinstance(exc, requests.HTTPError):
+                return status(exc) == 429 or status(exc) >= 500
+            return isinstance(exc, (requests.ConnectionError, requests.Timeout))
+
+        def retry_after(exc, delay: float) -> float:
             try:
-                return fn()
-            except requests.HTTPError as exc:
-                resp = exc.response
-                status = resp.status_code if resp is not None else 0
-                if status in (401, 403):
-                    raise UserError(f"Vast.ai refused the API key (HTTP {status}) on {what}: check "
-                                    "VAST_API_KEY or ~/.config/vastai/vast_api_key") from None
-                if not (status == 429 or status >= 500) or attempt == RETRY_ATTEMPTS:
-                    body = (resp.text if resp is not None else "")[:300].replace("\n", " ")
-                    raise VastError(f"Vast.ai {what} failed: HTTP {status} {body}") from None
-                why = f"HTTP {status}"
-                try:
-                    wait = min(float(resp.headers.get("Retry-After", "")), RETRY_AFTER_CAP_S)
-                except ValueError:
-                    pass
-            except (requests.ConnectionError, requests.Timeout) as exc:
-                if attempt == RETRY_ATTEMPTS:
-                    raise VastError(f"Vast.ai {what} failed: {type(exc).__name__} "
-                                    f"(server {self.url or 'console.vast.ai'})") from None
-                why = type(exc).__name__
-            if recover is not None:
-                found = recover()
-                if found is not None:
-                    return found
+                return min(float(exc.response.headers.get("Retry-After", "")), RETRY_AFTER_CAP_S)
+            except (AttributeError, ValueError):
+                return delay
+
+        def say(exc, attempt: int, wait: float) -> None:
+            why = f"HTTP {status(exc)}" if isinstance(exc, requests.HTTPError) else type(exc).__name__
             print(f"vast: {what} answered {why}; retry {attempt}/{RETRY_ATTEMPTS - 1} in {wait:.1f} s",
                   file=sys.stderr)
-            time.sleep(wait)
-            delay *= 2
-        raise AssertionError("unreachable")
+
+        try:
+            return retry(fn, what, RETRY_ATTEMPTS, first=RETRY_BACKOFF_S, cap=math.inf, transient=transient,
+                         wait_for=retry_after, before_wait=recover, say=say)
+        except requests.HTTPError as exc:
+            if status(exc) in (401, 403):
+                raise UserError(f"Vast.ai refused the API key (HTTP {status(exc)}) on {what}: check "
+                                "VAST_API_KEY or ~/.config/vastai/vast_api_key") from None
+            body = (exc.response.text if exc.response is not None else "")[:300].replace("\n", " ")
+            raise VastError(f"Vast.ai {what} failed: HTTP {status(exc)} {body}") from None
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            raise VastError(f"Vast.ai {what} failed: {type(exc).__name__} "
+                            f"(server {self.url or 'console.vast.ai'})") from None
 
     def call(self, method: str, *args, **kwargs):
         return self._retrying(method, lambda: getattr(self.sdk, method)(*args, **kwargs))
@@ -355,7 +356,7 @@ def cmd_launch(args) -> int:
     sweep_id = args.sweep_id or cloud.new_sweep_id()
     if not cloud.SWEEP_ID.match(sweep_id):
         raise UserError(f"--sweep-id {sweep_id!r}: use letters, digits, '.' and '_' only")
-    disk = args.disk = max(args.disk or 0, args.min_disk_gb)
+    args.disk = max(args.disk or 0, args.min_disk_gb)
 
     offers, note = rank_offers(args, cfg)
     if note:
@@ -383,27 +384,48 @@ def cmd_launch(args) -> int:
             tracking_uri=tracking_uri, extra=extra_env)
         cloud.check_request(LIMITS, startup=onstart, env=p["env"], label=p["label"], image=args.image)
 
+    _show_plan(args, cfg, sweep_id, commit, parent, plan, credit, onstart)
+    if args.dry_run:
+        return 0
+    created = _rent(client, args, plan, onstart, tracking_uri, parent)
+    if args.no_wait:
+        print(f"\nnot waiting: `pagating vast watch --sweep {sweep_id}` destroys instances that do not start")
+    elif not _await_start(client, args, tracking_uri, parent, created):
+        return 1
+    print(f"\nwatch it: pagating vast status --sweep {sweep_id}   (logs: pagating vast logs <id>)")
+    if args.interruptible:
+        print(f"interruptible: run `pagating vast watch --sweep {sweep_id}` to relaunch outbid shards")
+    return 0
+
+
+def _show_plan(args, cfg: dict, sweep_id: str, commit: str, parent: str | None, plan: list[dict],
+               credit, onstart: str) -> None:
+    """What launch is about to rent, and in a dry run what each instance would get (secrets masked)."""
+    total = sum(p["cost"] for p in plan)
     print(f"sweep {sweep_id}: profile {cfg['profile']}, commit {commit[:12]}, image {args.image}, "
-          f"disk {disk} GB" + (f", parent run {parent}" if parent else ""))
+          f"disk {args.disk} GB" + (f", parent run {parent}" if parent else ""))
     print(format_table([[p["label"], p["offer"]["id"], p["offer"].get("gpu_name"), p["configs"],
                          f"{p['rate']:.3f}", f"{p['hours']:.1f}", f"{p['cost']:.2f}"] for p in plan],
                        ["label", "offer", "gpu", "configs", "$/h", "hours", "$ projected"]))
     print(f"projected total ${total:.2f} of budget ${args.budget:.2f}"
           + (f"; credit ${float(credit):.2f}" if credit is not None else ""))
-    if args.dry_run:
-        for p in plan:
-            print(f"\nenv of {p['label']} (secrets masked):")
-            for k, v in sorted(cloud.mask_env(p["env"]).items()):
-                print(f"  {k}={v}")
-        print(f"\nonstart ({len(onstart)} of {LIMITS.startup_chars} chars, from {cloud.BOOTSTRAP.name}; it runs "
-              f"scripts/onstart.sh of the commit):\n{onstart}")
-        print("dry run: nothing rented")
-        return 0
+    if not args.dry_run:
+        return
+    for p in plan:
+        print(f"\nenv of {p['label']} (secrets masked):")
+        for k, v in sorted(cloud.mask_env(p["env"]).items()):
+            print(f"  {k}={v}")
+    print(f"\nonstart ({len(onstart)} of {LIMITS.startup_chars} chars, from {cloud.BOOTSTRAP.name}; it runs "
+          f"scripts/onstart.sh of the commit):\n{onstart}")
+    print("dry run: nothing rented")
 
+
+def _rent(client: Vast, args, plan: list[dict], onstart: str, tracking_uri: str, parent: str | None) -> list[int]:
+    """Create one instance per planned offer; on any failure destroy what was rented, then raise."""
     created: list[int] = []
     try:
         for p in plan:
-            kwargs = {"image": args.image, "disk": disk, "env": p["env"], "onstart_cmd": onstart, "ssh": True}
+            kwargs = {"image": args.image, "disk": args.disk, "env": p["env"], "onstart_cmd": onstart, "ssh": True}
             if args.interruptible:
                 kwargs["price"] = p["rate"]
             iid = client.create(p["offer"]["id"], p["label"], exclude=set(created), **kwargs)
@@ -419,25 +441,23 @@ def cmd_launch(args) -> int:
                   f"{', '.join(map(str, created))}", file=sys.stderr)
             destroy_all(client, created)
         raise
-    if args.no_wait:
-        print(f"\nnot waiting: `pagating vast watch --sweep {sweep_id}` destroys instances that do not start")
-    else:
-        print(f"waiting up to {args.start_timeout:g} min for each instance to start its onstart "
-              "(--start-timeout; --no-wait returns now)")
-        failed = wait_started(client, tracking_uri, parent, created, args.start_timeout * 60)
-        for iid, why in failed.items():
-            print(f"instance {iid}: {why}", file=sys.stderr)
-        if failed:
-            live = {int(i["id"]) for i in client.instances()}
-            left = destroy_all(client, [i for i in failed if i in live])
-            print(f"{len(failed)} of {len(created)} instance(s) did not start"
-                  + (f"; still billing: {left}" if left else "")
-                  + "; `pagating vast logs <id>` shows what they logged", file=sys.stderr)
-            return 1
-    print(f"\nwatch it: pagating vast status --sweep {sweep_id}   (logs: pagating vast logs <id>)")
-    if args.interruptible:
-        print(f"interruptible: run `pagating vast watch --sweep {sweep_id}` to relaunch outbid shards")
-    return 0
+    return created
+
+
+def _await_start(client: Vast, args, tracking_uri: str, parent: str | None, created: list[int]) -> bool:
+    """Wait for each instance to report in; destroy those that do not. True when all started."""
+    print(f"waiting up to {args.start_timeout:g} min for each instance to start its onstart "
+          "(--start-timeout; --no-wait returns now)")
+    failed = wait_started(client, tracking_uri, parent, created, args.start_timeout * 60)
+    for iid, why in failed.items():
+        print(f"instance {iid}: {why}", file=sys.stderr)
+    if failed:
+        live = {int(i["id"]) for i in client.instances()}
+        left = destroy_all(client, [i for i in failed if i in live])
+        print(f"{len(failed)} of {len(created)} instance(s) did not start"
+              + (f"; still billing: {left}" if left else "")
+              + "; `pagating vast logs <id>` shows what they logged", file=sys.stderr)
+    return not failed
 
 
 def destroy_all(client: Vast, ids: list[int]) -> list[int]:
@@ -605,7 +625,7 @@ def report_status(client: Vast, sweep_id: str | None, do_relaunch: bool, trackin
         try:
             prog = cloud.sweep_progress(uri, sid, cfg)
         except Exception as exc:  # progress is a nicety; the instance table above is what matters
-            print(f"sweep {sid}: progress unavailable from {mask_url(uri)} ({type(exc).__name__})")
+            print(f"sweep {sid}: progress unavailable from {mask_uri(uri)} ({type(exc).__name__})")
             continue
         gpu = members[0].get("gpu_name") or cfg["cloud"]["gpu_name"]
         parallel = sum(int(i.get("num_gpus") or 1) for i in members if not is_outbid(i))

@@ -60,8 +60,10 @@ def grid_size(cfg: dict[str, Any]) -> int:
 
 
 def shard_sizes(n_configs: int, n_shards: int) -> list[int]:
-    """Configs per shard when shard i of n takes every n-th config from i (sizes differ by <= 1)."""
-    return [len(range(i, n_configs, n_shards)) for i in range(n_shards)]
+    """Configs per shard: the sizes of the sweep's own slices (sweep.take_shard)."""
+    from pagating.sweep import take_shard
+
+    return [len(take_shard(range(n_configs), i, n_shards)) for i in range(n_shards)]
 
 
 def flops_per_step(cfg: dict[str, Any]) -> float:

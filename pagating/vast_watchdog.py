@@ -56,6 +56,7 @@ def destroy_self(lock_dir: Path | None, attempts: int = 5, backoff_s: float = 5.
             log("the instance is already being destroyed")
             return True
     url = f"{os.environ.get('VAST_SERVER_URL') or DEFAULT_SERVER}/api/v0/instances/{iid}/"
+    # Its own loop, not tracking.retry: this module is standard library only (see above).
     for attempt in range(1, attempts + 1):
         req = urllib.request.Request(url, data=b"{}", method="DELETE",
                                      headers={"Authorization": f"Bearer {key}",
@@ -91,7 +92,8 @@ def vast_start_date() -> float | None:
         return None
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists (standard library, so the watchdog and tracking's claims share it)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -120,7 +122,7 @@ def watch(dirs: list[Path], budget_usd: float, usd_per_hour: float, started_at: 
     log(f"watching {', '.join(map(str, dirs))}: budget ${budget_usd:.2f} at ${usd_per_hour:.3f}/h, "
         f"stall {stall_s:.0f} s")
     while True:
-        if pid is not None and not _alive(pid):
+        if pid is not None and not pid_alive(pid):
             return "parent exited"
         now = time.time()
         last_change = max(newest_mtime(dirs), armed_at)
@@ -156,9 +158,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pid", type=int, default=None, help="stop watching when this process exits")
     p.add_argument("--state-dir", type=Path, default=None,
                    help="folder holding the destroy lock shared with onstart.sh")
+    p.add_argument("--destroy", action="store_true", help="destroy the instance now and exit (onstart.sh's exit)")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.destroy:
+        return 0 if destroy_self(args.state_dir) else 1
     dirs = [Path(d) for d in (args.watch or [os.getcwd()])]
     started_at = args.started_at or vast_start_date() or _env_float("PAGATING_STARTED_AT", time.time())
     watch(dirs, args.budget_usd, args.usd_per_hour, started_at, args.stall_s, args.poll_s,

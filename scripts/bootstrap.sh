@@ -8,7 +8,8 @@
 export PAGATING_LOG=${PAGATING_LOG:-/root/pagating-onstart.log}
 exec > >(tee -a "$PAGATING_LOG") 2>&1
 PY=${PAGATING_PYTHON:-python3}
-# report STATE | destroy: stdlib Python (the image has no curl); MLflow REST set-tag, Vast DELETE
+# report STATE | destroy: stdlib Python (the image has no curl); MLflow REST set-tag, Vast DELETE.
+# Its own retry loop, not tracking.retry: the project is not checked out yet.
 r() { "$PY" - "$@" <<'E'
 import base64,json,os,sys,urllib.request as u
 e=os.environ.get;i=e("CONTAINER_ID","local");h={"Content-Type":"application/json"}

@@ -55,21 +55,10 @@ destroy_self() {
   if [ -z "${CONTAINER_ID:-}" ] || [ -z "${CONTAINER_API_KEY:-}" ]; then
     log "CONTAINER_ID/CONTAINER_API_KEY unset: not on Vast, nothing to destroy"; return 0
   fi
-  # One destroy across this script and the watchdog: whoever makes the lock sends it.
-  mkdir "$PAGATING_STATE_DIR/destroyed" 2>/dev/null || { log "instance already being destroyed"; return 0; }
-  local url="${VAST_SERVER_URL:-https://console.vast.ai}/api/v0/instances/$CONTAINER_ID/" i
-  for i in 1 2 3 4 5 6; do
-    if command -v curl >/dev/null 2>&1; then
-      curl -fsS -m 30 -X DELETE -H "Authorization: Bearer $CONTAINER_API_KEY" \
-        -H 'Content-Type: application/json' -d '{}' "$url" >/dev/null && { log "destroyed instance $CONTAINER_ID"; return 0; }
-    else  # images without curl still have the Python the project runs on
-      "$PY" -c 'import os, sys, urllib.request as u; u.urlopen(u.Request(sys.argv[1], data=b"{}", method="DELETE",
-headers={"Authorization": "Bearer " + os.environ["CONTAINER_API_KEY"], "Content-Type": "application/json"}), timeout=30)' \
-        "$url" && { log "destroyed instance $CONTAINER_ID"; return 0; }
-    fi
-    sleep $((i * 5))
-  done
-  rmdir "$PAGATING_STATE_DIR/destroyed"
+  # The watchdog's destroy (its retries, and one destroy across this script and the watchdog: whoever
+  # makes the lock in the state dir sends it).
+  PYTHONPATH="$WORKDIR${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m pagating.vast_watchdog --destroy \
+    --state-dir "$PAGATING_STATE_DIR" && return 0
   log "could not destroy instance $CONTAINER_ID: run \`pagating vast destroy $CONTAINER_ID\`"
   return 1
 }
@@ -159,7 +148,8 @@ fi
 # 5. The sweep shard, logging to the remote tracking server under the parent run launch made;
 #    finished configs are skipped and interrupted ones resumed from their MLflow checkpoints.
 [ -n "${MLFLOW_TRACKING_URI:-}" ] || fail "MLFLOW_TRACKING_URI is not set"
-args=(-e sweep --env-manager local --experiment-name "pagating-$PAGATING_PROFILE"
+EXPERIMENT=$(instance experiment-name "$PAGATING_PROFILE") || fail "cannot read profile $PAGATING_PROFILE: $EXPERIMENT"
+args=(-e sweep --env-manager local --experiment-name "$EXPERIMENT"
       -P "profile=$PAGATING_PROFILE" -P "shard=$PAGATING_SHARD")
 [ -n "${PAGATING_PARENT_RUN_ID:-}" ] && args+=(--run-id "$PAGATING_PARENT_RUN_ID")
 [ -n "${PAGATING_GPUS:-}" ] && args+=(-P "gpus=$PAGATING_GPUS")

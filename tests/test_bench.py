@@ -3,7 +3,7 @@
 The benches are timed elsewhere; here they only have to run and say something consistent. All of
 them start at once (one torch thread each, so 2 cores stay busy without OpenMP threads fighting),
 then each test checks one. train_step, units and gpu_check run with mlflow, datasets and dvc made
-unimportable (as on the lent GPU machine); overhead runs once with mlflow (the tracked case) and
+unimportable (as on the offline GPU machine); overhead runs once with mlflow (the tracked case) and
 once without (the tracked case skipped).
 """
 

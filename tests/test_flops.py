@@ -7,7 +7,7 @@ from pagating.config import load_config
 from pagating.model import build_config, build_model
 from pagating.tracking import TrackingCallback
 
-# NVML's spellings (nvidia-smi --query-gpu=name) of the GPUs the issue names.
+# NVML's spellings (nvidia-smi --query-gpu=name) of the GPUs the peak table must know (flops.PEAK_BF16_TFLOPS).
 NVML = ["NVIDIA GeForce RTX 4090", "NVIDIA GeForce RTX 3090", "NVIDIA A100-SXM4-40GB", "NVIDIA A100-SXM4-80GB",
         "NVIDIA A100-PCIE-40GB", "NVIDIA A100 80GB PCIe", "NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe",
         "NVIDIA H200", "NVIDIA L4", "NVIDIA L40S", "NVIDIA RTX A6000"]

@@ -46,3 +46,12 @@ def test_no_secret_anywhere(sample_project, mlflow_server, tmp_path):
     assert len(texts) > 20
     for needle in NEEDLES:
         assert not any(needle in t for t in texts), f"secret {needle[:8]}... leaked"
+
+
+def test_the_one_uri_masker_hides_passwords_and_tokens_keeps_the_rest():
+    from pagating.tracking import mask_uri
+
+    assert mask_uri("https://gpu-runner:pw-51e2@mlflow.example.org/x") == "https://gpu-runner:***@mlflow.example.org/x"
+    assert mask_uri("https://tok3n@github.com/me/r.git") == "https://***@github.com/me/r.git"
+    for plain in ("sqlite:///mlflow.db", "http://127.0.0.1:5000", "git@github.com:me/r.git", "/srv/dvc"):
+        assert mask_uri(plain) == plain
