@@ -28,7 +28,6 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from pagating.config import UserError, experiment_name
-from pagating.vast_watchdog import pid_alive
 
 log = logging.getLogger("pagating.tracking")
 
@@ -744,8 +743,11 @@ class Claim:
     def is_live(self, claim: dict | None) -> bool:
         if not claim or claim.get("released"):
             return False
-        if claim.get("host") == host_tag() and claim.get("pid") and not pid_alive(int(claim["pid"])):
-            return False
+        if claim.get("host") == host_tag() and claim.get("pid"):
+            import psutil
+
+            if not psutil.pid_exists(int(claim["pid"])):
+                return False
         return time.time() - float(claim.get("t", 0)) < self.timeout_s
 
     def mine(self, claim: dict | None) -> bool:

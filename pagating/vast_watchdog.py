@@ -93,7 +93,7 @@ def vast_start_date() -> float | None:
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether process `pid` exists (standard library, so the watchdog and tracking's claims share it)."""
+    """Whether process `pid` exists: psutil.pid_exists by hand, this module being standard library only."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
