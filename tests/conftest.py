@@ -159,3 +159,46 @@ class ThrottleProxy:
     def close(self) -> None:
         self._closed = True
         self._sock.close()
+
+
+# ---- the Vast.ai side: a clean environment and the fake Vast API ----------------------------------
+
+DVC_CONFIG = """\
+[core]
+    remote = storage
+['remote "storage"']
+    url = s3://example-bucket/pagating
+"""
+
+
+@pytest.fixture
+def env(monkeypatch, tmp_path):
+    """No key, tracking URI or Vast URL from the developer's shell; fast retries."""
+    import shutil
+
+    from pagating import vast
+
+    for name in list(os.environ):
+        if name.startswith(("MLFLOW_", "VAST_", "PAGATING_", "AWS_", "CONTAINER_")):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    # the project root launch reads: params.yaml and a committed DVC remote in the cloud
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    (tmp_path / ".dvc").mkdir()
+    (tmp_path / ".dvc" / "config").write_text(DVC_CONFIG)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(vast, "RETRY_BACKOFF_S", 0.01)
+    return monkeypatch
+
+
+@pytest.fixture
+def fake(env):
+    """The fake Vast API on 127.0.0.1 (tests/fake_vast.py) with four offers; VAST_SERVER_URL points at it."""
+    from fake_vast import FakeVast, FakeVastServer, offer
+
+    offers = [offer(11, 0.50), offer(12, 0.30), offer(13, 0.40), offer(14, 0.45)]
+    server = FakeVastServer(FakeVast(offers=offers))
+    with server as f:
+        env.setenv("VAST_SERVER_URL", server.url)
+        yield f

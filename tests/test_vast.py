@@ -1,26 +1,20 @@
 """`pagating vast`: the real vastai SDK against a fake Vast API on 127.0.0.1 (tests/fake_vast.py),
-a real MLflow server where progress or measured step times are read, and onstart.sh under bash."""
+a real MLflow server where progress or measured step times are read. The instance's side has its own files:
+test_onstart.py (scripts/onstart.sh), test_vast_watchdog.py, test_instance.py; the projection is test_vast_cost.py."""
 
 from __future__ import annotations
 
 import json
-import math
 import os
-import shutil
-import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
-from fake_vast import FakeVast, FakeVastServer, offer
+from conftest import DVC_CONFIG
+from fake_vast import offer
 
-from pagating import cli, cloud, vast, vast_cost, vast_watchdog
-from pagating.config import UserError, load_config
+from pagating import cli, cloud, vast, vast_cost
+from pagating.config import load_config
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-VENV_BIN = Path(sys.executable).parent
 REPO_URL = "https://github.com/example/pagating.git"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 SECRETS = {"VAST_API_KEY": "vast-key-7f3a9c", "MLFLOW_TRACKING_PASSWORD": "mlflow-pw-51e2d0",
@@ -28,39 +22,7 @@ SECRETS = {"VAST_API_KEY": "vast-key-7f3a9c", "MLFLOW_TRACKING_PASSWORD": "mlflo
 REMOTE_URI = "https://mlflow.example.org"
 # status/watch read progress from MLflow; point them at a closed local port, never the internet
 NO_MLFLOW = ["--tracking-uri", "http://127.0.0.1:9"]
-DVC_CONFIG = """\
-[core]
-    remote = storage
-['remote "storage"']
-    url = s3://example-bucket/pagating
-"""
 LAUNCH = ["vast", "launch", "--s-per-step", "0.05", "--repo", REPO_URL, "--commit", COMMIT, "--no-wait"]
-
-
-@pytest.fixture
-def env(monkeypatch, tmp_path):
-    """No key, tracking URI or Vast URL from the developer's shell; fast retries."""
-    for name in list(os.environ):
-        if name.startswith(("MLFLOW_", "VAST_", "PAGATING_", "AWS_", "CONTAINER_")):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
-    # the project root launch reads: params.yaml and a committed DVC remote in the cloud
-    shutil.copy(REPO_ROOT / "params.yaml", tmp_path / "params.yaml")
-    (tmp_path / ".dvc").mkdir()
-    (tmp_path / ".dvc" / "config").write_text(DVC_CONFIG)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(vast, "RETRY_BACKOFF_S", 0.01)
-    return monkeypatch
-
-
-@pytest.fixture
-def fake(env):
-    offers = [offer(11, 0.50), offer(12, 0.30), offer(13, 0.40), offer(14, 0.45)]
-    server = FakeVastServer(FakeVast(offers=offers))
-    with server as f:
-        env.setenv("VAST_SERVER_URL", server.url)
-        yield f
 
 
 @pytest.fixture
@@ -159,32 +121,6 @@ def test_offers_ranked_by_projected_sweep_cost_not_hourly_price(fake, capsys):
         hours = vast_cost.instance_hours(cfg, vast_cost.grid_size(cfg), 1, s)
         assert float(row[-1]) == pytest.approx(o["dph_total"] * hours, abs=0.006)
         assert float(row[-2]) == pytest.approx(hours, abs=0.06)
-
-
-def test_offers_projection_uses_grid_and_max_steps():
-    cfg = load_config("wikitext103")
-    assert vast_cost.grid_size(cfg) == 10
-    s = vast_cost.estimated_step_time(cfg, "RTX 4090")
-    assert 0.03 <= s <= 0.07  # conservative vs ~0.03 measured elsewhere for GPT-2 small on a 4090
-    hours = vast_cost.instance_hours(cfg, 10, 1, 0.05)
-    expected = 10 * 20000 * 0.05 * (1 + vast_cost.eval_overhead(cfg)) / 3600 + vast_cost.SETUP_HOURS
-    assert hours == pytest.approx(expected)
-    assert vast_cost.instance_hours(cfg, 10, 2, 0.05) < hours  # two GPUs run two configs at once
-
-
-def test_whole_split_eval_counts_in_the_projection(tmp_path):
-    # max_eval_batches 0 = the whole validation split: its batches come from the prepared meta, or from the
-    # source's known size when the launcher has not prepared the data.
-    cfg = load_config("wikitext103", {"data.prepared_dir": str(tmp_path / "absent")})
-    assert cfg["train"]["max_eval_batches"] == 0
-    guess = vast_cost.eval_batches(cfg)
-    assert guess == math.ceil(250_000 // 128 / 16)
-    assert vast_cost.eval_overhead(cfg) == pytest.approx(guess / 1000 / 3)
-    (tmp_path / "absent").mkdir()
-    (tmp_path / "absent" / "meta.json").write_text(json.dumps({"splits": {"validation": {"blocks": 320}}}))
-    assert vast_cost.eval_batches(cfg) == 20
-    capped = load_config("wikitext103", {"train.max_eval_batches": 7})
-    assert vast_cost.eval_batches(capped) == 7
 
 
 @pytest.mark.slow
@@ -530,180 +466,6 @@ def test_destroy_by_sweep_and_by_id(keyed, capsys):
     assert rc == 2 and "say what to destroy" in err
 
 
-# ---- the watchdog -----------------------------------------------------------------------------
-
-def test_watchdog_destroys_at_the_budget_once(fake, env, tmp_path):
-    env.setenv("CONTAINER_ID", "5555")
-    env.setenv("CONTAINER_API_KEY", "container-key")
-    state = tmp_path / "state"
-    reason = vast_watchdog.watch([tmp_path], budget_usd=1.0, usd_per_hour=3600.0, started_at=time.time() - 2,
-                                 stall_s=1000, poll_s=0.05, lock_dir=state)
-    assert "reached the budget" in reason
-    (req,) = fake.destroys(5555)
-    assert req.auth == "Bearer container-key"
-    assert vast_watchdog.destroy_self(state) is True  # onstart.sh's trap after it: no second call
-    assert len(fake.destroys(5555)) == 1
-
-
-def test_watchdog_destroys_when_training_stalls(fake, env, tmp_path):
-    env.setenv("CONTAINER_ID", "5556")
-    env.setenv("CONTAINER_API_KEY", "container-key")
-    t0 = time.time()
-    reason = vast_watchdog.watch([tmp_path / "outputs"], budget_usd=0, usd_per_hour=1.0, started_at=t0,
-                                 stall_s=0.3, poll_s=0.05, lock_dir=tmp_path / "state")
-    assert reason.startswith("no progress") and time.time() - t0 >= 0.3
-    assert len(fake.destroys(5556)) == 1
-
-
-def test_watchdog_counts_file_changes_as_progress(tmp_path):
-    out = tmp_path / "outputs"
-    out.mkdir()
-    (out / "spool.jsonl").write_text("x")
-    newest = vast_watchdog.newest_mtime([out])
-    assert newest >= time.time() - 5
-    assert vast_watchdog.check(newest + 10, newest, 0.0, 0.0, newest, stall_s=60) is None
-    assert "no progress" in vast_watchdog.check(newest + 61, newest, 0.0, 0.0, newest, stall_s=60)
-
-
-def test_watchdog_stops_when_onstart_is_gone(fake, env, tmp_path):
-    env.setenv("CONTAINER_ID", "5557")
-    env.setenv("CONTAINER_API_KEY", "k")
-    proc = subprocess.Popen(["true"])
-    proc.wait()
-    reason = vast_watchdog.watch([tmp_path], 1.0, 1.0, time.time(), 1000, poll_s=0.05, pid=proc.pid)
-    assert reason == "parent exited" and fake.destroys() == []
-
-
-# ---- onstart.sh under bash ----------------------------------------------------------------------
-
-STUB_MLPROJECT = """\
-name: onstart-stub
-entry_points:
-  sweep:
-    parameters:
-      profile: {type: string, default: sample}
-      shard: {type: string, default: "0/1"}
-    command: "python stub_sweep.py {profile} {shard}"
-"""
-STUB_SWEEP = """\
-import os, pathlib, sys, time
-import mlflow
-with mlflow.start_run():  # the run `mlflow run` made (MLFLOW_RUN_ID)
-    mlflow.log_params({"profile": sys.argv[1], "shard": sys.argv[2]})
-    mlflow.set_tag("pagating.sweep_id", os.environ["PAGATING_SWEEP_ID"])
-pathlib.Path("started").touch()
-time.sleep(float(os.environ.get("STUB_SLEEP", "0")))
-sys.exit(int(os.environ.get("STUB_EXIT", "0")))
-"""
-
-
-def onstart_env(fake_url: str, tracking_uri: str, sweep_id: str, **extra) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("MLFLOW_", "VAST_", "PAGATING_", "CONTAINER_", "AWS_"))}
-    env.update({"PATH": f"{VENV_BIN}:{env.get('PATH', '')}", "VAST_SERVER_URL": fake_url,
-                "CONTAINER_ID": "4242", "CONTAINER_API_KEY": "container-key-4242",
-                "MLFLOW_TRACKING_URI": tracking_uri, "PAGATING_SWEEP_ID": sweep_id,
-                "PAGATING_SKIP_CHECKOUT": "1", "PAGATING_SKIP_INSTALL": "1", "PAGATING_BUDGET_USD": "5",
-                "PAGATING_USD_PER_HOUR": "0.4", "PAGATING_STALL_S": "600"})
-    env.update(extra)
-    return env
-
-
-@pytest.fixture
-def stub_project(tmp_path):
-    proj = tmp_path / "proj"
-    proj.mkdir()
-    (proj / "MLproject").write_text(STUB_MLPROJECT)
-    (proj / "stub_sweep.py").write_text(STUB_SWEEP)
-    return proj
-
-
-def _runs_with_sweep_id(uri: str, experiment: str, sweep_id: str):
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(experiment)
-    assert exp is not None
-    return client.search_runs([exp.experiment_id], f"tags.\"pagating.sweep_id\" = '{sweep_id}'")
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("exit_code", [0, 3])
-def test_onstart_runs_the_sweep_entry_and_destroys_once(mlflow_server, stub_project, exit_code):
-    sweep_id = f"on{exit_code}x{int(time.time() * 1000) % 10**8}"
-    with FakeVastServer() as fake:
-        env = onstart_env(fake.url, mlflow_server.uri, sweep_id, PAGATING_PROFILE="onstartstub",
-                          PAGATING_SHARD="1/2", PAGATING_SKIP_DVC="1", PAGATING_SKIP_PREPARE="1",
-                          STUB_EXIT=str(exit_code))
-        proc = subprocess.run(["bash", str(REPO_ROOT / "scripts" / "onstart.sh")], cwd=stub_project, env=env,
-                              capture_output=True, text=True, timeout=180)
-        assert (proc.returncode == 0) == (exit_code == 0), proc.stdout + proc.stderr
-        (req,) = fake.destroys()
-        assert req.path == "/api/v0/instances/4242/" and req.auth == "Bearer container-key-4242"
-    (run_,) = _runs_with_sweep_id(mlflow_server.uri, "pagating-onstartstub", sweep_id)
-    assert run_.data.params == {"profile": "onstartstub", "shard": "1/2"}
-    assert "container-key-4242" not in proc.stdout + proc.stderr
-    assert "destroyed instance 4242" in proc.stdout
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("interruptible", ["0", "1"])
-def test_onstart_on_sigterm_destroys_unless_interruptible(mlflow_server, stub_project, interruptible):
-    with FakeVastServer() as fake:
-        env = onstart_env(fake.url, mlflow_server.uri, f"term{interruptible}", PAGATING_PROFILE="onstartstub",
-                          PAGATING_SKIP_DVC="1", PAGATING_SKIP_PREPARE="1", STUB_SLEEP="60",
-                          PAGATING_INTERRUPTIBLE=interruptible)
-        proc = subprocess.Popen(["bash", str(REPO_ROOT / "scripts" / "onstart.sh")], cwd=stub_project,
-                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        deadline = time.time() + 60
-        while not (stub_project / "started").exists() and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.1)
-        assert (stub_project / "started").exists()
-        t0 = time.time()
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=30)
-        assert time.time() - t0 < 15  # the trap runs at once, not after the 60 s step
-        assert proc.returncode == 143, out
-        assert len(fake.destroys()) == (0 if interruptible == "1" else 1), out
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("fails", [False, True])
-def test_onstart_runs_a_tiny_real_sweep_and_destroys_once(mlflow_server, tmp_path, fails):
-    if not (REPO_ROOT / "pagating" / "sweep.py").exists():
-        pytest.skip("sweep not landed yet")
-    import yaml
-
-    proj = tmp_path / "checkout"
-    shutil.copytree(REPO_ROOT, proj, ignore=shutil.ignore_patterns(
-        ".venv", ".git", "data", "outputs", "logs", "mlruns", "mlartifacts", "mlflow.db", "reports",
-        "__pycache__", ".pytest_cache", ".ruff_cache", "*.egg-info", ".dvc"))
-    params = yaml.safe_load((proj / "params.yaml").read_text())
-    params["train"]["sample"].update(max_steps=4, eval_steps=2, save_steps=2, logging_steps=1,
-                                     max_eval_batches=2)
-    params["sweep"]["sample"] = {"alpha_mode": ["static_2.0" if fails else "static_0.5", "static_1.0"],
-                                 "learning_rate": [1.0e-3]}
-    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    sweep_id = f"real{int(fails)}x{int(time.time() * 1000) % 10**8}"
-    with FakeVastServer() as fake:
-        # no DVC remote here: the instance rebuilds the sample corpus, as launch asks it to
-        env = onstart_env(fake.url, mlflow_server.uri, sweep_id, PAGATING_PROFILE="sample",
-                          PAGATING_DATA="sample")
-        proc = subprocess.run(["bash", str(REPO_ROOT / "scripts" / "onstart.sh")], cwd=proj, env=env,
-                              capture_output=True, text=True, timeout=900)
-        out = proc.stdout + proc.stderr
-        assert (proc.returncode != 0) == fails, out[-4000:]
-        assert [r.path for r in fake.destroys()] == ["/api/v0/instances/4242/"], out[-4000:]
-    if not fails:  # the sweep ran under launch's sweep id: what `pagating vast status` looks up
-        runs = _runs_with_sweep_id(mlflow_server.uri, "pagating-sample", sweep_id)
-        children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-        assert len(children) == 2 and {r.info.status for r in children} == {"FINISHED"}
-        assert {r.data.params.get("train.max_steps") for r in children} == {"4"}
-        cfg = load_config("sample")
-        prog = cloud.sweep_progress(mlflow_server.uri, sweep_id, {**cfg, "sweep": params["sweep"]["sample"]})
-        assert prog["done"] == prog["total"] == 2 and prog["running"] == []
-
-
 # ---- Vast's create-request limits and rate limit (the fake enforces them like Vast) ------------
 
 def test_fake_vast_refuses_what_vast_refuses(fake):
@@ -753,7 +515,7 @@ def test_an_env_value_over_vasts_limit_is_refused_before_renting(launchable, cap
     assert launchable.calls("PUT", "/api/v0/asks/") == []
 
 
-# ---- CUDA or nothing ------------------------------------------------------------------------------
+# ---- the image's CUDA against the host's driver --------------------------------------------------
 
 def test_offers_are_filtered_by_the_hosts_cuda_against_the_images(fake, capsys):
     fake.offers = [offer(41, 0.20, cuda_max_good=12.2), offer(42, 0.40, cuda_max_good=12.4),
@@ -766,41 +528,6 @@ def test_offers_are_filtered_by_the_hosts_cuda_against_the_images(fake, capsys):
     rc, _, _ = run(capsys, "vast", "offers", "--image", "ghcr.io/me/pagating:abc", "--image-cuda", "12.6")
     assert search_body(fake)["cuda_max_good"] == {"gte": 12.6}
     assert vast.image_cuda("ghcr.io/me/pagating:abc", 12.4) == 12.4
-
-
-def test_no_cuda_where_cuda_is_required_is_one_line_and_no_cpu_fallback(monkeypatch):
-    from pagating import instance, sweep
-
-    monkeypatch.delenv(instance.TEST_ALLOW_CPU_ENV, raising=False)
-    monkeypatch.delenv(instance.CUDA_ENV, raising=False)
-    assert instance.check_cuda() == (True, "CUDA: not required here")
-    assert sweep.parse_gpus("auto") == [None]  # a laptop: the CPU slot
-    monkeypatch.setenv(instance.CUDA_ENV, "2")
-    ok, line = instance.check_cuda()
-    assert not ok and "\n" not in line
-    assert line.startswith("CUDA required: found 0 usable CUDA GPU(s)") and "expected 2" in line
-    with pytest.raises(UserError, match="CUDA required"):
-        sweep.parse_gpus("auto")
-    monkeypatch.setenv(instance.TEST_ALLOW_CPU_ENV, "1")
-    assert instance.check_cuda()[0] and sweep.parse_gpus("auto") == [None]
-
-
-def test_the_dvc_plugin_extra_of_each_remote_kind_is_a_project_extra():
-    import tomllib
-
-    extras = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    from pagating.instance import dvc_extra
-
-    for url, extra, plugin in [("s3://b/p", "s3", "dvc-s3"), ("gs://b/p", "gs", "dvc-gs"),
-                               ("azure://c/p", "azure", "dvc-azure"), ("ssh://u@h/srv/dvc", "ssh", "dvc-ssh"),
-                               ("https://h/dvc", "http", "dvc-http"), ("/srv/dvc", "", None)]:
-        assert dvc_extra(url) == extra
-        if plugin:
-            assert any(dep.startswith(plugin) for dep in extras[extra])
-            for doc in ("README.md", "docs/vast.md"):  # the docs name each extra for its remote
-                assert f"pagating[{extra}]" in (REPO_ROOT / doc).read_text(), (doc, extra)
-    with pytest.raises(ValueError, match="no DVC plugin"):
-        dvc_extra("webdav://h/p")
 
 
 # ---- no instance left billing ---------------------------------------------------------------------
@@ -880,11 +607,3 @@ def test_logs_of_a_gone_instance_come_from_its_parent_run(keyed, env, capsys, ml
     assert "cannot check out commit abc" in out
 
 
-def test_watchdog_budget_clock_counts_from_vasts_start_across_reboots(fake, env):
-    fake.add_instance(5560, start_date=time.time() - 7200)  # started two hours ago; onstart reran just now
-    env.setenv("CONTAINER_ID", "5560")
-    env.setenv("CONTAINER_API_KEY", "container-key")
-    env.setenv("PAGATING_STARTED_AT", str(time.time()))
-    started = vast_watchdog.vast_start_date()
-    assert started == pytest.approx(time.time() - 7200, abs=5)
-    assert "reached the budget" in vast_watchdog.check(time.time(), started, 1.0, 1.5, time.time(), 1e9)

@@ -1,0 +1,46 @@
+"""What onstart.sh asks of pagating.instance: CUDA or nothing, and the DVC plugin of each remote kind."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pagating.config import UserError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_no_cuda_where_cuda_is_required_is_one_line_and_no_cpu_fallback(monkeypatch):
+    from pagating import instance, sweep
+
+    monkeypatch.delenv(instance.TEST_ALLOW_CPU_ENV, raising=False)
+    monkeypatch.delenv(instance.CUDA_ENV, raising=False)
+    assert instance.check_cuda() == (True, "CUDA: not required here")
+    assert sweep.parse_gpus("auto") == [None]  # a laptop: the CPU slot
+    monkeypatch.setenv(instance.CUDA_ENV, "2")
+    ok, line = instance.check_cuda()
+    assert not ok and "\n" not in line
+    assert line.startswith("CUDA required: found 0 usable CUDA GPU(s)") and "expected 2" in line
+    with pytest.raises(UserError, match="CUDA required"):
+        sweep.parse_gpus("auto")
+    monkeypatch.setenv(instance.TEST_ALLOW_CPU_ENV, "1")
+    assert instance.check_cuda()[0] and sweep.parse_gpus("auto") == [None]
+
+
+def test_the_dvc_plugin_extra_of_each_remote_kind_is_a_project_extra():
+    import tomllib
+
+    extras = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    from pagating.instance import dvc_extra
+
+    for url, extra, plugin in [("s3://b/p", "s3", "dvc-s3"), ("gs://b/p", "gs", "dvc-gs"),
+                               ("azure://c/p", "azure", "dvc-azure"), ("ssh://u@h/srv/dvc", "ssh", "dvc-ssh"),
+                               ("https://h/dvc", "http", "dvc-http"), ("/srv/dvc", "", None)]:
+        assert dvc_extra(url) == extra
+        if plugin:
+            assert any(dep.startswith(plugin) for dep in extras[extra])
+            for doc in ("README.md", "docs/vast.md"):  # the docs name each extra for its remote
+                assert f"pagating[{extra}]" in (REPO_ROOT / doc).read_text(), (doc, extra)
+    with pytest.raises(ValueError, match="no DVC plugin"):
+        dvc_extra("webdav://h/p")
