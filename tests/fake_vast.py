@@ -1,4 +1,4 @@
-"""A fake Vast.ai API on 127.0.0.1 that the real `vastai` SDK (and onstart.sh's curl) talks to.
+"""A fake Vast.ai API on 127.0.0.1 that the real `vastai` SDK (and the instance's bootstrap and watchdog) talks to.
 
 It serves the endpoints `pagating.vast` uses, keeps instances in memory and records every request
 (method, path, query, JSON body, Authorization header) so tests can assert what was sent.
