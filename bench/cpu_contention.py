@@ -48,7 +48,8 @@ def make_project(root: Path) -> None:
 
 def run_train(root: Path, name: str, steps: int, torch_default: bool) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS")}
-    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
+    # A store per run: the same config already FINISHED in a store would be skipped, not trained again.
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / f'mlflow-{name}.db'}"
     env["PYTHONPATH"] = str(C.ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     flags = []
     if torch_default:

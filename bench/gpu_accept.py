@@ -9,7 +9,7 @@ reads the store back with MlflowClient and ends with one JSON line: the figures 
 
   train   the seed's shape: GPT-2 small paGLU (12 x 768, d_ff 3072), batch 16 x 128, bf16, torch.compile,
           on the kit's sample data prepared at block 128 (its BPE stops at ~25k tokens, so the vocabulary is
-          smaller than GPT-2's 50257), 300 steps, a checkpoint every 100. Checks: run FINISHED,
+          smaller than GPT-2's 50257), 300 steps, a checkpoint every 150. Checks: run FINISHED,
           perf/step_time_s and perf/mfu logged, NVML metrics > 0 (utilization, memory, power),
           the newest MLflow checkpoint whole (sizes + sha256), the logged model loads back and runs.
   nproc   `pagating train --nproc <GPUs present>` on the tiny config: one FINISHED run, world size = GPUs.
@@ -102,7 +102,7 @@ def cmd_train(a) -> int:
         device = "cpu"
     else:
         data, model = "seed", SEED_MODEL
-        train = ["train.max_steps=300", "train.logging_steps=25", "train.save_steps=100", "train.eval_steps=300",
+        train = ["train.max_steps=300", "train.logging_steps=25", "train.save_steps=150", "train.eval_steps=300",
                  "train.warmup_steps=30", "train.max_eval_batches=20", "train.batch_size=16"]
         device = "cuda"
     data_sets = [f"data.prepared_dir={Path(a.kit).resolve() / 'data' / data}"]

@@ -3,9 +3,10 @@
 Threads: torch's default (one OpenMP thread per core, busy-waiting between ops) collapses when
 anything else runs on the cores: a tiny-GPT-2 step measured ~25 ms alone and ~215 ms beside two
 busy processes on the 2-core dev box. A run therefore takes its share of the cores it may use
-(affinity and cgroup quota, divided among the sweep's workers or torchrun's local processes) and
-lets idle OpenMP threads sleep instead of spin (OMP_WAIT_POLICY=PASSIVE), unless the user says
-otherwise (--threads, OMP_NUM_THREADS, OMP_WAIT_POLICY win).
+(affinity and cgroup quota, divided among the sweep's workers or torchrun's local processes), no
+more than are idle when it starts, and lets idle OpenMP threads sleep instead of spin
+(OMP_WAIT_POLICY=PASSIVE), unless the user says otherwise (--threads, OMP_NUM_THREADS,
+OMP_WAIT_POLICY win).
 """
 
 from __future__ import annotations
@@ -46,20 +47,69 @@ def thread_share(workers: int) -> int:
     return max(1, usable_cores() // max(1, workers))
 
 
+SHARE_ENV = "PAGATING_THREAD_SHARE"  # set by the sweep / --nproc for their children: a share, not a user setting
+
+
 def explicit_threads() -> int | None:
     """OMP_NUM_THREADS when the user set it to a number; an explicit setting wins over our share."""
+    if os.environ.get(SHARE_ENV):  # our own launcher set it (torchrun would otherwise set 1)
+        return None
     text = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
     return int(text) if text.isdigit() and int(text) > 0 else None
 
 
+def idle_cores(sample_s: float = 0.25) -> float | None:
+    """How many of this process's cores sat idle over `sample_s` (/proc/stat), None where unknown.
+
+    Why: OpenMP threads that share a core with another busy process wait on each other at every
+    barrier: beside two busy processes on 2 cores, 2 threads made a step ~2.4x slower, 1 thread ~1.5x.
+    """
+    import time
+
+    try:
+        cpus = {f"cpu{i}" for i in os.sched_getaffinity(0)}
+    except (AttributeError, OSError):
+        return None
+
+    def read() -> dict[str, tuple[int, int]]:
+        out = {}
+        with open("/proc/stat") as f:
+            for line in f:
+                name, *fields = line.split()
+                if name in cpus:
+                    ticks = [int(x) for x in fields[:8]]
+                    out[name] = (ticks[3] + ticks[4], sum(ticks))  # idle + iowait, total
+        return out
+
+    try:
+        a = read()
+        time.sleep(sample_s)
+        b = read()
+    except (OSError, ValueError, IndexError):
+        return None
+    idle = 0.0
+    for name in a.keys() & b.keys():
+        total = b[name][1] - a[name][1]
+        idle += (b[name][0] - a[name][0]) / total if total > 0 else 1.0
+    return idle if a else None
+
+
 def set_threads(requested: int | None = None) -> int:
     """Set torch's intra-op threads: --threads, else OMP_NUM_THREADS, else this process's share of
-    the cores (torchrun's LOCAL_WORLD_SIZE processes divide them). Returns the number set."""
+    the cores (the sweep's or --nproc's share, else the usable cores over torchrun's LOCAL_WORLD_SIZE),
+    lowered to the cores that are idle now (at least 1). Returns the number set."""
     import torch
 
     if requested is not None and requested < 1:
         raise UserError(f"--threads must be >= 1, got {requested}")
-    n = requested or explicit_threads() or thread_share(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    n = requested or explicit_threads()
+    if not n:
+        share = os.environ.get(SHARE_ENV, "")
+        n = int(share) if share.isdigit() and int(share) > 0 else \
+            thread_share(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        idle = idle_cores() if n > 1 else None
+        if idle is not None:
+            n = max(1, min(n, int(idle + 0.5)))
     torch.set_num_threads(n)
     return n
 

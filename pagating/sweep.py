@@ -127,11 +127,9 @@ def parse_gpus(text: str) -> list[str | None]:
 
 
 def _child_command(cfg: dict, overrides: dict, parent_id: str, sweep_id: str, resume: str, device: str,
-                   extra_sets: list[str], threads: int | None = None) -> list[str]:
+                   extra_sets: list[str]) -> list[str]:
     cmd = [sys.executable, "-m", "pagating.cli", "train", "--profile", cfg["profile"], "--resume", resume,
            "--parent-run-id", parent_id, "--sweep-id", sweep_id, "--device", device, "--if-claimed", "skip"]
-    if threads:
-        cmd += ["--threads", str(threads)]
     for item in extra_sets:
         cmd += ["--set", item]
     for key, value in overrides.items():
@@ -247,11 +245,11 @@ def sweep(base: dict, *, shard: str = "0/1", gpus: str = "auto", device: str = "
         free.put(slot)
     lock = threading.Lock()
     todo = [e for e in plan if e["status"] != "skipped"]
-    # Concurrent children split the cores (else each takes them all and they thrash); the user's
-    # OMP_NUM_THREADS, inherited by every child, wins.
-    from pagating.runtime import explicit_threads, thread_share
+    # Concurrent children split the cores (else each takes them all and they thrash): each gets its
+    # share (PAGATING_THREAD_SHARE); the user's OMP_NUM_THREADS, inherited by every child, wins.
+    from pagating.runtime import SHARE_ENV, explicit_threads, thread_share
 
-    threads = None if explicit_threads() else thread_share(min(len(slots), len(todo)))
+    share = None if explicit_threads() else thread_share(min(len(slots), len(todo)))
     counter = itertools.count(1)
 
     def run_one(entry: dict) -> None:
@@ -260,12 +258,14 @@ def sweep(base: dict, *, shard: str = "0/1", gpus: str = "auto", device: str = "
             env = {k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"}
             if slot is not None:
                 env["CUDA_VISIBLE_DEVICES"] = slot
+            if share:
+                env[SHARE_ENV] = str(share)
             cfg = config_for(base, entry["overrides"])
             started = time.time()
             for attempt in (1, 2):
                 resume = "if-any" if entry["status"] == "resume" or attempt == 2 else "none"
                 cmd = _child_command(cfg, entry["overrides"], parent_id, sweep_id, resume,
-                                     device if slot is None else "auto", extra_sets, threads)
+                                     device if slot is None else "auto", extra_sets)
                 Path(entry["log"]).parent.mkdir(parents=True, exist_ok=True)
                 with open(entry["log"], "a") as log:
                     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env)

@@ -581,7 +581,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                    help="bf16 autocast or fp32 (auto: bf16 on a CUDA GPU that has it)")
     p.add_argument("--threads", type=_opt(int),
-                   help="torch CPU threads (default: OMP_NUM_THREADS, else this process's share of the cores)")
+                   help="torch CPU threads (default: OMP_NUM_THREADS, else this process's share of the cores, "
+                        "no more than are idle at its start)")
 
 
 def launch_ddp(args, cfg: dict, resume: str) -> int:
@@ -616,11 +617,11 @@ def launch_ddp(args, cfg: dict, resume: str) -> int:
             del argv[i:i + 2]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
            "-m", "pagating.cli", *argv, "--resume", resume]
-    from pagating.runtime import explicit_threads, thread_share
+    from pagating.runtime import SHARE_ENV, explicit_threads, thread_share
 
     env = dict(os.environ)
     if not explicit_threads():  # torchrun would set 1 per process; each process gets its share instead
-        env["OMP_NUM_THREADS"] = str(thread_share(args.nproc))
+        env["OMP_NUM_THREADS"] = env[SHARE_ENV] = str(thread_share(args.nproc))
     return subprocess.call(cmd, env=env)
 
 

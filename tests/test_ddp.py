@@ -33,7 +33,7 @@ def test_two_processes_match_one(sample_project, mlflow_server, tmp_path):
     run = new[0]
     assert run.info.status == "FINISHED" and run.data.params["train.world_size"] == "2"
     assert run.data.params["train.batch_size"] == "8"  # the global batch, split 4 + 4
-    assert run.data.params["train.threads"] == str(thread_share(2))
+    assert 1 <= int(run.data.params["train.threads"]) <= thread_share(2)  # its share (fewer if cores are busy)
     assert json.loads(ddp.stdout.strip().splitlines()[-1])["run_id"] == run.info.run_id
     a = mlf.get_metric_history(one_id, "train/loss")
     b = mlf.get_metric_history(run.info.run_id, "train/loss")

@@ -39,14 +39,29 @@ def test_cgroup_quota_caps_the_cores(monkeypatch, tmp_path):
 
 def test_set_threads_precedence(monkeypatch, threads_back):
     monkeypatch.setattr(runtime, "usable_cores", lambda: 6)
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(runtime, "idle_cores", lambda: 6.0)
+    for name in ("OMP_NUM_THREADS", "LOCAL_WORLD_SIZE", runtime.SHARE_ENV):
+        monkeypatch.delenv(name, raising=False)
     assert runtime.set_threads() == 6 and torch.get_num_threads() == 6
+    monkeypatch.setattr(runtime, "idle_cores", lambda: 1.2)  # other work holds most cores: take what is idle
+    assert runtime.set_threads() == 1
+    monkeypatch.setattr(runtime, "idle_cores", lambda: 6.0)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")  # torchrun --nproc 3: each process a third
     assert runtime.set_threads() == 2 and torch.get_num_threads() == 2
+    monkeypatch.setenv(runtime.SHARE_ENV, "4")  # the sweep's / --nproc's share, with their OMP_NUM_THREADS
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    assert runtime.set_threads() == 4
+    monkeypatch.setattr(runtime, "idle_cores", lambda: 2.0)
+    assert runtime.set_threads() == 2  # a share is still capped by the idle cores; a user's setting is not:
+    monkeypatch.delenv(runtime.SHARE_ENV)
     monkeypatch.setenv("OMP_NUM_THREADS", "5")  # the user's setting wins over the share
     assert runtime.set_threads() == 5
     assert runtime.set_threads(3) == 3 and torch.get_num_threads() == 3  # --threads wins over both
+
+
+def test_idle_cores_reads_this_machine():
+    idle = runtime.idle_cores(0.05)
+    assert idle is not None and 0.0 <= idle <= len(os.sched_getaffinity(0)) + 1e-6
     with pytest.raises(UserError, match="--threads"):
         runtime.set_threads(0)
 

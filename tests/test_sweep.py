@@ -141,7 +141,7 @@ def test_one_config_per_gpu_slot_at_once(sample_project, mlflow_server, tmp_path
     mlf = MlflowClient(mlflow_server.uri)
     runs = [mlf.get_run(c["run_id"]) for c in summary["configs"]]
     assert sorted(r.data.tags["gpu.visible_devices"] for r in runs) == ["0", "1"]
-    assert [r.data.params["train.threads"] for r in runs] == [str(thread_share(2))] * 2
+    assert all(1 <= int(r.data.params["train.threads"]) <= thread_share(2) for r in runs)  # (fewer if busy)
     a, b = (r.info for r in runs)
     assert a.start_time < b.end_time and b.start_time < a.end_time  # they overlapped
 
