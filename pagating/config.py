@@ -111,17 +111,19 @@ class Tracking:
 
 @dataclasses.dataclass
 class Cloud:
-    """`cloud`: renting a GPU (`pagating vast`)."""
+    """`cloud`: renting a GPU (`pagating vast`). Its flags keep vast's dashed spellings."""
     PROFILED: ClassVar[bool] = False
-    gpu_name: str = setting("RTX 4090", "GPU model, Vast spelling ('any' for all)", verbs=CLOUD_VERBS)
-    min_reliability: float = setting(0.95, "lowest host reliability", verbs=CLOUD_VERBS)
-    min_disk_gb: float = setting(50, "least disk an offer must have (GB)", verbs=CLOUD_VERBS)
+    gpu_name: str = setting("RTX 4090", "GPU model, Vast spelling ('any' for all)", flags=("--gpu-name",),
+                            verbs=CLOUD_VERBS)
+    min_reliability: float = setting(0.95, "lowest host reliability", flags=("--min-reliability",),
+                                     verbs=CLOUD_VERBS)
+    min_disk_gb: float = setting(50, "least disk an offer must have (GB)", flags=("--min-disk-gb",), verbs=CLOUD_VERBS)
     min_inet_down_mbps: float = setting(100, "least download bandwidth (Mbit/s)", flags=("--min-inet-down",),
                                         verbs=CLOUD_VERBS)
     budget_usd: float = setting(50, "most the sweep may cost (USD)", flags=("--budget",), verbs=CLOUD_VERBS)
     image: str = setting("pytorch/pytorch:2.6.0-cuda12.4-cudnn9-runtime", "docker image", verbs=CLOUD_VERBS)
     image_cuda: float = setting(12.4, "CUDA of an image whose tag does not say; offers need cuda_max_good >= it",
-                                verbs=CLOUD_VERBS)
+                                flags=("--image-cuda",), verbs=CLOUD_VERBS)
     start_timeout_min: float = setting(15, "destroy an instance that has not started its onstart by then (min)",
                                        flags=("--start-timeout",), verbs=CLOUD_VERBS[1:])
 
