@@ -43,7 +43,7 @@ def test_same_config_twice_at_once_one_run(sample_project, mlflow_server, tmp_pa
 def test_live_claim_refused_stale_claim_taken_over(sample_project, mlflow_server, tmp_path, monkeypatch):
     mlf = MlflowClient(mlflow_server.uri)
     exp_id = mlf.create_experiment("takeover-sample")
-    args = ["train", *TINY, "--set", "tracking.experiment_prefix=takeover", "--set", "tracking.claim_timeout_s=5",
+    args = ["train", *TINY, "--set", "tracking.experiment_prefix=takeover", "--set", "tracking.claim_timeout_s=60",
             "--output_dir", str(tmp_path / "o")]
     # A process on another machine holds the config; its run was created before it went silent.
     from pagating.config import config_hash, load_config, parse_sets
@@ -64,7 +64,7 @@ def test_live_claim_refused_stale_claim_taken_over(sample_project, mlflow_server
     assert "already being trained by gpu-box-7 pid 1" in busy.stderr
     assert not (tmp_path / "o").exists()
 
-    claim(60)  # no heartbeat for longer than claim_timeout_s: taken over, its run continued
+    claim(600)  # no heartbeat for longer than claim_timeout_s: taken over, its run continued
     res = run_cli(args, cwd=sample_project, env={"MLFLOW_TRACKING_URI": mlflow_server.uri}, check=True)
     assert json.loads(res.stdout.strip().splitlines()[-1])["run_id"] == run_id
     assert [r.info.run_id for r in runs_of(mlf, "takeover")] == [run_id]
