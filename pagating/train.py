@@ -1,23 +1,22 @@
 """One training run: the HF Trainer on packed blocks, one MLflow run, checkpoints, resume.
 
-Read top to bottom: check the input, find what to resume, open the MLflow run, build the model and
-data, train, save `model/`, close the run. Everything a user can get wrong is checked before the
-MLflow run exists.
+`train()` reads top to bottom: check the input, claim the config and find what to resume, build the
+model, open (or continue) the MLflow run, build the Trainer, fit, save `model/`; leaving the `with`
+block closes the run. The run's bookkeeping (claim, spool, uploads, sampler, drain) is pagating.run's.
+Everything a user can get wrong is checked before the MLflow run exists.
 """
 
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import math
 import os
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from pagating.config import UserError, add_config_args, config_from_args, config_hash, flatten
 from pagating.runtime import passive_openmp
@@ -76,30 +75,6 @@ def pick_device(requested: str = "auto") -> str:
     return "cpu"
 
 
-def newest_checkpoint(run_dir: Path, run_id: str | None = None) -> Path | None:
-    """The newest whole local checkpoint (its marker's sizes and hashes match) of run_id, if given;
-    a cut-off or corrupt one is named in one line and skipped."""
-    from pagating import tracking
-
-    ckpts = sorted((p for p in run_dir.glob("checkpoint-*") if p.name.rsplit("-", 1)[-1].isdigit()),
-                   key=tracking.checkpoint_step, reverse=True)
-    for ckpt in ckpts:
-        info = tracking.read_run_file(ckpt) or {}
-        if run_id and info.get("run_id") not in (None, run_id):
-            continue  # another run's leftovers in a reused folder
-        problem = tracking.verify_checkpoint(ckpt)
-        if problem is None:
-            return ckpt
-        print(f"pagating: skipping checkpoint {ckpt}: {problem}", file=sys.stderr)
-    return None
-
-
-def unfinished_runs(mlf, exp_id: str, h: str) -> list:
-    from pagating import tracking
-
-    return [r for r in tracking.runs_with_hash(mlf, exp_id, h) if r.info.status != "FINISHED"]
-
-
 def eval_indices(n_blocks: int, max_blocks: int = 0) -> list[int]:
     """The eval blocks of a split: all of them, or `max_blocks` spread over the whole split (the middle
     block of each of `max_blocks` equal stretches), the same set every time, so α-to-α differences are
@@ -137,39 +112,6 @@ def _make_trainer_class():
             return optimizer
 
     return PaGatingTrainer
-
-
-def find_resume(cfg: dict, resume: str, run_dir: Path, mlf, exp_id: str, h: str) -> tuple[Path | None, str | None]:
-    """(checkpoint dir, MLflow run id) to continue, or (None, None) for a fresh run.
-
-    An unfinished run of this config (its claim is ours by now) is always continued, whatever
-    `resume` says: one run per config. `auto` insists on a checkpoint; `if-any`/`none` start over
-    under the same run id when there is none (steps already logged are skipped)."""
-    from pagating import tracking
-
-    unfinished = unfinished_runs(mlf, exp_id, h)
-    if resume not in ("none", "", None, "auto", "if-any"):
-        ckpt = Path(resume)
-        if not (ckpt / "trainer_state.json").exists():
-            raise UserError(f"{ckpt} is not a Trainer checkpoint (no trainer_state.json)")
-        if (ckpt / tracking.CKPT_MARKER).exists() and tracking.verify_checkpoint(ckpt):
-            raise UserError(f"checkpoint {ckpt} is corrupt ({tracking.verify_checkpoint(ckpt)}): pick another one")
-        info = tracking.read_run_file(ckpt) or tracking.read_run_file(run_dir) or {}
-        return ckpt, info.get("run_id")
-    if resume in ("none", "", None) and not unfinished:
-        return None, None
-    for run in unfinished:  # newest first: local copy, else the MLflow one
-        rid = run.info.run_id
-        ckpt = newest_checkpoint(run_dir, rid) or tracking.download_checkpoint(mlf, rid, run_dir)
-        if ckpt is not None:
-            return ckpt, rid
-    if resume == "auto":
-        ckpt = newest_checkpoint(run_dir)
-        if ckpt is not None:  # a local checkpoint whose run is not in this experiment / server
-            return ckpt, (tracking.read_run_file(ckpt) or {}).get("run_id")
-        raise UserError(f"nothing to resume: no checkpoint in {run_dir} and no unfinished MLflow run of this "
-                        f"config (hash {h}) uploaded one; run without --resume to start fresh")
-    return None, (unfinished[0].info.run_id if unfinished else None)
 
 
 def _training_arguments(cfg: dict, run_dir: Path, device: str, compile_model: bool, world: int,
@@ -218,10 +160,28 @@ def train(cfg: dict, *, resume: str = "none", device: str = "auto", compile_mode
 
     if_claimed: what to do when a live process already trains this config: "exit" (UserError,
     exit 2) or "skip" (status "claimed", for the sweep, which comes back to it later)."""
+    from pagating.run import TrainingRun
+
+    job = check(cfg, device=device, precision=precision, threads=threads, parent_run_id=parent_run_id)
+    with TrainingRun(job, name=run_name(cfg), resume=resume, if_claimed=if_claimed, sweep_id=sweep_id,
+                     extra_tags=extra_tags) as run:  # claims the config, finds what to resume
+        if run.outcome is not None:  # FINISHED already, trained elsewhere right now, or only uploads were left
+            return run.outcome
+        net = build(job, compile_model)
+        run.open(params=run_params(job, net), n_params=net.n_params, gpu=net.gpu, usd_per_hour=net.usd_per_hour)
+        trainer = make_trainer(job, net, run)
+        test = fit(trainer, run.ckpt, cfg)
+        save(trainer, test, run)
+    return run.result  # finished on leaving the block: final uploads drained, status set, claim released
+
+
+def check(cfg: dict, *, device: str, precision: str, threads: int | None, parent_run_id: str | None):
+    """1. Every input check, before anything is written; the settings resolved (device, precision,
+    threads) and where the run goes (server, experiment, parent)."""
     from pagating import runtime, tracking
     from pagating.data import check_prepared
+    from pagating.run import Job
 
-    # 1. Input checks: nothing is written before these pass.
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     validate(cfg, world)
@@ -245,224 +205,132 @@ def train(cfg: dict, *, resume: str = "none", device: str = "auto", compile_mode
             parent_run_id = launcher
             if rank == 0:
                 mlf.set_tag(launcher, "mlflow.runName", f"mlflow run: {run_name(cfg)}")
-    claim = None
-    if rank == 0:
-        done = _finished_run(mlf, exp_id, h)
-        if done is not None:
-            return done | {"run_dir": str(run_dir)}
-        if resume == "auto" and not unfinished_runs(mlf, exp_id, h) and not any(run_dir.glob("checkpoint-*")):
-            raise UserError(f"nothing to resume: no checkpoint in {run_dir} and no unfinished MLflow run of this "
-                            f"config (hash {h}); run without --resume to start fresh")
-        # 1b. One process per config: claim it in MLflow before anything is trained or written.
-        claim = tracking.Claim.for_config(mlf, exp_id, h, cfg["tracking"])
-        held = claim.acquire()
-        if held is not None:
-            if if_claimed == "skip":
-                return {"status": "claimed", "config_hash": h, "run_id": held.get("run_id"), "run_dir": str(run_dir)}
-            raise UserError(f"this config (hash {h}) is already being trained by "
-                            f"{tracking.describe_claim(held, claim.timeout_s)}: wait for it, or stop that process")
-        done = _finished_run(mlf, exp_id, h)  # finished while we were claiming
-        if done is not None:
-            claim.release()
-            return done | {"run_dir": str(run_dir)}
-    try:
-        return _train_claimed(cfg, resume=resume, device=device, compile_model=compile_model,
-                              parent_run_id=parent_run_id, sweep_id=sweep_id, extra_tags=extra_tags, rank=rank,
-                              world=world, meta=meta, uri=uri, h=h, run_dir=run_dir, mlf=mlf, exp_id=exp_id,
-                              claim=claim, precision=precision, n_threads=n_threads)
-    finally:
-        if claim is not None:
-            claim.release()
+    return Job(cfg=cfg, rank=rank, world=world, meta=meta, uri=uri, h=h, run_dir=run_dir, device=device,
+               precision=precision, n_threads=n_threads, mlf=mlf, exp_id=exp_id, parent_run_id=parent_run_id)
 
 
-def _train_claimed(cfg: dict, *, resume, device, compile_model, parent_run_id, sweep_id, extra_tags, rank, world,
-                   meta, uri, h, run_dir, mlf, exp_id, claim, precision, n_threads) -> dict[str, Any]:
-    """train() once this process holds the config's claim (rank 0) or is a DDP worker."""
-    from pagating import runtime, tracking
-    from pagating.data import data_md5
+@dataclass
+class Net:
+    """The model built for a run and the numbers that describe it."""
 
-    t, m = cfg["train"], cfg["model"]
-    if rank == 0:
-        ckpt, run_id = find_resume(cfg, resume, run_dir, mlf, exp_id, h)
-    else:  # a DDP worker follows what the launcher resolved (rank 0 may be creating the run right now)
-        ckpt, run_id = (Path(resume) if resume not in ("none", "", None, "auto", "if-any") else None), None
-    if rank == 0 and run_id and not ckpt:
-        print(f"pagating: continuing interrupted run {run_id} from step 0 (no whole checkpoint of it)", file=sys.stderr)
-    if rank == 0 and run_id and (run_dir / tracking.PENDING_FILE).exists():
-        # Trained to the end, but the server was away for the final uploads: finish those only.
-        left = tracking.sync(run_dir, timeout_s=float(cfg["tracking"]["drain_timeout_s"]))
-        return {"run_id": run_id, "run_dir": str(run_dir), "config_hash": h,
-                "status": "FINISHED" if not left else "KILLED", "synced": True}
+    model: Any
+    config: Any  # the model's PaGatingConfig
+    spec: Any  # the parsed α mode
+    n_params: int
+    vocab: int
+    eval_pick: list[int]  # the validation blocks evaluated
+    compile_on: bool
+    gpu: str  # NVML's name of the GPU, else the device
+    usd_per_hour: float | None
 
-    import torch
-    from transformers import default_data_collator, set_seed
+
+def build(job, compile_model: str) -> Net:
+    """2. The model (deterministic for a seed) and its numbers; refuses a disk too small for the run."""
+    from transformers import set_seed
 
     from pagating import flops
     from pagating.alpha import parse_alpha_mode
-    from pagating.data import PackedDataset, load_tokenizer
-    from pagating.gpu import GpuSampler, gpu_name
+    from pagating.gpu import gpu_name
     from pagating.model import build_config, build_model, count_parameters
 
-    # 2. The model (deterministic for a seed) and its numbers.
+    t, m, meta = job.cfg["train"], job.cfg["model"], job.meta
     set_seed(int(t["seed"]))
     vocab = flops.padded_vocab(meta["vocab_size"])  # tensor-core friendly vocabulary (pad rows unused)
     config = build_config(m, vocab_size=vocab, block_size=meta["block_size"], alpha_mode=t["alpha_mode"],
                           max_steps=int(t["max_steps"]), eos_token_id=meta.get("eos_id"),
                           bos_token_id=meta.get("eos_id"))
     model = build_model(config, init=m["init"])
-    n_params = count_parameters(model)
-    spec = parse_alpha_mode(t["alpha_mode"])
-    eval_pick = eval_indices(int(meta["splits"]["validation"]["blocks"]),
-                             int(t["max_eval_batches"]) * int(t["batch_size"]))
-    compile_on = compile_model == "on" or (compile_model == "auto" and device == "cuda")
-    dev_name = gpu_name() if device == "cuda" else device
-    usd_per_hour = float(os.environ["PAGATING_USD_PER_HOUR"]) if os.environ.get("PAGATING_USD_PER_HOUR") else None
-    if rank == 0:
-        check_disk(run_dir, n_params)
+    net = Net(model=model, config=config, spec=parse_alpha_mode(t["alpha_mode"]), n_params=count_parameters(model),
+              vocab=vocab, eval_pick=eval_indices(int(meta["splits"]["validation"]["blocks"]),
+                                                  int(t["max_eval_batches"]) * int(t["batch_size"])),
+              compile_on=compile_model == "on" or (compile_model == "auto" and job.device == "cuda"),
+              gpu=gpu_name() if job.device == "cuda" else job.device,
+              usd_per_hour=float(os.environ["PAGATING_USD_PER_HOUR"]) if os.environ.get("PAGATING_USD_PER_HOUR")
+              else None)
+    if job.rank == 0:
+        check_disk(job.run_dir, net.n_params)
+    return net
 
-    # 3. The MLflow run: new, or the interrupted one continued under the same id.
-    skip: dict[str, int] = {}
-    if rank == 0:
-        if run_id:
-            mlf.update_run(run_id, status="RUNNING")
-            # Lines the interrupted process spooled but never sent go first; only then is "already
-            # logged" known, and the resumed run skips exactly those steps.
-            leftover = tracking.MetricSpool(tracking.spool_path(run_dir, run_id), run_id, uri)
-            if leftover.pending():
-                leftover.drain(120.0)
-            leftover.close()
-            skip = tracking.last_steps(mlf, run_id)
-        else:
-            tags = {"pagating.config_hash": h, "git.commit": tracking.git_commit(),
-                    "dvc.data_md5": data_md5(), "gpu.name": dev_name, "host": tracking.host_tag(),
-                    "mlflow.runName": run_name(cfg), **tracking.source_tags("train"),
-                    "mlflow.note.content": tracking.run_note(
-                        cfg, tracking.reproduce_command(cfg, tracking.git_commit()), n_params),
-                    **(extra_tags or {})}
-            if sweep_id:
-                tags["pagating.sweep_id"] = sweep_id
-            if parent_run_id:
-                tags["mlflow.parentRunId"] = parent_run_id
-            if usd_per_hour:
-                tags["cost.usd_per_hour"] = f"{usd_per_hour:g}"
-            if os.environ.get("CUDA_VISIBLE_DEVICES"):  # which GPU(s) of the box: the sweep's slot
-                tags["gpu.visible_devices"] = os.environ["CUDA_VISIBLE_DEVICES"]
-            run = mlf.create_run(exp_id, run_name=run_name(cfg), tags=tags)
-            run_id = run.info.run_id
-            _log_params(mlf, run_id, cfg, spec, n_params, config, device, world, vocab,
-                        {"eval.blocks": len(eval_pick), "eval.tokens": len(eval_pick) * int(meta["block_size"]),
-                         "test.tokens": int(meta["splits"]["test"]["tokens_packed"]),
-                         "train.precision": precision, "train.compile": "on" if compile_on else "off",
-                         "train.threads": n_threads})
-            tracking.log_datasets(mlf, run_id, cfg["profile"], data_md5() or _meta_digest(meta),
-                                  tracking.dvc_data_source(path=cfg["data"]["raw_dir"]))
-    info = {"run_id": run_id, "experiment_id": exp_id, "config_hash": h,
-            "tracking_uri": tracking.mask_uri(uri)}
-    if rank == 0:
-        tracking.write_run_file(run_dir, info)
-        claim.start_heartbeat(run_id)
 
-    spool = tracking.MetricSpool(tracking.spool_path(run_dir, run_id), run_id, uri, skip_until=skip).start() \
-        if rank == 0 else None
-    uploader = tracking.CheckpointUploader(run_id, uri, run_dir / tracking.STAGING_DIR, spool) if rank == 0 else None
-    # NVML sees the GPUs of CUDA_VISIBLE_DEVICES; without any it says so once and logs no system/gpu_* metric.
-    sampler = GpuSampler() if rank == 0 else None
-    if sampler is not None:
-        sampler.start()
-    cb = tracking.TrackingCallback(
-        spool, uploader, info, tokens_per_step=int(t["batch_size"]) * meta["block_size"],
+def run_params(job, net: Net) -> dict[str, Any]:
+    """Every effective value, once, as the MLflow run's params."""
+    cfg, meta, config, spec = job.cfg, job.meta, net.config, net.spec
+    params = flatten(cfg)
+    params.update({"eval.blocks": len(net.eval_pick), "eval.tokens": len(net.eval_pick) * int(meta["block_size"]),
+                   "test.tokens": int(meta["splits"]["test"]["tokens_packed"]), "train.precision": job.precision,
+                   "train.compile": "on" if net.compile_on else "off", "train.threads": job.n_threads})
+    params.update({"model.d_ff": config.d_ff, "model.n_params": net.n_params, "model.vocab_size": net.vocab,
+                   "train.device": job.device, "train.world_size": job.world,
+                   **({"alpha.kind": "none (plain GPT-2 MLP)"} if config.plain else spec.params())})
+    return params
+
+
+def make_trainer(job, net: Net, run):
+    """4. Data and the Trainer, its callbacks feeding the run (rank 0)."""
+    import torch
+    from transformers import default_data_collator
+
+    from pagating import flops, runtime, tracking
+    from pagating.data import PackedDataset, load_tokenizer
+
+    cfg, t, meta, config = job.cfg, job.cfg["train"], job.meta, net.config
+    cuda = job.device == "cuda"
+    run.compile_watch = runtime.CompileWatch() if net.compile_on else None
+    tracked = run.callbacks(
+        tokens_per_step=int(t["batch_size"]) * meta["block_size"],
         flops_token=flops.flops_per_token(n_layer=config.n_layer, n_embd=config.n_embd, d_ff=config.d_ff,
-                                          vocab_size=vocab, block_size=meta["block_size"], gated=not config.plain),
+                                          vocab_size=net.vocab, block_size=meta["block_size"], gated=not config.plain),
         # The one peak table, by the NVML name; a GPU it lacks gets no MFU rather than a wrong one.
-        peak=flops.mfu_peak_flops(dev_name) if device == "cuda" or os.environ.get("PAGATING_PEAK_TFLOPS") else None,
-        sampler=sampler, usd_per_hour=usd_per_hour, model=model,
-        log_alpha=spec.logged, cuda=device == "cuda",
-        compile_watch=runtime.CompileWatch() if compile_on else None)
-
-    status = "FAILED"
-    result: dict[str, Any] = {"run_id": run_id, "run_dir": str(run_dir), "config_hash": h}
-    try:
-        # 4. Data and the Trainer.
-        train_ds = PackedDataset(cfg["data"]["prepared_dir"], "train")
-        eval_ds = torch.utils.data.Subset(PackedDataset(cfg["data"]["prepared_dir"], "validation"), eval_pick)
-        tokenizer = load_tokenizer(cfg["data"]["prepared_dir"])
-        args = _training_arguments(cfg, run_dir, device, compile_on, world, bf16=precision == "bf16")
-        trainer = _make_trainer_class()(model=model, args=args,
-                          train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
-                          data_collator=default_data_collator,  # blocks are packed: never pad
-                          callbacks=[AlphaCallback(model), cb] if rank == 0 else [AlphaCallback(model)])
-        if rank == 0:
-            trainer.on_optimizer = lambda groups: tracking.retry(
-                lambda: mlf.log_text(run_id, json.dumps(groups, indent=1), "optimizer_groups.json"),
-                "upload optimizer_groups.json")
-            result["resumed_from"] = str(ckpt) if ckpt else None
-            print(f"pagating: {run_name(cfg)} -> run {run_id} ({'resumed from ' + str(ckpt) if ckpt else 'new'}),"
-                  f" {n_params:,} params, {device}, output {run_dir}\n"
-                  f"pagating: run page {tracking.run_url(uri, exp_id, run_id)}", file=sys.stderr)
-
-        # 5. Train (the Trainer restores optimizer, LR schedule, RNG and data order on resume). The
-        # Trainer itself evaluates at the last step; a checkpoint of the last step trains nothing more.
-        if ckpt is not None and _checkpoint_global_step(ckpt) >= int(t["max_steps"]):
-            from transformers import TrainerState
-
-            trainer._load_from_checkpoint(str(ckpt))
-            trainer.state = TrainerState.load_from_json(str(Path(ckpt) / "trainer_state.json"))
-        else:
-            trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
-        # The test split, once, on the final weights.
-        test = trainer.evaluate(PackedDataset(cfg["data"]["prepared_dir"], "test"), metric_key_prefix="test")
-
-        # 6. Summary metrics and the final model (uploaded in step 7, with the server's time).
-        if rank == 0:
-            evals = [e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e]
-            final = evals[-1]
-            spool.log({"best/eval_loss": min(evals), "final/eval_loss": final,
-                       "final/eval_ppl": math.exp(min(final, 50.0)), "test/loss": test["test_loss"],
-                       "test/ppl": math.exp(min(test["test_loss"], 50.0))}, trainer.state.global_step)
-            model_dir = run_dir / "model"
-            trainer.save_model(str(model_dir))
-            model_step = trainer.state.global_step
-            result.update(final_eval_loss=final, best_eval_loss=min(evals), first_eval_loss=evals[0],
-                          test_loss=test["test_loss"])
-        status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    except (OSError, RuntimeError) as exc:
-        if not _disk_full(exc, run_dir):
-            raise
-        raise UserError(f"disk full in {Path(run_dir).absolute()}: free space there (or set train.output_dir "
-                        f"elsewhere) and resume with --resume auto") from None
-    finally:
-        if cb.compile_watch is not None:
-            cb.compile_watch.close()
-        if sampler is not None:
-            sampler.stop()
-        if rank == 0:
-            # 7. Last metrics, last checkpoint, model/, status: waiting for the server as long as the drain
-            # budget allows; past it everything stays in run_dir for `pagating sync`.
-            budget = float(cfg["tracking"]["drain_timeout_s"]) if status == "FINISHED" else 5.0
-            local, model_id = tracking.finish_run(
-                mlf, run_id, run_dir, status, spool, uploader, model_dir if status == "FINISHED" else None,
-                model_step if status == "FINISHED" else 0, budget, float(cfg["tracking"]["retry_max_s"]))
-            if model_id:
-                result["model_id"] = model_id
-            spool.close()
-            uploader.close()
-            if local:
-                result["pending_sync"] = local
-                print(f"pagating: MLflow did not answer within {budget:.0f}s: {', '.join(local)} of run {run_id} "
-                      f"still only in {run_dir}; `pagating sync {run_dir}` will push them and finish the run",
-                      file=sys.stderr)
-    result["status"] = status
-    return result
+        peak=flops.mfu_peak_flops(net.gpu) if cuda or os.environ.get("PAGATING_PEAK_TFLOPS") else None,
+        usd_per_hour=net.usd_per_hour, model=net.model, log_alpha=net.spec.logged,
+        cuda=cuda)
+    train_ds = PackedDataset(cfg["data"]["prepared_dir"], "train")
+    eval_ds = torch.utils.data.Subset(PackedDataset(cfg["data"]["prepared_dir"], "validation"), net.eval_pick)
+    tokenizer = load_tokenizer(cfg["data"]["prepared_dir"])
+    args = _training_arguments(cfg, job.run_dir, job.device, net.compile_on, job.world, bf16=job.precision == "bf16")
+    trainer = _make_trainer_class()(model=net.model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                                    processing_class=tokenizer,
+                                    data_collator=default_data_collator,  # blocks are packed: never pad
+                                    callbacks=[AlphaCallback(net.model), *tracked])
+    if run.tracks:
+        trainer.on_optimizer = lambda groups: run.log_text(json.dumps(groups, indent=1), "optimizer_groups.json")
+        run.result["resumed_from"] = str(run.ckpt) if run.ckpt else None
+        print(f"pagating: {run.name} -> run {run.run_id} ({'resumed from ' + str(run.ckpt) if run.ckpt else 'new'}),"
+              f" {net.n_params:,} params, {job.device}, output {job.run_dir}\n"
+              f"pagating: run page {tracking.run_url(job.uri, job.exp_id, run.run_id)}", file=sys.stderr)
+    return trainer
 
 
-def _meta_digest(meta: dict) -> str:
-    """Without data.dvc: a digest of the raw files' md5s that prepare recorded."""
-    import hashlib
+def fit(trainer, ckpt: Path | None, cfg: dict) -> dict[str, float]:
+    """5. Train (the Trainer restores optimizer, LR schedule, RNG and data order on resume), then the
+    test split, once, on the final weights. The Trainer itself evaluates at the last step; a checkpoint
+    of the last step trains nothing more."""
+    from pagating.data import PackedDataset
 
-    return hashlib.md5(json.dumps(meta.get("source_md5", {}), sort_keys=True).encode()).hexdigest()
+    if ckpt is not None and _checkpoint_global_step(ckpt) >= int(cfg["train"]["max_steps"]):
+        from transformers import TrainerState
+
+        trainer._load_from_checkpoint(str(ckpt))
+        trainer.state = TrainerState.load_from_json(str(Path(ckpt) / "trainer_state.json"))
+    else:
+        trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+    return trainer.evaluate(PackedDataset(cfg["data"]["prepared_dir"], "test"), metric_key_prefix="test")
+
+
+def save(trainer, test: dict[str, float], run) -> None:
+    """6. Summary metrics and the final model (uploaded when the run closes, with the server's time)."""
+    if not run.tracks:
+        return
+    evals = [e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e]
+    final = evals[-1]
+    run.spool.log({"best/eval_loss": min(evals), "final/eval_loss": final,
+                   "final/eval_ppl": math.exp(min(final, 50.0)), "test/loss": test["test_loss"],
+                   "test/ppl": math.exp(min(test["test_loss"], 50.0))}, trainer.state.global_step)
+    run.model_dir = run.run_dir / "model"
+    trainer.save_model(str(run.model_dir))
+    run.model_step = trainer.state.global_step
+    run.result.update(final_eval_loss=final, best_eval_loss=min(evals), first_eval_loss=evals[0],
+                      test_loss=test["test_loss"])
 
 
 # Bytes per parameter on disk: fp32 weights (4) + Adam's two moments (8) per checkpoint, two kept by
@@ -484,49 +352,8 @@ def check_disk(run_dir: Path, n_params: int) -> None:
                         f"elsewhere")
 
 
-def _disk_full(exc: BaseException, run_dir: Path) -> bool:
-    # torch.save reports ENOSPC as a RuntimeError ("basic_ios::clear: iostream error"), so the disk
-    # itself is asked too.
-    import shutil
-
-    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-        return True
-    try:
-        return shutil.disk_usage(run_dir).free < 64 * 2**20
-    except OSError:
-        return False
-
-
 def _checkpoint_global_step(ckpt: Path) -> int:
     return int(json.loads((Path(ckpt) / "trainer_state.json").read_text()).get("global_step", 0))
-
-
-def _finished_run(mlf, exp_id: str, h: str) -> dict | None:
-    """A FINISHED run of this config: the result to report instead of training it again."""
-    from pagating import tracking
-
-    done = [r for r in tracking.runs_with_hash(mlf, exp_id, h) if r.info.status == "FINISHED"]
-    if not done:
-        return None
-    run = done[0]
-    print(f"pagating: this config (hash {h}) already FINISHED as run {run.info.run_id}: nothing to do",
-          file=sys.stderr)
-    return {"run_id": run.info.run_id, "config_hash": h, "status": "FINISHED", "already_finished": True,
-            "final_eval_loss": run.data.metrics.get("final/eval_loss")}
-
-
-def _log_params(mlf, run_id, cfg, spec, n_params, config, device, world, vocab, extra=None) -> None:
-    from mlflow.entities import Param
-
-    params = flatten(cfg)
-    params.update(extra or {})
-    params.update({"model.d_ff": config.d_ff, "model.n_params": n_params, "model.vocab_size": vocab,
-                   "train.device": device, "train.world_size": world,
-                   **({"alpha.kind": "none (plain GPT-2 MLP)"} if config.plain else spec.params())})
-    items = [Param(k, str(v)) for k, v in sorted(params.items())]
-    for i in range(0, len(items), 100):
-        mlf.log_batch(run_id, params=items[i:i + 100])
-    mlf.log_text(run_id, yaml.safe_dump({k: v for k, v in cfg.items()}, sort_keys=False), "params.yaml")
 
 
 try:
@@ -594,6 +421,7 @@ def launch_ddp(args, cfg: dict, resume: str) -> int:
 
     from pagating import tracking
     from pagating.data import check_prepared
+    from pagating.run import find_resume, finished_run
 
     validate(cfg, args.nproc)
     meta = check_prepared(cfg)  # made from this config, else exit 2 naming the fix
@@ -602,7 +430,7 @@ def launch_ddp(args, cfg: dict, resume: str) -> int:
     mlf = tracking.client(uri)
     h = config_hash(cfg, meta.get("source_md5", ""))
     exp_id = tracking.experiment_id(mlf, cfg)  # a new sqlite store is created here once, not by N ranks at once
-    done = _finished_run(mlf, exp_id, h)  # decided here: N processes must all train or none
+    done = finished_run(mlf, exp_id, h)  # decided here: N processes must all train or none
     if done is not None:
         print(json.dumps(done | {"run_dir": str(run_dir_for(cfg, h))}, default=str))
         return 0

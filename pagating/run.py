@@ -1,0 +1,344 @@
+"""The life of one tracked training run, in one place: claim the config, find what to resume, open or
+resume its MLflow run, keep the metric spool, checkpoint uploader, GPU sampler and claim heartbeat going
+while the Trainer trains, then drain the final uploads and close.
+
+train.py does the training inside `with TrainingRun(...) as run:`; this module does the bookkeeping
+around it (the MLflow parts themselves are pagating.tracking's). Only rank 0 tracks: on a DDP worker
+every step here is a no-op, and the worker follows the checkpoint its launcher resolved.
+"""
+
+from __future__ import annotations
+
+import errno
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pagating import tracking
+from pagating.config import UserError
+
+RESUME_WORDS = ("none", "", None, "auto", "if-any")  # every other --resume value is a checkpoint path
+
+
+@dataclass
+class Job:
+    """One config's checked settings: where its run goes and what it trains on (train.check makes it)."""
+
+    cfg: dict
+    rank: int
+    world: int
+    meta: dict
+    uri: str
+    h: str  # pagating.config_hash
+    run_dir: Path
+    device: str
+    precision: str
+    n_threads: int
+    mlf: Any
+    exp_id: str
+    parent_run_id: str | None
+
+
+class TrainingRun:
+    """`with TrainingRun(job, ...) as run:` claims the config (rank 0) and finds what to resume; when
+    `run.outcome` is set there is nothing to train (FINISHED already, claimed by a live process, or only
+    the final uploads were left and are done). Else the caller builds the model, calls `open`, trains,
+    and on leaving the block the run is finished: FINISHED when the block ended normally, KILLED on
+    Ctrl-C, FAILED on any other error; a full disk becomes one line saying what to do."""
+
+    def __init__(self, job: Job, *, name: str, resume: str = "none", if_claimed: str = "exit",
+                 sweep_id: str | None = None, extra_tags: dict[str, str] | None = None):
+        self.job, self.name, self.resume, self.if_claimed = job, name, resume, if_claimed
+        self.sweep_id, self.extra_tags = sweep_id, extra_tags
+        self.tracks = job.rank == 0
+        self.mlf, self.run_dir, self.tracking_cfg = job.mlf, job.run_dir, job.cfg["tracking"]
+        self.claim: tracking.Claim | None = None
+        self.outcome: dict[str, Any] | None = None
+        self.ckpt: Path | None = None
+        self.run_id: str | None = None
+        self.spool: tracking.MetricSpool | None = None
+        self.uploader: tracking.CheckpointUploader | None = None
+        self.sampler = None
+        self.compile_watch = None  # pagating.runtime.CompileWatch when torch.compile is on: closed first
+        self.model_dir: Path | None = None  # set by the caller once model/ is saved
+        self.model_step = 0
+        self.info: dict[str, Any] = {}  # the run file's content: run id, experiment, config hash, server
+        self.opened = False
+        self.result: dict[str, Any] = {}
+        self.status = "FAILED"
+
+    # Entering: the claim, then what to resume ----------------------------------------------------
+
+    def __enter__(self) -> TrainingRun:
+        if self.tracks:
+            self.outcome = self._claim()
+        try:
+            if self.outcome is None:
+                self._find_resume()
+        except BaseException:
+            self._release()
+            raise
+        return self
+
+    def _claim(self) -> dict[str, Any] | None:
+        """One process per config: claimed in MLflow before anything is trained or written."""
+        job, run_dir = self.job, str(self.run_dir)
+        done = finished_run(self.mlf, job.exp_id, job.h)
+        if done is not None:
+            return done | {"run_dir": run_dir}
+        if self.resume == "auto" and not unfinished_runs(self.mlf, job.exp_id, job.h) \
+                and not any(self.run_dir.glob("checkpoint-*")):
+            raise UserError(f"nothing to resume: no checkpoint in {run_dir} and no unfinished MLflow run of this "
+                            f"config (hash {job.h}); run without --resume to start fresh")
+        claim = tracking.Claim.for_config(self.mlf, job.exp_id, job.h, self.tracking_cfg)
+        held = claim.acquire()
+        if held is not None:  # not ours: nothing to release
+            if self.if_claimed == "skip":
+                return {"status": "claimed", "config_hash": job.h, "run_id": held.get("run_id"), "run_dir": run_dir}
+            raise UserError(f"this config (hash {job.h}) is already being trained by "
+                            f"{tracking.describe_claim(held, claim.timeout_s)}: wait for it, or stop that process")
+        self.claim = claim
+        done = finished_run(self.mlf, job.exp_id, job.h)  # finished while we were claiming
+        return done | {"run_dir": run_dir} if done is not None else None
+
+    def _find_resume(self) -> None:
+        job = self.job
+        if self.tracks:
+            self.ckpt, self.run_id = find_resume(job.cfg, self.resume, self.run_dir, self.mlf, job.exp_id, job.h)
+        else:  # a DDP worker follows what the launcher resolved (rank 0 may be creating the run right now)
+            self.ckpt = Path(self.resume) if self.resume not in RESUME_WORDS else None
+        if self.tracks and self.run_id and not self.ckpt:
+            print(f"pagating: continuing interrupted run {self.run_id} from step 0 (no whole checkpoint of it)",
+                  file=sys.stderr)
+        if self.tracks and self.run_id and (self.run_dir / tracking.PENDING_FILE).exists():
+            # Trained to the end, but the server was away for the final uploads: finish those only.
+            left = tracking.sync(self.run_dir, timeout_s=self.drain_budget)
+            self.outcome = {"run_id": self.run_id, "run_dir": str(self.run_dir), "config_hash": job.h,
+                            "status": "FINISHED" if not left else "KILLED", "synced": True}
+
+    @property
+    def drain_budget(self) -> float:
+        return float(self.tracking_cfg["drain_timeout_s"])
+
+    # Opening: the MLflow run and the threads that feed it ----------------------------------------
+
+    def open(self, *, params: dict[str, Any], n_params: int, gpu: str, usd_per_hour: float | None) -> None:
+        """Create the MLflow run (tags, params, dataset inputs), or continue the interrupted one under
+        its id; then the run file, the claim's heartbeat, spool, uploader and GPU sampler."""
+        job = self.job
+        self.result = {"run_id": self.run_id, "run_dir": str(self.run_dir), "config_hash": job.h}
+        self.opened = True
+        if not self.tracks:
+            return
+        skip = self._continue() if self.run_id else self._create(params, n_params, gpu, usd_per_hour)
+        self.result["run_id"] = self.run_id
+        self.info = {"run_id": self.run_id, "experiment_id": job.exp_id, "config_hash": job.h,
+                     "tracking_uri": tracking.mask_uri(job.uri)}
+        tracking.write_run_file(self.run_dir, self.info)
+        self.claim.start_heartbeat(self.run_id)
+        self.spool = tracking.MetricSpool(tracking.spool_path(self.run_dir, self.run_id), self.run_id, job.uri,
+                                          skip_until=skip).start()
+        self.uploader = tracking.CheckpointUploader(self.run_id, job.uri, self.run_dir / tracking.STAGING_DIR,
+                                                    self.spool)
+        from pagating.gpu import GpuSampler
+
+        # NVML sees the GPUs of CUDA_VISIBLE_DEVICES; without any it says so once and logs no system/gpu_* metric.
+        self.sampler = GpuSampler()
+        self.sampler.start()
+
+    def _continue(self) -> dict[str, int]:
+        """The interrupted run, RUNNING again; returns the last step logged per metric."""
+        self.mlf.update_run(self.run_id, status="RUNNING")
+        # Lines the interrupted process spooled but never sent go first; only then is "already
+        # logged" known, and the resumed run skips exactly those steps.
+        leftover = tracking.MetricSpool(tracking.spool_path(self.run_dir, self.run_id), self.run_id, self.job.uri)
+        if leftover.pending():
+            leftover.drain(120.0)
+        leftover.close()
+        return tracking.last_steps(self.mlf, self.run_id)
+
+    def _create(self, params: dict[str, Any], n_params: int, gpu: str, usd_per_hour: float | None) -> dict:
+        from mlflow.entities import Param
+
+        from pagating.data import data_md5
+
+        job, cfg = self.job, self.job.cfg
+        run = self.mlf.create_run(job.exp_id, run_name=self.name, tags=self._tags(n_params, gpu, usd_per_hour))
+        self.run_id = run.info.run_id
+        items = [Param(k, str(v)) for k, v in sorted(params.items())]
+        for i in range(0, len(items), 100):
+            self.mlf.log_batch(self.run_id, params=items[i:i + 100])
+        self.mlf.log_text(self.run_id, yaml.safe_dump({k: v for k, v in cfg.items()}, sort_keys=False),
+                          "params.yaml")
+        tracking.log_datasets(self.mlf, self.run_id, cfg["profile"], data_md5() or meta_digest(job.meta),
+                              tracking.dvc_data_source(path=cfg["data"]["raw_dir"]))
+        return {}
+
+    def _tags(self, n_params: int, gpu: str, usd_per_hour: float | None) -> dict[str, str]:
+        import os
+
+        from pagating.data import data_md5
+
+        cfg = self.job.cfg
+        tags = {"pagating.config_hash": self.job.h, "git.commit": tracking.git_commit(),
+                "dvc.data_md5": data_md5(), "gpu.name": gpu, "host": tracking.host_tag(),
+                "mlflow.runName": self.name, **tracking.source_tags("train"),
+                "mlflow.note.content": tracking.run_note(
+                    cfg, tracking.reproduce_command(cfg, tracking.git_commit()), n_params),
+                **(self.extra_tags or {})}
+        if self.sweep_id:
+            tags["pagating.sweep_id"] = self.sweep_id
+        if self.job.parent_run_id:
+            tags["mlflow.parentRunId"] = self.job.parent_run_id
+        if usd_per_hour:
+            tags["cost.usd_per_hour"] = f"{usd_per_hour:g}"
+        if os.environ.get("CUDA_VISIBLE_DEVICES"):  # which GPU(s) of the box: the sweep's slot
+            tags["gpu.visible_devices"] = os.environ["CUDA_VISIBLE_DEVICES"]
+        return tags
+
+    def callbacks(self, **measures) -> list:
+        """The Trainer callback that feeds this run (rank 0; none on a DDP worker). `measures`: the
+        rest of TrackingCallback's arguments (tokens per step, FLOPs, peak, model, α logging, ...)."""
+        if not self.tracks:
+            return []
+        return [tracking.TrackingCallback(self.spool, self.uploader, self.info, sampler=self.sampler,
+                                          compile_watch=self.compile_watch, **measures)]
+
+    def log_text(self, text: str, name: str) -> None:
+        """A small artifact, uploaded now (retried while the server is away)."""
+        tracking.retry(lambda: self.mlf.log_text(self.run_id, text, name), f"upload {name}")
+
+    # Leaving: drain, finish, close --------------------------------------------------------------
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            self.status = "FINISHED"
+        elif issubclass(exc_type, KeyboardInterrupt):
+            self.status = "KILLED"
+        try:
+            self._close()
+        finally:
+            self._release()
+        if exc_type is not None and issubclass(exc_type, OSError | RuntimeError) and self.opened \
+                and disk_full(exc, self.run_dir):
+            raise UserError(f"disk full in {Path(self.run_dir).absolute()}: free space there (or set "
+                            f"train.output_dir elsewhere) and resume with --resume auto") from None
+        return False
+
+    def _close(self) -> None:
+        if self.compile_watch is not None:
+            self.compile_watch.close()
+        if self.sampler is not None:
+            self.sampler.stop()
+        if self.spool is None:  # not opened (nothing to train, or a DDP worker)
+            self.result["status"] = self.status
+            return
+        # Last metrics, last checkpoint, model/, status: waiting for the server as long as the drain
+        # budget allows; past it everything stays in run_dir for `pagating sync`.
+        finished = self.status == "FINISHED"
+        budget = self.drain_budget if finished else 5.0
+        local, model_id = tracking.finish_run(
+            self.mlf, self.run_id, self.run_dir, self.status, self.spool, self.uploader,
+            self.model_dir if finished else None, self.model_step if finished else 0, budget,
+            float(self.tracking_cfg["retry_max_s"]))
+        if model_id:
+            self.result["model_id"] = model_id
+        self.spool.close()
+        self.uploader.close()
+        if local:
+            self.result["pending_sync"] = local
+            print(f"pagating: MLflow did not answer within {budget:.0f}s: {', '.join(local)} of run {self.run_id} "
+                  f"still only in {self.run_dir}; `pagating sync {self.run_dir}` will push them and finish the run",
+                  file=sys.stderr)
+        self.result["status"] = self.status
+
+    def _release(self) -> None:
+        if self.claim is not None:
+            self.claim.release()
+
+
+def meta_digest(meta: dict) -> str:
+    """Without data.dvc: a digest of the raw files' md5s that prepare recorded."""
+    import hashlib
+    import json
+
+    return hashlib.md5(json.dumps(meta.get("source_md5", {}), sort_keys=True).encode()).hexdigest()
+
+
+def newest_checkpoint(run_dir: Path, run_id: str | None = None) -> Path | None:
+    """The newest whole local checkpoint (its marker's sizes and hashes match) of run_id, if given;
+    a cut-off or corrupt one is named in one line and skipped."""
+    ckpts = sorted((p for p in run_dir.glob("checkpoint-*") if p.name.rsplit("-", 1)[-1].isdigit()),
+                   key=tracking.checkpoint_step, reverse=True)
+    for ckpt in ckpts:
+        info = tracking.read_run_file(ckpt) or {}
+        if run_id and info.get("run_id") not in (None, run_id):
+            continue  # another run's leftovers in a reused folder
+        problem = tracking.verify_checkpoint(ckpt)
+        if problem is None:
+            return ckpt
+        print(f"pagating: skipping checkpoint {ckpt}: {problem}", file=sys.stderr)
+    return None
+
+
+def unfinished_runs(mlf, exp_id: str, h: str) -> list:
+    return [r for r in tracking.runs_with_hash(mlf, exp_id, h) if r.info.status != "FINISHED"]
+
+
+def find_resume(cfg: dict, resume: str, run_dir: Path, mlf, exp_id: str, h: str) -> tuple[Path | None, str | None]:
+    """(checkpoint dir, MLflow run id) to continue, or (None, None) for a fresh run.
+
+    An unfinished run of this config (its claim is ours by now) is always continued, whatever
+    `resume` says: one run per config. `auto` insists on a checkpoint; `if-any`/`none` start over
+    under the same run id when there is none (steps already logged are skipped)."""
+    unfinished = unfinished_runs(mlf, exp_id, h)
+    if resume not in RESUME_WORDS:
+        ckpt = Path(resume)
+        if not (ckpt / "trainer_state.json").exists():
+            raise UserError(f"{ckpt} is not a Trainer checkpoint (no trainer_state.json)")
+        if (ckpt / tracking.CKPT_MARKER).exists() and tracking.verify_checkpoint(ckpt):
+            raise UserError(f"checkpoint {ckpt} is corrupt ({tracking.verify_checkpoint(ckpt)}): pick another one")
+        info = tracking.read_run_file(ckpt) or tracking.read_run_file(run_dir) or {}
+        return ckpt, info.get("run_id")
+    if resume in ("none", "", None) and not unfinished:
+        return None, None
+    for run in unfinished:  # newest first: local copy, else the MLflow one
+        rid = run.info.run_id
+        ckpt = newest_checkpoint(run_dir, rid) or tracking.download_checkpoint(mlf, rid, run_dir)
+        if ckpt is not None:
+            return ckpt, rid
+    if resume == "auto":
+        ckpt = newest_checkpoint(run_dir)
+        if ckpt is not None:  # a local checkpoint whose run is not in this experiment / server
+            return ckpt, (tracking.read_run_file(ckpt) or {}).get("run_id")
+        raise UserError(f"nothing to resume: no checkpoint in {run_dir} and no unfinished MLflow run of this "
+                        f"config (hash {h}) uploaded one; run without --resume to start fresh")
+    return None, (unfinished[0].info.run_id if unfinished else None)
+
+
+def finished_run(mlf, exp_id: str, h: str) -> dict | None:
+    """A FINISHED run of this config: the result to report instead of training it again."""
+    done = [r for r in tracking.runs_with_hash(mlf, exp_id, h) if r.info.status == "FINISHED"]
+    if not done:
+        return None
+    run = done[0]
+    print(f"pagating: this config (hash {h}) already FINISHED as run {run.info.run_id}: nothing to do",
+          file=sys.stderr)
+    return {"run_id": run.info.run_id, "config_hash": h, "status": "FINISHED", "already_finished": True,
+            "final_eval_loss": run.data.metrics.get("final/eval_loss")}
+
+
+def disk_full(exc: BaseException, run_dir: Path) -> bool:
+    # torch.save reports ENOSPC as a RuntimeError ("basic_ios::clear: iostream error"), so the disk
+    # itself is asked too.
+    import shutil
+
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return True
+    try:
+        return shutil.disk_usage(run_dir).free < 64 * 2**20
+    except OSError:
+        return False
