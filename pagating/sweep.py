@@ -175,11 +175,10 @@ def log_best(mlf, parent_id: str, exp_id: str, sweep_id: str, run_ids: list[str]
 def sweep(base: dict, *, shard: str = "0/1", gpus: str = "auto", device: str = "auto",
           sweep_id: str | None = None, extra_sets: list[str] | None = None,
           summary_path: str | Path = SWEEP_JSON) -> dict[str, Any]:
-    from mlflow.entities import Param, RunTag
-
+    """Check everything, open the parent run, plan (skip / resume / run), run what is left, summarise."""
     from pagating import tracking
-    from pagating.data import check_prepared, data_md5
-    from pagating.train import run_dir_for, run_name, validate
+    from pagating.data import check_prepared
+    from pagating.train import validate
 
     extra_sets = list(extra_sets or [])
     # 1. Everything checkable is checked before the parent run exists.
@@ -193,10 +192,28 @@ def sweep(base: dict, *, shard: str = "0/1", gpus: str = "auto", device: str = "
     tracking.check_server(uri)
     mlf = tracking.client(uri)
     sweep_id = sweep_id or os.environ.get("PAGATING_SWEEP_ID") or sweep_identity(base, configs)
-    mine = take_shard(configs, i, n)
+    exp_id, parent_id = open_parent(mlf, base, configs, meta, sweep_id, extra_sets)
+    plan = plan_shard(mlf, exp_id, base, take_shard(configs, i, n), meta)
+    print(f"sweep {sweep_id}: {len(configs)} configs, shard {i}/{n}: {len(plan)} here "
+          f"({sum(e['status'] == 'skipped' for e in plan)} already finished); parent run {parent_id}",
+          file=sys.stderr)
+    runner = Runner(base, slots, parent_id, sweep_id, device, extra_sets, plan)
+    runner.run_all()
+    runner.wait_elsewhere(mlf, exp_id)
+    return finish(mlf, base, plan, uri=uri, exp_id=exp_id, parent_id=parent_id, sweep_id=sweep_id,
+                  shard=f"{i}/{n}", summary_path=summary_path)
 
-    # 2. The parent run: the one `mlflow run` opened, else this sweep's earlier parent, else a new one.
-    # `mlflow run` without --experiment-name puts its run in Default: then it only points to this sweep.
+
+def open_parent(mlf, base: dict, configs: list[dict], meta: dict, sweep_id: str,
+                extra_sets: list[str]) -> tuple[str, str]:
+    """2. The parent run: the one `mlflow run` opened, else this sweep's earlier parent, else a new one;
+    tagged, with the grid as params. `mlflow run` without --experiment-name puts its run in Default:
+    then it only points to this sweep. Returns (experiment id, parent run id)."""
+    from mlflow.entities import Param, RunTag
+
+    from pagating import tracking
+    from pagating.data import data_md5
+
     launched = os.environ.get("MLFLOW_RUN_ID")
     exp_id = tracking.experiment_id(mlf, base)
     if launched and tracking.adopt_launcher(mlf, launched, exp_id):
@@ -220,8 +237,14 @@ def sweep(base: dict, *, shard: str = "0/1", gpus: str = "auto", device: str = "
     # The grid's identities: progress counts a finished config whichever sweep finished it.
     mlf.set_tag(parent_id, "pagating.grid_hashes", ",".join(
         config_hash(config_for(base, o), meta.get("source_md5", "")) for o in configs))
+    return exp_id, parent_id
 
-    # 3. Decide per config: skip (FINISHED), resume (interrupted), or run.
+
+def plan_shard(mlf, exp_id: str, base: dict, mine: list[dict], meta: dict) -> list[dict]:
+    """3. Per config of this shard: skip (FINISHED), resume (interrupted), or run."""
+    from pagating import tracking
+    from pagating.train import run_dir_for, run_name
+
     plan = []
     for overrides in mine:
         cfg = config_for(base, overrides)
@@ -235,95 +258,120 @@ def sweep(base: dict, *, shard: str = "0/1", gpus: str = "auto", device: str = "
         if done:
             entry["final_eval_loss"] = done[0].data.metrics.get("final/eval_loss")
         plan.append(entry)
-    print(f"sweep {sweep_id}: {len(configs)} configs, shard {i}/{n}: {len(mine)} here "
-          f"({sum(e['status'] == 'skipped' for e in plan)} already finished); parent run {parent_id}",
-          file=sys.stderr)
+    return plan
 
-    # 4. Run what is left, one config per worker slot (GPU), retrying a failure once.
-    free: queue.Queue = queue.Queue()
-    for slot in slots:
-        free.put(slot)
-    lock = threading.Lock()
-    todo = [e for e in plan if e["status"] != "skipped"]
-    # Concurrent children split the cores (else each takes them all and they thrash): each gets its
-    # share (PAGATING_THREAD_SHARE); the user's OMP_NUM_THREADS, inherited by every child, wins.
-    from pagating.runtime import SHARE_ENV, explicit_threads, thread_share
 
-    share = None if explicit_threads() else thread_share(min(len(slots), len(todo)))
-    counter = itertools.count(1)
+class Runner:
+    """4. Runs what is left of the plan, one config per worker slot (GPU) at a time, each as its own
+    `pagating train` process, retrying a failure once; updates the plan's entries in place."""
 
-    def run_one(entry: dict) -> None:
-        slot = free.get()
+    def __init__(self, base: dict, slots: list[str | None], parent_id: str, sweep_id: str, device: str,
+                 extra_sets: list[str], plan: list[dict]):
+        from pagating.runtime import explicit_threads, thread_share
+
+        self.base, self.slots, self.parent_id, self.sweep_id = base, slots, parent_id, sweep_id
+        self.device, self.extra_sets, self.plan = device, extra_sets, plan
+        self.free: queue.Queue = queue.Queue()
+        for slot in slots:
+            self.free.put(slot)
+        self.lock = threading.Lock()
+        self.todo = [e for e in plan if e["status"] != "skipped"]
+        # Concurrent children split the cores (else each takes them all and they thrash): each gets its
+        # share (PAGATING_THREAD_SHARE); the user's OMP_NUM_THREADS, inherited by every child, wins.
+        self.share = None if explicit_threads() else thread_share(min(len(slots), len(self.todo)))
+        self.counter = itertools.count(1)
+
+    def run_all(self) -> None:
+        with ThreadPoolExecutor(max_workers=len(self.slots)) as pool:
+            list(pool.map(self.run_one, self.todo))
+
+    def run_one(self, entry: dict) -> None:
+        slot = self.free.get()
         try:
             env = {k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"}
             if slot is not None:
                 env["CUDA_VISIBLE_DEVICES"] = slot
-            if share:
-                env[SHARE_ENV] = str(share)
-            cfg = config_for(base, entry["overrides"])
+            if self.share:
+                from pagating.runtime import SHARE_ENV
+
+                env[SHARE_ENV] = str(self.share)
             started = time.time()
             for attempt in (1, 2):
-                resume = "if-any" if entry["status"] == "resume" or attempt == 2 else "none"
-                cmd = _child_command(cfg, entry["overrides"], parent_id, sweep_id, resume,
-                                     device if slot is None else "auto", extra_sets)
-                Path(entry["log"]).parent.mkdir(parents=True, exist_ok=True)
-                with open(entry["log"], "a") as log:
-                    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
-                result = _last_json(proc.stdout)
-                if proc.returncode == 0 and result.get("status") == "claimed":
-                    # Another process (another sweep over this grid) trains it: come back to it later.
-                    entry.update(status="elsewhere", run_id=result.get("run_id"))
-                    break
-                if proc.returncode == 0 and result.get("already_finished"):
-                    entry.update(status="skipped", run_id=result["run_id"],
-                                 final_eval_loss=result.get("final_eval_loss"))
-                    break
-                if proc.returncode == 0 and result.get("status") == "FINISHED":
-                    entry.update(run_id=result["run_id"], final_eval_loss=result.get("final_eval_loss"),
-                                 first_eval_loss=result.get("first_eval_loss"),
-                                 status="resumed" if result.get("resumed_from") else "ran")
-                    break
-                entry.update(status="failed", run_id=result.get("run_id", entry["run_id"]),
-                             error=_tail(entry["log"]))
-                if proc.returncode == 2:  # a user error will not go away on retry
+                if self._attempt(entry, slot, env, attempt):
                     break
             entry["seconds"] = round(time.time() - started, 1)
-            if entry["status"] == "elsewhere":
-                return
-            with lock:
-                k = next(counter)
-                detail = (f"eval loss {entry['first_eval_loss']:.3f} -> {entry['final_eval_loss']:.3f}"
-                          if entry.get("final_eval_loss") is not None and entry.get("first_eval_loss") is not None
-                          else "" if entry["status"] != "failed" else f"see {entry['log']}: {entry['error']}")
-                print(f"[{k}/{len(todo)}] {entry['name']}: {entry['status']} in {entry['seconds']:.0f}s, {detail}",
-                      file=sys.stderr)
+            if entry["status"] != "elsewhere":
+                self._report(entry)
         finally:
-            free.put(slot)
+            self.free.put(slot)
 
-    with ThreadPoolExecutor(max_workers=len(slots)) as pool:
-        list(pool.map(run_one, todo))
-    # Configs another process held: wait until they finish there, or take them over when its heartbeat stops.
-    poll_s = min(float(base["tracking"]["heartbeat_s"]), 10.0)
-    for entry in [e for e in plan if e["status"] == "elsewhere"]:
-        claim = tracking.Claim.for_config(mlf, exp_id, entry["config_hash"], base["tracking"])
-        print(f"sweep {sweep_id}: {entry['name']} is being trained elsewhere; waiting for it", file=sys.stderr)
-        while entry["status"] == "elsewhere":
-            done = [r for r in tracking.runs_with_hash(mlf, exp_id, entry["config_hash"])
-                    if r.info.status == "FINISHED"]
-            if done:
-                entry.update(status="skipped", run_id=done[0].info.run_id,
-                             final_eval_loss=done[0].data.metrics.get("final/eval_loss"))
-            elif not claim.is_live(claim.current()):
-                entry["status"] = "resume"
-                run_one(entry)
-            else:
-                time.sleep(poll_s)
+    def _attempt(self, entry: dict, slot: str | None, env: dict, attempt: int) -> bool:
+        """One `pagating train` of the entry; True when there is no point in a second attempt."""
+        cfg = config_for(self.base, entry["overrides"])
+        resume = "if-any" if entry["status"] == "resume" or attempt == 2 else "none"
+        cmd = _child_command(cfg, entry["overrides"], self.parent_id, self.sweep_id, resume,
+                             self.device if slot is None else "auto", self.extra_sets)
+        Path(entry["log"]).parent.mkdir(parents=True, exist_ok=True)
+        with open(entry["log"], "a") as log:
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+        result = _last_json(proc.stdout)
+        if proc.returncode == 0 and result.get("status") == "claimed":
+            # Another process (another sweep over this grid) trains it: come back to it later.
+            entry.update(status="elsewhere", run_id=result.get("run_id"))
+            return True
+        if proc.returncode == 0 and result.get("already_finished"):
+            entry.update(status="skipped", run_id=result["run_id"], final_eval_loss=result.get("final_eval_loss"))
+            return True
+        if proc.returncode == 0 and result.get("status") == "FINISHED":
+            entry.update(run_id=result["run_id"], final_eval_loss=result.get("final_eval_loss"),
+                         first_eval_loss=result.get("first_eval_loss"),
+                         status="resumed" if result.get("resumed_from") else "ran")
+            return True
+        entry.update(status="failed", run_id=result.get("run_id", entry["run_id"]), error=_tail(entry["log"]))
+        return proc.returncode == 2  # a user error will not go away on retry
+
+    def _report(self, entry: dict) -> None:
+        with self.lock:
+            k = next(self.counter)
+            detail = (f"eval loss {entry['first_eval_loss']:.3f} -> {entry['final_eval_loss']:.3f}"
+                      if entry.get("final_eval_loss") is not None and entry.get("first_eval_loss") is not None
+                      else "" if entry["status"] != "failed" else f"see {entry['log']}: {entry['error']}")
+            print(f"[{k}/{len(self.todo)}] {entry['name']}: {entry['status']} in {entry['seconds']:.0f}s, {detail}",
+                  file=sys.stderr)
+
+    def wait_elsewhere(self, mlf, exp_id: str) -> None:
+        """Configs another process held: wait until they finish there, or take them over when its
+        heartbeat stops."""
+        from pagating import tracking
+
+        poll_s = min(float(self.base["tracking"]["heartbeat_s"]), 10.0)
+        for entry in [e for e in self.plan if e["status"] == "elsewhere"]:
+            claim = tracking.Claim.for_config(mlf, exp_id, entry["config_hash"], self.base["tracking"])
+            print(f"sweep {self.sweep_id}: {entry['name']} is being trained elsewhere; waiting for it",
+                  file=sys.stderr)
+            while entry["status"] == "elsewhere":
+                done = [r for r in tracking.runs_with_hash(mlf, exp_id, entry["config_hash"])
+                        if r.info.status == "FINISHED"]
+                if done:
+                    entry.update(status="skipped", run_id=done[0].info.run_id,
+                                 final_eval_loss=done[0].data.metrics.get("final/eval_loss"))
+                elif not claim.is_live(claim.current()):
+                    entry["status"] = "resume"
+                    self.run_one(entry)
+                else:
+                    time.sleep(poll_s)
+
+
+def finish(mlf, base: dict, plan: list[dict], *, uri: str, exp_id: str, parent_id: str, sweep_id: str,
+           shard: str, summary_path: str | Path) -> dict[str, Any]:
+    """5. The parent's best config and status, the summary file, the table and the links."""
+    from pagating import tracking
 
     failed = [e for e in plan if e["status"] == "failed"]
     best = log_best(mlf, parent_id, exp_id, sweep_id, [e.get("run_id") for e in plan])
     mlf.set_terminated(parent_id, "FAILED" if failed else "FINISHED")
     summary = {"sweep_id": sweep_id, "parent_run_id": parent_id, "experiment_id": exp_id,
-               "profile": base["profile"], "shard": f"{i}/{n}",
+               "profile": base["profile"], "shard": shard,
                "configs": [{k: e.get(k) for k in ("name", "config_hash", "run_id", "status")} for e in plan]}
     if summary_path:
         Path(summary_path).parent.mkdir(parents=True, exist_ok=True)
