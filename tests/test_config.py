@@ -195,7 +195,8 @@ def test_dvc_stage_params_name_declared_keys_of_the_chosen_profile_only():
 def test_dvc_stages_depend_on_the_modules_they_run():
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     for stage, modules in (("prepare", {"config", "data"}),
-                           ("sweep", {"config", "data", "tracking", "train", "sweep", "model", "units", "alpha"}),
+                           ("sweep", {"config", "data", "tracking", "run", "train", "sweep", "model", "units",
+                                      "alpha"}),
                            ("report", {"config", "tracking", "report"})):
         assert {f"pagating/{m}.py" for m in modules} <= set(stages[stage]["deps"]), stage
 
