@@ -214,7 +214,7 @@ class Net:
     """The model built for a run and the numbers that describe it."""
 
     model: Any
-    config: Any  # the model's PaGatingConfig
+    config: Any  # the model's PaGatingGPT2Config
     spec: Any  # the parsed α mode
     n_params: int
     vocab: int
