@@ -67,7 +67,13 @@ on_exit() {
   local rc=$?
   trap - EXIT
   [ -n "$WATCHDOG_PID" ] && kill "$WATCHDOG_PID" 2>/dev/null
-  [ -n "$UPLOADER_PID" ] && { pkill -P "$UPLOADER_PID" 2>/dev/null; kill "$UPLOADER_PID" 2>/dev/null; }
+  if [ -n "$UPLOADER_PID" ]; then
+    # Let an upload in flight finish (at most 60 s) rather than kill it: a killed client's request can
+    # still land after the final upload below and replace the whole log with an older snapshot.
+    touch "$PAGATING_STATE_DIR/upload-stop"
+    for _ in $(seq 60); do kill -0 "$UPLOADER_PID" 2>/dev/null || break; sleep 1; done
+    kill "$UPLOADER_PID" 2>/dev/null
+  fi
   [ -n "$CHILD" ] && kill -TERM -- "-$CHILD" 2>/dev/null
   if [ "$rc" -eq 0 ]; then
     log "sweep shard $PAGATING_SHARD finished"
@@ -114,7 +120,11 @@ fi
 instance report "running: onstart.sh" || fail "cannot report to the tracking server (MLFLOW_TRACKING_URI, credentials)"
 # The log goes up every few minutes from here on (the project's MLflow client is installed now).
 # (its output goes to the file, not the pipe: a sleeping uploader must not hold the pipe open)
-( while sleep "${PAGATING_LOG_UPLOAD_S:-300}"; do instance upload-log --quiet; done ) >>"$PAGATING_LOG" 2>&1 &
+# It checks a stop file every second, so the exit path can wait for it instead of killing an upload.
+( n=0; while [ ! -e "$PAGATING_STATE_DIR/upload-stop" ]; do
+    sleep 1; n=$((n + 1))
+    if [ "$n" -ge "${PAGATING_LOG_UPLOAD_S:-300}" ]; then n=0; instance upload-log --quiet; fi
+  done ) >>"$PAGATING_LOG" 2>&1 &
 UPLOADER_PID=$!
 
 # 2. CUDA or nothing: a GPU instance that cannot see its GPUs must not train on CPU.

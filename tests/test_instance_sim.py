@@ -21,6 +21,7 @@ from conftest import REPO, free_port
 from fake_vast import FakeVast, FakeVastServer, offer
 
 from pagating import cli, cloud, server
+from pagating.config import load_config
 
 pytestmark = pytest.mark.slow
 
@@ -200,7 +201,7 @@ def test_a_launched_instance_runs_the_sweep_and_the_failures_end_cleanly(
         assert "dvc pull data.dvc" in log and "sweep shard 0/1 finished" in log, outs["ok"][-3000:]
         assert "skipping the install of .[s3]" in log  # the S3 remote's plugin is what it would install
         assert "testing-secret-key-7b2e" not in log and GPU_PW not in log
-        prog = cloud.sweep_progress(auth_server.uri, "sim1", {"tracking": {}, "train": {"max_steps": 2}})
+        prog = cloud.sweep_progress(auth_server.uri, "sim1", load_config("sample", {"train.max_steps": 2}))
         assert prog["done"] == prog["total"] == 1
 
         # failures: non-zero exit, exactly one DELETE each, the log or the reason it has none
