@@ -11,6 +11,7 @@ import os
 import re
 import secrets
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -341,17 +342,18 @@ def instance_log(uri: str, instance_id: int) -> str:
                 "tracking server? pass --tracking-uri)")
     path = f"{LOG_ARTIFACT_DIR}/{log_artifact_name(instance_id)}"
     state = run.data.tags.get(f"{REPORT_TAG}{instance_id}", "")
-    try:
-        import mlflow.artifacts
-
-        return mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/{path}")
-    except Exception:
-        pass
+    # The client of `uri`, not mlflow.artifacts: that reads the process-wide tracking URI.
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = _mlflow(uri).download_artifacts(run.info.run_id, path, tmp)
+            return Path(local).read_text(encoding="utf-8", errors="replace")
+        except Exception as e:  # absent (the usual case) or unreadable: say which below
+            missing = re.sub(r"://[^/@\s]*@", "://***@", f"{type(e).__name__}: {e}")  # no credentials
     if state.startswith("created"):
         return (f"no log for instance {instance_id}: it never reported to {mask_uri(uri)} (last state: {state}); "
                 "it could not run its onstart or could not reach the tracking server with its credentials")
     return (f"no log artifact {path} on run {run.info.run_id} for instance {instance_id}: it stopped before it "
-            f"could upload one; its last report: {state}")
+            f"could upload one; its last report: {state} ({missing.splitlines()[0][:200]})")
 
 
 # ---- progress ----------------------------------------------------------------------------------

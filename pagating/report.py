@@ -669,8 +669,8 @@ def register_best(mlf, uri: str, best: dict, name: str) -> str:
     if model_id is None:
         raise UserError(f"the best run {best['run_id']} ({best['name']}) logged no MLflow model; rerun it "
                         "with this version of pagating to register it")
-    mlflow.set_tracking_uri(uri)
-    mv = mlflow.register_model(f"models:/{model_id}", name)
+    with tracking.fluent_scope(uri):
+        mv = mlflow.register_model(f"models:/{model_id}", name)
     mlf.set_model_version_tag(name, mv.version, "pagating.config", best["name"])
     return f"{name} v{mv.version} ({tracking.ui_base(uri)}/#/models/{name}/versions/{mv.version})"
 

@@ -10,6 +10,7 @@ until the server answers; training only ever appends to a local file.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -1034,6 +1035,35 @@ class TrackingCallback(_Callback):
 
 # The final model as an MLflow model ------------------------------------------------------------
 
+@contextlib.contextmanager
+def fluent_scope(uri: str, experiment_id: str | None = None):
+    """MLflow's fluent API (log_model, register_model) pointed at `uri` and `experiment_id` for one call.
+
+    Why by hand: set_tracking_uri and set_experiment are process-wide and also export MLFLOW_TRACKING_URI
+    and MLFLOW_EXPERIMENT_ID to os.environ, so every later child inherits them: an `mlflow run` started
+    after an in-process training run would open its run in that experiment, and later fluent reads
+    (mlflow.artifacts) would go to this server. Everything is put back on exit.
+    """
+    import mlflow
+    from mlflow.tracking import fluent
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID")}
+    saved_uri, saved_exp = tracking_utils._tracking_uri, fluent._active_experiment_id
+    try:
+        mlflow.set_tracking_uri(uri)
+        if experiment_id is not None:
+            mlflow.set_experiment(experiment_id=experiment_id)
+        yield
+    finally:
+        tracking_utils._tracking_uri, fluent._active_experiment_id = saved_uri, saved_exp
+        for k, v in env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def log_model(uri: str, run_id: str, model_dir: str | Path, step: int) -> str:
     """Log the saved final model (`model_dir`, HF format) as the run's MLflow model `model`; returns its model id.
 
@@ -1065,12 +1095,11 @@ def log_model(uri: str, run_id: str, model_dir: str | Path, step: int) -> str:
     # Explicit requirements: inferring them loads the model in a subprocess (seconds to minutes).
     reqs = [f"torch=={torch.__version__.split('+')[0]}", f"transformers=={transformers.__version__}",
             f"mlflow=={mlflow.__version__}"]
-    mlflow.set_tracking_uri(uri)
     # The model belongs to the run's experiment (log_model takes the fluent API's active one, else Default).
-    mlflow.set_experiment(experiment_id=client(uri).get_run(run_id).info.experiment_id)
-    info = mlflow.pytorch.log_model(model, name="model", run_id=run_id, step=step, signature=signature,
-                                    code_paths=[str(Path(__file__).resolve().parent)], extra_files=extra,
-                                    pip_requirements=reqs, serialization_format="pickle")
+    with fluent_scope(uri, client(uri).get_run(run_id).info.experiment_id):
+        info = mlflow.pytorch.log_model(model, name="model", run_id=run_id, step=step, signature=signature,
+                                        code_paths=[str(Path(__file__).resolve().parent)], extra_files=extra,
+                                        pip_requirements=reqs, serialization_format="pickle")
     return info.model_id
 
 

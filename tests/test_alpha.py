@@ -1,6 +1,7 @@
 """α modes are a registry: each class alone decides parsing, start value, step update, logging, params and
 report order, so a new mode (here a toy linear ramp) trains through the real Trainer path with no other edit."""
 
+import os
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -88,6 +89,9 @@ def test_a_new_mode_trains_one_step_through_the_trainer(linear_ramp, sample_proj
                                  "train.output_dir": str(tmp_path / "out")})
     result = train(cfg, device="cpu", compile_model="off", threads=1)
     assert result["status"] == "FINISHED"
+    # In-process training (it logged an MLflow model) leaves no experiment exported to later children:
+    # an `mlflow run` started afterwards by this process would otherwise open its run there.
+    assert "MLFLOW_EXPERIMENT_ID" not in os.environ
 
     mlf = MlflowClient(mlflow_server.uri)
     run = mlf.get_run(result["run_id"])

@@ -110,7 +110,7 @@ def test_mlflow_run_bare_lands_in_the_profile_experiment_and_rerun_skips(ui_swee
     assert len(hint) == 1
 
 
-def test_runs_carry_mlflow_fields_model_and_system_metrics(ui_sweep):
+def test_runs_carry_mlflow_fields_model_and_system_metrics(ui_sweep, monkeypatch):
     import mlflow
     import torch
 
@@ -147,7 +147,7 @@ def test_runs_carry_mlflow_fields_model_and_system_metrics(ui_sweep):
     logged = mlf.get_logged_model(model_ids[0])
     assert logged.name == "model" and logged.source_run_id == run.info.run_id
     assert {m.key for m in logged.metrics} >= {"final/eval_loss", "final/eval_ppl", "best/eval_loss"}
-    mlflow.set_tracking_uri(ui_sweep["uri"])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", ui_sweep["uri"])  # for this test only
     loaded = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model").eval()
     assert mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model").metadata.model_id == model_ids[0]
     (ref_dir,) = [p.parent for p in (root / "outputs").glob("*/pagating_run.json")

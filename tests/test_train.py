@@ -46,7 +46,7 @@ def hand_eval_loss(model, project, params) -> float:
     return total / count
 
 
-def test_tiny_run_logs_everything(sample_project, mlflow_server, tmp_path):
+def test_tiny_run_logs_everything(sample_project, mlflow_server, tmp_path, monkeypatch):
     out = tmp_path / "out"
     proc = run_cli(["train", "--unit", "paSwishU", "--alpha_mode", "learnable", "--learning_rate", "3e-3",
                     "--output_dir", str(out), *FAST], cwd=sample_project,
@@ -113,7 +113,7 @@ def test_tiny_run_logs_everything(sample_project, mlflow_server, tmp_path):
 
     from pagating.model import load_model
 
-    mlflow.set_tracking_uri(mlflow_server.uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)  # for this test only
     uri = f"runs:/{run.info.run_id}/model"
     model = mlflow.pytorch.load_model(uri).eval()
     ref = load_model(os.path.join(result["run_dir"] if os.path.isabs(
