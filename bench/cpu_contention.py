@@ -14,6 +14,7 @@ The machine's other load (the load average) is printed with the figures. Ends wi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -37,13 +38,9 @@ def make_project(root: Path) -> None:
     from pagating.data import build_sample, prepare
 
     shutil.copy(C.ROOT / "params.yaml", root / "params.yaml")
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
+    with contextlib.chdir(root):
         build_sample(root / "data" / "raw")
         prepare(load_config("sample"))
-    finally:
-        os.chdir(cwd)
 
 
 def run_train(root: Path, name: str, steps: int, torch_default: bool) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -20,6 +21,62 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# A stand-in for NVML (no GPU here), put first on a child's PYTHONPATH as `pynvml`: fixed readings.
+FAKE_NVML = '''
+class NVMLError(Exception):
+    pass
+class _U:
+    gpu = 87
+class _M:
+    used = 3000 * 10**6
+    total = 24000 * 10**6
+def nvmlInit(): pass
+def nvmlShutdown(): pass
+def nvmlDeviceGetCount(): return 1
+def nvmlDeviceGetHandleByIndex(i): return i
+def nvmlDeviceGetUtilizationRates(h): return _U()
+def nvmlDeviceGetMemoryInfo(h): return _M()
+def nvmlDeviceGetPowerUsage(h): return 215000
+def nvmlDeviceGetEnforcedPowerLimit(h): return 450000
+def nvmlDeviceGetTemperature(h, sensor): return 61
+def nvmlDeviceGetName(h): return "NVIDIA GeForce RTX 4090"
+NVML_TEMPERATURE_GPU = 0
+'''
+
+
+def fake_nvml_dir(folder: Path) -> Path:
+    """`folder` holding the fake `pynvml` module (FAKE_NVML); returns it for PYTHONPATH."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "pynvml.py").write_text(FAKE_NVML)
+    return folder
+
+
+def auth_server_kwargs(root: Path, port: int) -> dict:
+    return {"port": port, "workers": 1, "auth_dir": str(root / "auth"),
+            "backend_store_uri": f"sqlite:///{root / 'mlflow.db'}",
+            "artifacts_destination": str(root / "artifacts")}
+
+
+@contextlib.contextmanager
+def running_auth_server(root: Path, admin_pw: str, gpu_pw: str):
+    """A real `pagating server` (basic auth) on 127.0.0.1 with its stores and server.log under `root`;
+    yields the process (.uri, and .root/.kwargs to restart it on the same stores)."""
+    from pagating import server
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(server.ADMIN_PASSWORD_ENV, admin_pw)
+        mp.setenv(server.GPU_PASSWORD_ENV, gpu_pw)
+        mp.delenv(server.SECRET_KEY_ENV, raising=False)
+        kwargs = auth_server_kwargs(root, free_port())
+        with open(root / "server.log", "ab") as log:
+            proc = server.start_server(kwargs, stdout=log, stderr=subprocess.STDOUT)
+            proc.root, proc.kwargs = root, kwargs
+            try:
+                yield proc
+            finally:
+                server.stop_server(proc)
 
 
 class MlflowServer:
@@ -94,13 +151,9 @@ def sample_project(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("project")
     shutil.copy(REPO / "params.yaml", root / "params.yaml")
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
+    with contextlib.chdir(root):
         build_sample(root / "data" / "raw")
         prepare(load_config("sample"))
-    finally:
-        os.chdir(cwd)
     return root
 
 

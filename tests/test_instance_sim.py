@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
-from conftest import REPO, free_port
+from conftest import REPO, free_port, running_auth_server
 from fake_vast import FakeVast, FakeVastServer, offer
 
-from pagating import cli, cloud, server
+from pagating import cli, cloud
 from pagating.config import load_config
 
 pytestmark = pytest.mark.slow
@@ -65,19 +65,8 @@ def s3():
 
 @pytest.fixture(scope="module")
 def auth_server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sim-server")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(server.ADMIN_PASSWORD_ENV, ADMIN_PW)
-        mp.setenv(server.GPU_PASSWORD_ENV, GPU_PW)
-        mp.delenv(server.SECRET_KEY_ENV, raising=False)
-        kwargs = {"port": free_port(), "workers": 1, "auth_dir": str(root / "auth"),
-                  "backend_store_uri": f"sqlite:///{root / 'mlflow.db'}", "artifacts_destination": str(root / "art")}
-        with open(root / "server.log", "ab") as log:
-            proc = server.start_server(kwargs, stdout=log, stderr=subprocess.STDOUT)
-            try:
-                yield proc
-            finally:
-                server.stop_server(proc)
+    with running_auth_server(tmp_path_factory.mktemp("sim-server"), ADMIN_PW, GPU_PW) as proc:
+        yield proc
 
 
 @pytest.fixture(scope="module")

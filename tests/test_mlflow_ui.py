@@ -15,31 +15,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import MLFLOW_BIN, REPO, run_cli
+from conftest import MLFLOW_BIN, REPO, fake_nvml_dir, run_cli
 from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.slow
 
-FAKE_NVML = '''
-class NVMLError(Exception):
-    pass
-class _U:
-    gpu = 87
-class _M:
-    used = 3000 * 10**6
-    total = 24000 * 10**6
-def nvmlInit(): pass
-def nvmlShutdown(): pass
-def nvmlDeviceGetCount(): return 1
-def nvmlDeviceGetHandleByIndex(i): return i
-def nvmlDeviceGetUtilizationRates(h): return _U()
-def nvmlDeviceGetMemoryInfo(h): return _M()
-def nvmlDeviceGetPowerUsage(h): return 215000
-def nvmlDeviceGetEnforcedPowerLimit(h): return 450000
-def nvmlDeviceGetTemperature(h, sensor): return 61
-def nvmlDeviceGetName(h): return "NVIDIA GeForce RTX 4090"
-NVML_TEMPERATURE_GPU = 0
-'''
 SECRET_REMOTE = "https://someone:s3cret-token@example.com/lab/pagating.git"
 
 
@@ -72,8 +52,7 @@ def fresh_clone(dst: Path) -> None:
 def ui_sweep(mlflow_server, tmp_path_factory):
     root = tmp_path_factory.mktemp("clone")
     fresh_clone(root)
-    fake = tmp_path_factory.mktemp("fakenvml")
-    (fake / "pynvml.py").write_text(FAKE_NVML)
+    fake = fake_nvml_dir(tmp_path_factory.mktemp("fakenvml"))
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server.uri, "OMP_NUM_THREADS": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
            "PYTHONPATH": os.pathsep.join(p for p in (str(fake), os.environ.get("PYTHONPATH")) if p)}

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import REPO, free_port
+from conftest import REPO, free_port, running_auth_server
 
 from pagating import cli, server
 from pagating.config import UserError
@@ -21,28 +21,10 @@ GPU_PW_2 = "gpu-Rotated-Pw-9911"
 SECRETS = (ADMIN_PW, GPU_PW, GPU_PW_2)
 
 
-def server_kwargs(root: Path, port: int) -> dict:
-    return {"port": port, "workers": 1, "auth_dir": str(root / "auth"),
-            "backend_store_uri": f"sqlite:///{root / 'mlflow.db'}",
-            "artifacts_destination": str(root / "artifacts")}
-
-
 @pytest.fixture(scope="module")
 def auth_server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("auth-server")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(server.ADMIN_PASSWORD_ENV, ADMIN_PW)
-        mp.setenv(server.GPU_PASSWORD_ENV, GPU_PW)
-        mp.delenv(server.SECRET_KEY_ENV, raising=False)
-        kwargs = server_kwargs(root, free_port())
-        log = open(root / "server.log", "ab")
-        proc = server.start_server(kwargs, stdout=log, stderr=subprocess.STDOUT)
-        proc.root, proc.kwargs, proc.log = root, kwargs, log
-        try:
-            yield proc
-        finally:
-            server.stop_server(proc)
-            log.close()
+    with running_auth_server(tmp_path_factory.mktemp("auth-server"), ADMIN_PW, GPU_PW) as proc:
+        yield proc
 
 
 def get(uri: str, auth=None) -> requests.Response:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ThrottleProxy, run_cli
+from conftest import ThrottleProxy, fake_nvml_dir, run_cli
 from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.slow
@@ -132,34 +132,14 @@ def test_tiny_run_logs_everything(sample_project, mlflow_server, tmp_path, monke
 
 
 def test_fake_nvml_gpu_metrics(sample_project, mlflow_server, tmp_path):
-    fake = tmp_path / "fakenvml"
-    fake.mkdir()
-    (fake / "pynvml.py").write_text('''
-class NVMLError(Exception):
-    pass
-class _U:
-    gpu = 87
-class _M:
-    used = 3000 * 2**20
-    total = 24000 * 2**20
-def nvmlInit(): pass
-def nvmlShutdown(): pass
-def nvmlDeviceGetCount(): return 1
-def nvmlDeviceGetHandleByIndex(i): return i
-def nvmlDeviceGetUtilizationRates(h): return _U()
-def nvmlDeviceGetMemoryInfo(h): return _M()
-def nvmlDeviceGetPowerUsage(h): return 215000
-def nvmlDeviceGetTemperature(h, sensor): return 61
-def nvmlDeviceGetName(h): return "NVIDIA GeForce RTX 4090"
-NVML_TEMPERATURE_GPU = 0
-''')
+    fake = fake_nvml_dir(tmp_path / "fakenvml")
     env = env_for(mlflow_server, PYTHONPATH=f"{fake}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     proc = run_cli(["train", "--output_dir", str(tmp_path / "o"), "--max_steps", "10", "--eval_steps", "10",
                     "--save_steps", "10", "--logging_steps", "5"], cwd=sample_project, env=env, check=True)
     run_id = json.loads(proc.stdout.strip().splitlines()[-1])["run_id"]
     m = MlflowClient(mlflow_server.uri).get_run(run_id).data.metrics
     assert m["system/gpu_0_utilization_percentage"] == 87
-    assert m["system/gpu_0_memory_usage_megabytes"] == 3000 * 2**20 / 1e6  # MB, as MLflow's monitor
+    assert m["system/gpu_0_memory_usage_megabytes"] == 3000  # MB (10**6 bytes), as MLflow's monitor
     assert m["system/gpu_0_power_usage_watts"] == 215 and m["system/gpu_0_temperature_celsius"] == 61
 
 
