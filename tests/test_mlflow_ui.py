@@ -228,7 +228,15 @@ def test_mlflow_ui_shows_the_sweep(ui_sweep, browser, tmp_path):
     search = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "input[placeholder='Search metric charts']"))
     search.send_keys("eval/loss", Keys.ENTER)
     wait.until(lambda d: d.find_elements(By.XPATH, "//*[normalize-space(text())='eval/loss']"))
-    browser.save_screenshot(str(tmp_path / "3-charts.png"))
-    body = browser.find_element(By.TAG_NAME, "body").text
+    legends = [f"{c['name']} (eval/loss)" for c in ui_sweep["summary"]["configs"]]
+
+    def drawn(d):  # the chart's legend comes after its title, later still on a busy machine
+        body = d.find_element(By.TAG_NAME, "body").text
+        return body if "No charts in this section" in body or all(x in body for x in legends) else None
+
+    try:
+        body = wait.until(drawn)
+    finally:
+        browser.save_screenshot(str(tmp_path / "3-charts.png"))
     assert "No charts in this section" not in body
-    assert all(f"{c['name']} (eval/loss)" in body for c in ui_sweep["summary"]["configs"])
+    assert all(x in body for x in legends), body[-2000:]
