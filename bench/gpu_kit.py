@@ -20,8 +20,8 @@ interpreter's environment: the wheels then install into it exactly as on the GPU
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -101,16 +101,12 @@ def prepare_data(out: Path) -> None:
     from pagating.config import load_config
     from pagating.data import build_sample, prepare
 
-    with tempfile.TemporaryDirectory() as tmp:
-        cwd = os.getcwd()
-        os.chdir(tmp)
-        try:
-            shutil.copy(ROOT / "params.yaml", "params.yaml")
-            build_sample(Path(tmp) / "data" / "raw")
-            for name, sets in (("tiny", {}), ("seed", {"data.vocab_size": "50257", "data.block_size": "128"})):
-                prepare(load_config("sample", {**sets, "data.prepared_dir": str(out / name)}))
-        finally:
-            os.chdir(cwd)
+    out = out.resolve()  # prepare runs in a temp project: a relative folder would land (and vanish) there
+    with tempfile.TemporaryDirectory() as tmp, contextlib.chdir(tmp):
+        shutil.copy(ROOT / "params.yaml", "params.yaml")
+        build_sample(Path(tmp) / "data" / "raw")
+        for name, sets in (("tiny", {}), ("seed", {"data.vocab_size": "50257", "data.block_size": "128"})):
+            prepare(load_config("sample", {**sets, "data.prepared_dir": str(out / name)}))
 
 
 def box_env(venv: Path) -> None:

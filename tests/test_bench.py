@@ -165,3 +165,17 @@ def test_gpu_check_keeps_going_when_parts_fail(runs):
 def test_gpu_check_records_a_timeout(runs):
     fig, _ = figures(runs, "gpu_check_timeout")
     assert fig["errors"] == ["units"] and fig["parts"]["units"]["error"].startswith("timed out")
+
+
+def test_gpu_kit_data_lands_in_the_kit_given_a_relative_folder(tmp_path, monkeypatch):
+    """`make gpu-kit` passes a relative folder; prepare runs in a temp project, and the data must still
+    end up in the kit (it once vanished with the temp folder, and every acceptance part failed)."""
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    import gpu_kit
+
+    monkeypatch.chdir(tmp_path)
+    gpu_kit.prepare_data(Path("kit") / "data")
+    tiny = json.loads((tmp_path / "kit" / "data" / "tiny" / "meta.json").read_text())
+    seed = json.loads((tmp_path / "kit" / "data" / "seed" / "meta.json").read_text())
+    assert seed["block_size"] == 128 and tiny["block_size"] != 128
+    assert all((tmp_path / "kit" / "data" / n / "train.bin").is_file() for n in ("tiny", "seed"))
