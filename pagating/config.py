@@ -21,7 +21,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, ClassVar, get_type_hints
+from typing import Any, get_type_hints
 
 import yaml
 
@@ -53,7 +53,6 @@ def setting(default: Any, help: str, *, flags: tuple[str, ...] | None = None, ve
 @dataclasses.dataclass
 class Data:
     """`data`: the corpus and its tokenised, packed form."""
-    PROFILED: ClassVar[bool] = True  # params.yaml: one block per profile, overriding these defaults
     source: str = setting("sample", "sample (the bundled corpus) | wikitext-103")
     raw_dir: str = setting("data/raw", "raw text folder (WikiText-103 layout)")
     prepared_dir: str = setting("data/prepared/sample", "packed blocks + tokenizer, one folder per profile")
@@ -65,7 +64,6 @@ class Data:
 @dataclasses.dataclass
 class Model:
     """`model`: GPT-2 with a paGating MLP."""
-    PROFILED: ClassVar[bool] = True
     init: str = setting("scratch", "scratch | gpt2 | a checkpoint path (pretrained c_fc -> value path)")
     unit: str = setting("paGLU", "paGLU | paGTU | paSwishU | paReGLU | paGELU | paMishU | paSiLU | plain",
                         verbs=TRAIN_VERBS[:1], axis=True)
@@ -80,7 +78,6 @@ class Model:
 @dataclasses.dataclass
 class Train:
     """`train`: one training run. The seed's flags (underscores) are the canonical spellings."""
-    PROFILED: ClassVar[bool] = True
     alpha_mode: str = setting("static_0.5", "an α mode of pagating/alpha.py (static_<a>, learnable, ...)",
                               verbs=TRAIN_VERBS[:1], axis=True)
     learning_rate: float = setting(1e-3, "peak learning rate (cosine schedule)", verbs=TRAIN_VERBS[:1], axis=True)
@@ -99,7 +96,6 @@ class Train:
 @dataclasses.dataclass
 class Tracking:
     """`tracking`: MLflow. MLFLOW_TRACKING_URI wins over tracking_uri."""
-    PROFILED: ClassVar[bool] = False
     tracking_uri: str = setting("sqlite:///mlflow.db", "the embedded default tracking store")
     experiment_prefix: str = setting("pagating", "experiments are named <prefix>-<profile>")
     drain_timeout_s: float = setting(1800, "end of a run: how long the final uploads wait for an absent server")
@@ -112,7 +108,6 @@ class Tracking:
 @dataclasses.dataclass
 class Cloud:
     """`cloud`: renting a GPU (`pagating vast`). Its flags keep vast's dashed spellings."""
-    PROFILED: ClassVar[bool] = False
     gpu_name: str = setting("RTX 4090", "GPU model, Vast spelling ('any' for all)", flags=("--gpu-name",),
                             verbs=CLOUD_VERBS)
     min_reliability: float = setting(0.95, "lowest host reliability", flags=("--min-reliability",),
@@ -140,7 +135,6 @@ class Setting:
     flags: tuple[str, ...]   # CLI spellings, first one canonical
     verbs: tuple[str, ...]
     axis: bool
-    profiled: bool
 
 
 def _settings() -> dict[str, Setting]:
@@ -151,7 +145,7 @@ def _settings() -> dict[str, Setting]:
             name = f.name
             flags = f.metadata["flags"] or tuple(dict.fromkeys((f"--{name}", f"--{name.replace('_', '-')}")))
             out[f"{section}.{name}"] = Setting(f"{section}.{name}", hints[name], f.default, f.metadata["help"],
-                                               flags, f.metadata["verbs"], f.metadata["axis"], cls.PROFILED)
+                                               flags, f.metadata["verbs"], f.metadata["axis"])
     return out
 
 
@@ -324,6 +318,21 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return load_config(args.profile or None, overrides_from_args(args))
 
 
+# Not a paGating unit: GPT-2's own GELU MLP (c_fc, gelu, c_proj), the baseline a sweep can include. Here, not
+# in units.py, so the torch-free modules (sweep, report, flops) ask the same question as the model.
+PLAIN = "plain"
+
+
+def is_plain(unit: str) -> bool:
+    return str(unit).lower() == PLAIN
+
+
+def mlp_width(ffn_dim: int, param_matched: bool, unit: str) -> int:
+    """The MLP's hidden width as the model builds it (and MFU and cost projections count it): a gated unit
+    has three d_model x d_ff matrices instead of two, so param_matched takes 2/3 of ffn_dim."""
+    return int(ffn_dim) * 2 // 3 if param_matched and not is_plain(unit) else int(ffn_dim)
+
+
 def experiment_name(cfg: dict[str, Any]) -> str:
     """The MLflow experiment of a profile: `pagating-<profile>`."""
     return f"{cfg['tracking']['experiment_prefix']}-{cfg['profile']}"
@@ -394,11 +403,10 @@ def _scalar(value: Any) -> str:
 
 def mlproject_text(path: str | os.PathLike | None = None) -> str:
     """The MLproject file, generated from the declarations and params.yaml's values."""
-    raw = _numbers(_read_yaml(Path(path) if path else params_path()) or {})
     out = [_MLPROJECT_HEADER, "name: pagating", "", "conda_env: conda.yaml", "", "entry_points:"]
     for entry, (verb, profile, names) in ENTRY_POINTS.items():
         parser, cfg = _verb_parser(verb), load_config(profile, path=path)
-        params = [] if profile else [("profile", "string", raw.get("profile", "sample"))]
+        params = [] if profile else [("profile", "string", cfg["profile"])]  # params.yaml's default profile
         command = f"pagating {verb} --profile {profile or '{profile}'}"
         for name in names:
             if name in SETTINGS:

@@ -487,20 +487,20 @@ def check_prepared(cfg: dict[str, Any]) -> dict[str, Any]:
     as they are now. The model is built from meta but the run logs the config: they must agree, else
     a run would train one thing and record another. Any difference is a UserError naming the fix."""
     d = cfg["data"]
-    fix = prepare_command(cfg)
-    path = _resolve(d["prepared_dir"]) / META_FILE
-    if not path.is_file():
-        raise UserError(f"{d['prepared_dir']} not found: run `{fix}`")
-    meta = json.loads(path.read_text())
+    try:
+        meta = load_meta(d["prepared_dir"])
+    except UserError:  # the same line, with the exact command for this config
+        raise UserError(f"{d['prepared_dir']} not found: run `{prepare_command(cfg)}`") from None
     made = meta.get("config") or {k: meta.get(k) for k in META_CHECKS}  # older meta: what it measured
     for key in META_CHECKS:
         if key in d and made.get(key) is not None and str(made[key]) != str(d[key]):
             raise UserError(f"{d['prepared_dir']} was prepared with data.{key}={made[key]} but the config says "
-                            f"{d[key]}: run `{fix}`")
+                            f"{d[key]}: run `{prepare_command(cfg)}`")
     raw_dir = _resolve(d["raw_dir"])
     for name, md5 in (meta.get("source_md5") or {}).items():
         if (raw_dir / name).is_file() and _file_md5(raw_dir / name) != md5:
-            raise UserError(f"{d['raw_dir']}/{name} changed since {d['prepared_dir']} was prepared: run `{fix}`")
+            raise UserError(f"{d['raw_dir']}/{name} changed since {d['prepared_dir']} was prepared: "
+                            f"run `{prepare_command(cfg)}`")
     return meta
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import re
 
+from pagating.config import is_plain, mlp_width
+
 PEAK_BF16_TFLOPS: dict[str, float] = {
     # NVIDIA Ada Lovelace architecture whitepaper v1.1, appendix table: BF16 w/ FP32 acc. 165.2 (330.4 sparse)
     "NVIDIA GeForce RTX 4090": 165.2,
@@ -113,10 +115,7 @@ def config_flops_per_token(cfg: dict) -> float:
     """flops_per_token of a params.yaml config (model + data sections), as train builds the model."""
     m, d = cfg["model"], cfg["data"]
     width = int(m["n_embd"])
-    d_ff = int(m["ffn_dim"])
-    gated = str(m["unit"]).lower() != "plain"
-    if m["param_matched"] and gated:
-        d_ff = d_ff * 2 // 3
-    return flops_per_token(n_layer=int(m["n_layer"]), n_embd=width, d_ff=d_ff,
+    return flops_per_token(n_layer=int(m["n_layer"]), n_embd=width,
+                           d_ff=mlp_width(m["ffn_dim"], m["param_matched"], m["unit"]),
                            vocab_size=padded_vocab(int(d["vocab_size"])), block_size=int(d["block_size"]),
-                           gated=gated)
+                           gated=not is_plain(m["unit"]))

@@ -15,8 +15,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHea
 from transformers import initialization as hf_init
 
 from pagating.alpha import Alpha, parse_alpha_mode
-from pagating.config import defaults
-from pagating.units import PaGatingBase, check_unit, get_unit, is_plain, paSwishU
+from pagating.config import defaults, is_plain, mlp_width
+from pagating.units import PaGatingBase, check_unit, get_unit, paSwishU
 
 
 class PaGatingGPT2Config(GPT2Config):
@@ -43,8 +43,7 @@ class PaGatingGPT2Config(GPT2Config):
 
     @property
     def d_ff(self) -> int:
-        # A gated unit has three d_model x d_ff matrices instead of two: 2/3 of d_ff matches GPT-2's count.
-        return self.ffn_dim * 2 // 3 if self.param_matched and not self.plain else self.ffn_dim
+        return mlp_width(self.ffn_dim, self.param_matched, self.unit)
 
 
 class PaGatingMLP(nn.Module):

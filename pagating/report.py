@@ -21,7 +21,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from pagating.config import UserError, add_config_args, config_from_args, experiment_name
+from pagating.config import PLAIN, UserError, add_config_args, config_from_args, experiment_name, is_plain
 
 # Where reports live (dvc.yaml names the same paths): one folder, the sweep's run list beside what the report writes.
 REPORTS_DIR = "reports"
@@ -196,8 +196,7 @@ def collect(mlf, name: str, run) -> dict[str, Any] | None:
         "test_loss": metrics.get("test/loss"), "eval_tail": losses[-3:],
         "name": name, "run_id": rid, "config_hash": tags.get("pagating.config_hash", ""),
         # GPT-2's own MLP has no α: its bars and CSV rows say `plain`, not the unused train.alpha_mode.
-        "alpha_mode": ("plain" if params.get("model.unit", "").lower() == "plain"
-                       else params.get("train.alpha_mode", "?")),
+        "alpha_mode": PLAIN if is_plain(params.get("model.unit", "")) else params.get("train.alpha_mode", "?"),
         "learning_rate": _float(params.get("train.learning_rate")),
         "unit": params.get("model.unit", "?"), "max_steps": int(max_steps) if max_steps else None,
         "gpu": tags.get("gpu.name") or "unknown", "usd_per_hour": rate,
@@ -265,18 +264,14 @@ def paired(a: dict[int, float], b: dict[int, float]) -> dict[str, Any] | None:
     return {"diff": mean, "ci95": half, "p": p, "seeds": len(seeds)}
 
 
-def is_plain_row(r: dict) -> bool:
-    return str(r["unit"]).lower() == "plain"
-
-
 def comparison(rows: list[dict]) -> dict[str, Any]:
     """Runs grouped by config (everything but the seed): mean ± 95% CI of final eval loss over seeds, each
     config against the best one and against the plain baseline (same lr) by a paired test over seeds."""
     groups: dict[tuple, dict[str, Any]] = {}
     for r in rows:
         key = (r["config"], r["param_matched"], r["d_ff"])
-        g = groups.setdefault(key, {"config": r["config"], "unit": r["unit"], "plain": is_plain_row(r),
-                                    "alpha_mode": "-" if is_plain_row(r) else r["alpha_mode"],
+        g = groups.setdefault(key, {"config": r["config"], "unit": r["unit"], "plain": is_plain(r["unit"]),
+                                    "alpha_mode": "-" if is_plain(r["unit"]) else r["alpha_mode"],
                                     "learning_rate": r["learning_rate"], "n_params": r["n_params"],
                                     "param_matched": r["param_matched"], "d_ff": r["d_ff"], "by_seed": {}})
         g["by_seed"][r["seed"] if r["seed"] is not None else len(g["by_seed"])] = r["final_eval_loss"]

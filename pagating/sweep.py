@@ -33,6 +33,7 @@ from pagating.config import (
     add_config_args,
     config_from_args,
     config_hash,
+    is_plain,
     load_config,
     parse_sets,
     sets_from_args,
@@ -58,17 +59,13 @@ def grid(cfg: dict) -> list[dict[str, Any]]:
     configs, seen = [], set()
     for combo in itertools.product(*values):
         config = dict(combo)
-        if str(config.get("model.unit", base_unit(cfg))).lower() == "plain":
+        if is_plain(config.get("model.unit", cfg["model"]["unit"])):
             config.pop("train.alpha_mode", None)  # GPT-2's own MLP has no α: one run per remaining cell
         key = json.dumps(config, sort_keys=True, default=str)
         if key not in seen:
             seen.add(key)
             configs.append(config)
     return configs
-
-
-def base_unit(cfg: dict) -> str:
-    return str(cfg["model"]["unit"])
 
 
 def parse_shard(text: str) -> tuple[int, int]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pagating.config import UserError, add_config_args, config_from_args, config_hash, flatten
+from pagating.config import UserError, add_config_args, config_from_args, config_hash, flatten, is_plain
 from pagating.runtime import passive_openmp
 
 passive_openmp()  # before transformers pulls in torch: OpenMP reads its wait policy once, at load
@@ -46,7 +46,7 @@ def validate(cfg: dict, world: int = 1) -> None:
 
 
 def run_name(cfg: dict) -> str:
-    if str(cfg["model"]["unit"]).lower() == "plain":  # GPT-2's own MLP: no α
+    if is_plain(cfg["model"]["unit"]):  # GPT-2's own MLP: no α
         return f"plain lr={cfg['train']['learning_rate']:g}"
     return f"{cfg['model']['unit']} {cfg['train']['alpha_mode']} lr={cfg['train']['learning_rate']:g}"
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagating.alpha import Alpha
+from pagating.config import PLAIN, is_plain  # noqa: F401  (re-exported: `plain` is a model.unit value)
 
 
 class PaGatingBase(nn.Module):
@@ -127,14 +128,6 @@ class paSiLU(PaGatingBase):  # noqa: N801
 UNITS: dict[str, type[PaGatingBase]] = {
     cls.__name__: cls for cls in (paGLU, paGTU, paSwishU, paReGLU, paGELU, paMishU, paSiLU)
 }
-
-
-# Not a paGating unit: GPT-2's own GELU MLP (c_fc, gelu, c_proj), the baseline a sweep can include.
-PLAIN = "plain"
-
-
-def is_plain(name: str) -> bool:
-    return str(name).lower() == PLAIN
 
 
 def get_unit(name: str) -> type[PaGatingBase]:
