@@ -39,12 +39,13 @@ def log_artifact_name(iid: str | int) -> str:
 
 # ---- DVC plugin -------------------------------------------------------------------------------
 
-def dvc_default_remote(root: Path) -> tuple[str, str] | None:
-    """(name, url) of the default remote in the committed .dvc/config (.dvc/config.local is not
-    part of a checkout)."""
+def dvc_default_remote(root: Path, with_local: bool = False) -> tuple[str, str] | None:
+    """(name, url) of the default remote in the committed .dvc/config, or with `with_local` as this
+    machine's DVC sees it (.dvc/config.local too: not part of a checkout, so not what an instance gets).
+    Read directly: importing dvc costs seconds. DVC writes sections as `'remote "name"'`."""
     cp = configparser.ConfigParser(interpolation=None, strict=False)
     try:
-        cp.read(root / ".dvc" / "config")
+        cp.read([root / ".dvc" / "config", *([root / ".dvc" / "config.local"] if with_local else [])])
     except configparser.Error:
         return None
     name = cp.get("core", "remote", fallback=None)

@@ -227,15 +227,11 @@ def source_tags(entry_point: str, root: str | Path = ".") -> dict[str, str]:
 
 
 def dvc_data_source(root: str | Path = ".", path: str = "data/raw") -> str:
-    """Where data.dvc's data lives: the default DVC remote's URL (no credentials), else the local path.
-    Read from .dvc/config (+ config.local) directly: importing dvc costs seconds per run."""
-    import configparser
+    """Where data.dvc's data lives: the default DVC remote's URL (no credentials), else the local path."""
+    from pagating.instance import dvc_default_remote
 
-    cfg = configparser.ConfigParser()
-    cfg.read([Path(root) / ".dvc" / "config", Path(root) / ".dvc" / "config.local"])
-    remote = cfg.get("core", "remote", fallback="")
-    url = cfg.get(f'remote "{remote}"', "url", fallback="") if remote else ""
-    return strip_credentials(url) if url else str((Path(root) / path).resolve())
+    remote = dvc_default_remote(Path(root), with_local=True)
+    return strip_credentials(remote[1]) if remote else str((Path(root) / path).resolve())
 
 
 def log_datasets(mlf, run_id: str, profile: str, digest: str, source: str) -> None:

@@ -563,7 +563,7 @@ class Watcher:
         now, gone = time.time(), set()
         for inst in insts:
             iid, state = int(inst["id"]), cloud.state_of(inst)
-            if self.seen.get(iid, (None,))[0] != state:
+            if iid not in self.seen or self.seen[iid][0] != state:  # None is a state too (not yet provisioned)
                 self.seen[iid] = (state, now)
             if is_outbid(inst):  # relaunch handles it
                 continue

@@ -12,7 +12,7 @@ import pytest
 from conftest import DVC_CONFIG
 from fake_vast import offer
 
-from pagating import cli, cloud, vast, vast_cost
+from pagating import cli, cloud, tracking, vast, vast_cost
 from pagating.config import load_config
 
 REPO_URL = "https://github.com/example/pagating.git"
@@ -225,6 +225,12 @@ def test_the_default_remote_is_read_from_the_committed_dvc_config(tmp_path):
     (tmp_path / ".dvc" / "config").write_text(DVC_CONFIG)
     assert cloud.dvc_default_remote(tmp_path) == ("storage", "s3://example-bucket/pagating")
     assert cloud.data_env(load_config("wikitext103"), tmp_path) == {}
+    # The runs' dataset source reads the same remote, as DVC writes it (quoted section), plus config.local.
+    assert tracking.dvc_data_source(tmp_path) == "s3://example-bucket/pagating"
+    (tmp_path / ".dvc" / "config.local").write_text(
+        "['remote \"storage\"']\n    url = s3://key:secret@example-bucket/mine\n")
+    assert cloud.dvc_default_remote(tmp_path) == ("storage", "s3://example-bucket/pagating")  # committed only
+    assert tracking.dvc_data_source(tmp_path) == "s3://example-bucket/mine"  # this machine's, no credentials
 
 
 def test_launch_dry_run_prints_masked_env_and_rents_nothing(keyed, capsys):
@@ -575,6 +581,8 @@ def test_watch_destroys_stuck_instances_and_retries_a_failed_destroy(keyed, env,
                        extra_env=_instance_env("s1", "1/3"))
     keyed.add_instance(982, label="pagating-s2-0", actual_status="running", start_date=time.time() - 3600,
                        extra_env=_instance_env("s2", "0/1"))  # another sweep, running: left alone
+    keyed.add_instance(983, label="pagating-s1-2", actual_status=None, start_date=time.time() - 3600,
+                       extra_env=_instance_env("s1", "2/3"))  # never provisioned: Vast reports no status yet
     keyed.fail("DELETE", "/api/v0/instances/980/", *[500] * vast.RETRY_ATTEMPTS)  # the first destroy fails
     rc, out, _ = run(capsys, "vast", "watch", "--sweep", "s1", "--interval", "0.3", "--start-timeout", "0.05",
                      *NO_MLFLOW)  # it runs until every instance of the sweep is gone
@@ -582,6 +590,7 @@ def test_watch_destroys_stuck_instances_and_retries_a_failed_destroy(keyed, env,
     assert "pull access denied" in out and "retrying next round" in out
     assert len(keyed.destroys(980)) == vast.RETRY_ATTEMPTS + 1  # failed attempts, then the retry that went through
     assert len(keyed.destroys(981)) == 1  # loading past the (short) timeout as well
+    assert len(keyed.destroys(983)) == 1 and "provisioning for 60 min" in out
     assert keyed.destroys(982) == []
 
 
