@@ -242,10 +242,8 @@ def _shutdown(nvml) -> None:
 def cpu_window() -> dict[str, float]:
     """CPU utilisation since the previous call (psutil's own bookkeeping: the first call primes it and
     returns nothing) and RAM in use now, under MLflow's names."""
-    try:
-        import psutil
-    except ImportError:
-        return {}
+    import psutil  # a dependency of the package (pyproject.toml)
+
     global _cpu_primed
     util = psutil.cpu_percent(interval=None)
     mem = psutil.virtual_memory()

@@ -155,8 +155,7 @@ class TrainingRun:
         # Lines the interrupted process spooled but never sent go first; only then is "already
         # logged" known, and the resumed run skips exactly those steps.
         leftover = tracking.MetricSpool(tracking.spool_path(self.run_dir, self.run_id), self.run_id, self.job.uri)
-        if leftover.pending():
-            leftover.drain(120.0)
+        leftover.drain(120.0)  # returns at once when nothing is pending
         leftover.close()
         return tracking.last_steps(self.mlf, self.run_id)
 
@@ -166,28 +165,26 @@ class TrainingRun:
         from pagating.data import data_md5
 
         job, cfg = self.job, self.job.cfg
-        run = self.mlf.create_run(job.exp_id, run_name=self.name, tags=self._tags(n_params, gpu, usd_per_hour))
+        md5 = data_md5()
+        run = self.mlf.create_run(job.exp_id, run_name=self.name, tags=self._tags(n_params, gpu, usd_per_hour, md5))
         self.run_id = run.info.run_id
         items = [Param(k, str(v)) for k, v in sorted(params.items())]
         for i in range(0, len(items), 100):
             self.mlf.log_batch(self.run_id, params=items[i:i + 100])
         self.mlf.log_text(self.run_id, yaml.safe_dump({k: v for k, v in cfg.items()}, sort_keys=False),
                           "params.yaml")
-        tracking.log_datasets(self.mlf, self.run_id, cfg["profile"], data_md5() or meta_digest(job.meta),
+        tracking.log_datasets(self.mlf, self.run_id, cfg["profile"], md5 or meta_digest(job.meta),
                               tracking.dvc_data_source(path=cfg["data"]["raw_dir"]))
         return {}
 
-    def _tags(self, n_params: int, gpu: str, usd_per_hour: float | None) -> dict[str, str]:
+    def _tags(self, n_params: int, gpu: str, usd_per_hour: float | None, md5: str) -> dict[str, str]:
         import os
 
-        from pagating.data import data_md5
-
-        cfg = self.job.cfg
-        tags = {"pagating.config_hash": self.job.h, "git.commit": tracking.git_commit(),
-                "dvc.data_md5": data_md5(), "gpu.name": gpu, "host": tracking.host_tag(),
-                "mlflow.runName": self.name, **tracking.source_tags("train"),
-                "mlflow.note.content": tracking.run_note(
-                    cfg, tracking.reproduce_command(cfg, tracking.git_commit()), n_params),
+        cfg, commit = self.job.cfg, tracking.git_commit()
+        tags = {"pagating.config_hash": self.job.h, "git.commit": commit,
+                "dvc.data_md5": md5, "gpu.name": gpu, "host": tracking.host_tag(),
+                "mlflow.runName": self.name, **tracking.source_tags("train", commit),
+                "mlflow.note.content": tracking.run_note(cfg, tracking.reproduce_command(cfg, commit), n_params),
                 **(self.extra_tags or {})}
         if self.sweep_id:
             tags["pagating.sweep_id"] = self.sweep_id
@@ -299,8 +296,8 @@ def find_resume(cfg: dict, resume: str, run_dir: Path, mlf, exp_id: str, h: str)
         ckpt = Path(resume)
         if not (ckpt / "trainer_state.json").exists():
             raise UserError(f"{ckpt} is not a Trainer checkpoint (no trainer_state.json)")
-        if (ckpt / tracking.CKPT_MARKER).exists() and tracking.verify_checkpoint(ckpt):
-            raise UserError(f"checkpoint {ckpt} is corrupt ({tracking.verify_checkpoint(ckpt)}): pick another one")
+        if (ckpt / tracking.CKPT_MARKER).exists() and (problem := tracking.verify_checkpoint(ckpt)):
+            raise UserError(f"checkpoint {ckpt} is corrupt ({problem}): pick another one")
         info = tracking.read_run_file(ckpt) or tracking.read_run_file(run_dir) or {}
         return ckpt, info.get("run_id")
     if resume in ("none", "", None) and not unfinished:

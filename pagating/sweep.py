@@ -223,7 +223,7 @@ def open_parent(mlf, base: dict, configs: list[dict], meta: dict, sweep_id: str,
     commit = tracking.git_commit()
     command = " ".join(["pagating", "sweep", "--profile", base["profile"], *(f"--set '{x}'" for x in extra_sets)])
     parent_tags = {"pagating.sweep_id": sweep_id, "pagating.role": "sweep", "git.commit": commit,
-                   "dvc.data_md5": data_md5(), **tracking.source_tags("sweep"),
+                   "dvc.data_md5": data_md5(), **tracking.source_tags("sweep", commit),
                    "mlflow.note.content": _sweep_note(base, configs, f"git checkout {commit} && {command}"
                                                       if commit else command)}
     mlf.log_batch(parent_id, tags=[RunTag(k, v) for k, v in parent_tags.items()])

@@ -213,10 +213,11 @@ def user_name() -> str:
         return os.environ.get("USER", "unknown")
 
 
-def source_tags(entry_point: str, root: str | Path = ".") -> dict[str, str]:
-    """mlflow.source.* / mlflow.user as `mlflow run` sets them: the project at its commit, the entry point.
-    The UI's Source column shows `<project>:<entry point>`, linked to the commit when the repo is on GitHub."""
-    commit, repo = git_commit(root), git_repo_url(root)
+def source_tags(entry_point: str, commit: str | None, root: str | Path = ".") -> dict[str, str]:
+    """mlflow.source.* / mlflow.user as `mlflow run` sets them: the project at its commit (the caller's
+    git_commit), the entry point. The UI's Source column shows `<project>:<entry point>`, linked to the
+    commit when the repo is on GitHub."""
+    repo = git_repo_url(root)
     tags = {"mlflow.source.type": "PROJECT", "mlflow.source.name": repo or str(Path(root).resolve()),
             "mlflow.project.entryPoint": entry_point, "mlflow.user": user_name()}
     if commit:
@@ -573,7 +574,6 @@ class CheckpointUploader:
     def upload_now(self, path: Path) -> None:
         """Upload one staged checkpoint in the caller's thread (`pagating sync`); raises on failure."""
         self._upload(path)
-        self.uploaded_step = json.loads((path / CKPT_MARKER).read_text())["step"]
 
     def _upload(self, path: Path) -> None:
         marker = json.loads((path / CKPT_MARKER).read_text())
@@ -597,7 +597,7 @@ class CheckpointUploader:
             pointer = Path(tmp) / CKPT_POINTER
             pointer.write_text(json.dumps({"slot": slot, "step": marker["step"]}))
             mlf.log_artifact(self.run_id, str(pointer), CKPT_ROOT)
-        self._slot = slot
+        self._slot, self.uploaded_step = slot, marker["step"]
 
     def _run(self) -> None:
         backoff = _Backoff()
@@ -610,7 +610,6 @@ class CheckpointUploader:
                 path, self._pending, self._busy = self._pending, None, True
             try:
                 self._upload(path)
-                self.uploaded_step = json.loads((path / CKPT_MARKER).read_text())["step"]
                 shutil.rmtree(path, ignore_errors=True)
                 self.last_error = None
                 backoff.ok()
@@ -627,10 +626,6 @@ class CheckpointUploader:
                     self._busy = False
                     self._cond.notify_all()
 
-    def pending(self) -> Path | None:
-        with self._cond:
-            return self._pending
-
     def wait(self, timeout_s: float) -> bool:
         """Wait for pending uploads; True when nothing is left."""
         deadline = time.time() + timeout_s
@@ -645,10 +640,12 @@ class CheckpointUploader:
             self._cond.notify_all()
 
 
-def _read_pointer(mlf, run_id: str) -> dict | None:
-    """checkpoints/latest.json of a run, or None when absent (raises when the server does not answer)."""
-    names = {a.path.rsplit("/", 1)[-1] for a in mlf.list_artifacts(run_id, CKPT_ROOT)}
-    if CKPT_POINTER not in names:
+def _read_pointer(mlf, run_id: str, listing: list | None = None) -> dict | None:
+    """checkpoints/latest.json of a run, or None when absent (raises when the server does not answer).
+    `listing`: the caller's list_artifacts of checkpoints/, if it has one."""
+    if listing is None:
+        listing = mlf.list_artifacts(run_id, CKPT_ROOT)
+    if CKPT_POINTER not in {a.path.rsplit("/", 1)[-1] for a in listing}:
         return None
     with tempfile.TemporaryDirectory() as tmp:
         try:
@@ -661,8 +658,9 @@ def download_checkpoint(mlf, run_id: str, dst: str | Path) -> Path | None:
     """The newest whole checkpoint of a run, verified against its marker, as dst/checkpoint-<step>;
     a cut-off or corrupt one is named in one line and the older one tried; None if none is whole."""
     try:
-        slots = [a.path.rsplit("/", 1)[-1] for a in mlf.list_artifacts(run_id, CKPT_ROOT) if a.is_dir]
-        pointer = _read_pointer(mlf, run_id) or {}
+        listing = mlf.list_artifacts(run_id, CKPT_ROOT)
+        slots = [a.path.rsplit("/", 1)[-1] for a in listing if a.is_dir]
+        pointer = _read_pointer(mlf, run_id, listing) or {}
     except Exception:
         return None
     tmp_root = Path(dst) / ".download"
