@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
-from pagating import vast_cost
+from pagating import tracking, vast_cost
 from pagating.config import UserError, experiment_name, project_root
 from pagating.instance import LOG_ARTIFACT_DIR, REPORT_TAG, dvc_default_remote, dvc_extra, log_artifact_name
 from pagating.tracking import mask_uri
@@ -35,7 +35,6 @@ NEVER_SENT = ("VAST_API_KEY", "CONTAINER_ID", "CONTAINER_API_KEY")
 # Instance states (Vast's actual_status spelling) in which nothing of ours runs: an instance that
 # stays in one of them past the start timeout is destroyed.
 STUCK_STATES = (None, "", "created", "loading", "exited", "offline", "unknown")
-DEFAULT_START_TIMEOUT_MIN = 15.0
 
 
 class Provider(Protocol):
@@ -289,20 +288,12 @@ def plan_launch(instances: int, budget: float, cfg: dict, offers: list[dict]) ->
 
 # ---- the sweep's parent run and the instances' reports (MLflow) ---------------------------------
 
-def _mlflow(uri: str):
-    from pagating.tracking import client
-
-    return client(uri)
-
-
 def open_sweep_run(uri: str, cfg: dict, sweep_id: str) -> str:
     """The sweep's parent run, made before any instance exists: instances report to it, upload
     their logs to it, and run the sweep under it (`mlflow run --run-id`). A tracking server this
     machine cannot reach or that refuses the credentials stops the launch here (exit 2)."""
-    from pagating import tracking
-
     tracking.check_server(uri)
-    mlf = _mlflow(uri)
+    mlf = tracking.client(uri)
     try:
         exp_id = tracking.experiment_id(mlf, cfg)
         run = mlf.create_run(exp_id, run_name=f"sweep {sweep_id}",
@@ -315,18 +306,20 @@ def open_sweep_run(uri: str, cfg: dict, sweep_id: str) -> str:
 
 
 def mark_created(uri: str, run_id: str, instance_id: int) -> None:
-    _mlflow(uri).set_tag(run_id, f"{REPORT_TAG}{instance_id}", "created: waiting for the instance")
+    tracking.client(uri).set_tag(run_id, f"{REPORT_TAG}{instance_id}", "created: waiting for the instance")
 
 
-def instance_report(uri: str, run_id: str, instance_id: int) -> str | None:
-    """The instance's last report on the parent run, None while it has not reported in."""
-    value = _mlflow(uri).get_run(run_id).data.tags.get(f"{REPORT_TAG}{instance_id}")
-    return None if value is None or value.startswith("created") else value
+def instance_reports(uri: str, run_id: str) -> dict[int, str]:
+    """The last report of each instance that has reported in on the parent run, by instance id
+    (one read for all of them: launch polls every round)."""
+    tags = tracking.client(uri).get_run(run_id).data.tags
+    return {int(k[len(REPORT_TAG):]): v for k, v in tags.items()
+            if k.startswith(REPORT_TAG) and k[len(REPORT_TAG):].isdigit() and not v.startswith("created")}
 
 
 def find_instance_run(uri: str, instance_id: int, prefix: str = "pagating"):
     """The sweep parent run an instance belongs to (the one carrying its report tag), or None."""
-    mlf = _mlflow(uri)
+    mlf = tracking.client(uri)
     exps = vast_cost.pagating_experiments(mlf, prefix)
     if not exps:
         return None
@@ -345,7 +338,7 @@ def instance_log(uri: str, instance_id: int) -> str:
     # The client of `uri`, not mlflow.artifacts: that reads the process-wide tracking URI.
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            local = _mlflow(uri).download_artifacts(run.info.run_id, path, tmp)
+            local = tracking.client(uri).download_artifacts(run.info.run_id, path, tmp)
             return Path(local).read_text(encoding="utf-8", errors="replace")
         except Exception as e:  # absent (the usual case) or unreadable: say which below
             missing = re.sub(r"://[^/@\s]*@", "://***@", f"{type(e).__name__}: {e}")  # no credentials
@@ -389,11 +382,10 @@ def sweep_progress(uri: str, sweep_id: str, cfg: dict) -> dict:
                   if "perf/step_time_s" in r.data.metrics]
     max_steps = int(next((r.data.params["train.max_steps"] for r in children
                           if "train.max_steps" in r.data.params), cfg["train"]["max_steps"]))
-    from pagating.tracking import run_url
-
     return {"total": len(grid) or vast_cost.grid_size(cfg), "done": len(done), "running": running,
             "max_steps": max_steps, "s_per_step": sum(step_times) / len(step_times) if step_times else None,
-            "links": [run_url(uri, p.info.experiment_id, p.info.run_id) for p in parents]}  # the UI's sweep row
+            "links": [tracking.run_url(uri, p.info.experiment_id, p.info.run_id)  # the UI's sweep rows
+                      for p in parents]}
 
 
 def progress_line(sweep_id: str, prog: dict, fallback_s_per_step: float, parallel: int) -> str:

@@ -26,7 +26,7 @@ from typing import Any
 
 from pagating import cloud, vast_cost, vast_watchdog
 from pagating.cloud import format_table
-from pagating.config import UserError, add_config_args, project_root
+from pagating.config import UserError, add_config_args, defaults, project_root
 from pagating.tracking import mask_uri, retry
 
 DEFAULT_PROFILE = "wikitext103"  # the GPU runs the real thing; --profile overrides
@@ -60,8 +60,8 @@ def api_key() -> str | None:
         return key
     config = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
     for path in (os.path.join(config, "vastai", "vast_api_key"), os.path.expanduser("~/.vast_api_key")):
-        if os.path.isfile(path) and open(path).read().strip():
-            return open(path).read().strip()
+        if os.path.isfile(path) and (key := open(path).read().strip()):
+            return key
     return None
 
 
@@ -235,11 +235,10 @@ def tracking_uri_for_lookup(args) -> str | None:
 def rank_offers(args, cfg: dict) -> tuple[list[dict], str | None]:
     """Search offers and annotate each with rate, s/step, hours and projected cost for the whole sweep
     (all instances at that offer's price), cheapest first."""
-    cloud_cfg = cfg["cloud"]
     client = Vast(api_key())
     disk = max(args.disk or 0, args.min_disk_gb)
-    min_cuda = image_cuda(args.image or cloud_cfg["image"], args.image_cuda)
-    query = offer_query(args.gpu_name or cloud_cfg["gpu_name"], args.min_reliability, disk,
+    min_cuda = image_cuda(args.image, args.image_cuda)  # args carry the cloud settings (_fill_cloud_defaults)
+    query = offer_query(args.gpu_name, args.min_reliability, disk,
                         args.min_inet_down, args.num_gpus, min_cuda=min_cuda)
     offers = [o for o in client.search_offers(query, args.interruptible, disk) if cuda_ok(o, min_cuda)]
     uri = tracking_uri_for_lookup(args) or cfg["tracking"]["tracking_uri"]
@@ -315,13 +314,13 @@ def wait_started(client: Vast, uri: str, run_id: str, ids: list[int], timeout_s:
     pending, failed = set(ids), {}
     while pending:
         live = {int(i["id"]): i for i in client.instances()}  # one call per round (rate limits)
+        try:
+            reports = cloud.instance_reports(uri, run_id)
+        except Exception as exc:  # the server blinked: ask again next round
+            reports = {}
+            print(f"could not read the instances' reports ({type(exc).__name__})", file=sys.stderr)
         for iid in sorted(pending):
-            inst = live.get(iid)
-            try:
-                state = cloud.instance_report(uri, run_id, iid)
-            except Exception as exc:  # the server blinked: ask again next round
-                state = None
-                print(f"instance {iid}: could not read its report ({type(exc).__name__})", file=sys.stderr)
+            inst, state = live.get(iid), reports.get(iid)
             if state and state.startswith("failed"):
                 failed[iid] = state
             elif inst is None:
@@ -647,7 +646,7 @@ def cmd_status(args) -> int:
 def cmd_watch(args) -> int:
     client = Vast(require_key())
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    timeout = args.start_timeout if args.start_timeout is not None else cloud.DEFAULT_START_TIMEOUT_MIN
+    timeout = args.start_timeout if args.start_timeout is not None else defaults("cloud")["start_timeout_min"]
     watcher = Watcher(timeout * 60)
     while True:
         print(time.strftime("-- %H:%M:%S"))
@@ -758,7 +757,7 @@ def register_cli(sub) -> None:
             p.add_argument("--once", action="store_true", help="one round, then exit")
             p.add_argument("--start-timeout", type=float, default=None, metavar="MIN",
                            help="destroy instances loading, exited or offline this long "
-                                f"(default {cloud.DEFAULT_START_TIMEOUT_MIN:g})")
+                                f"(default {defaults('cloud')['start_timeout_min']:g})")
         p.set_defaults(func=func)
 
     p = verbs.add_parser("logs", help="an instance's onstart log (from MLflow once the instance is gone)")

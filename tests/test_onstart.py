@@ -50,7 +50,7 @@ def onstart_env(fake_url: str, tracking_uri: str, sweep_id: str, **extra) -> dic
     env.update({"PATH": f"{VENV_BIN}:{env.get('PATH', '')}", "VAST_SERVER_URL": fake_url,
                 "CONTAINER_ID": "4242", "CONTAINER_API_KEY": "container-key-4242",
                 "MLFLOW_TRACKING_URI": tracking_uri, "PAGATING_SWEEP_ID": sweep_id,
-                "PAGATING_SKIP_CHECKOUT": "1", "PAGATING_SKIP_INSTALL": "1", "PAGATING_BUDGET_USD": "5",
+                "PAGATING_SKIP_INSTALL": "1", "PAGATING_BUDGET_USD": "5",
                 "PAGATING_USD_PER_HOUR": "0.4", "PAGATING_STALL_S": "600"})
     env.update(extra)
     return env
