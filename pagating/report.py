@@ -12,6 +12,7 @@ parent run (`--sweep-id`, or the newest run tagged `pagating.role=sweep` in `pag
 
 from __future__ import annotations
 
+import collections
 import csv
 import io
 import json
@@ -607,7 +608,7 @@ def report(cfg: dict, sweep_json: str | Path | None = SWEEP_JSON, sweep_id: str 
     exp_name = mlf.get_experiment(info["runs"][0][1].info.experiment_id).name
 
     rows, seen = [], set()
-    repeated = {n for n in (name for name, _ in info["runs"]) if sum(m == n for m, _ in info["runs"]) > 1}
+    repeated = {n for n, count in collections.Counter(name for name, _ in info["runs"]).items() if count > 1}
     for name, run in info["runs"]:
         row = collect(mlf, name, run)
         if row is None:

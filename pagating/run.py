@@ -56,6 +56,7 @@ class TrainingRun:
         self.tracks = job.rank == 0
         self.mlf, self.run_dir, self.tracking_cfg = job.mlf, job.run_dir, job.cfg["tracking"]
         self.claim: tracking.Claim | None = None
+        self._runs: list = []  # this config's MLflow runs, read once the claim is held
         self.outcome: dict[str, Any] | None = None
         self.ckpt: Path | None = None
         self.run_id: str | None = None
@@ -86,11 +87,11 @@ class TrainingRun:
     def _claim(self) -> dict[str, Any] | None:
         """One process per config: claimed in MLflow before anything is trained or written."""
         job, run_dir = self.job, str(self.run_dir)
-        done = finished_run(self.mlf, job.exp_id, job.h)
+        runs = tracking.runs_with_hash(self.mlf, job.exp_id, job.h)
+        done = finished_run(runs, job.h)
         if done is not None:
             return done | {"run_dir": run_dir}
-        if self.resume == "auto" and not unfinished_runs(self.mlf, job.exp_id, job.h) \
-                and not any(self.run_dir.glob("checkpoint-*")):
+        if self.resume == "auto" and not unfinished_runs(runs) and not any(self.run_dir.glob("checkpoint-*")):
             raise UserError(f"nothing to resume: no checkpoint in {run_dir} and no unfinished MLflow run of this "
                             f"config (hash {job.h}); run without --resume to start fresh")
         claim = tracking.Claim.for_config(self.mlf, job.exp_id, job.h, self.tracking_cfg)
@@ -101,13 +102,15 @@ class TrainingRun:
             raise UserError(f"this config (hash {job.h}) is already being trained by "
                             f"{tracking.describe_claim(held, claim.timeout_s)}: wait for it, or stop that process")
         self.claim = claim
-        done = finished_run(self.mlf, job.exp_id, job.h)  # finished while we were claiming
+        # Read again now that the claim is ours (one may have finished meanwhile); nothing changes them after.
+        self._runs = tracking.runs_with_hash(self.mlf, job.exp_id, job.h)
+        done = finished_run(self._runs, job.h)
         return done | {"run_dir": run_dir} if done is not None else None
 
     def _find_resume(self) -> None:
         job = self.job
         if self.tracks:
-            self.ckpt, self.run_id = find_resume(job.cfg, self.resume, self.run_dir, self.mlf, job.exp_id, job.h)
+            self.ckpt, self.run_id = find_resume(job.cfg, self.resume, self.run_dir, self.mlf, job.h, self._runs)
         else:  # a DDP worker follows what the launcher resolved (rank 0 may be creating the run right now)
             self.ckpt = Path(self.resume) if self.resume not in RESUME_WORDS else None
         if self.tracks and self.run_id and not self.ckpt:
@@ -281,17 +284,19 @@ def newest_checkpoint(run_dir: Path, run_id: str | None = None) -> Path | None:
     return None
 
 
-def unfinished_runs(mlf, exp_id: str, h: str) -> list:
-    return [r for r in tracking.runs_with_hash(mlf, exp_id, h) if r.info.status != "FINISHED"]
+def unfinished_runs(runs: list) -> list:
+    """Of a config's runs (tracking.runs_with_hash), those not FINISHED."""
+    return [r for r in runs if r.info.status != "FINISHED"]
 
 
-def find_resume(cfg: dict, resume: str, run_dir: Path, mlf, exp_id: str, h: str) -> tuple[Path | None, str | None]:
-    """(checkpoint dir, MLflow run id) to continue, or (None, None) for a fresh run.
+def find_resume(cfg: dict, resume: str, run_dir: Path, mlf, h: str, runs: list) -> tuple[Path | None, str | None]:
+    """(checkpoint dir, MLflow run id) to continue, or (None, None) for a fresh run; `runs`: the config's
+    runs (tracking.runs_with_hash).
 
     An unfinished run of this config (its claim is ours by now) is always continued, whatever
     `resume` says: one run per config. `auto` insists on a checkpoint; `if-any`/`none` start over
     under the same run id when there is none (steps already logged are skipped)."""
-    unfinished = unfinished_runs(mlf, exp_id, h)
+    unfinished = unfinished_runs(runs)
     if resume not in RESUME_WORDS:
         ckpt = Path(resume)
         if not (ckpt / "trainer_state.json").exists():
@@ -316,9 +321,10 @@ def find_resume(cfg: dict, resume: str, run_dir: Path, mlf, exp_id: str, h: str)
     return None, (unfinished[0].info.run_id if unfinished else None)
 
 
-def finished_run(mlf, exp_id: str, h: str) -> dict | None:
-    """A FINISHED run of this config: the result to report instead of training it again."""
-    done = [r for r in tracking.runs_with_hash(mlf, exp_id, h) if r.info.status == "FINISHED"]
+def finished_run(runs: list, h: str) -> dict | None:
+    """A FINISHED one of a config's runs (tracking.runs_with_hash): the result to report instead of training
+    it again."""
+    done = [r for r in runs if r.info.status == "FINISHED"]
     if not done:
         return None
     run = done[0]

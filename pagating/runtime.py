@@ -59,33 +59,30 @@ def explicit_threads() -> int | None:
 
 
 def idle_cores(sample_s: float = 0.25) -> float | None:
-    """How many of this process's cores sat idle over `sample_s` (/proc/stat), None where unknown.
+    """How many of this process's cores sat idle over `sample_s` (psutil's per-CPU times), None where unknown.
 
     Why: OpenMP threads that share a core with another busy process wait on each other at every
     barrier: beside two busy processes on 2 cores, 2 threads made a step ~2.4x slower, 1 thread ~1.5x.
     """
     import time
 
+    import psutil
+
     try:
-        cpus = {f"cpu{i}" for i in os.sched_getaffinity(0)}
+        cpus = os.sched_getaffinity(0)
     except (AttributeError, OSError):
         return None
 
-    def read() -> dict[str, tuple[int, int]]:
-        out = {}
-        with open("/proc/stat") as f:
-            for line in f:
-                name, *fields = line.split()
-                if name in cpus:
-                    ticks = [int(x) for x in fields[:8]]
-                    out[name] = (ticks[3] + ticks[4], sum(ticks))  # idle + iowait, total
-        return out
+    def read() -> dict[int, tuple[float, float]]:
+        # idle + iowait, and the total without guest time (already counted in user/nice)
+        return {i: (t.idle + getattr(t, "iowait", 0.0), sum(t[:8]))
+                for i, t in enumerate(psutil.cpu_times(percpu=True)) if i in cpus}
 
     try:
         a = read()
         time.sleep(sample_s)
         b = read()
-    except (OSError, ValueError, IndexError):
+    except (OSError, psutil.Error):
         return None
     idle = 0.0
     for name in a.keys() & b.keys():

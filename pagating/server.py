@@ -111,33 +111,31 @@ def grant_experiments(uri: str, admin: tuple[str, str], names: list[str], user: 
     import requests
 
     api = uri.rstrip("/")
+
+    def post(path: str, body: dict):
+        return requests.post(f"{api}/api/{path}", json=body, auth=admin, timeout=30)
+
     out = {}
     for name in names:
         r = requests.get(f"{api}/api/2.0/mlflow/experiments/get-by-name", params={"experiment_name": name},
                          auth=admin, timeout=30)
         if r.status_code in (401, 403):
             raise UserError(f"{mask_admin(admin)} cannot manage {uri}: give the admin's credentials")
-        if r.status_code == 404 or (r.ok and r.json()["experiment"]["lifecycle_stage"] == "deleted"):
-            if r.ok:
-                requests.post(f"{api}/api/2.0/mlflow/experiments/restore",
-                              json={"experiment_id": r.json()["experiment"]["experiment_id"]}, auth=admin, timeout=30)
-                exp_id = r.json()["experiment"]["experiment_id"]
-            else:
-                c = requests.post(f"{api}/api/2.0/mlflow/experiments/create", json={"name": name}, auth=admin,
-                                  timeout=30)
-                c.raise_for_status()
-                exp_id = c.json()["experiment_id"]
+        if r.status_code == 404:
+            c = post("2.0/mlflow/experiments/create", {"name": name})
+            c.raise_for_status()
+            exp_id = c.json()["experiment_id"]
         else:
             r.raise_for_status()
-            exp_id = r.json()["experiment"]["experiment_id"]
+            exp = r.json()["experiment"]
+            exp_id = exp["experiment_id"]
+            if exp["lifecycle_stage"] == "deleted":
+                post("2.0/mlflow/experiments/restore", {"experiment_id": exp_id})
         body = {"username": user, "resource_type": "experiment", "resource_id": exp_id}
-        g = requests.post(f"{api}/api/3.0/mlflow/users/permissions/grant", json={**body, "permission": permission},
-                          auth=admin, timeout=30)
+        g = post("3.0/mlflow/users/permissions/grant", {**body, "permission": permission})
         if g.status_code == 400 and "RESOURCE_ALREADY_EXISTS" in g.text:  # re-grant: replace, never widen
-            requests.post(f"{api}/api/3.0/mlflow/users/permissions/revoke", json=body, auth=admin,
-                          timeout=30).raise_for_status()
-            g = requests.post(f"{api}/api/3.0/mlflow/users/permissions/grant",
-                              json={**body, "permission": permission}, auth=admin, timeout=30)
+            post("3.0/mlflow/users/permissions/revoke", body).raise_for_status()
+            g = post("3.0/mlflow/users/permissions/grant", {**body, "permission": permission})
         if not g.ok:
             raise UserError(f"could not grant {user!r} {permission} on {name}: HTTP {g.status_code} "
                             f"{g.text[:200].strip()}")

@@ -430,11 +430,12 @@ def launch_ddp(args, cfg: dict, resume: str) -> int:
     mlf = tracking.client(uri)
     h = config_hash(cfg, meta.get("source_md5", ""))
     exp_id = tracking.experiment_id(mlf, cfg)  # a new sqlite store is created here once, not by N ranks at once
-    done = finished_run(mlf, exp_id, h)  # decided here: N processes must all train or none
+    runs = tracking.runs_with_hash(mlf, exp_id, h)
+    done = finished_run(runs, h)  # decided here: N processes must all train or none
     if done is not None:
         print(json.dumps(done | {"run_dir": str(run_dir_for(cfg, h))}, default=str))
         return 0
-    ckpt, _ = find_resume(cfg, resume, run_dir_for(cfg, h), mlf, exp_id, h)
+    ckpt, _ = find_resume(cfg, resume, run_dir_for(cfg, h), mlf, h, runs)
     resume = str(ckpt) if ckpt else "none"
     argv = list(args.argv)
     cut = argv.index("--nproc")
