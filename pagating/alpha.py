@@ -75,8 +75,13 @@ def _check_range(a: float) -> float:
 
 
 def cosine_alpha(step: int, max_steps: int) -> float:
-    """Half cosine from α=0 at step 0 to α=1 at max_steps (monotone increasing, clamped)."""
-    t = min(max(step / max(max_steps, 1), 0.0), 1.0)
+    """Half cosine from α=0 at step 0 to α=1 at step max_steps - 1 (monotone increasing, clamped).
+
+    `step` is the optimizer steps done before the one α is set for (the Trainer's global_step at step
+    begin), so the last optimizer step (step = max_steps - 1) runs at exactly 1, and the last validation
+    eval, the test eval and the saved model, which all come after it, share that α. One step: α = 1.
+    """
+    t = min(max(step / (max_steps - 1), 0.0), 1.0) if max_steps > 1 else 1.0
     return 0.5 * (1.0 - math.cos(math.pi * t))
 
 
@@ -127,7 +132,7 @@ class LearnableAlpha(AlphaMode):
 @register
 @dataclass(frozen=True)
 class CosineSchedulerAlpha(AlphaMode):
-    """`scheduler_cosine`: α follows a half cosine from 0 to 1 over max_steps, driven by the optimizer step."""
+    """`scheduler_cosine`: α follows a half cosine from 0 at the first optimizer step to 1 at the last."""
 
     name: ClassVar[str] = "scheduler_cosine"
     syntax: ClassVar[str] = "scheduler_cosine"
@@ -142,7 +147,7 @@ class CosineSchedulerAlpha(AlphaMode):
 
     def params(self):
         return {"alpha.kind": self.name,
-                "alpha.schedule": "half cosine, alpha 0 -> 1 over train.max_steps (optimizer steps)"}
+                "alpha.schedule": "half cosine, alpha 0 at the first optimizer step -> 1 at the last (train.max_steps)"}
 
 
 def parse_alpha_mode(mode: str | float | int) -> AlphaMode:

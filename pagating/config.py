@@ -71,7 +71,7 @@ class Model:
     n_head: int = setting(2, "attention heads")
     n_embd: int = setting(64, "model width")
     ffn_dim: int = setting(256, "MLP width d_ff")
-    param_matched: bool = setting(False, "d_ff = 2/3 * 3072 so parameters match plain GPT-2")
+    param_matched: bool = setting(True, "gated units get d_ff = 2/3 of ffn_dim, so parameters match the plain MLP")
     dropout: float = setting(0.0, "dropout where GPT-2 has it")
 
 

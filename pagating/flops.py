@@ -96,6 +96,13 @@ def mfu_peak_flops(device_name: str) -> float | None:
     return peak * 1e12 if peak else None
 
 
+def run_peak_flops(device_name: str, world_size: int = 1) -> float | None:
+    """The peak of all devices a run trains on (world size x one device's peak): MFU = achieved FLOP/s over
+    it is the utilisation per device, whatever the process count; None when the device's peak is unknown."""
+    peak = mfu_peak_flops(device_name)
+    return peak * max(int(world_size), 1) if peak else None
+
+
 def flops_per_token(*, n_layer: int, n_embd: int, d_ff: int, vocab_size: int, block_size: int,
                     gated: bool = True) -> float:
     """Training FLOPs per token (forward + backward = 3 x forward): 6 x the matmul weights a token passes

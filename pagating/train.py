@@ -46,9 +46,13 @@ def validate(cfg: dict, world: int = 1) -> None:
 
 
 def run_name(cfg: dict) -> str:
-    if is_plain(cfg["model"]["unit"]):  # GPT-2's own MLP: no α
-        return f"plain lr={cfg['train']['learning_rate']:g}"
-    return f"{cfg['model']['unit']} {cfg['train']['alpha_mode']} lr={cfg['train']['learning_rate']:g}"
+    """`<unit> <alpha_mode> lr=<lr>`, plus ` seed=<seed>` when the sweep grid repeats configs over seeds (so
+    one parent never holds two runs of the same name)."""
+    t = cfg["train"]
+    name = (f"plain lr={t['learning_rate']:g}" if is_plain(cfg["model"]["unit"])  # GPT-2's own MLP: no α
+            else f"{cfg['model']['unit']} {t['alpha_mode']} lr={t['learning_rate']:g}")
+    seeds = (cfg.get("sweep") or {}).get("seed")
+    return f"{name} seed={t['seed']}" if isinstance(seeds, list) and len(seeds) > 1 else name
 
 
 def run_dir_for(cfg: dict, h: str) -> Path:
@@ -280,8 +284,9 @@ def make_trainer(job, net: Net, run):
         tokens_per_step=int(t["batch_size"]) * meta["block_size"],
         flops_token=flops.flops_per_token(n_layer=config.n_layer, n_embd=config.n_embd, d_ff=config.d_ff,
                                           vocab_size=net.vocab, block_size=meta["block_size"], gated=not config.plain),
-        # The one peak table, by the NVML name; a GPU it lacks gets no MFU rather than a wrong one.
-        peak=flops.mfu_peak_flops(net.gpu) if cuda or os.environ.get("PAGATING_PEAK_TFLOPS") else None,
+        # The one peak table, by the NVML name; a GPU it lacks gets no MFU rather than a wrong one. Tokens per
+        # step are the global batch, so the peak is that of all the run's devices: MFU per device.
+        peak=flops.run_peak_flops(net.gpu, job.world) if cuda or os.environ.get("PAGATING_PEAK_TFLOPS") else None,
         usd_per_hour=net.usd_per_hour, model=net.model, log_alpha=net.spec.logged,
         cuda=cuda)
     train_ds = PackedDataset(cfg["data"]["prepared_dir"], "train")

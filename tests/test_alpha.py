@@ -43,8 +43,38 @@ def test_builtin_modes_say_how_they_log_and_describe_themselves():
     static, learnable, cosine = (parse_alpha_mode(m) for m in ("static_0.3", "learnable", "scheduler_cosine"))
     assert [m.logged for m in (static, learnable, cosine)] == [False, True, True]
     assert static.params() == {"alpha.kind": "static"} and learnable.params() == {"alpha.kind": "learnable"}
-    assert cosine.params()["alpha.schedule"].startswith("half cosine, alpha 0 -> 1")
+    assert cosine.params()["alpha.schedule"].startswith("half cosine, alpha 0 at the first optimizer step -> 1")
     assert parse_alpha_mode("static_0.3") == parse_alpha_mode(0.3)  # a bare number is a static α
+
+
+def test_cosine_alpha_is_exactly_one_at_the_last_optimizer_step_and_after():
+    """The Trainer's callback order on a 60-step run: α is set at each step begin (global_step = steps done);
+    the last step, the last eval after it, the test eval and the saved model (train end) all see α = 1."""
+    from pagating.model import PaGatingGPT2Config, PaGatingGPT2LMHeadModel
+    from pagating.train import AlphaCallback
+
+    model = PaGatingGPT2LMHeadModel(PaGatingGPT2Config(n_layer=2, n_embd=16, n_head=2, ffn_dim=32, vocab_size=64,
+                                                       n_positions=8, alpha_mode="scheduler_cosine",
+                                                       alpha_max_steps=60))
+    cb = AlphaCallback(model)
+
+    class State:
+        global_step = 0
+
+    cb.on_train_begin(None, State, None)
+    assert model.alphas() == [0.0, 0.0]  # the first step runs the value path alone
+    seen = []
+    for step in range(60):
+        State.global_step = step
+        cb.on_step_begin(None, State, None)
+        seen.append(model.alphas()[0])
+    assert seen[-1] == 1.0 and seen[-2] < 1.0  # exactly 1 at the last step, not 0.9993
+    assert all(b > a for a, b in zip(seen, seen[1:], strict=False))
+    State.global_step = 60  # the last eval runs here, before train end: α still the last step's
+    assert model.alphas() == [1.0, 1.0]
+    cb.on_train_end(None, State, None)  # the test eval and the saved model
+    assert model.alphas() == [1.0, 1.0]
+    assert alpha.cosine_alpha(0, 1) == 1.0  # a one-step run: that step is the last
 
 
 def test_report_orders_static_by_value_then_learnable_then_scheduled_then_other_labels():

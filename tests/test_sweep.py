@@ -21,12 +21,30 @@ SMALL = ["--set", "train.max_steps=10", "--set", "train.eval_steps=5", "--set", 
          "--set", "train.max_eval_batches=4"]  # 32 blocks spread over the validation split: fast evals
 
 
-def test_grid_is_the_seed_grid():
-    configs = grid(load_config("wikitext103"))
-    assert len(configs) == 10
-    assert {c["train.alpha_mode"] for c in configs} == {"static_0.0", "static_0.5", "static_1.0", "learnable",
-                                                         "scheduler_cosine"}
-    assert {c["train.learning_rate"] for c in configs} == {5e-4, 1e-3}
+@pytest.mark.parametrize("profile", ["sample", "wikitext103"])
+def test_default_grid_is_the_seed_grid_plus_the_baseline_at_equal_size(profile):
+    """The seed's 10 paGLU configs + GPT-2's own MLP at each lr; param-matched, so the arms are within 1%."""
+    import torch
+
+    from pagating.flops import padded_vocab
+    from pagating.model import build_config, build_model, count_parameters
+
+    cfg = load_config(profile)
+    configs = grid(cfg)
+    gated = [c for c in configs if c["model.unit"] == "paGLU"]
+    plain = [c for c in configs if c["model.unit"] == "plain"]
+    assert len(configs) == 12 and len(gated) == 10 and len(plain) == 2
+    assert {c["train.alpha_mode"] for c in gated} == {"static_0.0", "static_0.5", "static_1.0", "learnable",
+                                                       "scheduler_cosine"}
+    assert {c["train.learning_rate"] for c in gated} == {c["train.learning_rate"] for c in plain} == {5e-4, 1e-3}
+    counts = {}
+    for unit in ("paGLU", "plain"):
+        config = build_config({**cfg["model"], "unit": unit}, vocab_size=padded_vocab(cfg["data"]["vocab_size"]),
+                              block_size=cfg["data"]["block_size"])
+        with torch.device("meta"):  # shapes only: GPT-2 small's 124M parameters need no memory here
+            counts[unit] = count_parameters(build_model(config))
+    assert cfg["model"]["param_matched"] is True
+    assert abs(counts["paGLU"] - counts["plain"]) / counts["plain"] < 0.01, counts
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 7])

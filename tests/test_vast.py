@@ -406,9 +406,9 @@ def test_status_shows_instances_and_sweep_progress(keyed, env, capsys, mlflow_se
     assert rc == 0, err
     assert "901" in out and "902" in out and "903" not in out
     assert "OUTBID" in out and "pagating vast watch" in out
-    assert f"sweep {sweep}: 2/10 configs done; cfg2 step 30/120" in out
-    # remaining: 7 waiting x 120 + 90 steps, 0.5 s/step, one GPU not outbid -> 930 * 0.5 / 3600 h
-    assert f"ETA ~{930 * 0.5 / 3600:.1f} h at 0.5000 s/step" in out
+    assert f"sweep {sweep}: 2/12 configs done; cfg2 step 30/120" in out  # the default grid: 10 paGLU + 2 plain
+    # remaining: 9 waiting x 120 + 90 steps, 0.5 s/step, one GPU not outbid -> 1170 * 0.5 / 3600 h
+    assert f"ETA ~{1170 * 0.5 / 3600:.1f} h at 0.5000 s/step" in out
     assert "$ so far 0.40" in out
     assert SECRETS["MLFLOW_TRACKING_PASSWORD"] not in out + err
 

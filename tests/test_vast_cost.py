@@ -13,7 +13,7 @@ from pagating.config import load_config
 
 def test_offers_projection_uses_grid_and_max_steps():
     cfg = load_config("wikitext103")
-    assert vast_cost.grid_size(cfg) == 10
+    assert vast_cost.grid_size(cfg) == 12  # the seed's 10 paGLU configs + plain at each lr
     s = vast_cost.estimated_step_time(cfg, "RTX 4090")
     assert 0.03 <= s <= 0.07  # conservative vs ~0.03 measured elsewhere for GPT-2 small on a 4090
     hours = vast_cost.instance_hours(cfg, 10, 1, 0.05)
