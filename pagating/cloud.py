@@ -143,6 +143,27 @@ def resolve_commit(commit: str | None, allow_dirty: bool) -> str:
     return head
 
 
+def check_commit_on_remote(repo: str, commit: str) -> None:
+    """The instance fetches `commit` from `repo`: refuse (exit 2, nothing rented) a commit the remote
+    does not have. `git ls-remote` lists the remote's ref tips; a commit below a tip counts when this
+    checkout knows that tip (an ancestor of what was pushed)."""
+    try:
+        out = subprocess.run(["git", "ls-remote", repo], cwd=project_root(), capture_output=True, text=True,
+                             timeout=60, env={**os.environ, "GIT_TERMINAL_PROMPT": "0"})
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise UserError(f"cannot ask {mask_uri(repo)} for its commits ({type(exc).__name__}): check --repo and "
+                        "network access") from None
+    if out.returncode != 0:
+        raise UserError(f"git ls-remote {mask_uri(repo)} failed: is the URL right and readable (a private repo "
+                        "needs --repo https://<token>@host/owner/repo.git)?")
+    tips = {line.split()[0] for line in out.stdout.splitlines() if line.strip()}
+    if commit in tips or any(_git("merge-base", "--is-ancestor", commit, tip) is not None for tip in tips
+                             if _git("cat-file", "-e", f"{tip}^{{commit}}") is not None):
+        return
+    raise UserError(f"commit {commit[:12]} is not on {mask_uri(repo)}: the instance could not check it out; "
+                    "`git push` it (or pass --commit with a pushed one)")
+
+
 def parse_env_flags(items: list[str]) -> dict[str, str]:
     """--env NAME=VALUE, or --env NAME to forward this machine's value (DVC remote credentials...)."""
     env = {}
@@ -201,6 +222,36 @@ class RequestLimits:
     env_total_chars: int     # all of env
     label_chars: int
     image_chars: int
+
+
+SPLIT_ENV = "PAGATING_SPLIT_ENV"  # NAME:parts,... of values split over NAME__1..NAME__parts
+
+
+def split_env(env: dict[str, str], entry_chars: int) -> dict[str, str]:
+    """A value longer than one env entry (an AWS session token, a long password) over numbered
+    entries NAME__1.., listed in PAGATING_SPLIT_ENV; the bootstrap joins them before anything runs."""
+    out, split = {}, []
+    for k, v in env.items():
+        v = str(v)
+        if len(k) + 1 + len(v) <= entry_chars or k == SPLIT_ENV:
+            out[k] = v
+            continue
+        size = entry_chars - len(f"{k}__999=")
+        parts = [v[i:i + size] for i in range(0, len(v), size)]
+        out.update({f"{k}__{n}": part for n, part in enumerate(parts, 1)})
+        split.append(f"{k}:{len(parts)}")
+    if split:
+        out[SPLIT_ENV] = ",".join(filter(None, [env.get(SPLIT_ENV, ""), *split]))
+    return out
+
+
+def join_env(env: dict[str, str]) -> dict[str, str]:
+    """split_env undone (an instance's env as Vast lists it)."""
+    out = {k: v for k, v in env.items() if k != SPLIT_ENV}
+    for spec in filter(None, str(env.get(SPLIT_ENV) or "").split(",")):
+        name, _, count = spec.rpartition(":")
+        out[name] = "".join(out.pop(f"{name}__{n}", "") for n in range(1, int(count) + 1))
+    return out
 
 
 def check_request(limits: RequestLimits, *, startup: str, env: dict[str, str], label: str, image: str) -> None:
@@ -309,12 +360,13 @@ def mark_created(uri: str, run_id: str, instance_id: int) -> None:
     tracking.client(uri).set_tag(run_id, f"{REPORT_TAG}{instance_id}", "created: waiting for the instance")
 
 
-def instance_reports(uri: str, run_id: str) -> dict[int, str]:
-    """The last report of each instance that has reported in on the parent run, by instance id
-    (one read for all of them: launch polls every round)."""
+def instance_reports(uri: str, run_id: str, include_created: bool = False) -> dict[int, str]:
+    """The last report of each instance that has reported in on the parent run (with `include_created`,
+    also those only launch wrote about), by instance id (one read for all of them: launch polls every round)."""
     tags = tracking.client(uri).get_run(run_id).data.tags
     return {int(k[len(REPORT_TAG):]): v for k, v in tags.items()
-            if k.startswith(REPORT_TAG) and k[len(REPORT_TAG):].isdigit() and not v.startswith("created")}
+            if k.startswith(REPORT_TAG) and k[len(REPORT_TAG):].isdigit()
+            and (include_created or not v.startswith("created"))}
 
 
 def find_instance_run(uri: str, instance_id: int, prefix: str = "pagating"):
@@ -418,3 +470,71 @@ def stuck_reason(inst: dict, now: float, timeout_s: float, seen_since: float | N
         return None
     msg = (inst.get("status_msg") or "").strip().replace("\n", " ")[:200]
     return f"{state or 'provisioning'} for {(now - since) / 60:.0f} min" + (f" ({msg})" if msg else "")
+
+
+# ---- the parent run's truth ----------------------------------------------------------------------
+
+REASON_TAG = "pagating.status_reason"  # why a sweep's parent run is FAILED (or still RUNNING)
+DONE_STATES = ("finished", "failed", "killed", "destroyed")  # an instance report after which nothing runs
+
+
+def grid_state(uri: str, sweep_id: str, cfg: dict) -> dict[str, str]:
+    """Each config of the grid by run name -> FINISHED | RUNNING | FAILED | KILLED | not started: FINISHED
+    when a run of it finished (this sweep's, or any run of the grid's config hashes), else its sweep run's
+    latest status."""
+    from pagating.sweep import config_for, grid
+    from pagating.train import run_name
+
+    names = [run_name(config_for(cfg, o)) for o in grid(cfg)]
+    prefix = cfg["tracking"]["experiment_prefix"]
+    with vast_cost.quick_mlflow():
+        mlf = tracking.client(uri)
+        exps = vast_cost.pagating_experiments(mlf, prefix)
+        runs = mlf.search_runs(exps, filter_string=f"tags.`pagating.sweep_id` = '{sweep_id}'",
+                               max_results=1000, order_by=["attributes.start_time ASC"]) if exps else []
+        hashes = set()
+        for r in runs:
+            hashes |= set(filter(None, (r.data.tags.get("pagating.grid_hashes") or "").split(",")))
+        finished = mlf.search_runs(exps, filter_string="attributes.status = 'FINISHED'",
+                                   max_results=5000) if exps and hashes else []
+    state = dict.fromkeys(names, "not started")
+    for r in runs:  # oldest first: the latest run of a config decides, unless one FINISHED
+        name = r.info.run_name
+        if name in state and "mlflow.parentRunId" in r.data.tags and state[name] != "FINISHED":
+            state[name] = r.info.status
+    for r in finished:
+        if r.data.tags.get("pagating.config_hash") in hashes and r.info.run_name in state:
+            state[r.info.run_name] = "FINISHED"
+    return state
+
+
+def missing_configs(state: dict[str, str]) -> list[str]:
+    return [f"{name} ({status})" for name, status in state.items() if status != "FINISHED"]
+
+
+def settle_parent(uri: str, run_id: str, state: dict[str, str], working: bool, why: str | None = None) -> str:
+    """Set the sweep's parent run to what is true: FINISHED when every config of the grid is, RUNNING
+    while an instance still works on it, else FAILED with the reason (tag pagating.status_reason).
+    Returns the status set."""
+    mlf = tracking.client(uri)
+    missing = missing_configs(state)
+    if not missing:
+        status, reason = "FINISHED", f"every config of the grid FINISHED ({len(state)})"
+    elif working:
+        status, reason = "RUNNING", f"{len(missing)} of {len(state)} configs to go"
+    else:
+        status = "FAILED"
+        reason = f"configs missing: {', '.join(missing)}" + (f"; {why}" if why else "")
+    run = mlf.get_run(run_id)
+    mlf.set_tag(run_id, REASON_TAG, reason[:4000])
+    if run.info.status != status:
+        if status == "RUNNING":
+            mlf.update_run(run_id, status="RUNNING")
+        else:
+            mlf.set_terminated(run_id, status)
+    return status
+
+
+def instances_working(reports: dict[int, str], exclude: set[int] = frozenset()) -> bool:
+    """Whether an instance's last report on the parent says it may still be working."""
+    return any(not v.startswith(DONE_STATES) for k, v in reports.items() if k not in exclude)

@@ -121,6 +121,8 @@ class Cloud:
                                 flags=("--image-cuda",), verbs=CLOUD_VERBS)
     start_timeout_min: float = setting(15, "destroy an instance that has not started its onstart by then (min)",
                                        flags=("--start-timeout",), verbs=CLOUD_VERBS[1:])
+    max_relaunches: int = setting(2, "`vast watch` re-runs a shard whose instance died before its configs "
+                                  "finished at most this often")
 
 
 SECTIONS: dict[str, type] = {"data": Data, "model": Model, "train": Train, "tracking": Tracking, "cloud": Cloud}

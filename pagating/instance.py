@@ -4,6 +4,8 @@
     python -m pagating.instance check-cuda    CUDA or nothing: one line, exit 1 when the GPUs are not usable
     python -m pagating.instance report STATE  tag pagating.instance.<id> on the sweep's parent run
     python -m pagating.instance upload-log    the onstart log -> logs/instance-<id>.log on the parent run
+    python -m pagating.instance settle        the parent run's status as it now is (FINISHED only when the
+                                              whole grid is; RUNNING while another instance works; else FAILED)
 
 Importable before the project is installed (standard library at import time; MLflow and torch only
 inside the commands that need them), so a failed install can still be reported.
@@ -142,6 +144,24 @@ def upload_log(path: str | None = None) -> str:
     return f"log uploaded to run {run_id} as {LOG_ARTIFACT_DIR}/{name}"
 
 
+def settle() -> str:
+    """After this instance's last report: set the parent to the truth (`mlflow run` marks the run it was
+    given FINISHED when its command exits, whatever the other shards are doing)."""
+    run_id, uri = os.environ.get("PAGATING_PARENT_RUN_ID"), os.environ.get("MLFLOW_TRACKING_URI")
+    sweep_id = os.environ.get("PAGATING_SWEEP_ID")
+    if not (run_id and uri and sweep_id):
+        return "parent not settled: no PAGATING_PARENT_RUN_ID / MLFLOW_TRACKING_URI / PAGATING_SWEEP_ID"
+    from pagating import cloud
+    from pagating.config import load_config
+
+    state = cloud.grid_state(uri, sweep_id, load_config(os.environ.get("PAGATING_PROFILE")))
+    reports = cloud.instance_reports(uri, run_id, include_created=True)
+    mine = reports.get(int(instance_id())) if instance_id().isdigit() else None
+    status = cloud.settle_parent(uri, run_id, state, cloud.instances_working(reports),
+                                 why=f"instance {instance_id()}: {mine}" if mine else None)
+    return f"parent run {run_id}: {status}"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pagating.instance", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -149,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("check-cuda")
     sub.add_parser("report").add_argument("state")
     sub.add_parser("upload-log").add_argument("--quiet", action="store_true")
+    sub.add_parser("settle")
     sub.add_parser("experiment-name").add_argument("profile")
     args = p.parse_args(argv)
     if args.cmd == "experiment-name":  # onstart.sh asks rather than rebuilding the name
@@ -173,14 +194,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "report":
             report(args.state)
             return 0
-        line = upload_log()
+        line = settle() if args.cmd == "settle" else upload_log()
     except Exception as exc:  # the caller goes on (or stops) either way: say why in one line
         from pagating.tracking import mask_uri
 
         print(f"pagating-instance: {args.cmd} to {mask_uri(os.environ.get('MLFLOW_TRACKING_URI', '?'))} "
               f"failed: {type(exc).__name__}: {str(exc)[:200]}", file=sys.stderr)
         return 1
-    if not args.quiet:
+    if not getattr(args, "quiet", False):
         print(f"pagating-instance: {line}")
     return 0
 

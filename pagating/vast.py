@@ -27,7 +27,7 @@ from typing import Any
 from pagating import cloud, vast_cost, vast_watchdog
 from pagating.cloud import format_table
 from pagating.config import UserError, add_config_args, defaults, project_root
-from pagating.tracking import mask_uri, retry
+from pagating.tracking import retry
 
 DEFAULT_PROFILE = "wikitext103"  # the GPU runs the real thing; --profile overrides
 OFFER_SEARCH_LIMIT = 64
@@ -45,10 +45,19 @@ LIMITS = cloud.RequestLimits(startup_chars=4096, env_entry_chars=256, env_total_
                              label_chars=256, image_chars=1024)
 # Seconds between instance polls while launch waits (Vast rate-limits ~4.5 requests/s per endpoint).
 POLL_S = float(os.environ.get("PAGATING_VAST_POLL_S") or 15)
+READY_STATES = ("ready", "running: sweep", "finished")  # an instance report saying the sweep can run
 
 
 class VastError(RuntimeError):
     """Vast.ai failed us (not the user's doing): one line, exit 1."""
+
+
+class OfferTaken(VastError):
+    """The offer was rented by someone else between our search and our create (Vast: no_such_ask)."""
+
+
+class InstanceGone(VastError):
+    """The instance is destroyed already (Vast: 404 no_such_instance)."""
 
 
 # ---- the API client -------------------------------------------------------------------------
@@ -116,7 +125,10 @@ class Vast:
                 raise UserError(f"Vast.ai refused the API key (HTTP {status(exc)}) on {what}: check "
                                 "VAST_API_KEY or ~/.config/vastai/vast_api_key") from None
             body = (exc.response.text if exc.response is not None else "")[:300].replace("\n", " ")
-            raise VastError(f"Vast.ai {what} failed: HTTP {status(exc)} {body}") from None
+            # Vast answers a taken offer 400 (some report 404/410) {"error": "no_such_ask", ...}
+            kind = (OfferTaken if "no_such_ask" in body else InstanceGone if "no_such_instance" in body
+                    else VastError)
+            raise kind(f"Vast.ai {what} failed: HTTP {status(exc)} {body}") from None
         except (requests.ConnectionError, requests.Timeout) as exc:
             raise VastError(f"Vast.ai {what} failed: {type(exc).__name__} "
                             f"(server {self.url or 'console.vast.ai'})") from None
@@ -144,8 +156,11 @@ class Vast:
 
     def create(self, offer_id: int, label: str, exclude: set[int] = frozenset(), **kwargs) -> int:
         """Rent `offer_id`; returns the instance id. A create that failed with 5xx may still have
-        rented: before each retry, an instance already carrying `label` is adopted, never doubled."""
-        cloud.check_request(LIMITS, startup=kwargs.get("onstart_cmd") or "", env=kwargs.get("env") or {},
+        rented: before each retry, an instance already carrying `label` is adopted, never doubled.
+        Env values longer than one Vast env entry go split (cloud.split_env). Raises OfferTaken when
+        someone else rented the offer first."""
+        kwargs["env"] = cloud.split_env(kwargs.get("env") or {}, LIMITS.env_entry_chars)
+        cloud.check_request(LIMITS, startup=kwargs.get("onstart_cmd") or "", env=kwargs["env"],
                             label=label, image=kwargs.get("image") or "")
 
         def once() -> int:
@@ -157,7 +172,11 @@ class Vast:
                               recover=lambda: self.with_label(label, exclude))
 
     def destroy(self, instance_id: int) -> None:
-        self.call("destroy_instance", int(instance_id))
+        """Destroy; one that is gone already counts as destroyed (the instance may have beaten us to it)."""
+        try:
+            self.call("destroy_instance", int(instance_id))
+        except InstanceGone:
+            pass
 
 
 def _guard(func):
@@ -308,10 +327,11 @@ def _fill_cloud_defaults(args, cfg: dict) -> None:
 
 
 def wait_started(client: Vast, uri: str, run_id: str, ids: list[int], timeout_s: float) -> dict[int, str]:
-    """Poll until each instance runs and its onstart reported in on the parent run; returns
-    {id: why it failed} for those that did not (already gone, failed, or stuck at the timeout)."""
+    """Poll until each instance reports "ready" on the parent run (checked out, installed, data pulled,
+    CUDA found); returns {id: why it failed} for those that did not (gone, failed, or not ready at the
+    timeout)."""
     deadline = time.time() + timeout_s
-    pending, failed = set(ids), {}
+    pending, failed, seen = set(ids), {}, {}
     while pending:
         live = {int(i["id"]): i for i in client.instances()}  # one call per round (rate limits)
         try:
@@ -321,13 +341,16 @@ def wait_started(client: Vast, uri: str, run_id: str, ids: list[int], timeout_s:
             print(f"could not read the instances' reports ({type(exc).__name__})", file=sys.stderr)
         for iid in sorted(pending):
             inst, state = live.get(iid), reports.get(iid)
-            if state and state.startswith("failed"):
+            if state and state.startswith(("failed", "killed")):
                 failed[iid] = state
             elif inst is None:
                 failed[iid] = f"the instance is gone ({state or 'it never reported in'})"
-            elif state:
-                print(f"instance {iid}: {inst.get('actual_status')}, reported in ({state})")
-            else:
+            elif state and state.startswith(READY_STATES):
+                print(f"instance {iid}: {inst.get('actual_status')}, {state}")
+            else:  # not yet (or still checking out, installing, pulling data)
+                if state and seen.get(iid) != state:
+                    print(f"instance {iid}: {state}")
+                    seen[iid] = state
                 continue
             pending.discard(iid)
         if not pending:
@@ -336,7 +359,8 @@ def wait_started(client: Vast, uri: str, run_id: str, ids: list[int], timeout_s:
             for iid in pending:
                 inst = live.get(iid) or {}
                 msg = (inst.get("status_msg") or "").strip().replace("\n", " ")[:300]
-                failed[iid] = (f"not started after {timeout_s / 60:.0f} min: state {inst.get('actual_status')}"
+                failed[iid] = (f"not ready after {timeout_s / 60:.0f} min: state {inst.get('actual_status')}"
+                               + (f", last report: {seen[iid]}" if iid in seen else "")
                                + (f", Vast says: {msg}" if msg else ""))
             break
         time.sleep(min(POLL_S, max(0.0, deadline - time.time())))
@@ -356,6 +380,7 @@ def cmd_launch(args) -> int:
     if not cloud.SWEEP_ID.match(sweep_id):
         raise UserError(f"--sweep-id {sweep_id!r}: use letters, digits, '.' and '_' only")
     args.disk = max(args.disk or 0, args.min_disk_gb)
+    cloud.check_commit_on_remote(repo, commit)  # before any Vast call: the instance must find it
 
     offers, note = rank_offers(args, cfg)
     if note:
@@ -371,29 +396,34 @@ def cmd_launch(args) -> int:
                         "credit at console.vast.ai (Billing) or lower the projection")
 
     onstart = cloud.bootstrap_text()
-    n = args.instances
-    # The parent run comes first (not in a dry run): instances report and upload their logs to it.
-    parent = None if args.dry_run else cloud.open_sweep_run(tracking_uri, cfg, sweep_id)
-    for p in plan:
-        p["label"] = cloud.label_for(sweep_id, p["index"])
-        p["env"] = cloud.instance_env(
-            repo=repo, commit=commit, profile=cfg["profile"], shard=f"{p['index']}/{n}", sweep_id=sweep_id,
-            parent_run_id=parent, rate=p["rate"], budget=args.budget / n, stall_s=args.stall_minutes * 60,
-            interruptible=args.interruptible, num_gpus=int(p["offer"].get("num_gpus") or 1),
-            tracking_uri=tracking_uri, extra=extra_env)
-        cloud.check_request(LIMITS, startup=onstart, env=p["env"], label=p["label"], image=args.image)
 
+    def envs(parent: str | None) -> None:
+        for p in plan:
+            p["label"] = cloud.label_for(sweep_id, p["index"])
+            p["env"] = cloud.instance_env(
+                repo=repo, commit=commit, profile=cfg["profile"], shard=f"{p['index']}/{args.instances}",
+                sweep_id=sweep_id, parent_run_id=parent, rate=p["rate"], budget=args.budget / args.instances,
+                stall_s=args.stall_minutes * 60, interruptible=args.interruptible,
+                num_gpus=int(p["offer"].get("num_gpus") or 1), tracking_uri=tracking_uri, extra=extra_env)
+            cloud.check_request(LIMITS, startup=onstart, env=cloud.split_env(p["env"], LIMITS.env_entry_chars),
+                                label=p["label"], image=args.image)
+
+    envs("0" * 32)  # every request checked (with a run id's length) before the parent run exists
+    # The parent run comes last of the checks (not in a dry run): instances report and upload logs to it.
+    parent = None if args.dry_run else cloud.open_sweep_run(tracking_uri, cfg, sweep_id)
+    envs(parent)
     _show_plan(args, cfg, sweep_id, commit, parent, plan, credit, onstart)
     if args.dry_run:
         return 0
-    created = _rent(client, args, plan, onstart, tracking_uri, parent)
+    spares = [o for o in offers if all(o is not p["offer"] for p in plan)]
+    created = _rent(client, args, plan, spares, onstart, tracking_uri, parent)
     if args.no_wait:
         print(f"\nnot waiting: `pagating vast watch --sweep {sweep_id}` destroys instances that do not start")
     elif not _await_start(client, args, tracking_uri, parent, created):
         return 1
     print(f"\nwatch it: pagating vast status --sweep {sweep_id}   (logs: pagating vast logs <id>)")
-    if args.interruptible:
-        print(f"interruptible: run `pagating vast watch --sweep {sweep_id}` to relaunch outbid shards")
+    print(f"keep `pagating vast watch --sweep {sweep_id}` running (docs/vast.md): it destroys an instance "
+          "that cannot destroy itself and re-runs a shard whose instance died")
     return 0
 
 
@@ -419,15 +449,22 @@ def _show_plan(args, cfg: dict, sweep_id: str, commit: str, parent: str | None, 
     print("dry run: nothing rented")
 
 
-def _rent(client: Vast, args, plan: list[dict], onstart: str, tracking_uri: str, parent: str | None) -> list[int]:
-    """Create one instance per planned offer; on any failure destroy what was rented, then raise."""
+def _rent(client: Vast, args, plan: list[dict], spares: list[dict], onstart: str, tracking_uri: str,
+          parent: str | None) -> list[int]:
+    """Create one instance per planned offer; an offer taken meanwhile is replaced by the cheapest spare
+    that keeps the plan within the budget. On any other failure destroy what was rented, then raise."""
     created: list[int] = []
     try:
         for p in plan:
             kwargs = {"image": args.image, "disk": args.disk, "env": p["env"], "onstart_cmd": onstart, "ssh": True}
-            if args.interruptible:
-                kwargs["price"] = p["rate"]
-            iid = client.create(p["offer"]["id"], p["label"], exclude=set(created), **kwargs)
+            while True:
+                if args.interruptible:
+                    kwargs["price"] = p["rate"]
+                try:
+                    iid = client.create(p["offer"]["id"], p["label"], exclude=set(created), **kwargs)
+                    break
+                except OfferTaken:
+                    _next_offer(args, plan, p, spares)
             created.append(iid)
             print(f"rented instance {iid} ({p['label']}) on offer {p['offer']['id']} at ${p['rate']:.3f}/h")
             cloud.mark_created(tracking_uri, parent, iid)
@@ -443,10 +480,26 @@ def _rent(client: Vast, args, plan: list[dict], onstart: str, tracking_uri: str,
     return created
 
 
+def _next_offer(args, plan: list[dict], p: dict, spares: list[dict]) -> None:
+    """Move plan entry `p` to the cheapest spare offer (they passed the same filters) within the budget."""
+    taken = p["offer"]["id"]
+    others = sum(q["cost"] for q in plan if q is not p)
+    for offer in sorted(spares, key=lambda o: (o["_rate"] * o["_hours"][p["index"]], o["_rate"])):
+        cost = offer["_rate"] * offer["_hours"][p["index"]]
+        spares.remove(offer)
+        if others + cost <= args.budget:
+            p.update(offer=offer, rate=offer["_rate"], hours=offer["_hours"][p["index"]], cost=cost)
+            p["env"]["PAGATING_USD_PER_HOUR"] = f"{offer['_rate']:.4f}"
+            print(f"offer {taken} was taken meanwhile; trying offer {offer['id']} at ${offer['_rate']:.3f}/h")
+            return
+    raise VastError(f"offer {taken} was taken meanwhile and no other offer keeps the sweep within the "
+                    f"budget ${args.budget:.2f}: try again (`pagating vast offers`) or raise --budget")
+
+
 def _await_start(client: Vast, args, tracking_uri: str, parent: str | None, created: list[int]) -> bool:
     """Wait for each instance to report in; destroy those that do not. True when all started."""
-    print(f"waiting up to {args.start_timeout:g} min for each instance to start its onstart "
-          "(--start-timeout; --no-wait returns now)")
+    print(f"waiting up to {args.start_timeout:g} min for each instance to be ready: checked out, installed, "
+          "data pulled, CUDA found (--start-timeout; --no-wait returns now)")
     failed = wait_started(client, tracking_uri, parent, created, args.start_timeout * 60)
     for iid, why in failed.items():
         print(f"instance {iid}: {why}", file=sys.stderr)
@@ -471,196 +524,6 @@ def destroy_all(client: Vast, ids: list[int]) -> list[int]:
             print(f"could not destroy instance {iid} ({exc}): run `pagating vast destroy {iid}`",
                   file=sys.stderr)
     return left
-
-
-# ---- status, watch, relaunch ------------------------------------------------------------------
-
-def sweep_instances(client: Vast, sweep_id: str | None = None) -> list[dict]:
-    out = []
-    for inst in client.instances():
-        parsed = cloud.parse_label(inst.get("label"))
-        if parsed and (sweep_id is None or parsed[0] == sweep_id):
-            out.append(inst)
-    return sorted(out, key=lambda i: (cloud.parse_label(i["label"]), i["id"]))
-
-
-def is_outbid(inst: dict) -> bool:
-    """A bid instance Vast stopped while we still want it running: what an outbid looks like."""
-    stopped = inst.get("cur_state") == "stopped" or inst.get("actual_status") in ("exited", "stopped")
-    return bool(inst.get("is_bid")) and inst.get("intended_status") != "stopped" and stopped
-
-
-def _env(inst: dict) -> dict:
-    env = inst.get("extra_env") or {}
-    return env if isinstance(env, dict) else {k: v for k, v in env}
-
-
-def spent(inst: dict) -> float:
-    hours = float(inst.get("duration") or 0) / 3600
-    return hours * float(inst.get("dph_total") or 0)
-
-
-def instances_table(insts: list[dict]) -> str:
-    rows = []
-    for i in insts:
-        state = "OUTBID" if is_outbid(i) else (i.get("actual_status") or i.get("cur_state") or "?")
-        rows.append([i["id"], i.get("label"), state, i.get("gpu_name"),
-                     f"{float(i.get('dph_total') or 0):.3f}", f"{float(i.get('duration') or 0) / 3600:.2f}",
-                     f"{spent(i):.2f}"])
-    return format_table(rows, ["instance", "label", "state", "gpu", "$/h", "hours", "$ so far"])
-
-
-def relaunch(client: Vast, inst: dict, cfg: dict, siblings: list[dict]) -> int | None:
-    """Replace an outbid instance: rent its shard again on the cheapest other bid offer with the
-    budget that is left, then destroy the outbid one. Safe to repeat: when a live instance already
-    carries the label (an earlier round rented it), only the destroy is left to do. The new
-    instance resumes from MLflow checkpoints (the sweep's job)."""
-    env, label, old = dict(_env(inst)), inst["label"], int(inst["id"])
-    if any(s["label"] == label and s["id"] != old and not is_outbid(s) for s in siblings):
-        client.destroy(old)
-        print(f"{label}: outbid instance {old} destroyed (its shard already runs elsewhere)")
-        return None
-    budget_left = float(env.get("PAGATING_BUDGET_USD") or 0) - spent(inst)
-    if budget_left <= 0:
-        client.destroy(old)
-        print(f"{label}: outbid instance {old} destroyed; no budget left for its shard (${budget_left:.2f})")
-        return None
-    c = cfg["cloud"]
-    disk = float(inst.get("disk_space") or c["min_disk_gb"])
-    machine = inst.get("machine_id")
-    min_cuda = image_cuda(inst.get("image_uuid") or c["image"], c["image_cuda"])
-    query = offer_query(inst.get("gpu_name") or c["gpu_name"], c["min_reliability"], disk,
-                        c["min_inet_down_mbps"], int(inst.get("num_gpus") or 1),
-                        exclude_machines=[machine] if machine else None, min_cuda=min_cuda)
-    offers = [o for o in client.search_offers(query, True, disk)
-              if o.get("machine_id") != machine and cuda_ok(o, min_cuda)]
-    if not offers:
-        print(f"{label}: instance {old} outbid and no other bid offer matches now; trying again next round")
-        return None
-    offer = min(offers, key=lambda o: hourly_rate(o, True))
-    rate = hourly_rate(offer, True)
-    env.update({"PAGATING_USD_PER_HOUR": f"{rate:.4f}", "PAGATING_BUDGET_USD": f"{budget_left:.2f}"})
-    iid = client.create(offer["id"], label, exclude={old}, image=inst.get("image_uuid"), disk=disk, env=env,
-                        onstart_cmd=cloud.bootstrap_text(), ssh=True, price=rate)
-    client.destroy(old)
-    print(f"{label}: instance {old} was outbid; relaunched as {iid} on offer {offer['id']} at "
-          f"${rate:.3f}/h (${budget_left:.2f} budget left); destroyed {old}")
-    return iid
-
-
-class Watcher:
-    """What `watch` remembers between rounds: when it first saw an instance exited/offline, and
-    destroys that failed (retried every round until they go through)."""
-
-    def __init__(self, timeout_s: float):
-        self.timeout_s = timeout_s
-        self.seen: dict[int, tuple[str | None, float]] = {}
-        self.retry: set[int] = set()
-
-    def destroy_stuck(self, client: Vast, insts: list[dict]) -> set[int]:
-        """Destroy instances stuck past the timeout (and retry failed destroys); returns the ids gone."""
-        now, gone = time.time(), set()
-        for inst in insts:
-            iid, state = int(inst["id"]), cloud.state_of(inst)
-            if iid not in self.seen or self.seen[iid][0] != state:  # None is a state too (not yet provisioned)
-                self.seen[iid] = (state, now)
-            if is_outbid(inst):  # relaunch handles it
-                continue
-            why = cloud.stuck_reason(inst, now, self.timeout_s, self.seen[iid][1])
-            if iid in self.retry:
-                why = why or "its earlier destroy failed"
-            if not why:
-                continue
-            try:
-                client.destroy(iid)
-            except (VastError, UserError) as exc:
-                self.retry.add(iid)
-                print(f"instance {iid} ({inst.get('label')}): {why}; destroy failed ({exc}), retrying next round")
-                continue
-            self.retry.discard(iid)
-            gone.add(iid)
-            print(f"instance {iid} ({inst.get('label')}): {why}; destroyed it")
-        return gone
-
-
-def report_status(client: Vast, sweep_id: str | None, do_relaunch: bool, tracking_uri: str | None,
-                  watcher: Watcher | None = None) -> int:
-    """Print instances and progress per sweep; relaunch outbid ones and destroy stuck ones if
-    asked. Returns how many instances are still up."""
-    insts = sweep_instances(client, sweep_id)
-    if not insts:
-        print(f"no pagating instances{f' for sweep {sweep_id}' if sweep_id else ''}")
-        return 0
-    print(instances_table(insts))
-    budget = sum(float(_env(i).get("PAGATING_BUDGET_USD") or 0) for i in insts)
-    print(f"$ so far {sum(spent(i) for i in insts):.2f}" + (f" of budget ${budget:.2f}" if budget else ""))
-    if watcher is not None:
-        gone = watcher.destroy_stuck(client, insts)
-        insts = [i for i in insts if int(i["id"]) not in gone]
-    sweeps: dict[str, list[dict]] = {}
-    for inst in insts:
-        sweeps.setdefault(cloud.parse_label(inst["label"])[0], []).append(inst)
-    for sid, members in sweeps.items():
-        env = _env(members[0])
-        try:
-            cfg = load_profile(env.get("PAGATING_PROFILE"))
-        except UserError as exc:
-            print(f"sweep {sid}: progress unavailable ({exc})")
-            continue
-        if do_relaunch:
-            for inst in members:
-                if is_outbid(inst):
-                    try:
-                        relaunch(client, inst, cfg, members)
-                    except (VastError, UserError) as exc:  # the next round tries again
-                        print(f"{inst['label']}: relaunch failed: {exc}")
-        elif any(is_outbid(i) for i in members):
-            print(f"sweep {sid}: outbid instance(s): `pagating vast watch --sweep {sid}` destroys and "
-                  "relaunches them")
-        uri = tracking_uri or env.get("MLFLOW_TRACKING_URI")
-        if not uri:
-            print(f"sweep {sid}: progress unavailable (no tracking URI)")
-            continue
-        try:
-            prog = cloud.sweep_progress(uri, sid, cfg)
-        except Exception as exc:  # progress is a nicety; the instance table above is what matters
-            print(f"sweep {sid}: progress unavailable from {mask_uri(uri)} ({type(exc).__name__})")
-            continue
-        gpu = members[0].get("gpu_name") or cfg["cloud"]["gpu_name"]
-        parallel = sum(int(i.get("num_gpus") or 1) for i in members if not is_outbid(i))
-        print(cloud.progress_line(sid, prog, vast_cost.estimated_step_time(cfg, gpu), parallel))
-        for link in prog.get("links", []):
-            print(f"sweep {sid}: {link}")
-    return len(insts)
-
-
-@_guard
-def cmd_status(args) -> int:
-    client = Vast(require_key())
-    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    report_status(client, args.sweep, args.relaunch, uri)
-    return 0
-
-
-@_guard
-def cmd_watch(args) -> int:
-    client = Vast(require_key())
-    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    timeout = args.start_timeout if args.start_timeout is not None else defaults("cloud")["start_timeout_min"]
-    watcher = Watcher(timeout * 60)
-    while True:
-        print(time.strftime("-- %H:%M:%S"))
-        try:
-            left = report_status(client, args.sweep, True, uri, watcher)
-        except VastError as exc:  # Vast unreachable for a while: keep watching
-            print(f"round failed: {exc}")
-            left = -1
-        if left == 0:
-            print("all instances are gone: `pagating report` builds the report from MLflow")
-            return 0
-        if args.once:
-            return 0 if left > 0 else 1
-        time.sleep(args.interval)
 
 
 @_guard
@@ -688,6 +551,8 @@ def cmd_destroy(args) -> int:
     client = Vast(require_key())
     ids = [int(i) for i in args.ids]
     if args.sweep or args.all:
+        from pagating.vast_watch import sweep_instances
+
         ids += [i["id"] for i in sweep_instances(client, args.sweep)]
     if not ids:
         print("nothing to destroy")
@@ -742,9 +607,12 @@ def register_cli(sub) -> None:
                    help="print offer, env (masked), onstart and cost; rent nothing")
     p.set_defaults(func=cmd_launch)
 
+    from pagating import vast_watch  # status and watch live there (it imports this module)
+
     for name, helptext, func in (
-            ("status", "instances and sweep progress", cmd_status),
-            ("watch", "status every --interval s: relaunch outbid, destroy stuck instances", cmd_watch)):
+            ("status", "instances, their reports and sweep progress", vast_watch.cmd_status),
+            ("watch", "status every --interval s: destroy what should be gone, re-run dead shards until the "
+             "grid is done", vast_watch.cmd_watch)):
         p = verbs.add_parser(name, help=helptext)
         p.add_argument("--sweep", default=None, help="only this sweep id")
         p.add_argument("--tracking-uri", default=None, help="MLflow server (default MLFLOW_TRACKING_URI, "

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 import urllib.error
@@ -21,6 +22,8 @@ from pathlib import Path
 
 DEFAULT_SERVER = "https://console.vast.ai"
 LOCK_NAME = "destroyed"
+KILL_REASON = "kill-reason"  # in the state dir: why the watchdog stopped the sweep (onstart.sh reports it)
+KILL_GRACE_S = 180.0  # onstart.sh's exit (stop training, report, upload the log, destroy) gets this long
 
 
 def log(msg: str) -> None:
@@ -42,8 +45,11 @@ def newest_mtime(dirs: list[Path]) -> float:
     return newest
 
 
-def destroy_self(lock_dir: Path | None, attempts: int = 5, backoff_s: float = 5.0) -> bool:
-    """DELETE this instance through the Vast API, once across the watchdog and onstart.sh."""
+def destroy_self(lock_dir: Path | None, attempts: int | None = None, backoff_s: float = 5.0,
+                 cap_s: float = 60.0) -> bool:
+    """DELETE this instance through the Vast API, once across the watchdog and onstart.sh. Tried for as
+    long as this box lives (`attempts` None): a box that cannot destroy itself keeps billing, and
+    `pagating vast watch` may destroy it meanwhile (then Vast answers 404 and ends the container)."""
     iid, key = os.environ.get("CONTAINER_ID"), os.environ.get("CONTAINER_API_KEY")
     if not iid or not key:
         log("CONTAINER_ID/CONTAINER_API_KEY unset: not on Vast, nothing to destroy")
@@ -57,7 +63,9 @@ def destroy_self(lock_dir: Path | None, attempts: int = 5, backoff_s: float = 5.
             return True
     url = f"{os.environ.get('VAST_SERVER_URL') or DEFAULT_SERVER}/api/v0/instances/{iid}/"
     # Its own loop, not tracking.retry: this module is standard library only (see above).
-    for attempt in range(1, attempts + 1):
+    attempt = 0
+    while attempts is None or attempt < attempts:
+        attempt += 1
         req = urllib.request.Request(url, data=b"{}", method="DELETE",
                                      headers={"Authorization": f"Bearer {key}",
                                               "Content-Type": "application/json"})
@@ -66,9 +74,14 @@ def destroy_self(lock_dir: Path | None, attempts: int = 5, backoff_s: float = 5.
                 json.loads(resp.read() or b"{}")
             log(f"destroyed instance {iid}")
             return True
+        except urllib.error.HTTPError as exc:
+            if exc.code == 404:  # destroyed already (by `vast watch`, or by hand)
+                log(f"instance {iid} is already destroyed")
+                return True
+            log(f"destroy attempt {attempt} failed: HTTP {exc.code}; instance {iid} keeps billing until it goes")
         except (urllib.error.URLError, OSError, ValueError) as exc:
             log(f"destroy attempt {attempt} failed: {exc}")
-            time.sleep(backoff_s * attempt)
+        time.sleep(min(backoff_s * attempt, cap_s))
     if lock is not None:
         lock.rmdir()  # let onstart.sh's exit trap try again
     return False
@@ -115,9 +128,12 @@ def check(now: float, started_at: float, usd_per_hour: float, budget_usd: float,
 
 
 def watch(dirs: list[Path], budget_usd: float, usd_per_hour: float, started_at: float, stall_s: float,
-          poll_s: float = 60.0, pid: int | None = None, lock_dir: Path | None = None) -> str:
-    """Poll until the budget is spent or progress stalls, then destroy; returns the reason.
-    Returns early ("parent exited") when process `pid` (onstart.sh) is gone."""
+          poll_s: float = 60.0, pid: int | None = None, lock_dir: Path | None = None,
+          grace_s: float = KILL_GRACE_S) -> str:
+    """Poll until the budget is spent or progress stalls, then stop onstart.sh (`pid`), which records
+    the reason on the parent run, uploads its log and destroys the instance; destroy it here only when
+    onstart.sh does not exit within `grace_s` (or there is none). Returns the reason, or "parent
+    exited" when process `pid` is gone first."""
     armed_at = time.time()
     log(f"watching {', '.join(map(str, dirs))}: budget ${budget_usd:.2f} at ${usd_per_hour:.3f}/h, "
         f"stall {stall_s:.0f} s")
@@ -128,7 +144,16 @@ def watch(dirs: list[Path], budget_usd: float, usd_per_hour: float, started_at: 
         last_change = max(newest_mtime(dirs), armed_at)
         reason = check(now, started_at, usd_per_hour, budget_usd, last_change, stall_s)
         if reason:
-            log(f"{reason}; destroying the instance")
+            log(f"{reason}; stopping the sweep and destroying the instance")
+            if pid is not None and lock_dir is not None:
+                (lock_dir / KILL_REASON).write_text(reason)
+                os.kill(pid, signal.SIGTERM)
+                deadline = time.time() + grace_s
+                while pid_alive(pid) and time.time() < deadline:
+                    time.sleep(min(poll_s, 1.0))
+                if not pid_alive(pid):
+                    return reason
+                log(f"onstart.sh still runs {grace_s:.0f} s later; destroying the instance from here")
             while not destroy_self(lock_dir) and os.environ.get("CONTAINER_ID"):
                 time.sleep(poll_s)
             return reason
@@ -154,7 +179,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "else env PAGATING_STARTED_AT, else now)")
     p.add_argument("--stall-s", type=float, default=_env_float("PAGATING_STALL_S", 1800.0),
                    help="destroy after this many seconds without progress (env PAGATING_STALL_S)")
-    p.add_argument("--poll-s", type=float, default=60.0, help="seconds between checks")
+    p.add_argument("--poll-s", type=float, default=_env_float("PAGATING_WATCHDOG_POLL_S", 60.0),
+                   help="seconds between checks (env PAGATING_WATCHDOG_POLL_S)")
     p.add_argument("--pid", type=int, default=None, help="stop watching when this process exits")
     p.add_argument("--state-dir", type=Path, default=None,
                    help="folder holding the destroy lock shared with onstart.sh")

@@ -5,26 +5,35 @@
 # (uploaded to the sweep's parent run as logs/instance-<id>.log) as well as to Vast's log.
 # If it fails before onstart.sh runs, it reports why on the parent run (tag pagating.instance.<id>),
 # since the project (and its log upload) is not there yet, then destroys the instance.
+# Values longer than one Vast env entry (256 chars) arrive as NAME__1.. listed in PAGATING_SPLIT_ENV:
+# joined first, before anything reads them.
+for s in ${PAGATING_SPLIT_ENV//,/ }; do v=; for ((i=1;i<=${s##*:};i++)); do c=${s%:*}__$i; v+=${!c}; unset "$c"; done; export "${s%:*}=$v"; done
+unset PAGATING_SPLIT_ENV s v c i
 export PAGATING_LOG=${PAGATING_LOG:-/root/pagating-onstart.log}
 exec > >(tee -a "$PAGATING_LOG") 2>&1
 PY=${PAGATING_PYTHON:-python3}
-# report STATE | destroy: stdlib Python (the image has no curl); MLflow REST set-tag, Vast DELETE.
-# Its own retry loop, not tracking.retry: the project is not checked out yet.
+# report STATE | destroy: stdlib Python (the image has no curl); MLflow REST set-tag (5 tries), Vast
+# DELETE (tried for as long as the box lives; 404: destroyed already). Its own retry loops, not
+# tracking.retry: the project is not checked out yet.
 r() { "$PY" - "$@" <<'E'
 import base64,json,os,sys,urllib.request as u
 e=os.environ.get;i=e("CONTAINER_ID","local");h={"Content-Type":"application/json"}
 def q(url,d,m,hd):
  try:u.urlopen(u.Request(url,json.dumps(d).encode(),hd,method=m),timeout=30);return 1
- except Exception as x:print("pagating-bootstrap:",m,url.split("/api/")[-1],"failed:",type(x).__name__,getattr(x,"code",""))
+ except Exception as x:
+  print("pagating-bootstrap:",m,url.split("/api/")[-1],"failed:",type(x).__name__,getattr(x,"code",""));return m=="DELETE" and getattr(x,"code",0)==404
 if sys.argv[1]=="report":
  t,p=e("MLFLOW_TRACKING_TOKEN"),e("MLFLOW_TRACKING_PASSWORD")
  if t:h["Authorization"]="Bearer "+t
  elif p:h["Authorization"]="Basic "+base64.b64encode(f'{e("MLFLOW_TRACKING_USERNAME","")}:{p}'.encode()).decode()
- sys.exit(0 if e("PAGATING_PARENT_RUN_ID") and q(e("MLFLOW_TRACKING_URI","").rstrip("/")+"/api/2.0/mlflow/runs/set-tag",{"run_id":e("PAGATING_PARENT_RUN_ID"),"key":"pagating.instance."+i,"value":sys.argv[2][:4000]},"POST",h) else 1)
-k=e("CONTAINER_API_KEY")
-for n in range(6):
- if not k or q(e("VAST_SERVER_URL","https://console.vast.ai")+f"/api/v0/instances/{i}/",{},"DELETE",{**h,"Authorization":"Bearer "+k}):break
- __import__("time").sleep(5*n+1)
+ for n in range(5):
+  if not e("PAGATING_PARENT_RUN_ID"):break
+  if q(e("MLFLOW_TRACKING_URI","").rstrip("/")+"/api/2.0/mlflow/runs/set-tag",{"run_id":e("PAGATING_PARENT_RUN_ID"),"key":"pagating.instance."+i,"value":sys.argv[2][:4000]},"POST",h):sys.exit(0)
+  __import__("time").sleep(2**n*(n<4))
+ sys.exit(1)
+k=e("CONTAINER_API_KEY");n=0
+while k and not q(e("VAST_SERVER_URL","https://console.vast.ai")+f"/api/v0/instances/{i}/",{},"DELETE",{**h,"Authorization":"Bearer "+k}):
+ n+=1;__import__("time").sleep(min(5*n,60))
 E
 }
 f() { echo "$(date -u +%T) pagating-bootstrap: error: $1"; r report "failed: $1"; r destroy; exit 1; }

@@ -3,9 +3,10 @@
 # of the pinned commit (scripts/bootstrap.sh, the short text sent to Vast, checks it out and execs
 # this). Installs the project with the DVC plugin its remote needs, insists on CUDA, pulls the data
 # with DVC, runs one shard of the sweep against the remote MLflow server, uploads its whole log to
-# the sweep's parent run (logs/instance-<id>.log: every few minutes, and at the end), and destroys
-# its own instance at the end, success or failure (EXIT trap). A background watchdog destroys it
-# earlier when spend reaches the budget or training stops making progress.
+# the sweep's parent run (logs/instance-<id>.log: every minute, and at the end), and destroys its own
+# instance at the end, success or failure (EXIT trap; the DELETE is retried for as long as the box
+# lives). A background watchdog stops it earlier when spend reaches the budget or training stops
+# making progress: the same EXIT trap then records why (report + log) before the DELETE.
 #
 # Everything comes from the environment (launch sets it; no secret is ever in the onstart text):
 #   PAGATING_REPO, PAGATING_COMMIT        git URL and exact commit (used by the bootstrap)
@@ -16,7 +17,8 @@
 #   PAGATING_INTERRUPTIBLE=1              a bid instance: on SIGTERM (outbid) leave it for `vast watch`
 #   PAGATING_GPUS                         -P gpus=... for multi-GPU instances
 #   PAGATING_DATA=sample                  rebuild the sample corpus instead of `dvc pull data.dvc`
-#   PAGATING_LOG, PAGATING_LOG_UPLOAD_S   the log file (set by the bootstrap), upload period (300 s)
+#   PAGATING_LOG, PAGATING_LOG_UPLOAD_S   the log file (set by the bootstrap), upload period (60 s)
+#   PAGATING_WATCHDOG_POLL_S              seconds between the watchdog's checks (60)
 #   MLFLOW_TRACKING_URI, MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN
 #   DVC remote credentials (AWS_ACCESS_KEY_ID, ...), passed with `launch --env NAME`
 #   CONTAINER_ID, CONTAINER_API_KEY       set by Vast; this key can only manage this one instance
@@ -67,6 +69,11 @@ on_exit() {
   local rc=$?
   trap - EXIT
   [ -n "$WATCHDOG_PID" ] && kill "$WATCHDOG_PID" 2>/dev/null
+  if [ -n "$CHILD" ]; then  # training stops first: nothing more is written once the reason is on record
+    kill -TERM -- "-$CHILD" 2>/dev/null
+    for _ in $(seq 30); do kill -0 -- "-$CHILD" 2>/dev/null || break; sleep 1; done
+    kill -KILL -- "-$CHILD" 2>/dev/null
+  fi
   if [ -n "$UPLOADER_PID" ]; then
     # Let an upload in flight finish (at most 60 s) rather than kill it: a killed client's request can
     # still land after the final upload below and replace the whole log with an older snapshot.
@@ -74,16 +81,22 @@ on_exit() {
     for _ in $(seq 60); do kill -0 "$UPLOADER_PID" 2>/dev/null || break; sleep 1; done
     kill "$UPLOADER_PID" 2>/dev/null
   fi
-  [ -n "$CHILD" ] && kill -TERM -- "-$CHILD" 2>/dev/null
-  if [ "$rc" -eq 0 ]; then
-    log "sweep shard $PAGATING_SHARD finished"
-    instance report "finished: shard $PAGATING_SHARD" >/dev/null 2>&1
+  # The reason goes on the parent run and in the log's last line before the DELETE takes the box away.
+  local killed state line
+  killed=$(cat "$PAGATING_STATE_DIR/kill-reason" 2>/dev/null)
+  if [ -n "$killed" ]; then
+    state="killed: $killed"; line="killed by the watchdog: $killed"
+  elif [ "$rc" -eq 0 ]; then
+    state="finished: shard $PAGATING_SHARD"; line="sweep shard $PAGATING_SHARD finished"
   else
-    log "stopped with exit code $rc"
-    instance report "failed: ${REASON:-exit code $rc}" >/dev/null 2>&1
+    state="failed: ${REASON:-exit code $rc}"; line="stopped with exit code $rc: ${REASON:-see above}"
   fi
-  instance upload-log  # before the destroy: the log outlives the instance
-  if [ "$INTERRUPTED" = 1 ] && on "${PAGATING_INTERRUPTIBLE:-0}"; then
+  instance report "$state" >/dev/null 2>&1
+  instance settle >/dev/null 2>&1  # the parent's status: `mlflow run` marked it FINISHED whatever the grid
+  log "$line"
+  sleep 1  # the log reaches the file through tee: let the line land before the snapshot
+  instance upload-log --quiet
+  if [ -z "$killed" ] && [ "$INTERRUPTED" = 1 ] && on "${PAGATING_INTERRUPTIBLE:-0}"; then
     log "interrupted (outbid?): leaving the instance to \`pagating vast watch\`, which relaunches the shard"
   else
     destroy_self
@@ -118,12 +131,12 @@ else
   run timeout "$SETUP_TIMEOUT" "$PY" -m pip install -q --no-input -e "$TARGET" || fail "pip install -e $TARGET failed"
 fi
 instance report "running: onstart.sh" || fail "cannot report to the tracking server (MLFLOW_TRACKING_URI, credentials)"
-# The log goes up every few minutes from here on (the project's MLflow client is installed now).
+# The log goes up every minute from here on (the project's MLflow client is installed now).
 # (its output goes to the file, not the pipe: a sleeping uploader must not hold the pipe open)
 # It checks a stop file every second, so the exit path can wait for it instead of killing an upload.
 ( n=0; while [ ! -e "$PAGATING_STATE_DIR/upload-stop" ]; do
     sleep 1; n=$((n + 1))
-    if [ "$n" -ge "${PAGATING_LOG_UPLOAD_S:-300}" ]; then n=0; instance upload-log --quiet; fi
+    if [ "$n" -ge "${PAGATING_LOG_UPLOAD_S:-60}" ]; then n=0; instance upload-log --quiet; fi
   done ) >>"$PAGATING_LOG" 2>&1 &
 UPLOADER_PID=$!
 
@@ -154,6 +167,9 @@ if ! on "${PAGATING_SKIP_PREPARE:-0}"; then
   log "pagating prepare"
   run pagating prepare --profile "$PAGATING_PROFILE" || fail "pagating prepare failed"
 fi
+# What `launch` waits for: everything before the sweep went through.
+instance report "ready: checked out, installed, data pulled, CUDA found" \
+  || fail "cannot report to the tracking server (MLFLOW_TRACKING_URI, credentials)"
 
 # 5. The sweep shard, logging to the remote tracking server under the parent run launch made;
 #    finished configs are skipped and interrupted ones resumed from their MLflow checkpoints.

@@ -9,8 +9,13 @@ Like Vast (docs.vast.ai: create_instance's x-input-validation; "Rate limits and 
 400 {"success": false, "error": "invalid_args", "msg": ...} to a create request whose args +
 args_str + onstart exceed 4,096 characters, an env entry 256 (all env 32,768), the label 256 or the
 image 1,024; and 429 "API requests too frequent" (plain text, no Retry-After) to more than ~4.5
-requests/s on one endpoint (method + path with ids folded). New instances sit in `loading` until a
-test moves them (`fake.instances[id]["actual_status"] = "running"`).
+requests/s on one endpoint (method + path with ids folded). An offer is one machine: once rented (or
+taken by someone else between search and create: `fake.taken.add(id)`) it leaves the search answer and
+a create on it is answered 400 {"success": false, "error": "no_such_ask"}. DELETE answers {"success":
+true, "msg": "Instance destroyed successfully"} (docs.vast.ai destroy-instance), 404 no_such_instance
+for an instance that is gone, and 401 for a key in `refused_keys`. New instances sit in `loading` until
+a test moves them (`fake.instances[id]["actual_status"] = "running"`); `on_create(iid, body)` and
+`on_destroy(iid)` let a test boot the instance (the simulation) or end its container, as Vast would.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import re
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
@@ -33,6 +39,7 @@ class Request:
     body: dict | None
     auth: str | None
     status: int = 0  # what the fake answered (0: the normal reply)
+    t: float = field(default_factory=time.time)
 
 
 def offer(id: int, dph: float, gpu: str = "RTX 4090", **kw) -> dict:
@@ -78,6 +85,12 @@ class FakeVast:
     log_text: str = "onstart: hello from the fake instance\n"
     # Creates that rent the instance but answer 500 (a reply lost on the way back).
     lose_create_answers: int = 0
+    # Offers rented by someone else between our search and our create.
+    taken: set[int] = field(default_factory=set)
+    # Bearer keys refused (401) on DELETE, e.g. an instance's CONTAINER_API_KEY gone bad.
+    refused_keys: set[str] = field(default_factory=set)
+    on_create: Callable[[int, dict], None] | None = None
+    on_destroy: Callable[[int], None] | None = None
     # Vast's per-endpoint rate (requests/s, over a 2 s window); None: no limit.
     rate_limit: float | None = 4.5
     rate_window_s: float = 2.0
@@ -145,7 +158,7 @@ class FakeVast:
         if p.startswith("/logs-result/"):
             return 200, self.log_text
         if m == "POST" and p == "/api/v0/bundles/":
-            return 200, {"offers": [dict(o) for o in self.offers]}
+            return 200, {"offers": [dict(o) for o in self.offers if o["id"] not in self.taken]}
         if m == "GET" and p.rstrip("/") == "/api/v0/users/current":
             user = {"id": 1, "username": "tester", "api_key": "must-be-dropped-by-sdk"}
             if self.credit is not None:
@@ -154,8 +167,10 @@ class FakeVast:
         if m == "PUT" and len(seg) == 4 and seg[2] == "asks":
             offer_id = int(seg[3])
             known = {o["id"]: o for o in self.offers}
-            if offer_id not in known:
-                return 400, {"success": False, "error": "no_such_ask", "msg": "offer gone"}
+            if offer_id not in known or offer_id in self.taken:
+                req.status = 400
+                return 400, {"success": False, "error": "no_such_ask",
+                             "msg": f"Instance type by id {offer_id} is not available."}
             invalid = create_body_problem(body)
             if invalid:
                 req.status = 400
@@ -172,6 +187,9 @@ class FakeVast:
                               machine_id=o["machine_id"], start_date=time.time(), actual_status="loading",
                               extra_env=[[k, v] for k, v in env.items()], onstart=body.get("onstart"))
             body["_created"] = iid
+            self.taken.add(offer_id)  # one machine: rented now
+            if self.on_create:
+                self.on_create(iid, body)
             if self.lose_create_answers > 0:
                 self.lose_create_answers -= 1
                 return 500, {"error": "server_error", "msg": "lost answer"}
@@ -186,9 +204,16 @@ class FakeVast:
             if m == "GET":
                 return 200, {"instances": None if row is None or row.get("_destroyed") else dict(row)}
             if m == "DELETE":
-                if row is not None:
-                    row["_destroyed"] = True
-                return 200, {"success": True}
+                if (req.auth or "").removeprefix("Bearer ") in self.refused_keys:
+                    req.status = 401
+                    return 401, {"success": False, "error": "invalid_user", "msg": "unauthorized"}
+                if row is None or row.get("_destroyed"):
+                    req.status = 404
+                    return 404, {"success": False, "error": "no_such_instance", "msg": "no such instance"}
+                row["_destroyed"] = True
+                if self.on_destroy:
+                    self.on_destroy(iid)
+                return 200, {"success": True, "msg": "Instance destroyed successfully"}
         if m == "PUT" and len(seg) == 5 and seg[2:4] == ["instances", "request_logs"]:
             return 200, {"success": True, "result_url": f"{self.url}/logs-result/{seg[4]}"}
         return 404, {"error": "not_found", "msg": f"fake vast has no {m} {p}"}

@@ -25,10 +25,24 @@ NO_MLFLOW = ["--tracking-uri", "http://127.0.0.1:9"]
 LAUNCH = ["vast", "launch", "--s-per-step", "0.05", "--repo", REPO_URL, "--commit", COMMIT, "--no-wait"]
 
 
+def git_remote(env, tmp_path, url: str = REPO_URL, commit: str = COMMIT) -> None:
+    """`url` answers `git ls-remote` with `commit` on main: a bare repo whose ref names it, reached through
+    git's own url.<base>.insteadOf (env config), so no test talks to a real git host."""
+    import subprocess
+
+    bare = tmp_path / "remote.git"
+    subprocess.run(["git", "init", "-q", "--bare", str(bare)], check=True)
+    (bare / "refs" / "heads" / "main").write_text(commit + "\n")
+    env.setenv("GIT_CONFIG_COUNT", "1")
+    env.setenv("GIT_CONFIG_KEY_0", f"url.file://{bare}.insteadOf")
+    env.setenv("GIT_CONFIG_VALUE_0", url)
+
+
 @pytest.fixture
-def keyed(fake, env):
-    """Key and a remote tracking server with credentials: everything launch checks before it
-    writes anything."""
+def keyed(fake, env, tmp_path):
+    """Key, a git remote holding the commit, and a remote tracking server with credentials: everything
+    launch checks before it writes anything."""
+    git_remote(env, tmp_path)
     env.setenv("VAST_API_KEY", SECRETS["VAST_API_KEY"])
     env.setenv("MLFLOW_TRACKING_URI", REMOTE_URI)
     env.setenv("MLFLOW_TRACKING_USERNAME", "gpu-runner")
@@ -361,7 +375,8 @@ def test_interruptible_launch_bids(launchable, capsys):
 
 
 def test_more_instances_than_configs_is_refused(keyed, capsys):
-    rc, _, err = run(capsys, *LAUNCH, "--instances", "11")
+    too_many = vast_cost.grid_size(load_config("wikitext103")) + 1
+    rc, _, err = run(capsys, *LAUNCH, "--instances", str(too_many))
     assert rc == 2 and keyed.requests == []
 
 
@@ -489,12 +504,13 @@ def test_fake_vast_refuses_what_vast_refuses(fake):
     assert not fake.creates()
 
 
-def test_launch_with_the_longest_realistic_inputs_is_accepted(launchable, env, capsys, mlflow_server):
+def test_launch_with_the_longest_realistic_inputs_is_accepted(launchable, env, capsys, mlflow_server, tmp_path):
     launchable.offers = [offer(30 + i, 0.30 + i / 100) for i in range(10)]
     # a private repo cloned with a token, a tracking URI carrying a long user and password,
     # DVC credentials, 8 bid instances
     repo = ("https://x-access-token:ghp_" + "A1b2C3d4E5" * 4 + "@github.com/"
             "some-research-group-with-a-long-name/pagating-gpt2-gating-experiments-fork.git")
+    git_remote(env, tmp_path / "long", url=repo)
     host = mlflow_server.uri.split("//", 1)[1]
     env.setenv("MLFLOW_TRACKING_URI", f"http://gpu-runner-for-the-long-sweep:{'p' * 64}@{host}")
     env.setenv("MLFLOW_TRACKING_PASSWORD", "q" * 64)
@@ -514,10 +530,20 @@ def test_launch_with_the_longest_realistic_inputs_is_accepted(launchable, env, c
         assert secret not in out + err
 
 
-def test_an_env_value_over_vasts_limit_is_refused_before_renting(launchable, capsys):
-    repo = "https://github.com/" + "x" * 250 + "/pagating.git"
-    rc, _, err = run(capsys, *LAUNCH[:5], repo, *LAUNCH[6:])
-    assert rc == 2 and "PAGATING_REPO" in err and "256" in err
+def test_a_long_secret_is_split_over_env_entries_and_joined_back(launchable, capsys):
+    token = "IQoJb3JpZ2luX2VjE" + "Zx9/Ab+3" * 48  # 401 chars: an AWS session token is ~400-1,000
+    rc, out, err = run(capsys, *LAUNCH, "--env", f"AWS_SESSION_TOKEN={token}")
+    assert rc == 0, err
+    env = launchable.creates()[0].body["env"]
+    assert max(len(f"{k}={v}") for k, v in env.items()) <= vast.LIMITS.env_entry_chars == 256
+    assert "AWS_SESSION_TOKEN" not in env and env[cloud.SPLIT_ENV] == "AWS_SESSION_TOKEN:2"
+    assert cloud.join_env(env)["AWS_SESSION_TOKEN"] == token  # what the bootstrap's join gives back
+    assert token[:40] not in out + err and token[-40:] not in out + err
+
+
+def test_an_env_over_vasts_total_is_refused_before_renting(launchable, capsys):
+    rc, _, err = run(capsys, *LAUNCH, "--env", "BIG=" + "x" * 33000)
+    assert rc == 2 and "32768" in err
     assert launchable.calls("PUT", "/api/v0/asks/") == []
 
 
@@ -543,22 +569,27 @@ def test_launch_destroys_an_instance_that_never_starts(launchable, env, capsys):
     rc, out, err = run(capsys, *[a for a in LAUNCH if a != "--no-wait"], "--start-timeout", "0.02")
     assert rc == 1
     assert [r.path for r in launchable.destroys()] == ["/api/v0/instances/5001/"]
-    assert "instance 5001: not started after" in err and "loading" in err
+    assert "instance 5001: not ready after" in err and "loading" in err
 
 
-def test_launch_returns_once_the_instance_reported_in(launchable, env, capsys, mlflow_server):
+def test_launch_returns_once_the_instance_reports_ready(launchable, env, capsys, mlflow_server):
     from mlflow.tracking import MlflowClient
 
-    def instance_starts():  # what the bootstrap does: it runs, then tags the parent run
+    said = []
+
+    def instance_starts():  # what the bootstrap and onstart.sh do: report as they go, "ready" before the sweep
         deadline = time.time() + 30
         while time.time() < deadline:
             inst = launchable.instances.get(5001)
             env_ = dict((inst or {}).get("extra_env") or [])
             if env_.get("PAGATING_PARENT_RUN_ID"):
-                time.sleep(0.5)
                 inst["actual_status"] = "running"
-                MlflowClient(mlflow_server.uri).set_tag(env_["PAGATING_PARENT_RUN_ID"], "pagating.instance.5001",
-                                                        "started: checking out")
+                for state in ("started: checking out", "running: onstart.sh",
+                              "ready: checked out, installed, data pulled, CUDA found"):
+                    time.sleep(0.8)
+                    said.append(launchable.destroys() == [] and state)
+                    MlflowClient(mlflow_server.uri).set_tag(env_["PAGATING_PARENT_RUN_ID"],
+                                                            "pagating.instance.5001", state)
                 return
             time.sleep(0.1)
 
@@ -569,7 +600,8 @@ def test_launch_returns_once_the_instance_reported_in(launchable, env, capsys, m
     rc, out, err = run(capsys, *[a for a in LAUNCH if a != "--no-wait"], "--start-timeout", "1")
     t.join()
     assert rc == 0, err
-    assert "instance 5001: running, reported in (started: checking out)" in out
+    assert len(said) == 3 and all(said)  # it waited through checkout and install
+    assert "instance 5001: running, ready: checked out, installed, data pulled, CUDA found" in out
     assert launchable.destroys() == []
 
 
@@ -586,7 +618,9 @@ def test_watch_destroys_stuck_instances_and_retries_a_failed_destroy(keyed, env,
     keyed.fail("DELETE", "/api/v0/instances/980/", *[500] * vast.RETRY_ATTEMPTS)  # the first destroy fails
     rc, out, _ = run(capsys, "vast", "watch", "--sweep", "s1", "--interval", "0.3", "--start-timeout", "0.05",
                      *NO_MLFLOW)  # it runs until every instance of the sweep is gone
-    assert rc == 0 and "all instances are gone" in out
+    # gone, but with no tracking server to read the grid from it cannot say "done"
+    assert rc == 1 and "all instances are gone" in out and "could not read its grid" in out
+    assert keyed.creates() == []  # nor re-run shards it cannot tell are unfinished
     assert "pull access denied" in out and "retrying next round" in out
     assert len(keyed.destroys(980)) == vast.RETRY_ATTEMPTS + 1  # failed attempts, then the retry that went through
     assert len(keyed.destroys(981)) == 1  # loading past the (short) timeout as well
