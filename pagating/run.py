@@ -9,6 +9,7 @@ every step here is a no-op, and the worker follows the checkpoint its launcher r
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import sys
 from dataclasses import dataclass
@@ -68,6 +69,8 @@ class TrainingRun:
         self.model_step = 0
         self.info: dict[str, Any] = {}  # the run file's content: run id, experiment, config hash, server
         self.opened = False
+        self.made_run = False  # this process created or reopened the MLflow run: it must end it
+        self.n_params = 0
         self.result: dict[str, Any] = {}
         self.status = "FAILED"
 
@@ -136,6 +139,8 @@ class TrainingRun:
         self.opened = True
         if not self.tracks:
             return
+        self.n_params = n_params
+        self.claim.check()
         skip = self._continue() if self.run_id else self._create(params, n_params, gpu, usd_per_hour)
         self.result["run_id"] = self.run_id
         self.info = {"run_id": self.run_id, "experiment_id": job.exp_id, "config_hash": job.h,
@@ -143,9 +148,9 @@ class TrainingRun:
         tracking.write_run_file(self.run_dir, self.info)
         self.claim.start_heartbeat(self.run_id)
         self.spool = tracking.MetricSpool(tracking.spool_path(self.run_dir, self.run_id), self.run_id, job.uri,
-                                          skip_until=skip).start()
+                                          skip_until=skip, fence=self.claim.check).start()
         self.uploader = tracking.CheckpointUploader(self.run_id, job.uri, self.run_dir / tracking.STAGING_DIR,
-                                                    self.spool)
+                                                    self.spool, fence=self.claim.check)
         from pagating.gpu import GpuSampler
 
         # NVML sees the GPUs of CUDA_VISIBLE_DEVICES; without any it says so once and logs no system/gpu_* metric.
@@ -155,6 +160,7 @@ class TrainingRun:
     def _continue(self) -> dict[str, int]:
         """The interrupted run, RUNNING again; returns the last step logged per metric."""
         self.mlf.update_run(self.run_id, status="RUNNING")
+        self.made_run = True
         # Lines the interrupted process spooled but never sent go first; only then is "already
         # logged" known, and the resumed run skips exactly those steps.
         leftover = tracking.MetricSpool(tracking.spool_path(self.run_dir, self.run_id), self.run_id, self.job.uri)
@@ -170,7 +176,7 @@ class TrainingRun:
         job, cfg = self.job, self.job.cfg
         md5 = data_md5()
         run = self.mlf.create_run(job.exp_id, run_name=self.name, tags=self._tags(n_params, gpu, usd_per_hour, md5))
-        self.run_id = run.info.run_id
+        self.run_id, self.made_run = run.info.run_id, True
         items = [Param(k, str(v)) for k, v in sorted(params.items())]
         for i in range(0, len(items), 100):
             self.mlf.log_batch(self.run_id, params=items[i:i + 100])
@@ -205,7 +211,7 @@ class TrainingRun:
         if not self.tracks:
             return []
         return [tracking.TrackingCallback(self.spool, self.uploader, self.info, sampler=self.sampler,
-                                          compile_watch=self.compile_watch, **measures)]
+                                          compile_watch=self.compile_watch, claim=self.claim, **measures)]
 
     def log_text(self, text: str, name: str) -> None:
         """A small artifact, uploaded now (retried while the server is away)."""
@@ -218,22 +224,62 @@ class TrainingRun:
             self.status = "FINISHED"
         elif issubclass(exc_type, KeyboardInterrupt):
             self.status = "KILLED"
+        lost = isinstance(exc, tracking.ClaimLost) or bool(self.claim is not None and self.claim.lost)
+        full = None
+        if exc is not None and not lost and self.tracks and disk_full(exc, self.run_dir):
+            full = UserError(self._disk_full_line(exc))
+            remove_partial_checkpoints(self.run_dir)
         try:
-            self._close()
+            if lost:
+                self._stop_quietly()
+            else:
+                self._close(full or exc)
+        except tracking.ClaimLost:  # found out while finishing: nothing more is written
+            self._stop_quietly()
+            raise
         finally:
             self._release()
-        if exc_type is not None and issubclass(exc_type, OSError | RuntimeError) and self.opened \
-                and disk_full(exc, self.run_dir):
-            raise UserError(f"disk full in {Path(self.run_dir).absolute()}: free space there (or set "
-                            f"train.output_dir elsewhere) and resume with --resume auto") from None
+        if lost and not isinstance(exc, tracking.ClaimLost):
+            raise tracking.ClaimLost(self.claim.lost) from None
+        if full is not None:
+            raise full from None
         return False
 
-    def _close(self) -> None:
+    def _disk_full_line(self, exc: BaseException) -> str:
+        import shutil
+
+        where = Path(getattr(exc, "filename", None) or self.run_dir).absolute()
+        need = CHECKPOINT_BYTES_PER_PARAM * self.n_params
+        try:
+            free = f", {shutil.disk_usage(self.run_dir).free / 2**20:.0f} MiB free"
+        except OSError:
+            free = ""
+        return (f"disk full writing {where}: one checkpoint of this model needs about {need / 2**20:.0f} MiB in "
+                f"{Path(self.run_dir).absolute()}{free}; free space there (or set train.output_dir elsewhere) "
+                f"and resume with --resume auto")
+
+    def _stop_quietly(self) -> None:
+        """The claim is lost: stop every thread that feeds the run, send nothing, end nothing."""
+        for part in (self.compile_watch, self.sampler):
+            if part is not None:
+                (part.close if hasattr(part, "close") else part.stop)()
+        if self.spool is not None:
+            self.spool.close()
+        if self.uploader is not None:
+            self.uploader.close()
+        self.result["status"] = "lost"
+
+    def _close(self, exc: BaseException | None = None) -> None:
         if self.compile_watch is not None:
             self.compile_watch.close()
         if self.sampler is not None:
             self.sampler.stop()
-        if self.spool is None:  # not opened (nothing to train, or a DDP worker)
+        if self.status == "FAILED" and self.made_run:
+            self._tag_error(exc)
+        if self.spool is None:  # not opened (nothing to train, a DDP worker), or opening failed midway
+            if self.made_run:  # never left RUNNING without a live process
+                with contextlib.suppress(Exception):
+                    self.mlf.set_terminated(self.run_id, self.status)
             self.result["status"] = self.status
             return
         # Last metrics, last checkpoint, model/, status: waiting for the server as long as the drain
@@ -243,7 +289,7 @@ class TrainingRun:
         local, model_id = tracking.finish_run(
             self.mlf, self.run_id, self.run_dir, self.status, self.spool, self.uploader,
             self.model_dir if finished else None, self.model_step if finished else 0, budget,
-            float(self.tracking_cfg["retry_max_s"]))
+            float(self.tracking_cfg["retry_max_s"]), fence=self.claim.check if self.claim else None)
         if model_id:
             self.result["model_id"] = model_id
         self.spool.close()
@@ -254,6 +300,15 @@ class TrainingRun:
                   f"still only in {self.run_dir}; `pagating sync {self.run_dir}` will push them and finish the run",
                   file=sys.stderr)
         self.result["status"] = self.status
+
+    def _tag_error(self, exc: BaseException | None) -> None:
+        """`pagating.error`: why the run FAILED, in one line (a secret-free exception summary)."""
+        text = f"{type(exc).__name__}: {exc}" if exc is not None else "failed"
+        text = " ".join(text.split())[:500]
+        with contextlib.suppress(Exception):
+            if self.claim is not None:
+                self.claim.check()
+            self.mlf.set_tag(self.run_id, "pagating.error", text)
 
     def _release(self) -> None:
         if self.claim is not None:
@@ -334,14 +389,38 @@ def finished_run(runs: list, h: str) -> dict | None:
             "final_eval_loss": run.data.metrics.get("final/eval_loss")}
 
 
+# Bytes per parameter of one checkpoint: fp32 weights (4) + Adam's two moments (8).
+CHECKPOINT_BYTES_PER_PARAM = 12
+_NO_SPACE = ("no space left", "os error 28", "storagefull", "enospc")
+
+
 def disk_full(exc: BaseException, run_dir: Path) -> bool:
-    # torch.save reports ENOSPC as a RuntimeError ("basic_ios::clear: iostream error"), so the disk
-    # itself is asked too.
+    """Whether an error is a full disk, wherever it came from: OSError ENOSPC (spool, optimizer.pt via
+    open), safetensors' SafetensorError (neither OSError nor RuntimeError; its message carries "os error
+    28"), torch.save's RuntimeError ("iostream error", no errno: then the disk itself is asked)."""
     import shutil
 
-    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-        return True
-    try:
-        return shutil.disk_usage(run_dir).free < 64 * 2**20
-    except OSError:
-        return False
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            return True
+        if any(word in str(exc).lower() for word in _NO_SPACE):
+            return True
+        if isinstance(exc, OSError | RuntimeError) or type(exc).__name__ == "SafetensorError":
+            try:
+                if shutil.disk_usage(run_dir).free < 64 * 2**20:
+                    return True
+            except OSError:
+                pass
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
+def remove_partial_checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoint folders cut off by a full disk (no marker: never resumed from) go, freeing the space."""
+    import shutil
+
+    gone = [p for p in Path(run_dir).glob("checkpoint-*") if p.is_dir() and not (p / tracking.CKPT_MARKER).exists()]
+    for p in gone:
+        shutil.rmtree(p, ignore_errors=True)
+    return gone

@@ -18,7 +18,6 @@ import math
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from pagating.claim import Claim, ClaimLost, LeaseLapsed, describe_claim, host_tag  # noqa: F401 (re-exported)
 from pagating.config import UserError, experiment_name
 
 log = logging.getLogger("pagating.tracking")
@@ -54,9 +54,22 @@ def _mlflow_env_defaults() -> None:
 
 
 def tracking_uri(cfg: dict | None = None) -> str:
-    """MLFLOW_TRACKING_URI, else params.yaml's embedded default (sqlite:///mlflow.db in the project)."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or (cfg or {}).get("tracking", {}).get(
+    """MLFLOW_TRACKING_URI, else params.yaml's embedded default (sqlite:///mlflow.db in the project).
+
+    A URI with user:password@ in it is refused: MLflow itself prints the tracking URI in clear (its
+    "View run ... at:" line), so a password there would land in every log."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or (cfg or {}).get("tracking", {}).get(
         "tracking_uri", "sqlite:///mlflow.db")
+    check_no_credentials(uri)
+    return uri
+
+
+def check_no_credentials(uri: str) -> None:
+    """UserError when a tracking URI carries credentials (user:password@ or token@)."""
+    if uri.startswith(("http://", "https://")) and mask_uri(uri) != uri:
+        raise UserError(f"MLFLOW_TRACKING_URI carries credentials ({mask_uri(uri)}): give the server without them "
+                        f"({strip_credentials(uri)}) and put them in MLFLOW_TRACKING_USERNAME and "
+                        f"MLFLOW_TRACKING_PASSWORD (MLflow prints the URI in its logs)")
 
 
 def mask_uri(uri: str) -> str:
@@ -142,10 +155,6 @@ def git_commit(root: str | Path = ".") -> str:
         return out.stdout.strip() if out.returncode == 0 else ""
     except (OSError, subprocess.SubprocessError):
         return ""
-
-
-def host_tag() -> str:
-    return socket.gethostname()
 
 
 # MLflow's own fields: what its UI reads ----------------------------------------------------------
@@ -351,7 +360,8 @@ class MetricSpool:
     BATCH = 500  # MLflow accepts up to 1000 metrics per log_batch
 
     def __init__(self, path: str | Path, run_id: str, uri: str, skip_until: dict[str, int] | None = None,
-                 interval_s: float = 1.0):
+                 interval_s: float = 1.0, fence=None):
+        self.fence = fence  # Claim.check: called before every send; ClaimLost ends the sending for good
         self.path = Path(path)
         self.sent_path = self.path.with_suffix(".sent")
         self.run_id, self.uri = run_id, uri
@@ -415,6 +425,9 @@ class MetricSpool:
                 while self.flush_once():
                     pass
                 backoff.ok()
+            except ClaimLost as exc:  # another process trains this config now: never send again
+                self.last_error = str(exc)
+                return
             except Exception as exc:  # server down, timeout, 5xx: keep the lines, try again later
                 self.last_error = f"{type(exc).__name__}: {str(exc)[:200]}"
                 self._stop.wait(backoff.fail())
@@ -448,6 +461,8 @@ class MetricSpool:
         metrics = [Metric(d["k"], d["v"], d["t"], d["s"]) for d in batch]
         if self._client is None:
             self._client = client(self.uri)
+        if self.fence is not None:
+            self.fence()
         self._client.log_batch(self.run_id, metrics=metrics, synchronous=True)
         self.sent_path.write_text(str(sent + len(batch)))
         self.last_error = None
@@ -460,6 +475,8 @@ class MetricSpool:
             if self._thread is None or not self._thread.is_alive():
                 try:
                     self.flush_once()
+                except ClaimLost:
+                    break
                 except Exception as exc:
                     self.last_error = f"{type(exc).__name__}: {str(exc)[:200]}"
                     time.sleep(min(1.0, max(0.0, deadline - time.time())))
@@ -546,8 +563,10 @@ class CheckpointUploader:
     pending one; a failed upload is retried with backoff.
     """
 
-    def __init__(self, run_id: str, uri: str, staging: str | Path, spool: MetricSpool | None = None):
+    def __init__(self, run_id: str, uri: str, staging: str | Path, spool: MetricSpool | None = None,
+                 fence=None):
         self.run_id, self.uri, self.spool = run_id, uri, spool
+        self.fence = fence or (lambda: None)  # Claim.check, before every file
         self.staging = Path(staging)
         self._pending: Path | None = None
         self._busy = False
@@ -589,13 +608,17 @@ class CheckpointUploader:
         with tempfile.TemporaryDirectory() as tmp:
             opening = Path(tmp) / CKPT_MARKER
             opening.write_text(json.dumps({"step": marker["step"], "state": "writing"}))
+            self.fence()
             mlf.log_artifact(self.run_id, str(opening), dest)
             for name in sorted(marker["files"]):
                 sub = str(Path(dest, name).parent)
+                self.fence()
                 mlf.log_artifact(self.run_id, str(path / name), sub)
+            self.fence()
             mlf.log_artifact(self.run_id, str(path / CKPT_MARKER), dest)
             pointer = Path(tmp) / CKPT_POINTER
             pointer.write_text(json.dumps({"slot": slot, "step": marker["step"]}))
+            self.fence()
             mlf.log_artifact(self.run_id, str(pointer), CKPT_ROOT)
         self._slot, self.uploaded_step = slot, marker["step"]
 
@@ -613,6 +636,12 @@ class CheckpointUploader:
                 shutil.rmtree(path, ignore_errors=True)
                 self.last_error = None
                 backoff.ok()
+            except ClaimLost as exc:  # another process trains this config now: upload nothing more
+                self.last_error = str(exc)
+                with self._cond:
+                    self._pending, self._busy, self._stop = None, False, True
+                    self._cond.notify_all()
+                return
             except Exception as exc:
                 self.last_error = f"{type(exc).__name__}: {str(exc)[:200]}"
                 with self._cond:
@@ -697,115 +726,6 @@ def download_checkpoint(mlf, run_id: str, dst: str | Path) -> Path | None:
     return None
 
 
-# One run per config: a claim in MLflow ----------------------------------------------------------
-
-class Claim:
-    """Who trains a config right now: an experiment tag `pagating.claim.<config hash>` holding the
-    owner (host, pid, a random id), the run and a heartbeat time, refreshed by a thread.
-
-    MLflow has no compare-and-swap, so acquiring is write-then-read: write our claim, wait
-    `settle_s` (far longer than a request takes), read it back; the last writer wins and every
-    contender reads the same winner. A claim is live while its heartbeat is younger than
-    `timeout_s`; on the same host a dead pid frees it at once. A tag rather than a run, so a loser
-    never creates (and would have to delete, which EDIT cannot) a second run.
-    """
-
-    def __init__(self, mlf, exp_id: str, config_hash: str, settle_s: float = 2.0, timeout_s: float = 300.0,
-                 heartbeat_s: float = 30.0):
-        import uuid
-
-        self.mlf, self.exp_id, self.key = mlf, exp_id, f"pagating.claim.{config_hash}"
-        self.settle_s, self.timeout_s, self.heartbeat_s = settle_s, timeout_s, heartbeat_s
-        self.me = {"owner": uuid.uuid4().hex, "host": host_tag(), "pid": os.getpid()}
-        self.run_id: str | None = None
-        self.lost = False
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    @classmethod
-    def for_config(cls, mlf, exp_id: str, config_hash: str, tracking_cfg: dict) -> Claim:
-        return cls(mlf, exp_id, config_hash, settle_s=float(tracking_cfg["claim_settle_s"]),
-                   timeout_s=float(tracking_cfg["claim_timeout_s"]),
-                   heartbeat_s=float(tracking_cfg["heartbeat_s"]))
-
-    def current(self) -> dict | None:
-        value = self.mlf.get_experiment(self.exp_id).tags.get(self.key)
-        try:
-            return json.loads(value) if value else None
-        except ValueError:
-            return None
-
-    def is_live(self, claim: dict | None) -> bool:
-        if not claim or claim.get("released"):
-            return False
-        if claim.get("host") == host_tag() and claim.get("pid"):
-            import psutil
-
-            if not psutil.pid_exists(int(claim["pid"])):
-                return False
-        return time.time() - float(claim.get("t", 0)) < self.timeout_s
-
-    def mine(self, claim: dict | None) -> bool:
-        return bool(claim) and claim.get("owner") == self.me["owner"]
-
-    def _write(self, **extra) -> None:
-        value = {**self.me, "t": time.time(), "run_id": self.run_id, **extra}
-        self.mlf.set_experiment_tag(self.exp_id, self.key, json.dumps(value, sort_keys=True))
-
-    def acquire(self) -> dict | None:
-        """None when the config is ours now, else the live claim that holds it."""
-        held = self.current()
-        if self.is_live(held) and not self.mine(held):
-            return held
-        self._write()
-        time.sleep(self.settle_s)
-        held = self.current()
-        return None if self.mine(held) else held
-
-    def start_heartbeat(self, run_id: str) -> None:
-        self.run_id = run_id
-        self._beat()
-        self._thread = threading.Thread(target=self._loop, name="pagating-heartbeat", daemon=True)
-        self._thread.start()
-
-    def _beat(self) -> None:
-        held = self.current()
-        if held and not self.mine(held) and self.is_live(held):
-            if not self.lost:
-                print(f"pagating: the claim on this config was taken over by {held.get('host')} pid "
-                      f"{held.get('pid')} (our heartbeat was older than {self.timeout_s:.0f}s)", file=sys.stderr)
-            self.lost = True
-            return
-        self._write()
-        if self.run_id:
-            self.mlf.set_tag(self.run_id, "pagating.heartbeat", str(int(time.time())))
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.heartbeat_s):
-            try:
-                self._beat()
-            except Exception:  # server down: the heartbeat resumes when it answers
-                pass
-
-    def release(self) -> None:
-        if self._stop.is_set():
-            return
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        try:
-            if self.mine(self.current()):
-                self._write(released=True)
-        except Exception:
-            pass  # server down: the dead pid / the timeout frees it
-
-
-def describe_claim(claim: dict, timeout_s: float) -> str:
-    age = time.time() - float(claim.get("t", 0))
-    return (f"{claim.get('host')} pid {claim.get('pid')} (run {claim.get('run_id') or 'starting'}, "
-            f"heartbeat {age:.0f}s ago; taken over after {timeout_s:.0f}s without one)")
-
-
 # `pagating sync` ------------------------------------------------------------------------------
 
 PENDING_FILE = "pagating_pending.json"  # what a run could not upload before its drain budget ran out
@@ -814,11 +734,13 @@ STAGING_DIR = ".upload-staging"
 
 def finish_run(mlf, run_id: str, run_dir: str | Path, status: str, spool: MetricSpool | None,
                uploader: CheckpointUploader | None, model_dir: str | Path | None, model_step: int,
-               budget_s: float, backoff_cap_s: float = 30.0) -> tuple[list[str], str | None]:
+               budget_s: float, backoff_cap_s: float = 30.0, fence=None) -> tuple[list[str], str | None]:
     """The end of a run: last metrics, last checkpoint, the model (log_model: the metrics at model_step
     are in MLflow first, so they link to it), then the run's status, in that order, retried while the
     server is away for up to budget_s. Returns (what is still only local, empty when everything arrived;
-    the model id); PENDING_FILE in run_dir then tells `pagating sync` what to finish."""
+    the model id); PENDING_FILE in run_dir then tells `pagating sync` what to finish. `fence` (Claim.check)
+    runs before each step: ClaimLost stops it at once, with nothing more written into the run."""
+    fence = fence or (lambda: None)
     deadline = time.time() + budget_s
     backoff = _Backoff(first=1.0, cap=backoff_cap_s)
     model_done, said, model_id = model_dir is None, False, None
@@ -831,14 +753,18 @@ def finish_run(mlf, run_id: str, run_dir: str | Path, status: str, spool: Metric
                     pass
             if uploader is not None and not uploader.wait(max(0.0, min(10.0, deadline - time.time()))):
                 raise ConnectionError(f"checkpoint upload: {uploader.last_error}")
+            fence()
             if not model_done:
                 model_id = log_model(mlf.tracking_uri, run_id, model_dir, model_step)
                 model_done = True
+            fence()
             mlf.set_terminated(run_id, status)
             (Path(run_dir) / PENDING_FILE).unlink(missing_ok=True)
             if said:
                 print(f"pagating: server back: final uploads done, run {run_id} {status}", file=sys.stderr)
             return [], model_id
+        except ClaimLost:
+            raise
         except Exception as exc:
             left = deadline - time.time()
             if left <= 0:
@@ -946,8 +872,9 @@ class TrackingCallback(_Callback):
     def __init__(self, spool: MetricSpool, uploader: CheckpointUploader | None, run_info: dict,
                  tokens_per_step: int, flops_token: float, peak: float | None, sampler=None,
                  usd_per_hour: float | None = None, model=None, log_alpha: bool = False, cuda: bool = False,
-                 compile_watch=None):
+                 compile_watch=None, claim: Claim | None = None):
         self.spool, self.uploader, self.run_info = spool, uploader, run_info
+        self.claim = claim  # once it is lost, training stops at the next step, log or save
         self.tokens_per_step, self.flops_token, self.peak = tokens_per_step, flops_token, peak
         self.sampler, self.usd_per_hour, self.model = sampler, usd_per_hour, model
         self.log_alpha, self.cuda = log_alpha, cuda
@@ -968,6 +895,13 @@ class TrackingCallback(_Callback):
         self.t0, self.step0 = time.perf_counter(), state.global_step
         self.c0 = self.compile_watch.seconds() if self.compile_watch is not None else 0.0
 
+    def _fenced(self) -> None:
+        if self.claim is not None and self.claim.lost:
+            raise ClaimLost(self.claim.lost)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._fenced()
+
     def on_train_begin(self, args, state, control, **kwargs):
         from pagating.gpu import cpu_window
 
@@ -981,6 +915,7 @@ class TrackingCallback(_Callback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return
+        self._fenced()
         step = state.global_step
         out = {name: logs[key] for key, name in self.NAMES.items() if key in logs}
         if "eval_loss" in logs:
@@ -1017,6 +952,7 @@ class TrackingCallback(_Callback):
     def on_save(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
             return
+        self._fenced()
         ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if ckpt.exists():
             write_run_file(ckpt, self.run_info)

@@ -194,6 +194,7 @@ def check(cfg: dict, *, device: str, precision: str, threads: int | None, parent
     tracking.check_server(uri)
     h = config_hash(cfg, meta.get("source_md5", ""))
     run_dir = run_dir_for(cfg, h)
+    check_output_dir(run_dir, cfg["train"]["output_dir"])
     device = pick_device(device)
     precision = runtime.resolve_precision(precision, device)
     n_threads = runtime.set_threads(threads)
@@ -338,22 +339,35 @@ def save(trainer, test: dict[str, float], run) -> None:
                       test_loss=test["test_loss"])
 
 
-# Bytes per parameter on disk: fp32 weights (4) + Adam's two moments (8) per checkpoint, two kept by
-# save_total_limit plus the one being written, and model/ (4).
-DISK_BYTES_PER_PARAM = 3 * 12 + 4
+def _existing(path: Path) -> Path:
+    where = Path(path).absolute()
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    return where
+
+
+def check_output_dir(run_dir: Path, output_dir: str) -> None:
+    """The run's folder can be made and written: checked before the claim and the MLflow run exist."""
+    where = _existing(run_dir)
+    fix = "set train.output_dir (--output_dir) to a folder"
+    if not where.is_dir():
+        raise UserError(f"train.output_dir {output_dir}: {where} is a file, not a folder: remove it or {fix}")
+    if not os.access(where, os.W_OK | os.X_OK):
+        raise UserError(f"train.output_dir {output_dir}: cannot write in {where} (permissions): {fix} you can write")
 
 
 def check_disk(run_dir: Path, n_params: int) -> None:
-    """Refuse to start when the output folder's disk cannot hold the run's checkpoints and model."""
+    """Refuse to start when the output folder's disk cannot hold one checkpoint (weights + Adam state);
+    a disk that fills up later is one line then (pagating.run.disk_full)."""
     import shutil
 
-    where = Path(run_dir).absolute()
-    while not where.exists():
-        where = where.parent
-    need, free = DISK_BYTES_PER_PARAM * n_params, shutil.disk_usage(where).free
+    from pagating.run import CHECKPOINT_BYTES_PER_PARAM
+
+    where = _existing(run_dir)
+    need, free = CHECKPOINT_BYTES_PER_PARAM * n_params + 2**20, shutil.disk_usage(where).free
     if free < need:
-        raise UserError(f"not enough disk space in {where}: the run needs about {need / 2**20:.0f} MiB for "
-                        f"checkpoints and model, {free / 2**20:.0f} MiB are free; free some or set train.output_dir "
+        raise UserError(f"not enough disk space in {where}: one checkpoint of this model needs about "
+                        f"{need / 2**20:.0f} MiB, {free / 2**20:.0f} MiB are free; free some or set train.output_dir "
                         f"elsewhere")
 
 

@@ -29,15 +29,27 @@ def runs_of(mlf, prefix):
 
 
 def test_same_config_twice_at_once_one_run(sample_project, mlflow_server, tmp_path):
-    args = ["train", *TINY, "--set", "tracking.experiment_prefix=twice", "--output_dir", str(tmp_path / "o")]
-    procs = [launch(args, sample_project, mlflow_server.uri) for _ in range(2)]
-    outs = [p.communicate(timeout=600) for p in procs]
+    """Two `pagating train` of one config at once, every claim write held 1-5 s by a proxy."""
+    from pagating.tracking import run_model_id
+
+    proxy = HoldProxy(mlflow_server.uri)
+    args = ["train", *TINY, "--set", "tracking.experiment_prefix=twice", "--set", "tracking.claim_timeout_s=120",
+            "--output_dir", str(tmp_path / "o")]
+    try:
+        procs = [launch(args, sample_project, proxy.uri) for _ in range(2)]
+        outs = [p.communicate(timeout=600) for p in procs]
+    finally:
+        proxy.close()
     codes = sorted(p.returncode for p in procs)
     assert codes == [0, 2], outs
     loser = outs[[p.returncode for p in procs].index(2)][1]
     assert len(loser.strip().splitlines()) == 1 and "already being trained by" in loser, loser
-    runs = runs_of(MlflowClient(mlflow_server.uri), "twice")
+    mlf = MlflowClient(mlflow_server.uri)
+    runs = runs_of(mlf, "twice")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    steps_unique(mlf, runs[0].info.run_id)
+    run = mlf.get_run(runs[0].info.run_id)
+    assert run_model_id(mlf, run) and len(run.outputs.model_outputs) == 1
 
 
 def test_live_claim_refused_stale_claim_taken_over(sample_project, mlflow_server, tmp_path, monkeypatch):
@@ -69,7 +81,8 @@ def test_live_claim_refused_stale_claim_taken_over(sample_project, mlflow_server
     assert json.loads(res.stdout.strip().splitlines()[-1])["run_id"] == run_id
     assert [r.info.run_id for r in runs_of(mlf, "takeover")] == [run_id]
     assert mlf.get_run(run_id).info.status == "FINISHED"
-    assert json.loads(mlf.get_experiment(exp_id).tags[f"pagating.claim.{h}"])["released"] is True
+    left = [k for k in mlf.get_experiment(exp_id).tags if k.startswith(f"pagating.claim.{h}")]
+    assert left == [f"pagating.claim.{h}"]  # the winner removed its own record; the stale one is not its to touch
 
 
 def test_two_sweeps_over_one_grid_share_the_work(sample_project, mlflow_server, tmp_path):
@@ -88,3 +101,154 @@ def test_two_sweeps_over_one_grid_share_the_work(sample_project, mlflow_server, 
     for i in range(2):  # each sweep reports both configs, with the one run each has
         summary = json.loads((tmp_path / f"s{i}.json").read_text())
         assert {c["run_id"] for c in summary["configs"]} == ids
+
+
+class HoldProxy:
+    """An HTTP proxy on 127.0.0.1 in front of the tracking server that holds every claim write
+    (`set-experiment-tag`) for a random 1-5 s before passing it on: the slow server of the issue."""
+
+    def __init__(self, target: str, hold=(1.0, 5.0), match: str = "experiments/set-experiment-tag"):
+        import random
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        import requests
+
+        proxy = self
+        self.held, self.hold = 0, hold
+        skip = {"host", "content-length", "connection", "transfer-encoding", "content-encoding"}
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def forward(self):
+                n = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(n) if n else None
+                if match in self.path:
+                    proxy.held += 1
+                    time.sleep(random.uniform(*proxy.hold))
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in skip}
+                r = requests.request(self.command, target + self.path, data=body, headers=headers, timeout=300,
+                                     allow_redirects=False)
+                self.send_response(r.status_code)
+                for k, v in r.headers.items():
+                    if k.lower() not in skip:
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(r.content)))
+                self.end_headers()
+                self.wfile.write(r.content)
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = forward
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.uri = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def steps_unique(mlf, run_id):
+    for key in mlf.get_run(run_id).data.metrics:
+        steps = [m.step for m in mlf.get_metric_history(run_id, key)]
+        assert len(steps) == len(set(steps)), f"run {run_id}: {key} logged twice at one step: {sorted(steps)}"
+
+
+def test_ten_pairs_through_a_slow_server_one_trainer_each(mlflow_server):
+    """Ten configs, two processes' worth of claimants each, every claim write held 1-5 s: exactly one
+    trains each config (the claim functions themselves, in threads; the CLI pair is the test below)."""
+    import threading
+
+    from pagating.tracking import Claim, runs_with_hash
+
+    proxy = HoldProxy(mlflow_server.uri)
+    admin = MlflowClient(mlflow_server.uri)
+    exp_id = admin.create_experiment("race-sample")
+    outcome: dict = {}
+
+    def contender(h: str, i: int) -> None:
+        mlf = MlflowClient(proxy.uri)
+        claim = Claim(mlf, exp_id, h, settle_s=0.5, timeout_s=120, heartbeat_s=1)
+        if claim.acquire() is not None:
+            outcome[h, i] = "claimed elsewhere"
+            return
+        try:  # what TrainingRun does once the claim is ours
+            if any(r.info.status == "FINISHED" for r in runs_with_hash(mlf, exp_id, h)):
+                outcome[h, i] = "finished elsewhere"
+                return
+            run_id = mlf.create_run(exp_id, tags={"pagating.config_hash": h}).info.run_id
+            claim.start_heartbeat(run_id)
+            for step in range(4):
+                claim.check()
+                mlf.log_metric(run_id, "train/loss", 1.0 / (step + 1), step=step)
+                time.sleep(0.5)
+            claim.check()
+            mlf.create_logged_model(exp_id, source_run_id=run_id, name="model")
+            claim.check()
+            mlf.set_terminated(run_id, "FINISHED")
+            outcome[h, i] = "trained"
+        finally:
+            claim.release()
+
+    hashes = [f"race{n:02d}" for n in range(10)]
+    threads = [threading.Thread(target=contender, args=(h, i)) for h in hashes for i in range(2)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+    finally:
+        proxy.close()
+    assert not any(t.is_alive() for t in threads)
+    assert proxy.held >= 40  # every claim really went through the slow path
+    for h in hashes:
+        assert sorted(outcome[h, i] != "trained" for i in range(2)) == [False, True], outcome
+        runs = runs_with_hash(admin, exp_id, h)
+        assert len(runs) == 1 and runs[0].info.status == "FINISHED", [r.info for r in runs]
+        steps_unique(admin, runs[0].info.run_id)
+        models = admin.search_logged_models([exp_id], filter_string=f"source_run_id = '{runs[0].info.run_id}'")
+        assert len(models) == 1
+    left = [k for k in admin.get_experiment(exp_id).tags if k.startswith("pagating.claim.")]
+    assert left == []  # every claimant removed its own record
+
+
+def test_holder_that_lost_its_claim_stops_and_writes_nothing_more(sample_project, mlflow_server, tmp_path):
+    """The holder's heartbeats stop reaching MLflow (held 12 s; its lease is claim_timeout_s / 2 = 5 s) and
+    another host claims the config meanwhile: the holder sends nothing more and says why, in one line."""
+    proxy = HoldProxy(mlflow_server.uri, hold=(0.0, 0.0))
+    args = ["train", "--max_steps", "3000", "--eval_steps", "1000", "--save_steps", "1000", "--logging_steps", "5",
+            "--batch_size", "8", "--set", "tracking.heartbeat_s=1", "--set", "tracking.claim_timeout_s=10",
+            "--set", "tracking.experiment_prefix=fenced", "--output_dir", str(tmp_path / "o")]
+    mlf = MlflowClient(mlflow_server.uri)
+    proc = launch(args, sample_project, proxy.uri)
+    try:
+        deadline, run = time.time() + 300, None
+        while time.time() < deadline and not (run and "train/loss" in run.data.metrics):
+            time.sleep(1)
+            runs = runs_of(mlf, "fenced")
+            run = mlf.get_run(runs[0].info.run_id) if runs else None
+        assert run is not None and proc.poll() is None, proc.stderr.read() if proc.poll() is not None else ""
+        proxy.hold = (12.0, 12.0)  # heartbeats from now on take 12 s to be acknowledged
+        time.sleep(7)  # past the lease
+        before = {k: len(mlf.get_metric_history(run.info.run_id, k)) for k in mlf.get_run(run.info.run_id).data.metrics}
+        h = run.data.tags["pagating.config_hash"]
+        mlf.set_experiment_tag(run.info.experiment_id, f"pagating.claim.{h}.other", json.dumps(
+            {"owner": "other", "host": "gpu-box-9", "pid": 7, "run_id": run.info.run_id, "t": time.time(),
+             "state": "held"}))
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proxy.close()
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 2, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert "no longer ours" in last and "gpu-box-9 pid 7" in last and "no heartbeat of ours reached MLflow" in last
+    assert "Traceback" not in err
+    after = mlf.get_run(run.info.run_id)
+    assert after.info.status == "RUNNING"  # not ended by the process that lost it: the new holder continues it
+    assert {k: len(mlf.get_metric_history(run.info.run_id, k)) for k in after.data.metrics} == before
