@@ -137,8 +137,8 @@ class Watcher:
     failed (retried every round), the last row of every instance (to re-run a shard whose instance is
     gone) and how often each shard was relaunched."""
 
-    def __init__(self, timeout_s: float, max_relaunches: int):
-        self.timeout_s, self.max_relaunches = timeout_s, max_relaunches
+    def __init__(self, timeout_s: float):
+        self.timeout_s = timeout_s
         self.seen: dict[int, tuple[str | None, float]] = {}
         self.retry: set[int] = set()
         self.known: dict[int, dict] = {}
@@ -197,7 +197,7 @@ class Watcher:
             if all(state[name] == "FINISHED" for name in names[i::n]):
                 continue
             n = self.relaunches.get(label, 0)
-            if n >= self.max_relaunches:
+            if n >= int(cfg["cloud"]["max_relaunches"]):  # the sweep's profile (params.yaml)
                 self.gave_up[label] = (f"shard {_env(row).get('PAGATING_SHARD')} gave up after {n} relaunch(es); "
                                        f"last instance {row['id']}: {reports.get(int(row['id'])) or 'no report'}")
                 print(red(f"{label}: {self.gave_up[label]}"))
@@ -341,9 +341,8 @@ def cmd_status(args) -> int:
 def cmd_watch(args) -> int:
     client = Vast(require_key())
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    c = defaults("cloud")
-    timeout = args.start_timeout if args.start_timeout is not None else c["start_timeout_min"]
-    watcher = Watcher(timeout * 60, c["max_relaunches"])
+    timeout = args.start_timeout if args.start_timeout is not None else defaults("cloud")["start_timeout_min"]
+    watcher = Watcher(timeout * 60)
     while True:
         print(time.strftime("-- %H:%M:%S"))
         try:

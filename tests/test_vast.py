@@ -301,6 +301,41 @@ def test_refusals_exit_2_before_renting(keyed, env, capsys, case):
         assert secret not in out + err
 
 
+@pytest.mark.parametrize("case", ["over budget", "bad env", "commit not on the remote"])
+def test_a_refused_launch_rents_nothing_and_leaves_no_run(launchable, env, capsys, mlflow_server, case):
+    from mlflow.tracking import MlflowClient
+
+    sweep = f"rf{int(time.time() * 1000) % 10**8}"
+    argv = [*LAUNCH, "--sweep-id", sweep]
+    if case == "over budget":
+        argv += ["--budget", "0.5"]
+    elif case == "bad env":
+        argv += ["--env", "BIG=" + "x" * 33000]  # over Vast's 32,768 for all of env
+    else:
+        argv[argv.index(COMMIT)] = "fedcba9876543210fedcba9876543210fedcba98"
+    rc, out, err = run(capsys, *argv)
+    assert rc == 2 and err.startswith("pagating vast: error: ") and err.count("\n") == 1, err
+    assert launchable.calls("PUT", "/api/v0/asks/") == [] and launchable.creates() == []
+    if case == "commit not on the remote":
+        assert "is not on" in err and "git push" in err and launchable.requests == []  # before any Vast call
+    client = MlflowClient(mlflow_server.uri)
+    exps = [e.experiment_id for e in client.search_experiments()]
+    assert client.search_runs(exps, f"tags.`pagating.sweep_id` = '{sweep}'") == []
+
+
+def test_an_offer_taken_between_search_and_create_moves_on_to_the_next(launchable, capsys):
+    # ranked: 12 (0.30), 13 (0.40), 14 (0.45), 11 (0.50); someone rents 13 while we create on 12
+    launchable.on_create = lambda iid, body: launchable.taken.add(13)
+    rc, out, err = run(capsys, *LAUNCH, "--instances", "2", "--sweep-id", "tk1")
+    assert rc == 0, err
+    puts = launchable.calls("PUT", "/api/v0/asks/")
+    assert [(r.path, r.status) for r in puts] == [("/api/v0/asks/12/", 0), ("/api/v0/asks/13/", 400),
+                                                  ("/api/v0/asks/14/", 0)]
+    assert [c.body["env"]["PAGATING_SHARD"] for c in launchable.creates()] == ["0/2", "1/2"]
+    assert launchable.creates()[1].body["env"]["PAGATING_USD_PER_HOUR"] == "0.4500"
+    assert launchable.destroys() == [] and "offer 13 was taken meanwhile; trying offer 14" in out
+
+
 def test_http_without_password_and_https_are_accepted(env):
     env.setenv("MLFLOW_TRACKING_PASSWORD", "x")
     assert cloud.check_tracking_uri("https://mlflow.example.org:8443") == "https://mlflow.example.org:8443"
@@ -626,6 +661,84 @@ def test_watch_destroys_stuck_instances_and_retries_a_failed_destroy(keyed, env,
     assert len(keyed.destroys(981)) == 1  # loading past the (short) timeout as well
     assert len(keyed.destroys(983)) == 1 and "provisioning for 60 min" in out
     assert keyed.destroys(982) == []
+
+
+def _two_config_sweep(env, tmp_path, mlflow_server, sweep: str, finished: list[int], max_relaunches: int = 1):
+    """A sample-profile grid of two configs in this folder's params.yaml, a parent run on the server,
+    FINISHED children for the configs in `finished`; returns (parent run id, config names)."""
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    from pagating.sweep import config_for, grid
+    from pagating.train import run_name
+
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    params["sweep"]["sample"] = {"alpha_mode": ["static_0.5", "static_1.0"], "learning_rate": [1.0e-3]}
+    params["cloud"]["max_relaunches"] = max_relaunches
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env.delenv("MLFLOW_TRACKING_URI")  # status/watch read the instances' server
+    cfg = load_config("sample")
+    names = [run_name(config_for(cfg, o)) for o in grid(cfg)]
+    client = MlflowClient(mlflow_server.uri)
+    exp = client.get_experiment_by_name("pagating-sample")
+    exp_id = exp.experiment_id if exp else client.create_experiment("pagating-sample")
+    parent = client.create_run(exp_id, run_name=f"sweep {sweep}",
+                               tags={"pagating.sweep_id": sweep, "pagating.role": "sweep"}).info.run_id
+    for i in finished:
+        child = client.create_run(exp_id, run_name=names[i], tags={"pagating.sweep_id": sweep,
+                                                                   "mlflow.parentRunId": parent})
+        client.set_terminated(child.info.run_id)
+    return parent, names
+
+
+def _sweep_instance(fake, iid, sweep, shard, parent, uri, **kw):
+    env = dict(_instance_env(sweep, shard, uri=uri), PAGATING_PARENT_RUN_ID=parent)
+    return fake.add_instance(iid, label=f"pagating-{sweep}-{shard.split('/')[0]}", extra_env=list(env.items()), **kw)
+
+
+@pytest.mark.slow
+def test_watch_destroys_what_reported_done_and_reruns_its_shard(keyed, env, capsys, mlflow_server, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    sweep = f"wd{int(time.time() * 1000) % 10**8}"
+    parent, names = _two_config_sweep(env, tmp_path, mlflow_server, sweep, finished=[1])
+    client = MlflowClient(mlflow_server.uri)
+    # shard 0 failed (its DELETE refused: Vast still says running); shard 1 finished its config, destroy failing too
+    _sweep_instance(keyed, 990, sweep, "0/2", parent, mlflow_server.uri)
+    _sweep_instance(keyed, 991, sweep, "1/2", parent, mlflow_server.uri)
+    client.set_tag(parent, "pagating.instance.990", "failed: CUDA required: found 0 usable CUDA GPU(s)")
+    client.set_tag(parent, "pagating.instance.991", "finished: shard 1/2")
+    rc, out, _ = run(capsys, "vast", "status", "--sweep", sweep)
+    assert rc == 0 and out.count("STILL BILLING") == 2 and "failed: CUDA required" in out
+    assert keyed.destroys() == []  # status only looks
+
+    rc, out, _ = run(capsys, "vast", "watch", "--once", "--sweep", sweep)
+    assert sorted(r.path for r in keyed.destroys()) == ["/api/v0/instances/990/", "/api/v0/instances/991/"]
+    assert "reported 'failed: CUDA required" in out
+    tags = client.get_run(parent).data.tags
+    assert tags["pagating.instance.990"].endswith("destroyed by vast watch")  # the parent says why
+    (create,) = keyed.creates()  # shard 0's config is not FINISHED: re-run; shard 1's is: left alone
+    assert create.body["label"] == f"pagating-{sweep}-0" and create.body["env"]["PAGATING_SHARD"] == "0/2"
+    assert create.body["env"]["PAGATING_PARENT_RUN_ID"] == parent
+    assert tags["pagating.instance.5001"].startswith("created")
+    assert rc == 0 and client.get_run(parent).info.status == "RUNNING"
+
+
+@pytest.mark.slow
+def test_watch_gives_up_after_max_relaunches_and_fails_the_parent(keyed, env, capsys, mlflow_server, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    sweep = f"wg{int(time.time() * 1000) % 10**8}"
+    parent, names = _two_config_sweep(env, tmp_path, mlflow_server, sweep, finished=[1], max_relaunches=0)
+    _sweep_instance(keyed, 995, sweep, "0/2", parent, mlflow_server.uri, actual_status="loading",
+                    start_date=time.time() - 3600)
+    rc, out, _ = run(capsys, "vast", "watch", "--sweep", sweep, "--interval", "0.2", "--start-timeout", "1")
+    assert rc == 1 and keyed.creates() == [] and len(keyed.destroys(995)) == 1
+    assert f"NOT done: configs missing: {names[0]} (not started)" in out and "gave up after 0 relaunch" in out
+    run_ = MlflowClient(mlflow_server.uri).get_run(parent)
+    assert run_.info.status == "FAILED"  # never RUNNING once the last instance is gone
+    reason = run_.data.tags["pagating.status_reason"]
+    assert names[0] in reason and "gave up" in reason
 
 
 def test_logs_of_a_gone_instance_come_from_its_parent_run(keyed, env, capsys, mlflow_server, tmp_path):
