@@ -145,8 +145,11 @@ def _sweep_note(base: dict, configs: list[dict], command: str) -> str:
 
 
 def log_best(mlf, parent_id: str, exp_id: str, sweep_id: str, run_ids: list[str]) -> dict | None:
-    """The sweep row's summary: the best finished config (lowest best/eval_loss) as tags and metrics."""
+    """The sweep row's summary: the best config by mean validation loss (`final/eval_loss`) over its seeds
+    (pagating.stats, as the report ranks), its means as metrics, and the run of its median seed."""
     from mlflow.entities import Metric, RunTag
+
+    from pagating import stats
 
     runs = {r.info.run_id: r for r in mlf.search_runs(
         [exp_id], filter_string=f"tags.`pagating.sweep_id` = '{sweep_id}' and attributes.status = 'FINISHED'")}
@@ -155,18 +158,29 @@ def log_best(mlf, parent_id: str, exp_id: str, sweep_id: str, run_ids: list[str]
             run = mlf.get_run(rid)
             if run.info.status == "FINISHED":
                 runs[rid] = run
-    scored = [r for r in runs.values() if "best/eval_loss" in r.data.metrics]
-    if not scored:
+    rows = []
+    for r in runs.values():
+        p, m = r.data.params, r.data.metrics
+        if "final/eval_loss" not in m:
+            continue
+        lr, seed = p.get("train.learning_rate"), p.get("train.seed")
+        rows.append({"config": stats.config_label(p.get("model.unit", "?"), p.get("train.alpha_mode", "?"),
+                                                  float(lr) if lr else None),
+                     "unit": p.get("model.unit", "?"), "d_ff": p.get("model.d_ff"), "run_id": r.info.run_id,
+                     "seed": int(seed) if seed else None, "val_loss": m["final/eval_loss"],
+                     "test_loss": m.get("test/loss")})
+    if not rows:
         return None
-    best = min(scored, key=lambda r: (r.data.metrics["best/eval_loss"], r.info.run_name or ""))
-    m = best.data.metrics
+    best = stats.group(rows)[0]
+    pick = stats.median_run(best)
     now = int(time.time() * 1000)
-    metrics = {k: m[k] for k in ("best/eval_loss", "final/eval_loss", "final/eval_ppl") if k in m}
-    metrics["best/eval_ppl"] = math.exp(min(m["best/eval_loss"], 50.0))
-    mlf.log_batch(parent_id, metrics=[Metric(k, v, now, len(scored)) for k, v in metrics.items()],
-                  tags=[RunTag("pagating.best_config", best.info.run_name or best.info.run_id),
-                        RunTag("pagating.best_run_id", best.info.run_id)])
-    return {"run_id": best.info.run_id, "name": best.info.run_name, **metrics}
+    metrics = {"final/eval_loss": best["val_mean"], "final/eval_ppl": math.exp(min(best["val_mean"], 50.0)),
+               "best/seeds": len(best["seeds"])}
+    if best["test_mean"] is not None:
+        metrics["test/loss"] = best["test_mean"]
+    mlf.log_batch(parent_id, metrics=[Metric(k, v, now, len(rows)) for k, v in metrics.items()],
+                  tags=[RunTag("pagating.best_config", best["config"]), RunTag("pagating.best_run_id", pick["run_id"])])
+    return {"run_id": pick["run_id"], "name": best["config"], **metrics}
 
 
 def sweep(base: dict, *, shard: str = "0/1", gpus: str = "auto", device: str = "auto",
@@ -366,7 +380,9 @@ def finish(mlf, base: dict, plan: list[dict], *, uri: str, exp_id: str, parent_i
 
     failed = [e for e in plan if e["status"] == "failed"]
     best = log_best(mlf, parent_id, exp_id, sweep_id, [e.get("run_id") for e in plan])
-    mlf.set_terminated(parent_id, "FAILED" if failed else "FINISHED")
+    if failed or shard.endswith("/1") or _grid_finished(mlf, exp_id, parent_id):
+        mlf.set_terminated(parent_id, "FAILED" if failed else "FINISHED")
+    # else: other shards still run; the last to end (or `vast watch`) sets FINISHED
     summary = {"sweep_id": sweep_id, "parent_run_id": parent_id, "experiment_id": exp_id,
                "profile": base["profile"], "shard": shard,
                "configs": [{k: e.get(k) for k in ("name", "config_hash", "run_id", "status")} for e in plan]}
@@ -375,9 +391,17 @@ def finish(mlf, base: dict, plan: list[dict], *, uri: str, exp_id: str, parent_i
         Path(summary_path).write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
     print_table(plan)
     if best:
-        print(f"best: {best['name']} (best eval loss {best['best/eval_loss']:.4f})")
+        print(f"best: {best['name']} (mean validation loss {best['final/eval_loss']:.4f} over "
+              f"{best['best/seeds']} seed{'s' if best['best/seeds'] != 1 else ''})")
     print(f"runs: {tracking.experiment_url(uri, exp_id)}\nsweep run: {tracking.run_url(uri, exp_id, parent_id)}")
     return summary
+
+
+def _grid_finished(mlf, exp_id: str, parent_id: str) -> bool:
+    """Whether every config hash of the parent's grid has a FINISHED run (shards finish in any order)."""
+    hashes = set(filter(None, mlf.get_run(parent_id).data.tags.get("pagating.grid_hashes", "").split(",")))
+    runs = mlf.search_runs([exp_id], filter_string="attributes.status = 'FINISHED'", max_results=5000)
+    return hashes <= {r.data.tags.get("pagating.config_hash") for r in runs}
 
 
 def _last_json(stdout: str) -> dict:

@@ -137,10 +137,14 @@ def test_runs_carry_mlflow_fields_model_and_system_metrics(ui_sweep, monkeypatch
     # The sweep row: grid as params, the best config and its figures as metrics.
     parent = mlf.get_run(summary["parent_run_id"])
     assert json.loads(parent.data.params["sweep.alpha_mode"]) == ["static_0.0", "learnable"]
-    best = min(kids, key=lambda r: r.data.metrics["best/eval_loss"])
-    assert parent.data.metrics["best/eval_loss"] == best.data.metrics["best/eval_loss"]
-    assert parent.data.metrics["final/eval_ppl"] == best.data.metrics["final/eval_ppl"]
+    # One seed per config: the best config by mean validation loss is the run with the lowest final/eval_loss.
+    best = min(kids, key=lambda r: r.data.metrics["final/eval_loss"])
+    assert parent.data.metrics["final/eval_loss"] == best.data.metrics["final/eval_loss"]
+    assert parent.data.metrics["final/eval_ppl"] == pytest.approx(best.data.metrics["final/eval_ppl"], rel=1e-12)
+    assert parent.data.metrics["test/loss"] == best.data.metrics["test/loss"]
+    assert parent.data.metrics["best/seeds"] == 1
     assert parent.data.tags["pagating.best_run_id"] == best.info.run_id
+    assert parent.data.tags["pagating.best_config"] == best.info.run_name
     assert parent.data.tags["mlflow.source.git.commit"] == commit
     link = f"{ui_sweep['uri']}/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning"
     assert f"runs: {link}" in ui_sweep["runs"][0].stdout
@@ -159,7 +163,9 @@ def test_report_attaches_to_the_sweep_and_registers_the_best_model(ui_sweep):
     (version,) = mlf.search_model_versions("name = 'pagating-best'")
     assert version.run_id == best_run
     assert version.source == f"models:/{mlf.get_run(best_run).outputs.model_outputs[0].model_id}"
-    assert "registered: pagating-best v1" in proc.stdout
+    assert mlf.get_model_version_by_alias("pagating-best", "champion").version == version.version
+    name = mlf.get_run(best_run).info.run_name
+    assert f"registered: pagating-best v1 @champion: {name}, run {best_run}" in proc.stdout
 
 
 # The UI in a real browser --------------------------------------------------------------------------------

@@ -24,7 +24,8 @@ EVAL_STEPS = [40, 80, 120]
 
 
 def _config_run(mlf, exp_id, name, mode, lr, *, evals, gpu, step_time, parent=None, sweep_id=None,
-                status="FINISHED", rate=None, util=None, alpha=None, cost=False, start_s=0, hours=0.5):
+                status="FINISHED", rate=None, util=None, alpha=None, cost=False, start_s=0, hours=0.5,
+                unit="paGLU", seed=None, test=None, n_params=123456):
     tags = {"pagating.config_hash": uuid.uuid4().hex[:16], "gpu.name": gpu}
     if parent:
         tags["mlflow.parentRunId"] = parent
@@ -35,8 +36,12 @@ def _config_run(mlf, exp_id, name, mode, lr, *, evals, gpu, step_time, parent=No
     start = T0 + start_s * 1000
     run = mlf.create_run(exp_id, run_name=name, start_time=start, tags=tags)
     rid = run.info.run_id
-    params = {"train.alpha_mode": mode, "train.learning_rate": f"{lr:g}", "model.unit": "paGLU",
-              "train.max_steps": "120", "train.batch_size": "16", "data.block_size": "64", "model.n_params": "123456"}
+    params = {"train.alpha_mode": mode, "train.learning_rate": f"{lr:g}", "model.unit": unit,
+              "train.max_steps": "120", "train.batch_size": "16", "data.block_size": "64",
+              "model.n_params": str(n_params), "model.n_layer": "2", "model.n_embd": "64", "model.vocab_size": "2048",
+              "model.d_ff": "256" if unit == "plain" else "170"}
+    if seed is not None:
+        params["train.seed"] = str(seed)
     metrics = []
 
     def put(key, step, value):
@@ -61,6 +66,8 @@ def _config_run(mlf, exp_id, name, mode, lr, *, evals, gpu, step_time, parent=No
         put("best/eval_loss", 120, min(evals))
         put("final/eval_loss", 120, evals[-1])
         put("final/eval_ppl", 120, math.exp(evals[-1]))
+    if test is not None:
+        put("test/loss", 120, test)
     mlf.log_batch(rid, metrics=metrics, params=[Param(k, v) for k, v in params.items()])
     mlf.set_terminated(rid, status, end_time=start + int(hours * 3.6e6))
     return rid
@@ -144,7 +151,7 @@ def expected(mlf, rid):
 
 
 def ranking_rows(md):
-    section = md.split("## Ranking")[1].split("\n\n")[1]
+    section = md.split("## Runs")[1].split("\n\n")[1]
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines()[2:]]
     return rows
 
@@ -182,25 +189,31 @@ def test_report_from_sweep_json_matches_mlflow(sweep, monkeypatch, tmp_path):
     by_name = {w["name"]: w for w in want.values()}
     on_disk = json.loads((out / "metrics.json").read_text())
     assert on_disk == doc
-    assert set(doc) == set(by_name) | {"best_config"}
-    assert doc["best_config"] == want["B"]["name"]
+    assert set(doc["runs"]) == set(by_name)
+    assert doc["best_config"] == want["B"]["name"]  # one seed each: the lowest final validation loss
     for name, w in by_name.items():
         for key in ("best_eval_loss", "final_eval_loss", "final_eval_ppl", "best_eval_ppl", "first_eval_loss",
                     "s_per_step", "tokens_per_s", "gpu_util_pct", "cost_usd"):
-            assert math.isclose(doc[name][key], w[key], rel_tol=1e-5), (name, key)
+            assert math.isclose(doc["runs"][name][key], w[key], rel_tol=1e-5), (name, key)
         # Throughput agrees with s/step: 16 x 64 tokens per step.
-        assert math.isclose(doc[name]["tokens_per_s"] * doc[name]["s_per_step"], 16 * 64, rel_tol=1e-4), name
+        assert math.isclose(doc["runs"][name]["tokens_per_s"] * doc["runs"][name]["s_per_step"], 16 * 64,
+                            rel_tol=1e-4), name
     # A's $ is wall time x rate (no cost/usd metric); B's is its last cost/usd.
-    assert math.isclose(doc[want["A"]["name"]]["cost_usd"], 0.25 * 0.4, rel_tol=1e-5)
-    assert doc[want["B"]["name"]]["cost_usd"] == pytest.approx(mlf.get_run(ids["B"]).data.metrics["cost/usd"])
+    assert math.isclose(doc["runs"][want["A"]["name"]]["cost_usd"], 0.25 * 0.4, rel_tol=1e-5)
+    assert doc["runs"][want["B"]["name"]]["cost_usd"] == pytest.approx(
+        mlf.get_run(ids["B"]).data.metrics["cost/usd"])
+    # No plain run: no comparison, and the verdict says why.
+    assert doc["comparisons"] == [] and doc["verdict"].startswith("No verdict: no `plain` baseline")
 
     md = (out / "summary.md").read_text()
     rows = ranking_rows(md)
-    assert [r[1] for r in rows] == [want[k]["name"] for k in ("B", "E", "A")]  # by best eval loss
+    assert [r[1] for r in rows] == [want[k]["name"] for k in ("B", "E", "A")]  # by validation loss
     for r in rows:
         w = by_name[r[1]]
-        for cell, key in zip(r[2:10], ("best_eval_loss", "best_eval_ppl", "final_eval_loss", "final_eval_ppl",
-                                       "s_per_step", "tokens_per_s", "gpu_util_pct", "cost_usd"), strict=True):
+        assert r[3] == "n/a"  # these runs logged no test/loss
+        for cell, key in zip(r[2:3] + r[4:10], ("final_eval_loss", "best_eval_loss", "final_eval_ppl",
+                                                "s_per_step", "tokens_per_s", "gpu_util_pct", "cost_usd"),
+                             strict=True):
             assert close(cell, w[key]), (r[1], key, cell, w[key])
         assert r[8].endswith("%") and r[9].startswith("$")
         assert r[10].strip("`") in ids.values()
@@ -238,7 +251,7 @@ def test_report_from_sweep_json_matches_mlflow(sweep, monkeypatch, tmp_path):
         hist = {m.step: m.value for m in mlf.get_metric_history(rid, "eval/loss")}
         assert math.isclose(float(value), hist[int(step)], rel_tol=1e-5)
     final = (out / "plots" / "final_eval_loss.csv").read_text().splitlines()
-    assert final[0] == "alpha_mode,learning_rate,final_eval_loss"
+    assert final[0] == "alpha_mode,learning_rate,final_eval_loss,test_loss,seed"
     assert [tuple(x.split(",")[:2]) for x in final[1:]] == [("static_0.0", "0.001"), ("static_0.5", "0.001"),
                                                              ("learnable", "0.0005")]
     assert [float(x.split(",")[2]) for x in final[1:]] == pytest.approx([want[k]["final_eval_loss"] for k in "AEB"])
@@ -260,22 +273,22 @@ def test_report_finds_sweeps_in_mlflow(sweep, monkeypatch, tmp_path):
     # No sweep.json: the newest parent's FINISHED children (A, B, C; D failed).
     doc = report(sweep["cfg"], sweep_json=tmp_path / "absent.json", out_dir=tmp_path / "new")
     want = {k: expected(mlf, ids[k]) for k in ("A", "B", "C")}
-    assert set(doc) == {w["name"] for w in want.values()} | {"best_config"}
+    assert set(doc["runs"]) == {w["name"] for w in want.values()}
     md = (tmp_path / "new" / "summary.md").read_text()
     assert [r[1] for r in ranking_rows(md)] == [want[k]["name"] for k in ("B", "A", "C")]
     assert f"parent run `{sweep['parent']}`" in md
     c = ranking_rows(md)[2]
     assert c[8] == "n/a" and c[9] == "n/a"  # cpu: no GPU util, no price
-    assert "gpu_util_pct" not in doc[want["C"]["name"]]
+    assert "gpu_util_pct" not in doc["runs"][want["C"]["name"]]
     perf = perf_table(md)
     assert [c for c in perf["time per step"] if c.endswith("(measured)") and "seed" not in c] == [
         "RTX 4090 (measured)", "cpu (measured)"]
     assert close(perf["time per step"]["cpu (measured)"], want["C"]["s_per_step"])
     assert perf["cost of the sweep (hours × $/h)"]["cpu (measured)"] == "n/a"
-    assert math.isclose(doc[want["C"]["name"]]["best_eval_loss"], 4.05, rel_tol=1e-6)  # best != final
+    assert math.isclose(doc["runs"][want["C"]["name"]]["best_eval_loss"], 4.05, rel_tol=1e-6)  # best != final
     # --sweep-id picks an older sweep, even with a sweep.json of another sweep present.
     doc = report(sweep["cfg"], sweep_json=sweep["sweep_json"], sweep_id="old", out_dir=tmp_path / "old")
-    assert set(doc) == {"paGLU static_0.5 lr=0.001", "best_config"}
+    assert set(doc["runs"]) == {"paGLU static_0.5 lr=0.001"} and doc["best_config"] == "paGLU static_0.5 lr=0.001"
 
 
 def test_missing_sweep_or_server_is_one_line_exit_2(sweep, monkeypatch, tmp_path, capsys):
@@ -296,16 +309,139 @@ def test_missing_sweep_or_server_is_one_line_exit_2(sweep, monkeypatch, tmp_path
     assert not (tmp_path / "r").exists()  # nothing written on an error
 
 
-def test_t_distribution_without_scipy():
-    """The report's t quantiles and paired p-values match the printed Student t table."""
-    from pagating.report import mean_ci, paired, t_quantile_975, t_two_sided_p
+# Seeds: paGLU and the plain baseline, chosen on validation, judged on test -----------------------------------
 
-    for df, t in ((1, 12.706), (2, 4.303), (3, 3.182), (4, 2.776), (9, 2.262), (10, 2.228), (30, 2.042)):
-        assert t_quantile_975(df) == pytest.approx(t, abs=1e-3)
-        assert t_two_sided_p(t, df) == pytest.approx(0.05, abs=2e-4)
-    assert t_two_sided_p(0.0, 5) == 1.0 and t_two_sided_p(1.0, 1) == pytest.approx(0.5)
-    mean, half = mean_ci([1.0, 2.0, 3.0])
-    assert mean == 2.0 and half == pytest.approx(4.303 * 1.0 / math.sqrt(3), abs=1e-3)
-    d = paired({1: 3.0, 2: 3.2, 3: 3.1}, {1: 3.1, 2: 3.25, 3: 3.2, 4: 9.0})  # seed 4 is unpaired: left out
-    assert d["seeds"] == 3 and d["diff"] == pytest.approx(-0.0833333)
-    assert d["p"] == pytest.approx(0.0377, abs=1e-3)  # t = -5, df = 2
+# (unit, α mode, lr) -> validation and test loss per seed. static_1.0 at lr 1e-3 beats plain at 1e-3 on both
+# splits by about 0.1 with almost no seed-to-seed spread in the difference; the rest differ by noise.
+NOISE = {1: 0.03, 2: -0.02, 3: 0.05}
+SEEDED = {("paGLU", "static_0.0", 1e-3): (0.00, 0.010), ("paGLU", "static_1.0", 1e-3): (-0.10, -0.101),
+          ("paGLU", "static_0.0", 5e-4): (0.04, 0.030), ("paGLU", "static_1.0", 5e-4): (0.02, 0.035),
+          ("plain", "static_0.5", 1e-3): (0.00, 0.000), ("plain", "static_0.5", 5e-4): (0.05, 0.048)}
+
+
+def _seeded_sweep(mlf, exp_id, root, sweep_id, seeds, start_s):
+    parent = _parent(mlf, exp_id, sweep_id, start_s)
+    entries = []
+    for k, ((unit, mode, lr), (dv, dt)) in enumerate(SEEDED.items()):
+        for seed in seeds:
+            # Paired structure: each seed shifts every config alike; a little config-specific jitter on top.
+            jitter = 0.003 * seed if mode == "static_1.0" and lr == 1e-3 else 0.02 * math.sin(seed * (k + 1.7))
+            val = 3.8 + NOISE[seed] + dv + jitter
+            name = (f"plain lr={lr:g}" if unit == "plain" else f"paGLU {mode} lr={lr:g}") + (
+                f" seed={seed}" if len(seeds) > 1 else "")
+            rid = _config_run(mlf, exp_id, name, mode, lr, evals=[val + 1.0, val + 0.3, val], gpu="cpu",
+                              step_time=0.2, parent=parent, sweep_id=sweep_id, unit=unit, seed=seed,
+                              test=val + 0.05 + dt - dv, n_params=235264 if unit == "plain" else 235176,
+                              alpha=0.5 if mode == "learnable" else None, start_s=start_s + 10 + k * 10 + seed)
+            entries.append({"name": name, "config_hash": uuid.uuid4().hex[:16], "run_id": rid, "status": "ran"})
+    path = root / f"sweep-{sweep_id}.json"
+    path.write_text(json.dumps({"sweep_id": sweep_id, "parent_run_id": parent, "experiment_id": exp_id,
+                                "profile": "sample", "configs": entries}))
+    return path, parent
+
+
+@pytest.fixture(scope="module")
+def seeded(sweep, tmp_path_factory):
+    """Two sweeps of 4 paGLU configs + plain at both lrs in their own experiment: 3 seeds, and 1 seed."""
+    mlf = sweep["mlf"]
+    exp_id = mlf.create_experiment(f"seeded{uuid.uuid4().hex[:8]}-sample")
+    three = _seeded_sweep(mlf, exp_id, sweep["root"], "three", [1, 2, 3], 20_000)
+    one = _seeded_sweep(mlf, exp_id, sweep["root"], "one", [1], 30_000)
+    return {**sweep, "three": three, "one": one}
+
+
+GROUP_KEYS = {"config", "unit", "alpha_mode", "learning_rate", "n_params", "flops_per_token", "seeds", "val_mean",
+              "val_ci95", "test_mean", "test_ci95"}
+COMPARISON_KEYS = {"config", "baseline", "split", "diff_mean", "diff_ci95", "p", "p_holm", "n"}
+
+
+def _losses(mlf, parent, key):
+    """(config, seed) -> the metric, straight from the parent's MLflow children."""
+    exp = mlf.get_run(parent).info.experiment_id
+    out = {}
+    for r in mlf.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'"):
+        p = r.data.params
+        config = (f"plain lr={float(p['train.learning_rate']):g}" if p["model.unit"] == "plain"
+                  else f"paGLU {p['train.alpha_mode']} lr={float(p['train.learning_rate']):g}")
+        out[(config, int(p["train.seed"]))] = r.data.metrics[key]
+    return out
+
+
+def test_three_seeds_choose_on_validation_and_conclude_on_test(seeded, monkeypatch, tmp_path):
+    from scipy import stats
+
+    _use_server(monkeypatch, seeded)
+    mlf, (sweep_json, parent) = seeded["mlf"], seeded["three"]
+    doc = report(seeded["cfg"], sweep_json=sweep_json, out_dir=tmp_path / "r")
+    assert json.loads((tmp_path / "r" / "metrics.json").read_text()) == doc
+    # The schema of docs/report.md.
+    assert {"groups", "best_config", "comparisons", "verdict"} <= set(doc)
+    assert len(doc["groups"]) == 6 and all(GROUP_KEYS <= set(g) for g in doc["groups"])
+    assert all(COMPARISON_KEYS <= set(c) for c in doc["comparisons"])
+    assert all(g["seeds"] == [1, 2, 3] for g in doc["groups"])
+    # Best config: the lowest mean validation loss.
+    best = min(doc["groups"], key=lambda g: g["val_mean"])
+    assert doc["best_config"] == best["config"] == "paGLU static_1.0 lr=0.001"
+    # Recomputed from MLflow: one group's test mean and CI, one comparison's paired p on test.
+    test, val = _losses(mlf, parent, "test/loss"), _losses(mlf, parent, "final/eval_loss")
+    g = next(g for g in doc["groups"] if g["config"] == "paGLU static_0.0 lr=0.0005")
+    xs = [test[("paGLU static_0.0 lr=0.0005", s)] for s in (1, 2, 3)]
+    assert g["test_mean"] == pytest.approx(statistics.fmean(xs), rel=1e-5)
+    assert g["test_ci95"] == pytest.approx(stats.t.ppf(0.975, 2) * statistics.stdev(xs) / math.sqrt(3), rel=1e-5)
+    assert g["val_mean"] == pytest.approx(statistics.fmean(val[("paGLU static_0.0 lr=0.0005", s)] for s in (1, 2, 3)),
+                                          rel=1e-5)
+    c = next(c for c in doc["comparisons"] if c["config"] == "paGLU static_0.0 lr=0.001" and c["split"] == "test"
+             and c["baseline"] == "plain lr=0.001")
+    a, b = ([test[(name, s)] for s in (1, 2, 3)] for name in ("paGLU static_0.0 lr=0.001", "plain lr=0.001"))
+    assert c["p"] == pytest.approx(stats.ttest_rel(a, b).pvalue, rel=1e-5) and c["n"] == 3
+    assert c["diff_mean"] == pytest.approx(statistics.fmean(x - y for x, y in zip(a, b, strict=True)), abs=1e-6)
+    # Each gated config meets plain at its lr and plain at plain's best lr (1e-3, on validation): 4 + 2 pairs.
+    pairs = {(c["config"], c["baseline"]) for c in doc["comparisons"]}
+    assert len(pairs) == 6 and ("paGLU static_1.0 lr=0.0005", "plain lr=0.001") in pairs
+    assert {c["split"] for c in doc["comparisons"]} == {"test", "val"}
+    # Holm: never below the raw p; over the 6 test comparisons the smallest raw p is multiplied by 6.
+    assert all(c["p"] is not None and c["p_holm"] >= c["p"] for c in doc["comparisons"])
+    tests = sorted((c for c in doc["comparisons"] if c["split"] == "test"), key=lambda c: c["p"])
+    assert tests[0]["p_holm"] == pytest.approx(min(1.0, 6 * tests[0]["p"]), rel=1e-4)
+    # The verdict: the winner on test, its difference and CI, the corrected p and the seeds, in test numbers.
+    win = next(c for c in tests if c["config"] == "paGLU static_1.0 lr=0.001" and c["baseline"] == "plain lr=0.001")
+    v = doc["verdict"]
+    assert v.startswith("paGLU with α static_1.0 at lr 0.001 has a lower test loss than plain lr=0.001"), v
+    assert f"by {abs(win['diff_mean']):.4f} ± {win['diff_ci95']:.4f}" in v and f"test loss {best['test_mean']:.4f}" in v
+    assert f"p = {win['p_holm']:.3g}" in v and "3 seeds" in v
+    md = (tmp_path / "r" / "summary.md").read_text()
+    assert md.splitlines()[2] == f"**Verdict:** {v}"
+    assert "unmatched" not in md.lower().replace("**unmatched**", "")  # equal arms: within 0.04%
+    # Plots: one per figure; the eval curves are per run with the seed in the name.
+    lines = (tmp_path / "r" / "plots" / "eval_loss.csv").read_text().splitlines()
+    assert len(lines) == 1 + 18 * 3 and all(" seed=" in x.split(",")[0] for x in lines[1:])
+
+
+def test_one_seed_gives_no_p_value_and_says_why(seeded, monkeypatch, tmp_path):
+    _use_server(monkeypatch, seeded)
+    sweep_json, _ = seeded["one"]
+    doc = report(seeded["cfg"], sweep_json=sweep_json, out_dir=tmp_path / "r")
+    assert len(doc["groups"]) == 6 and all(g["seeds"] == [1] and g["val_ci95"] is None for g in doc["groups"])
+    assert doc["comparisons"] and all(c["p"] is None and c["p_holm"] is None and c["n"] == 1
+                                      for c in doc["comparisons"])
+    assert doc["best_config"] == min(doc["groups"], key=lambda g: g["val_mean"])["config"]
+    v = doc["verdict"]
+    assert v.startswith("No p-value: 1 seed per config, and a paired test needs at least 3"), v
+    md = (tmp_path / "r" / "summary.md").read_text()
+    assert "p=" not in md and "Holm " not in md.split("### Against the baseline")[1].split("\n\n")[2]
+    assert "no p: 1 seed < 3" in md
+
+
+def test_holm_and_paired_statistics():
+    from scipy import stats as sps
+
+    from pagating import stats
+
+    assert stats.holm([0.01, 0.04, None, 0.03]) == pytest.approx([0.03, 0.06, None, 0.06])  # monotone step-down
+    assert stats.holm([0.5, 0.9]) == [1.0, 1.0]
+    d = stats.paired({1: 3.0, 2: 3.2, 3: 3.1}, {1: 3.1, 2: 3.25, 3: 3.2, 4: 9.0})  # seed 4 is unpaired: left out
+    assert d["n"] == 3 and d["diff_mean"] == pytest.approx(-0.0833333)
+    assert d["p"] == pytest.approx(sps.ttest_rel([3.0, 3.2, 3.1], [3.1, 3.25, 3.2]).pvalue)
+    assert stats.paired({1: 3.0, 2: 3.1}, {1: 3.2, 2: 3.2})["p"] is None  # 2 seeds: no p-value
+    mean, half = stats.mean_ci([1.0, 2.0, 3.0])
+    assert mean == 2.0 and half == pytest.approx(4.303 * 1.0 / math.sqrt(3), abs=1e-3)  # Student's t table

@@ -186,25 +186,36 @@ def test_unit_and_seed_axes_give_a_report_with_baseline_cis_and_the_plan(sample_
     run_cli(["report", "--sweep-json", str(tmp_path / "sweep.json"), "--out", str(tmp_path / "rep")],
             cwd=sample_project, env=env, check=True)
     md = (tmp_path / "rep" / "summary.md").read_text()
-    section = md.split("## Does gating help?")[1].split("\n\n")[1]
-    rows = {r[0]: r for r in ([c.strip() for c in line.strip("|").split("|")] for line in section.splitlines()[2:])}
+    section = md.split("## Does gating help?")[1].split("\n\n")[2]
+    rows = {r[1]: r for r in ([c.strip() for c in line.strip("|").split("|")] for line in section.splitlines()[2:])}
     assert set(rows) == {"paGLU static_1.0 lr=0.003", "plain lr=0.003 (baseline)"}
     base, gated = rows["plain lr=0.003 (baseline)"], rows["paGLU static_1.0 lr=0.003"]
     mlf = MlflowClient(mlflow_server.uri)
     kids = {(r.data.params["model.unit"], r.data.params["train.seed"]): r for r in _children(
         mlf, json.loads((tmp_path / "sweep.json").read_text())["parent_run_id"])}
     assert len(kids) == 4
-    # params and param_matched in the table; two seeds each; mean ± 95% CI of the seeds' final eval loss.
+    # The seed axis is in the run names: no two children of the parent share one.
+    assert kids[("plain", "1")].info.run_name == "plain lr=0.003 seed=1"
+    assert kids[("paGLU", "2")].info.run_name == "paGLU static_1.0 lr=0.003 seed=2"
+    # params in the table; two seeds each; mean ± 95% CI of the seeds' final validation loss, and their spread.
     for row, unit in ((base, "plain"), (gated, "paGLU")):
-        assert row[4] == f"{int(kids[(unit, '1')].data.params['model.n_params']):,}" and row[5] == "False"
-        assert row[7] == "2"
+        assert row[5] == f"{int(kids[(unit, '1')].data.params['model.n_params']):,}" and row[7] == "2"
         losses = [kids[(unit, s)].data.metrics["final/eval_loss"] for s in ("1", "2")]
-        mean, half = (float(x) for x in row[8].split(" ± "))
+        mean, half = (float(x) for x in row[8].split(" (")[0].split(" ± "))
         assert mean == pytest.approx(sum(losses) / 2, abs=6e-5)
         assert half == pytest.approx(12.7062 * abs(losses[0] - losses[1]) / 2, abs=1e-4)  # t(0.975, 1) · sd/√2
-    assert int(gated[4].replace(",", "")) > int(base[4].replace(",", ""))  # the gate adds parameters
-    # The gated config against the baseline: a paired test over the two seeds.
-    assert re.fullmatch(r"[+-]\d\.\d{4} ± \d\.\d{4} \(p=[\d.e-]+, 2 seeds\)", gated[10]), gated[10]
+        assert f"(seeds {min(losses):.4f}–{max(losses):.4f})" in row[8]
+    # Param-matched by default: the arms are within 1%.
+    n_base, n_gated = (int(r[5].replace(",", "")) for r in (base, gated))
+    assert abs(n_gated - n_base) / n_base < 0.01
+    # The gated config against the baseline over the two seeds: the spread, and no p-value from 2 seeds.
+    cmp = md.split("### Against the baseline")[1].split("\n\n")[2].splitlines()[2]
+    cells = [c.strip() for c in cmp.strip("|").split("|")]
+    assert cells[:2] == ["paGLU static_1.0 lr=0.003", "plain lr=0.003 (same lr = baseline's best lr)"]
+    assert cells[2].startswith("matched")
+    assert re.fullmatch(r"[+-]\d\.\d{4} ± \d\.\d{4} \(seeds [+-]\d\.\d{4} to [+-]\d\.\d{4}; no p: 2 seeds < 3\)",
+                        cells[3]), cells[3]
+    assert md.splitlines()[2].startswith("**Verdict:** No p-value: 2 seeds per config")
     # The seed plan's figures beside the measured ones.
     assert "| time per step | 3.04 s | 0.25 s |" in md and "~14 h" in md and "~$12" in md
     assert "cpu (measured)" in md

@@ -1,0 +1,170 @@
+"""The report's figures (matplotlib, Agg) and the CSVs beside them for `dvc plots`.
+
+One colour per α mode (`plain` included) and one line style per learning rate in every figure; the
+seeds of a config are drawn as their mean with a band (lowest to highest seed), final losses as points
+with 95% CI bars on an axis that says where it starts. A panel with no data is left out.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import statistics
+
+STYLES = ("-", "--", ":", "-.")
+MARKERS = ("o", "s", "^", "D", "v", "P")
+
+
+def _csv(rows: list[list]) -> str:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows(rows)
+    return buf.getvalue()
+
+
+def _g(x: float | None) -> str:
+    return "" if x is None else f"{x:.6g}"
+
+
+def _figure(size=(8, 5)):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=size)
+
+
+def _png(fig) -> bytes:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
+    return buf.getvalue()
+
+
+def _look(groups: list[dict]) -> tuple[dict, dict]:
+    """α mode -> colour, lr -> line style, the same in every figure."""
+    from matplotlib import colormaps
+
+    from pagating.alpha import sort_key
+
+    modes = sorted({g["alpha_mode"] for g in groups}, key=sort_key)
+    cmap = colormaps["tab10"] if len(modes) <= 10 else colormaps["tab20"]
+    lrs = sorted({g["learning_rate"] for g in groups if g["learning_rate"] is not None})
+    return ({m: cmap(i % cmap.N) for i, m in enumerate(modes)},
+            {lr: STYLES[i % len(STYLES)] for i, lr in enumerate(lrs)})
+
+
+def _mean_band(curves: list[list[tuple[int, float]]]) -> tuple[list[int], list[float], list[float], list[float]]:
+    """Steps every seed logged; the mean, lowest and highest value there."""
+    per = [dict(c) for c in curves if c]
+    if not per:
+        return [], [], [], []
+    steps = sorted(set.intersection(*(set(p) for p in per)))
+    vals = [[p[s] for p in per] for s in steps]
+    return steps, [statistics.fmean(v) for v in vals], [min(v) for v in vals], [max(v) for v in vals]
+
+
+def _curves(ax, groups: list[dict], key: str, colours: dict, styles: dict) -> int:
+    drawn = 0
+    for g in groups:
+        steps, mean, lo, hi = _mean_band([r[key] for r in g["runs"]])
+        if not steps:
+            continue
+        colour, style = colours[g["alpha_mode"]], styles.get(g["learning_rate"], "-")
+        n = len(g["runs"])
+        ax.plot(steps, mean, style, color=colour, marker="o", ms=3,
+                label=f"{g['config']}" + (f" (mean of {n} seeds)" if n > 1 else ""))
+        if n > 1:
+            ax.fill_between(steps, lo, hi, color=colour, alpha=0.15, linewidth=0)
+        drawn += 1
+    return drawn
+
+
+def eval_loss_plot(groups: list[dict]) -> dict[str, bytes | str]:
+    colours, styles = _look(groups)
+    fig = _figure((10, 5))
+    ax = fig.add_subplot()
+    _curves(ax, groups, "eval_curve", colours, styles)
+    ax.set(xlabel="optimizer step", ylabel="validation loss",
+           title="Validation loss per config (colour: α mode, line style: lr; band: lowest to highest seed)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    rows = [r for g in groups for r in g["runs"]]
+    return {"eval_loss.png": _png(fig),
+            "eval_loss.csv": _csv([["config", "step", "eval_loss"]]
+                                  + [[r["name"], s, _g(v)] for r in rows for s, v in r["eval_curve"]])}
+
+
+def final_loss_plot(groups: list[dict]) -> dict[str, bytes | str]:
+    """Mean final loss per config with its 95% CI, validation and test side by side."""
+    from pagating.alpha import sort_key
+
+    colours, styles = _look(groups)
+    modes = sorted({g["alpha_mode"] for g in groups}, key=sort_key)
+    lrs = sorted({g["learning_rate"] for g in groups if g["learning_rate"] is not None})
+    fig = _figure((11, 5))
+    for k, (split, title) in enumerate((("val", "validation"), ("test", "test"))):
+        ax = fig.add_subplot(1, 2, k + 1)
+        los, his = [], []
+        for j, lr in enumerate(lrs):
+            for g in (g for g in groups if g["learning_rate"] == lr and g[f"{split}_mean"] is not None):
+                x = modes.index(g["alpha_mode"]) + (j - (len(lrs) - 1) / 2) * 0.8 / max(len(lrs), 1)
+                err = g[f"{split}_ci95"]
+                ax.errorbar([x], [g[f"{split}_mean"]], yerr=None if err is None else [[err], [err]],
+                            fmt=MARKERS[j % len(MARKERS)], color=colours[g["alpha_mode"]], capsize=4, ms=6)
+                los.append(g[f"{split}_mean"] - (err or 0.0))
+                his.append(g[f"{split}_mean"] + (err or 0.0))
+        if los:  # the data's range with a margin; the label says where the axis starts
+            pad = 0.08 * (max(his) - min(los)) or 0.01 * abs(min(los)) or 0.01
+            ax.set_ylim(min(los) - pad, max(his) + pad)
+        start = ax.get_ylim()[0]
+        ax.set_xticks(range(len(modes)), modes, rotation=15)
+        ax.set(ylabel=f"final {title} loss (axis starts at {start:.4g}, not 0)",
+               title=f"{title.capitalize()}: mean over seeds ± 95% CI")
+        ax.grid(alpha=0.3, axis="y")
+        handles = [ax.plot([], [], MARKERS[j % len(MARKERS)], color="grey", label=f"lr={lr:g}")[0]
+                   for j, lr in enumerate(lrs)]
+        ax.legend(handles=handles, fontsize=8)
+    fig.suptitle("Final loss by α mode (colour) and learning rate (marker)")
+    rows = sorted((r for g in groups for r in g["runs"]),
+                  key=lambda r: (sort_key(r["alpha_mode"]), r["learning_rate"] or 0, r["name"]))
+    return {"final_eval_loss.png": _png(fig), "final_eval_loss.csv": _csv(
+        [["alpha_mode", "learning_rate", "final_eval_loss", "test_loss", "seed"]]
+        + [[r["alpha_mode"], _g(r["learning_rate"]), _g(r["val_loss"]), _g(r["test_loss"]),
+            "" if r["seed"] is None else r["seed"]] for r in rows])}
+
+
+def alpha_plot(groups: list[dict]) -> dict[str, bytes | str]:
+    """α trajectories (the modes whose α moves log alpha/layer_NN), mean over layers and seeds."""
+    colours, styles = _look(groups)
+    fig = _figure((10, 5))
+    ax = fig.add_subplot()
+    if _curves(ax, groups, "alpha_curve", colours, styles):
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    else:
+        ax.text(0.5, 0.5, "no config logged alpha/layer_NN (static α only)", ha="center", transform=ax.transAxes)
+    ax.set(xlabel="optimizer step", ylabel="α (mean over layers)", title="α trajectories", ylim=(-0.05, 1.05))
+    ax.grid(alpha=0.3)
+    return {"alpha.png": _png(fig)}
+
+
+def perf_plot(rows: list[dict]) -> dict[str, bytes | str]:
+    """s/step per run, and GPU util where any run logged it (a CPU-only sweep gets no empty GPU panel)."""
+    panels = [(key, label) for key, label in (("s_per_step", "s/step"), ("gpu_util_pct", "GPU util (%)"))
+              if any(r[key] is not None for r in rows)]
+    fig = _figure((5 * max(len(panels), 1) + 2, 0.3 * len(rows) + 2))
+    names = [r["name"] for r in rows]
+    for k, (key, label) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), k + 1)
+        vals = [r[key] for r in rows]
+        bars = ax.barh(range(len(rows)), [v if v is not None else 0.0 for v in vals])
+        ax.bar_label(bars, labels=["n/a" if v is None else f"{v:.4g}" for v in vals], fontsize=7)
+        ax.set_yticks(range(len(rows)), names if k == 0 else [""] * len(rows), fontsize=7)
+        ax.invert_yaxis()
+        ax.set(xlabel=label, title=label)
+    fig.suptitle("Speed per run (steady-state windows)")
+    return {"perf.png": _png(fig)}
+
+
+def plot_files(groups: list[dict], rows: list[dict]) -> dict[str, bytes | str]:
+    """{file name under plots/: content}."""
+    return {**eval_loss_plot(groups), **final_loss_plot(groups), **alpha_plot(groups), **perf_plot(rows)}
