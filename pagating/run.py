@@ -227,13 +227,12 @@ class TrainingRun:
         lost = isinstance(exc, tracking.ClaimLost) or bool(self.claim is not None and self.claim.lost)
         full = None
         if exc is not None and not lost and self.tracks and disk_full(exc, self.run_dir):
-            full = UserError(self._disk_full_line(exc))
-            remove_partial_checkpoints(self.run_dir)
+            full = UserError(self._disk_full_line(exc, remove_partial_checkpoints(self.run_dir)))
         try:
             if lost:
                 self._stop_quietly()
             else:
-                self._close(full or exc)
+                self._close(exc, full)
         except tracking.ClaimLost:  # found out while finishing: nothing more is written
             self._stop_quietly()
             raise
@@ -245,16 +244,17 @@ class TrainingRun:
             raise full from None
         return False
 
-    def _disk_full_line(self, exc: BaseException) -> str:
+    def _disk_full_line(self, exc: BaseException, removed: list[Path]) -> str:
         import shutil
 
-        where = Path(getattr(exc, "filename", None) or self.run_dir).absolute()
+        where = Path(getattr(exc, "filename", None) or (removed[-1] if removed else self.run_dir)).absolute()
         need = CHECKPOINT_BYTES_PER_PARAM * self.n_params
         try:
             free = f", {shutil.disk_usage(self.run_dir).free / 2**20:.0f} MiB free"
         except OSError:
             free = ""
-        return (f"disk full writing {where}: one checkpoint of this model needs about {need / 2**20:.0f} MiB in "
+        cut = " (cut off: removed)" if removed else ""
+        return (f"disk full writing {where}{cut}: one checkpoint of this model needs about {need / 2**20:.0f} MiB in "
                 f"{Path(self.run_dir).absolute()}{free}; free space there (or set train.output_dir elsewhere) "
                 f"and resume with --resume auto")
 
@@ -269,13 +269,13 @@ class TrainingRun:
             self.uploader.close()
         self.result["status"] = "lost"
 
-    def _close(self, exc: BaseException | None = None) -> None:
+    def _close(self, exc: BaseException | None = None, full: UserError | None = None) -> None:
         if self.compile_watch is not None:
             self.compile_watch.close()
         if self.sampler is not None:
             self.sampler.stop()
         if self.status == "FAILED" and self.made_run:
-            self._tag_error(exc)
+            self._tag_error(exc, full)
         if self.spool is None:  # not opened (nothing to train, a DDP worker), or opening failed midway
             if self.made_run:  # never left RUNNING without a live process
                 with contextlib.suppress(Exception):
@@ -301,9 +301,11 @@ class TrainingRun:
                   file=sys.stderr)
         self.result["status"] = self.status
 
-    def _tag_error(self, exc: BaseException | None) -> None:
+    def _tag_error(self, exc: BaseException | None, full: UserError | None = None) -> None:
         """`pagating.error`: why the run FAILED, in one line (a secret-free exception summary)."""
         text = f"{type(exc).__name__}: {exc}" if exc is not None else "failed"
+        if full is not None:
+            text = f"{full} ({text})"
         text = " ".join(text.split())[:500]
         with contextlib.suppress(Exception):
             if self.claim is not None:

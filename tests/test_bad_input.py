@@ -1,7 +1,11 @@
 """Bad input the user can cause: one line, exit 2, no MLflow run, nothing half-written."""
 
+import contextlib
+import os
+import shlex
 import shutil
 import subprocess
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -95,3 +99,60 @@ def test_full_disk_names_the_folder(sample_project, mlflow_server, tmp_path):
         assert n_runs(mlflow_server.uri) == before and list(Path(small).iterdir()) == []
     finally:
         subprocess.run(["umount", str(small)], check=False)
+
+
+def test_output_dir_that_is_a_file_refused_before_any_run(sample_project, mlflow_server, tmp_path):
+    (tmp_path / "o").write_text("not a folder")
+    before = n_runs(mlflow_server.uri)
+    proc = run_cli(["train", "--output_dir", str(tmp_path / "o"), "--max_steps", "2"], cwd=sample_project,
+                   env={"MLFLOW_TRACKING_URI": mlflow_server.uri})
+    one_line_exit_2(proc, f"{tmp_path / 'o'} is a file, not a folder")
+    assert n_runs(mlflow_server.uri) == before
+
+
+def _sample_params(sample_project, sets: dict) -> int:
+    """The parameter count `pagating train` builds for the sample profile with `sets` (as train.build)."""
+    from pagating import flops
+    from pagating.config import load_config
+    from pagating.data import load_meta
+    from pagating.model import build_config, build_model, count_parameters
+
+    with contextlib.chdir(sample_project):
+        cfg = load_config("sample", sets)
+        meta = load_meta(cfg["data"]["prepared_dir"])
+    config = build_config(cfg["model"], vocab_size=flops.padded_vocab(meta["vocab_size"]),
+                          block_size=meta["block_size"], alpha_mode=cfg["train"]["alpha_mode"], max_steps=4)
+    return count_parameters(build_model(config))
+
+
+@pytest.mark.slow
+def test_disk_full_at_the_safetensors_write(sample_project, mlflow_server, tmp_path):
+    """A tmpfs (own mount namespace) that holds one checkpoint and a half: the pre-check passes, the first
+    checkpoint fits, the second fails in safetensors' write of its weights: one line, exit 2, run FAILED."""
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-m", "true"]).returncode != 0:
+        pytest.skip("unshare -m (a private mount namespace for the small tmpfs) is not available here")
+    sets = {"model.n_embd": 256, "model.n_head": 4}
+    n = _sample_params(sample_project, sets)
+    small, listing = tmp_path / "small", tmp_path / "listing.txt"
+    small.mkdir()
+    train = [sys.executable, "-m", "pagating.cli", "train", "--output_dir", str(small / "out"), "--max_steps", "4",
+             "--save_steps", "2", "--eval_steps", "2", "--logging_steps", "1", "--batch_size", "4",
+             "--set", "tracking.experiment_prefix=diskfull"]
+    train += [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+    script = (f"mount -t tmpfs -o size={int(13.5 * n)} tmpfs {small} || exit 99; {shlex.join(train)}; rc=$?; "
+              f"find {small} -name 'checkpoint-*' -o -name pagating_checkpoint.json > {listing}; exit $rc")
+    proc = subprocess.run(["unshare", "-m", "sh", "-c", script], cwd=sample_project, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_server.uri})
+    if proc.returncode == 99:
+        pytest.skip(f"cannot mount a tmpfs in a private namespace: {proc.stderr.strip()}")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "disk full writing" in last and "MiB" in last and str(small / "out") in last, last
+    mlf = MlflowClient(mlflow_server.uri)
+    runs = mlf.search_runs([mlf.get_experiment_by_name("diskfull-sample").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"], [r.info for r in runs]
+    error = runs[0].data.tags["pagating.error"]
+    assert error.startswith("disk full writing") and "SafetensorError" in error, error
+    # The whole first checkpoint stays (marker and all); the cut-off second one is gone.
+    found = sorted(Path(p).name for p in listing.read_text().split())
+    assert found == ["checkpoint-2", "pagating_checkpoint.json"], found

@@ -55,3 +55,18 @@ def test_the_one_uri_masker_hides_passwords_and_tokens_keeps_the_rest():
     assert mask_uri("https://tok3n@github.com/me/r.git") == "https://***@github.com/me/r.git"
     for plain in ("sqlite:///mlflow.db", "http://127.0.0.1:5000", "git@github.com:me/r.git", "/srv/dvc"):
         assert mask_uri(plain) == plain
+
+
+def test_credentials_inside_the_tracking_uri_refused_in_one_line(sample_project, mlflow_server, tmp_path):
+    """MLflow prints the tracking URI itself ("View run ... at:"), so a password in it is refused up front."""
+    password = "pw-in-the-uri-5c2e91d0"
+    uri = mlflow_server.uri.replace("http://", f"http://gpu-runner:{password}@")
+    out = tmp_path / "out"
+    for verb in (["sweep", "--set", f"train.output_dir={out}", "--summary", str(tmp_path / "s.json")],
+                 ["train", "--output_dir", str(out)]):
+        proc = run_cli(verb, cwd=sample_project, env={"MLFLOW_TRACKING_URI": uri})
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+        assert "MLFLOW_TRACKING_USERNAME" in lines[0] and "MLFLOW_TRACKING_PASSWORD" in lines[0], lines[0]
+        assert password not in proc.stdout + proc.stderr
+    assert not out.exists() and not (tmp_path / "s.json").exists()
