@@ -79,6 +79,7 @@ def _runs_with_sweep_id(uri: str, experiment: str, sweep_id: str):
 def test_onstart_runs_the_sweep_entry_and_destroys_once(mlflow_server, stub_project, exit_code):
     sweep_id = f"on{exit_code}x{int(time.time() * 1000) % 10**8}"
     with FakeVastServer() as fake:
+        fake.add_instance(4242)  # the instance onstart.sh runs on (Vast answers 404 for one that is gone)
         env = onstart_env(fake.url, mlflow_server.uri, sweep_id, PAGATING_PROFILE="onstartstub",
                           PAGATING_SHARD="1/2", PAGATING_SKIP_DVC="1", PAGATING_SKIP_PREPARE="1",
                           STUB_EXIT=str(exit_code))
@@ -97,6 +98,7 @@ def test_onstart_runs_the_sweep_entry_and_destroys_once(mlflow_server, stub_proj
 @pytest.mark.parametrize("interruptible", ["0", "1"])
 def test_onstart_on_sigterm_destroys_unless_interruptible(mlflow_server, stub_project, interruptible):
     with FakeVastServer() as fake:
+        fake.add_instance(4242)  # the instance onstart.sh runs on (Vast answers 404 for one that is gone)
         env = onstart_env(fake.url, mlflow_server.uri, f"term{interruptible}", PAGATING_PROFILE="onstartstub",
                           PAGATING_SKIP_DVC="1", PAGATING_SKIP_PREPARE="1", STUB_SLEEP="60",
                           PAGATING_INTERRUPTIBLE=interruptible)
@@ -112,6 +114,54 @@ def test_onstart_on_sigterm_destroys_unless_interruptible(mlflow_server, stub_pr
         assert time.time() - t0 < 15  # the trap runs at once, not after the 60 s step
         assert proc.returncode == 143, out
         assert len(fake.destroys()) == (0 if interruptible == "1" else 1), out
+
+
+@pytest.mark.slow
+def test_budget_and_stall_kills_record_the_reason_and_the_log_before_the_delete(mlflow_server, tmp_path):
+    """Both kills in parallel (one fake Vast, two instances): the watchdog stops onstart.sh, whose exit
+    tags the reason on the parent run and uploads the log, whose last line is the kill, then DELETEs."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_server.uri)
+    exp = client.get_experiment_by_name("pagating-onstartstub")
+    exp_id = exp.experiment_id if exp else client.create_experiment("pagating-onstartstub")
+    kills = {"budget": {"PAGATING_USD_PER_HOUR": "3600", "PAGATING_BUDGET_USD": "8"},  # $1 a second
+             "stall": {"PAGATING_STALL_S": "8"}}
+    with FakeVastServer() as fake:
+        at_delete = {}
+
+        def on_destroy(iid):  # what the parent run holds when the DELETE arrives
+            run_ = client.get_run(parents[iid])
+            logs = [a.path for a in client.list_artifacts(parents[iid], "logs")]
+            at_delete[iid] = (run_.data.tags.get(f"pagating.instance.{iid}", ""), logs)
+
+        fake.on_destroy = on_destroy
+        parents, procs = {}, {}
+        for n, (kind, extra) in enumerate(kills.items()):
+            iid = 4300 + n
+            fake.add_instance(iid, start_date=time.time())
+            proj = tmp_path / kind
+            proj.mkdir()
+            (proj / "MLproject").write_text(STUB_MLPROJECT)
+            (proj / "stub_sweep.py").write_text(STUB_SWEEP)
+            parents[iid] = client.create_run(exp_id, run_name=f"sweep kill-{kind}").info.run_id
+            env = onstart_env(fake.url, mlflow_server.uri, f"kill{kind}", PAGATING_PROFILE="onstartstub",
+                              PAGATING_SKIP_DVC="1", PAGATING_SKIP_PREPARE="1", STUB_SLEEP="120",
+                              CONTAINER_ID=str(iid), CONTAINER_API_KEY=f"container-key-{iid}",
+                              PAGATING_PARENT_RUN_ID=parents[iid], PAGATING_WATCHDOG_POLL_S="0.5",
+                              HOME=str(tmp_path / f"home-{kind}"), **extra)
+            procs[iid] = subprocess.Popen(["bash", str(REPO_ROOT / "scripts" / "onstart.sh")], cwd=proj, env=env,
+                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        outs = {iid: p.communicate(timeout=180)[0] for iid, p in procs.items()}
+        for (kind, _), iid in zip(kills.items(), procs, strict=True):
+            want = "spend $" if kind == "budget" else "no progress"
+            assert len(fake.destroys(iid)) == 1, outs[iid][-3000:]
+            tag, logs = at_delete[iid]
+            assert tag.startswith(f"killed: {want}"), (tag, outs[iid][-3000:])
+            assert logs == [f"logs/instance-{iid}.log"], outs[iid][-3000:]
+            assert cloud.instance_log(mlflow_server.uri, iid).strip().splitlines()[-1].endswith(
+                f"killed by the watchdog: {tag.removeprefix('killed: ')}")
+            assert procs[iid].returncode == 143 and "container-key" not in outs[iid]
 
 
 @pytest.mark.slow
@@ -133,6 +183,7 @@ def test_onstart_runs_a_tiny_real_sweep_and_destroys_once(mlflow_server, tmp_pat
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     sweep_id = f"real{int(fails)}x{int(time.time() * 1000) % 10**8}"
     with FakeVastServer() as fake:
+        fake.add_instance(4242)
         # no DVC remote here: the instance rebuilds the sample corpus, as launch asks it to
         env = onstart_env(fake.url, mlflow_server.uri, sweep_id, PAGATING_PROFILE="sample",
                           PAGATING_DATA="sample")
