@@ -15,6 +15,8 @@ Permissions: every request without valid credentials gets 401. The admin can do 
 GPU user, whose password sits on a rented machine nobody should trust, gets `--default-permission`
 (NO_PERMISSIONS: it cannot even read) on experiments it was not granted, and `pagating grant` gives
 it EDIT (read and log; no delete, no permission changes) on exactly the experiments a sweep uses.
+Creating anything but runs (experiments, registered models, prompts, users, permissions, webhooks,
+...) is refused to every non-admin by pagating.server_auth, MLflow's `authorization_function` here.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ SECRET_KEY_ENV = "MLFLOW_FLASK_SERVER_SECRET_KEY"
 MIN_PASSWORD_LEN = 12  # mlflow.utils.validation._validate_password
 LEGACY_PASSWORD = "password1234"  # MLflow refuses the password its old basic_auth.ini shipped
 PERMISSIONS = ("NO_PERMISSIONS", "READ", "EDIT", "MANAGE")
+AUTHORIZATION_FUNCTION = "pagating.server_auth:authenticate"
 
 DEFAULTS: dict[str, Any] = {
     "host": "127.0.0.1",
@@ -294,7 +297,8 @@ def write_auth_config(opts: dict[str, Any], admin_user: str) -> Path:
         f"default_permission = {opts['default_permission']}\n"
         f"database_uri = {db_uri}\n"
         f"admin_username = {admin_user}\n"
-        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        "# MLflow's basic auth, plus: a non-admin (the GPU user) may only read and log runs (pagating.server_auth)\n"
+        f"authorization_function = {AUTHORIZATION_FUNCTION}\n"
         "grant_default_workspace_access = false\n"
         "# Remember a verified login for 60 s per worker: without it every request (a GPU run logs\n"
         "# every few seconds) pays a deliberately slow password hash. A changed password reaches\n"

@@ -127,6 +127,25 @@ def check_server(uri: str) -> None:
                         f"{r.status_code} {r.headers.get('content-type', '')}): check MLFLOW_TRACKING_URI")
 
 
+def require_admin(uri: str, what: str) -> None:
+    """UserError unless the credentials in the environment are an admin's on a basic-auth server (where
+    a non-admin, the GPU user, may only log runs: pagating.server_auth); a server without auth passes."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import requests
+
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME", "")
+    auth = (user, os.environ.get("MLFLOW_TRACKING_PASSWORD", "")) if user else None
+    r = requests.get(uri.rstrip("/") + "/api/2.0/mlflow/users/current", auth=auth, timeout=10)
+    try:
+        is_admin = bool(r.json()["user"]["is_admin"]) if r.ok else r.status_code == 404  # 404: no auth
+    except (ValueError, KeyError, TypeError):
+        is_admin = True  # not MLflow's auth app answering: nothing to tell
+    if not is_admin:
+        raise UserError(f"{what} needs the admin's credentials, not those of {user or 'nobody'!r} (it may only log "
+                        f"runs): set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to the admin's, run again")
+
+
 def experiment_id(mlf, cfg: dict) -> str:
     """The profile's experiment (`pagating-<profile>`), created or restored as needed."""
     name = experiment_name(cfg)

@@ -54,8 +54,10 @@ def test_strangers_get_401(auth_server):
 def test_gpu_user_logs_with_the_mlflow_client(auth_server, as_gpu_user, tmp_path):
     from mlflow import MlflowClient
 
+    # The admin makes the experiment and grants it (`pagating grant`); the GPU user only logs into it.
+    exp = server.grant_experiments(auth_server.uri, ("admin", ADMIN_PW), ["pagating-test-gpu"],
+                                   "gpu-runner")["pagating-test-gpu"]
     client = MlflowClient(tracking_uri=auth_server.uri)
-    exp = client.create_experiment("pagating-test-gpu")
     run = client.create_run(exp, run_name="paGLU static_0.5 lr=0.001")
     client.log_param(run.info.run_id, "train.learning_rate", 0.001)
     for step, loss in enumerate([3.0, 2.5, 2.0]):
@@ -98,7 +100,6 @@ def test_gpu_user_edits_only_granted_experiments(auth_server, tmp_path):
     def attempts(name):
         exp, run = exps[name], runs[name]
         return {
-            "rename": post("experiments/update", {"experiment_id": exp, "new_name": name}, gpu),
             "status": post("runs/update", {"run_id": run, "status": "FAILED"}, gpu),
             "run tag": post("runs/set-tag", {"run_id": run, "key": "k", "value": "v"}, gpu),
             "experiment tag": post("experiments/set-experiment-tag",
@@ -112,7 +113,9 @@ def test_gpu_user_edits_only_granted_experiments(auth_server, tmp_path):
         assert r.status_code == 403, (what, r.status_code, r.text[:200])
     for what, r in attempts("pagating-granted").items():
         assert r.status_code == 200, (what, r.status_code, r.text[:200])
-    # EDIT is not MANAGE: no deleting, no granting itself more.
+    # Renaming is not logging (pagating.server_auth); EDIT is not MANAGE: no deleting, no granting itself more.
+    assert post("experiments/update", {"experiment_id": exps["pagating-granted"], "new_name": "x"}, gpu).status_code \
+        == 403
     assert post("experiments/delete", {"experiment_id": exps["pagating-granted"]}, gpu).status_code == 403
     r = requests.post(f"{uri}/api/3.0/mlflow/users/permissions/grant", auth=gpu, timeout=30,
                       json={"username": "gpu-runner", "resource_type": "experiment",
@@ -125,6 +128,58 @@ def test_gpu_user_edits_only_granted_experiments(auth_server, tmp_path):
     run = requests.get(f"{api}/runs/get", params={"run_id": runs["pagating-private"]}, auth=admin, timeout=30)
     assert run.json()["run"]["info"]["status"] == "RUNNING"
     assert "k" not in {t["key"] for t in run.json()["run"]["data"].get("tags", [])}
+
+
+@pytest.mark.slow
+def test_gpu_user_creates_nothing_but_runs(auth_server, tmp_path):
+    """Experiments, registered models, prompts, users, permissions, webhooks, gateway secrets: 403 for the
+    GPU user over the REST (/api/) and the UI's (/ajax-api/) routes; the admin still creates them."""
+    uri, admin, gpu = auth_server.uri, ("admin", ADMIN_PW), ("gpu-runner", GPU_PW)
+    exp_id = server.grant_experiments(uri, admin, ["pagating-least"], "gpu-runner")["pagating-least"]
+    attempts = {
+        "experiment": ("POST", "2.0/mlflow/experiments/create", {"name": "gpu-made"}),
+        "registered model": ("POST", "2.0/mlflow/registered-models/create", {"name": "gpu-model"}),
+        "prompt": ("POST", "2.0/mlflow/registered-models/create",
+                   {"name": "gpu-prompt", "tags": [{"key": "mlflow.prompt.is_prompt", "value": "true"}]}),
+        "model version": ("POST", "2.0/mlflow/model-versions/create", {"name": "gpu-model", "source": "x"}),
+        "user": ("POST", "2.0/mlflow/users/create", {"username": "gpu-friend", "password": "f" * 14}),
+        "own password": ("PATCH", "2.0/mlflow/users/update-password", {"username": "gpu-runner",
+                                                                        "password": "n" * 14}),
+        "permission": ("POST", "3.0/mlflow/users/permissions/grant",
+                       {"username": "gpu-runner", "resource_type": "experiment", "resource_id": exp_id,
+                        "permission": "MANAGE"}),
+        "webhook": ("POST", "2.0/mlflow/webhooks", {"name": "w", "url": "https://example.org/hook",
+                                                     "events": [{"entity": "model_version", "action": "created"}]}),
+        "gateway secret": ("POST", "3.0/mlflow/gateway/secrets/create", {"secret_name": "s", "secret_value": "v"}),
+        "rename experiment": ("POST", "2.0/mlflow/experiments/update", {"experiment_id": exp_id, "new_name": "x"}),
+    }
+    for root in ("api", "ajax-api"):
+        for what, (method, path, body) in attempts.items():
+            r = requests.request(method, f"{uri}/{root}/{path}", json=body, auth=gpu, timeout=30)
+            assert r.status_code == 403, (root, what, r.status_code, r.text[:200])
+    # What a training run does is still allowed, in the granted experiment only.
+    r = requests.post(f"{uri}/ajax-api/2.0/mlflow/runs/create", json={"experiment_id": exp_id}, auth=gpu, timeout=30)
+    assert r.status_code == 200, r.text[:200]
+    names = {e["name"] for e in requests.get(f"{uri}/api/2.0/mlflow/experiments/search", params={"max_results": 100},
+                                             auth=admin, timeout=30).json()["experiments"]}
+    assert "gpu-made" not in names
+    r = requests.get(f"{uri}/api/2.0/mlflow/registered-models/search", auth=admin, timeout=30)
+    assert not r.json().get("registered_models")
+    # The admin is not limited by it.
+    r = requests.post(f"{uri}/api/2.0/mlflow/experiments/create", json={"name": "admin-made"}, auth=admin, timeout=30)
+    assert r.status_code == 200, r.text[:200]
+
+
+@pytest.mark.slow
+def test_report_register_needs_the_admin(auth_server, tmp_path):
+    from conftest import run_cli
+
+    env = {"MLFLOW_TRACKING_URI": auth_server.uri, "MLFLOW_TRACKING_USERNAME": "gpu-runner",
+           "MLFLOW_TRACKING_PASSWORD": GPU_PW}
+    proc = run_cli(["report", "--register", "pagating-champion", "--out", str(tmp_path / "r")], cwd=tmp_path, env=env)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "needs the admin's credentials" in lines[0], proc.stderr
+    assert "'gpu-runner'" in lines[0] and GPU_PW not in proc.stderr and not (tmp_path / "r").exists()
 
 
 @pytest.mark.slow
