@@ -447,6 +447,19 @@ def prepare(cfg: dict[str, Any], *, timings: dict[str, float] | None = None) -> 
         if prepared_dir.exists():
             shutil.rmtree(prepared_dir)
         os.replace(work, prepared_dir)
+    except Exception as exc:
+        from pagating.disk import disk_full, free_bytes, mib
+
+        if not disk_full(exc, work):
+            raise
+        # Tokens (2-4 bytes each, about one per 4 raw bytes) plus the Arrow cache (about the raw size):
+        # twice the raw size is a safe figure.
+        need = 2 * sum(p.stat().st_size for p in files.values())
+        shutil.rmtree(work, ignore_errors=True)  # first, so that the free space shown is the real one
+        raise UserError(f"disk full writing {getattr(exc, 'filename', None) or work} (removed; the old output is "
+                        f"kept): prepare needs about {mib(need)} free in {prepared_dir.parent}, "
+                        f"{mib(free_bytes(work))} are free; free space there or set data.prepared_dir "
+                        f"elsewhere") from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return meta

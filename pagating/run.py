@@ -10,7 +10,6 @@ every step here is a no-op, and the worker follows the checkpoint its launcher r
 from __future__ import annotations
 
 import contextlib
-import errno
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ import yaml
 
 from pagating import tracking
 from pagating.config import UserError
+from pagating.disk import disk_full, free_bytes, mib
 
 RESUME_WORDS = ("none", "", None, "auto", "if-any")  # every other --resume value is a checkpoint path
 
@@ -245,18 +245,12 @@ class TrainingRun:
         return False
 
     def _disk_full_line(self, exc: BaseException, removed: list[Path]) -> str:
-        import shutil
-
         where = Path(getattr(exc, "filename", None) or (removed[-1] if removed else self.run_dir)).absolute()
         need = CHECKPOINT_BYTES_PER_PARAM * self.n_params
-        try:
-            free = f", {shutil.disk_usage(self.run_dir).free / 2**20:.0f} MiB free"
-        except OSError:
-            free = ""
         cut = " (cut off: removed)" if removed else ""
-        return (f"disk full writing {where}{cut}: one checkpoint of this model needs about {need / 2**20:.0f} MiB in "
-                f"{Path(self.run_dir).absolute()}{free}; free space there (or set train.output_dir elsewhere) "
-                f"and resume with --resume auto")
+        return (f"disk full writing {where}{cut}: one checkpoint of this model needs about {mib(need)} in "
+                f"{Path(self.run_dir).absolute()}, {mib(free_bytes(self.run_dir))} free; free space there (or set "
+                f"train.output_dir elsewhere) and resume with --resume auto")
 
     def _stop_quietly(self) -> None:
         """The claim is lost: stop every thread that feeds the run, send nothing, end nothing."""
@@ -393,29 +387,6 @@ def finished_run(runs: list, h: str) -> dict | None:
 
 # Bytes per parameter of one checkpoint: fp32 weights (4) + Adam's two moments (8).
 CHECKPOINT_BYTES_PER_PARAM = 12
-_NO_SPACE = ("no space left", "os error 28", "storagefull", "enospc")
-
-
-def disk_full(exc: BaseException, run_dir: Path) -> bool:
-    """Whether an error is a full disk, wherever it came from: OSError ENOSPC (spool, optimizer.pt via
-    open), safetensors' SafetensorError (neither OSError nor RuntimeError; its message carries "os error
-    28"), torch.save's RuntimeError ("iostream error", no errno: then the disk itself is asked)."""
-    import shutil
-
-    seen = 0
-    while exc is not None and seen < 8:
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-            return True
-        if any(word in str(exc).lower() for word in _NO_SPACE):
-            return True
-        if isinstance(exc, OSError | RuntimeError) or type(exc).__name__ == "SafetensorError":
-            try:
-                if shutil.disk_usage(run_dir).free < 64 * 2**20:
-                    return True
-            except OSError:
-                pass
-        exc, seen = exc.__cause__ or exc.__context__, seen + 1
-    return False
 
 
 def remove_partial_checkpoints(run_dir: Path) -> list[Path]:

@@ -358,7 +358,7 @@ def check_output_dir(run_dir: Path, output_dir: str) -> None:
 
 def check_disk(run_dir: Path, n_params: int) -> None:
     """Refuse to start when the output folder's disk cannot hold one checkpoint (weights + Adam state);
-    a disk that fills up later is one line then (pagating.run.disk_full)."""
+    a disk that fills up later is one line then (pagating.disk.disk_full)."""
     import shutil
 
     from pagating.run import CHECKPOINT_BYTES_PER_PARAM

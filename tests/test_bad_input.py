@@ -125,12 +125,37 @@ def _sample_params(sample_project, sets: dict) -> int:
     return count_parameters(build_model(config))
 
 
+def in_small_tmpfs(folder: Path, size: int, cmd: list[str], after: str = "", **kw) -> subprocess.CompletedProcess:
+    """`cmd` with a `size`-byte tmpfs on `folder`, in a mount namespace of its own (gone when it exits);
+    `after`: shell run there before it goes. Skips the test where no such namespace can be made."""
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-m", "true"]).returncode != 0:
+        pytest.skip("unshare -m (a private mount namespace for the small tmpfs) is not available here")
+    script = (f"mount -t tmpfs -o size={size} tmpfs {folder} || exit 99; {shlex.join(cmd)}; rc=$?; "
+              f"{after or ':'}; exit $rc")
+    proc = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=600, **kw)
+    if proc.returncode == 99:
+        pytest.skip(f"cannot mount a tmpfs in a private namespace: {proc.stderr.strip()}")
+    return proc
+
+
+@pytest.mark.slow
+def test_disk_full_in_prepare(sample_project, tmp_path):
+    small = tmp_path / "small"
+    small.mkdir()
+    proc = in_small_tmpfs(small, 512 * 1024, [sys.executable, "-m", "pagating.cli", "prepare", "--set",
+                                              f"data.prepared_dir={small / 'prep'}"],
+                          after=f"ls -A {small} > {tmp_path / 'listing.txt'}", cwd=sample_project)
+    said = [ln for ln in proc.stderr.strip().splitlines() if "examples/s]" not in ln]  # datasets' progress bars
+    assert proc.returncode == 2 and len(said) == 1, proc.stderr[-3000:]
+    for needle in ("disk full writing", "prepare needs about", "MiB free in", str(small), "data.prepared_dir"):
+        assert needle in said[0], said[0]
+    assert (tmp_path / "listing.txt").read_text().split() == []  # the half-made output is gone
+
+
 @pytest.mark.slow
 def test_disk_full_at_the_safetensors_write(sample_project, mlflow_server, tmp_path):
     """A tmpfs (own mount namespace) that holds one checkpoint and a half: the pre-check passes, the first
     checkpoint fits, the second fails in safetensors' write of its weights: one line, exit 2, run FAILED."""
-    if shutil.which("unshare") is None or subprocess.run(["unshare", "-m", "true"]).returncode != 0:
-        pytest.skip("unshare -m (a private mount namespace for the small tmpfs) is not available here")
     sets = {"model.n_embd": 256, "model.n_head": 4}
     n = _sample_params(sample_project, sets)
     small, listing = tmp_path / "small", tmp_path / "listing.txt"
@@ -139,12 +164,9 @@ def test_disk_full_at_the_safetensors_write(sample_project, mlflow_server, tmp_p
              "--save_steps", "2", "--eval_steps", "2", "--logging_steps", "1", "--batch_size", "4",
              "--set", "tracking.experiment_prefix=diskfull"]
     train += [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
-    script = (f"mount -t tmpfs -o size={int(13.5 * n)} tmpfs {small} || exit 99; {shlex.join(train)}; rc=$?; "
-              f"find {small} -name 'checkpoint-*' -o -name pagating_checkpoint.json > {listing}; exit $rc")
-    proc = subprocess.run(["unshare", "-m", "sh", "-c", script], cwd=sample_project, capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_server.uri})
-    if proc.returncode == 99:
-        pytest.skip(f"cannot mount a tmpfs in a private namespace: {proc.stderr.strip()}")
+    proc = in_small_tmpfs(small, int(13.5 * n), train, cwd=sample_project,
+                          after=f"find {small} -name 'checkpoint-*' -o -name pagating_checkpoint.json > {listing}",
+                          env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_server.uri})
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert "disk full writing" in last and "MiB" in last and str(small / "out") in last, last
