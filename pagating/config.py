@@ -101,8 +101,10 @@ class Tracking:
     drain_timeout_s: float = setting(1800, "end of a run: how long the final uploads wait for an absent server")
     retry_max_s: float = setting(30, "longest wait between two tries of a final upload")
     heartbeat_s: float = setting(30, "a training process refreshes its claim on its config this often")
-    claim_timeout_s: float = setting(300, "a claim without a heartbeat for this long is taken over")
-    claim_settle_s: float = setting(2, "claiming: write, wait this long, read back")
+    claim_timeout_s: float = setting(300, "a claim without a heartbeat for this long is taken over "
+                                          "(its holder stops writing after half of it)")
+    claim_settle_s: float = setting(2, "claiming: base wait before retrying when two processes "
+                                       "claimed a config at once")
 
 
 @dataclasses.dataclass
