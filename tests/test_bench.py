@@ -104,9 +104,13 @@ def test_train_step_quick_without_mlflow(runs):
             m = cfg[kind]
             assert m["s_per_step"] > 0 and m["mfu"] is None  # no GPU peak known on CPU
             assert close(m["tokens_per_s"] * m["s_per_step"], cfg["tokens_per_step"])
-        # (c) adds two d_ff x d_ff projections per layer, (a) one d_model x d_ff gate projection
+        # (c) adds two d_ff x d_ff projections per layer; (a) is param-matched: three d_model x g matrices
+        # (value, gate, out) with g = 2/3 d_ff against plain's two d_model x d_ff, so within 1% of (b)
         d, f, L = cfg["n_embd"], cfg["ffn_dim"], cfg["n_layer"]
-        assert cfg["pagating"]["n_params"] - cfg["plain"]["n_params"] == L * (d * f + f)
+        g = cfg["pagating"]["d_ff"]
+        assert g == f * 2 // 3 and cfg["plain"]["d_ff"] == f
+        assert cfg["pagating"]["n_params"] - cfg["plain"]["n_params"] == L * (3 * d * g + 2 * g - 2 * d * f - f)
+        assert abs(cfg["pagating"]["n_params"] / cfg["plain"]["n_params"] - 1) < 0.01
         assert cfg["upstream"]["n_params"] - cfg["plain"]["n_params"] == L * 2 * (f * f + f)
         assert close(cfg["step_time_ratio_vs_plain"], cfg["pagating"]["s_per_step"] / cfg["plain"]["s_per_step"])
         assert close(cfg["speedup_vs_upstream"], cfg["upstream"]["s_per_step"] / cfg["pagating"]["s_per_step"])
