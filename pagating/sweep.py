@@ -475,6 +475,6 @@ def quickstart(profile: str | None = None, sets: list[str] | None = None) -> int
 
 
 def _register_quickstart(sub) -> None:
-    p = sub.add_parser("quickstart", help="sample corpus, prepare, the 10-config sweep and the report, locally")
+    p = sub.add_parser("quickstart", help="sample corpus, prepare, the 12-config sweep and the report, locally")
     add_config_args(p, "quickstart")
     p.set_defaults(func=lambda a: quickstart(a.profile, sets_from_args(a)))

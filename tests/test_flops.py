@@ -72,3 +72,14 @@ def test_one_formula_counts_the_models_matmul_weights(profile, unit, matched):
     assert flops.flops_per_token(n_layer=L, n_embd=d, d_ff=config.d_ff, vocab_size=config.vocab_size,
                                  block_size=T, gated=not config.plain) == expected
     assert vast_cost.flops_per_step(cfg) == expected * T * cfg["train"]["batch_size"]
+
+
+def test_mfu_is_per_device_under_several_processes(monkeypatch):
+    """Tokens per step are the global batch, so a run on N devices divides by N peaks; one device: the
+    table's peak itself, as the offer ranking's single-GPU projection uses."""
+    name = "NVIDIA H100 80GB HBM3"
+    assert flops.run_peak_flops(name, 1) == flops.mfu_peak_flops(name) == vast_cost.peak_tflops(name) * 1e12
+    assert flops.run_peak_flops(name, 4) == 4 * flops.mfu_peak_flops(name)
+    assert flops.run_peak_flops("cpu", 2) is None
+    monkeypatch.setenv("PAGATING_PEAK_TFLOPS", "0.01")
+    assert flops.run_peak_flops("cpu", 2) == 2 * 0.01e12
