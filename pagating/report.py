@@ -300,7 +300,7 @@ def gating_md(gate: dict[str, Any]) -> str:
             w(f"\nNo p-value from fewer than {MIN_SEEDS} seeds: one seed has no spread to test a difference "
               "against, and with 2 a paired test has one degree of freedom, so its p-value swings with every seed; "
               "the per-seed spread is shown instead. Add `sweep.seed: [1, 2, 3]`.\n")
-        if not all(c["matched"] for c in cmps):
+        if any(c["matched"] is False for c in cmps):
             w("\n**Unmatched arms**: the gated config and the baseline differ by more than 2% in parameters, so a "
               "difference mixes gating with size; `model.param_matched: true` (the default) equalises them.\n")
     w("\n")
@@ -402,6 +402,8 @@ def report(cfg: dict, sweep_json: str | Path | None = SWEEP_JSON, sweep_id: str 
 
     uri = tracking.tracking_uri(cfg)
     tracking.check_server(uri)
+    if register:  # before any work: the GPU user may not register models (pagating.server_auth)
+        tracking.require_admin(uri, "`pagating report --register`")
     m = re.match(r"sqlite:///(.+)", uri)
     if m and not Path(m.group(1)).exists():  # do not create an empty store by looking
         raise UserError(f"no MLflow store at {m.group(1)}: run `pagating sweep` first or set MLFLOW_TRACKING_URI")
@@ -410,9 +412,8 @@ def report(cfg: dict, sweep_json: str | Path | None = SWEEP_JSON, sweep_id: str 
     exp_name = mlf.get_experiment(info["runs"][0][1].info.experiment_id).name
     rows = _rows(mlf, info)
     gate = gating(rows)
-    rank = {g["config"]: i for i, g in enumerate(gate["groups"])}
-    rows.sort(key=lambda r: (rank.get(next(g["config"] for g in gate["groups"] if r in g["runs"]), 0),
-                             r["seed"] if r["seed"] is not None else 0, r["name"]))
+    rank = {r["run_id"]: i for i, g in enumerate(gate["groups"]) for r in g["runs"]}
+    rows.sort(key=lambda r: (rank[r["run_id"]], r["seed"] if r["seed"] is not None else 0, r["name"]))
     doc = metrics_doc(rows, gate)
     summary = summary_md(info, exp_name, rows, performance(rows), gate, plan_estimate(rows, len(info["runs"]) +
                                                                                        len(info["excluded"])))

@@ -131,7 +131,7 @@ def compare(groups: list[dict]) -> list[dict]:
             for split in SPLITS:
                 d = paired(g[split], base[split])
                 out.append({"config": g["config"], "baseline": base["config"], "kind": kind, "split": split,
-                            **d, "param_gap": gap, "matched": gap is not None and gap <= UNMATCHED})
+                            **d, "param_gap": gap, "matched": None if gap is None else gap <= UNMATCHED})
     for split in SPLITS:
         rows = [c for c in out if c["split"] == split]
         for c, adj in zip(rows, holm([c["p"] for c in rows]), strict=True):
@@ -162,7 +162,7 @@ def verdict(groups: list[dict], comparisons: list[dict]) -> str:
         why = "no `plain` baseline in this sweep" if not any(g["plain"] for g in groups) else \
             "no test/loss shared by a gated config and the baseline"
         return f"No verdict: {why} (the default grid has `sweep.unit: [paGLU, plain]`)."
-    unmatched = ("" if all(c["matched"] for c in tests)
+    unmatched = ("" if not any(c["matched"] is False for c in tests)
                  else " (unmatched: the arms differ by more than 2% in parameters)")
     rank = {g["config"]: i for i, g in enumerate(groups)}
     if all(c["p"] is None for c in tests):

@@ -445,3 +445,33 @@ def test_holm_and_paired_statistics():
     assert stats.paired({1: 3.0, 2: 3.1}, {1: 3.2, 2: 3.2})["p"] is None  # 2 seeds: no p-value
     mean, half = stats.mean_ci([1.0, 2.0, 3.0])
     assert mean == 2.0 and half == pytest.approx(4.303 * 1.0 / math.sqrt(3), abs=1e-3)  # Student's t table
+
+
+def _rows(unit, mode, lr, vals, tests, n_params):
+    from pagating.stats import config_label
+
+    return [{"config": config_label(unit, mode, lr), "unit": unit, "alpha_mode": mode, "learning_rate": lr,
+             "n_params": n_params, "flops_per_token": None, "d_ff": None, "seed": s, "val_loss": v, "test_loss": t,
+             "run_id": f"{unit}{mode}{lr}{s}"} for s, v, t in zip((1, 2, 3), vals, tests, strict=True)]
+
+
+def test_noise_only_gives_the_smallest_detectable_difference_and_unequal_arms_are_called_unmatched():
+    from scipy import stats as sps
+
+    from pagating import stats
+
+    # Differences that swing across zero from seed to seed: nothing significant.
+    gated = _rows("paGLU", "static_0.5", 1e-3, [3.80, 3.90, 3.70], [3.81, 3.92, 3.69], 268544)
+    plain = _rows("plain", "plain", 1e-3, [3.85, 3.80, 3.80], [3.86, 3.83, 3.76], 235264)
+    groups = stats.group(gated + plain)
+    cmps = stats.compare(groups)
+    assert [(c["config"], c["kind"], c["split"]) for c in cmps] == [
+        ("paGLU static_0.5 lr=0.001", "same lr = baseline's best lr", "test"),
+        ("paGLU static_0.5 lr=0.001", "same lr = baseline's best lr", "val")]
+    assert all(c["matched"] is False and c["param_gap"] == pytest.approx(268544 / 235264 - 1) for c in cmps)
+    v = stats.verdict(groups, cmps)
+    diffs = [a - b for a, b in zip([3.81, 3.92, 3.69], [3.86, 3.83, 3.76], strict=True)]
+    x = (sps.t.ppf(1 - 0.05 / 2, 2) + sps.t.ppf(0.8, 2)) * statistics.stdev(diffs) / math.sqrt(3)
+    assert v.startswith(f"No difference detectable with 3 seeds on test; the smallest detectable difference is about "
+                        f"{x:.4f} in test loss"), v
+    assert v.endswith("(unmatched: the arms differ by more than 2% in parameters).")
