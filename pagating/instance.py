@@ -145,7 +145,7 @@ def upload_log(path: str | None = None) -> str:
 
 
 def settle() -> str:
-    """After this instance's last report: set the parent to the truth (`mlflow run` marks the run it was
+    """As this instance ends: set the parent to the truth (`mlflow run` marks the run it was
     given FINISHED when its command exits, whatever the other shards are doing)."""
     run_id, uri = os.environ.get("PAGATING_PARENT_RUN_ID"), os.environ.get("MLFLOW_TRACKING_URI")
     sweep_id = os.environ.get("PAGATING_SWEEP_ID")
@@ -156,9 +156,8 @@ def settle() -> str:
 
     state = cloud.grid_state(uri, sweep_id, load_config(os.environ.get("PAGATING_PROFILE")))
     reports = cloud.instance_reports(uri, run_id, include_created=True)
-    mine = reports.get(int(instance_id())) if instance_id().isdigit() else None
-    status = cloud.settle_parent(uri, run_id, state, cloud.instances_working(reports),
-                                 why=f"instance {instance_id()}: {mine}" if mine else None)
+    me = int(instance_id()) if instance_id().isdigit() else -1  # ending now: not working, whatever it said
+    status = cloud.settle_parent(uri, run_id, state, cloud.instances_working(reports, exclude={me}))
     return f"parent run {run_id}: {status}"
 
 

@@ -137,26 +137,32 @@ class Watcher:
     failed (retried every round), the last row of every instance (to re-run a shard whose instance is
     gone) and how often each shard was relaunched."""
 
-    def __init__(self, timeout_s: float):
-        self.timeout_s = timeout_s
+    def __init__(self, timeout_s: float, grace_rounds: int = 1):
+        self.timeout_s, self.grace_rounds = timeout_s, grace_rounds
         self.seen: dict[int, tuple[str | None, float]] = {}
         self.retry: set[int] = set()
         self.known: dict[int, dict] = {}
         self.relaunches: dict[str, int] = {}
         self.gave_up: dict[str, str] = {}
+        self.round = 0
+        self.done_since: dict[int, int] = {}  # instance -> the round that first saw it report done
 
     def destroy_due(self, client: Vast, insts: list[dict], reports: dict[int, str], uri: str | None,
                     parent: str | None) -> set[int]:
         """Destroy instances that should be gone: reported done (whatever Vast's state), stuck past the
         timeout, or whose earlier destroy failed. Returns the ids gone."""
         now, gone = time.time(), set()
+        self.round += 1
         for inst in insts:
             iid, state = int(inst["id"]), cloud.state_of(inst)
             if iid not in self.seen or self.seen[iid][0] != state:  # None is a state too (not yet provisioned)
                 self.seen[iid] = (state, now)
             report = reports.get(iid)
+            if should_be_gone(report):
+                self.done_since.setdefault(iid, self.round)
+            # A round of grace (not with --once): an instance reports done just before its own DELETE.
             why = (f"it reported '{report[:200]}' but Vast still has it {state or 'provisioning'}"
-                   if should_be_gone(report) else None)
+                   if should_be_gone(report) and self.done_since[iid] + self.grace_rounds <= self.round else None)
             if not why and not is_outbid(inst):  # an outbid one is relaunch's business
                 why = cloud.stuck_reason(inst, now, self.timeout_s, self.seen[iid][1])
             if iid in self.retry:
@@ -342,7 +348,7 @@ def cmd_watch(args) -> int:
     client = Vast(require_key())
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     timeout = args.start_timeout if args.start_timeout is not None else defaults("cloud")["start_timeout_min"]
-    watcher = Watcher(timeout * 60)
+    watcher = Watcher(timeout * 60, grace_rounds=0 if args.once else 1)
     while True:
         print(time.strftime("-- %H:%M:%S"))
         try:

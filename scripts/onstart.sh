@@ -81,7 +81,8 @@ on_exit() {
     for _ in $(seq 60); do kill -0 "$UPLOADER_PID" 2>/dev/null || break; sleep 1; done
     kill "$UPLOADER_PID" 2>/dev/null
   fi
-  # The reason goes on the parent run and in the log's last line before the DELETE takes the box away.
+  # The reason goes in the log's last line and on the parent run before the DELETE takes the box away;
+  # the report comes last (just before the DELETE): `vast watch` destroys a box that reported done.
   local killed state line
   killed=$(cat "$PAGATING_STATE_DIR/kill-reason" 2>/dev/null)
   if [ -n "$killed" ]; then
@@ -91,11 +92,11 @@ on_exit() {
   else
     state="failed: ${REASON:-exit code $rc}"; line="stopped with exit code $rc: ${REASON:-see above}"
   fi
-  instance report "$state" >/dev/null 2>&1
-  instance settle >/dev/null 2>&1  # the parent's status: `mlflow run` marked it FINISHED whatever the grid
   log "$line"
   sleep 1  # the log reaches the file through tee: let the line land before the snapshot
   instance upload-log --quiet
+  instance settle >/dev/null 2>&1  # the parent's status: `mlflow run` marked it FINISHED whatever the grid
+  instance report "$state" >/dev/null 2>&1
   if [ -z "$killed" ] && [ "$INTERRUPTED" = 1 ] && on "${PAGATING_INTERRUPTIBLE:-0}"; then
     log "interrupted (outbid?): leaving the instance to \`pagating vast watch\`, which relaunches the shard"
   else
