@@ -43,6 +43,11 @@ def validate(cfg: dict, world: int = 1) -> None:
             raise UserError(f"train.{key} must be a whole number, got {t[key]!r}")
     if int(t["batch_size"]) % world:
         raise UserError(f"train.batch_size {t['batch_size']} is the global batch: it must divide by {world} processes")
+    m = cfg["model"]
+    if m.get("init", "scratch") != "scratch" and m.get("param_matched") and not is_plain(m["unit"]):
+        raise UserError(f"model.init {m['init']} copies the checkpoint's MLP into the value path, which needs "
+                        "d_ff = ffn_dim: add --set model.param_matched=false (the gated arm then has more "
+                        "parameters than plain)")
 
 
 def run_name(cfg: dict) -> str:

@@ -74,7 +74,9 @@ def test_pretrained_init_copies_value_path_and_out_projection(tmp_path):
     torch.manual_seed(0)
     plain = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=64, n_positions=32))
     plain.save_pretrained(tmp_path)
-    cfg = build_config({"init": str(tmp_path), "unit": "paGLU", "ffn_dim": 128}, vocab_size=0, block_size=0)
+    # Copying c_fc needs the checkpoint's width: not param-matched (train.validate says so in one line).
+    cfg = build_config({"init": str(tmp_path), "unit": "paGLU", "ffn_dim": 128, "param_matched": False},
+                       vocab_size=0, block_size=0)
     model = build_model(cfg, init=str(tmp_path))
     for b, pb in zip(model.transformer.h, plain.transformer.h, strict=True):
         assert torch.equal(b.mlp.unit.value_proj.weight, pb.mlp.c_fc.weight.T)
@@ -115,3 +117,13 @@ def test_plain_unit_is_gpt2s_own_mlp(tmp_path):
     model.save_pretrained(tmp_path)
     torch.testing.assert_close(load_model(str(tmp_path)).eval()(x).logits, model(x).logits)
     assert PaGatingGPT2Config(unit="plain", param_matched=True).d_ff == 3072  # matching is for gated units
+
+
+def test_pretrained_init_with_the_param_matched_default_is_one_clear_error():
+    from pagating.config import UserError, load_config
+    from pagating.train import validate
+
+    with pytest.raises(UserError, match=r"model.init gpt2 copies .* --set model.param_matched=false"):
+        validate(load_config("wikitext103", {"model.init": "gpt2"}))
+    validate(load_config("wikitext103", {"model.init": "gpt2", "model.param_matched": "false"}))
+    validate(load_config("wikitext103", {"model.init": "gpt2", "model.unit": "plain"}))
