@@ -138,8 +138,10 @@ def _sweep_note(base: dict, configs: list[dict], command: str) -> str:
     axes = "; ".join(f"{k} ∈ {{{', '.join(str(v) for v in (vals if isinstance(vals, list) else [vals]))}}}"
                      for k, vals in base["sweep"].items())
     t, m = base["train"], base["model"]
+    units = " or ".join(sorted({str(c.get("model.unit", m["unit"])) for c in configs}))
+    matched = ", param-matched" if m["param_matched"] else ""
     return (f"Sweep of {len(configs)} configs on the {base['profile']} profile: {axes}. Each child run trains "
-            f"GPT-2 ({m['n_layer']} layers, d_model {m['n_embd']}) with a {m['unit']} MLP for {t['max_steps']} "
+            f"GPT-2 ({m['n_layer']} layers, d_model {m['n_embd']}) with a {units} MLP{matched} for {t['max_steps']} "
             f"steps, batch {t['batch_size']}; finished configs are skipped on a re-run.\n\nReproduce:\n\n"
             f"    {command}\n")
 
