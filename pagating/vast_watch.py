@@ -261,7 +261,11 @@ def report_status(client: Vast, sweep_id: str | None, do_relaunch: bool, trackin
     up, verdicts = 0, []
     for sid, members in sweeps.items():
         rows = members or [r for r in watcher.known.values() if cloud.parse_label(r["label"])[0] == sid]
-        live, verdict = _sweep_round(client, sid, members, _env(rows[-1]), do_relaunch, tracking_uri, watcher)
+        env: dict = {}
+        for row in rows:  # the sweep's settings (URI, parent, profile), from whichever instance has them
+            for k, v in _env(row).items():
+                env.setdefault(k, v)
+        live, verdict = _sweep_round(client, sid, members, env, do_relaunch, tracking_uri, watcher)
         up += live
         if verdict:
             verdicts.append(verdict)
@@ -310,11 +314,26 @@ def _sweep_round(client: Vast, sid: str, members: list[dict], env: dict, do_rela
     for link in prog.get("links", []):
         print(f"sweep {sid}: {link}")
     if watcher is None:
+        _print_parent(uri, parent, sid)
         return len(members), None
     if cloud.missing_configs(state):
         members += [{"id": i, "label": "new"} for i in watcher.rerun_dead_shards(client, sid, members, reports,
                                                                                  cfg, uri, state)]
     return len(members), _settle(uri, parent, sid, state, bool(members), watcher)
+
+
+def _print_parent(uri: str, parent: str | None, sid: str) -> None:
+    """The parent run's status and why, as the instances and `watch` last set it."""
+    if not parent:
+        return
+    try:
+        run = cloud.tracking.client(uri).get_run(parent)
+    except Exception as exc:
+        print(f"sweep {sid}: parent run unavailable ({type(exc).__name__})")
+        return
+    why = run.data.tags.get(cloud.REASON_TAG)
+    line = f"sweep {sid}: parent run {run.info.status}" + (f" ({why})" if why else "")
+    print(red(line) if run.info.status == "FAILED" else line)
 
 
 def _settle(uri: str, parent: str | None, sid: str, state: dict[str, str], working: bool,

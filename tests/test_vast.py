@@ -710,6 +710,7 @@ def test_watch_destroys_what_reported_done_and_reruns_its_shard(keyed, env, caps
     client.set_tag(parent, "pagating.instance.991", "finished: shard 1/2")
     rc, out, _ = run(capsys, "vast", "status", "--sweep", sweep)
     assert rc == 0 and out.count("STILL BILLING") == 2 and "failed: CUDA required" in out
+    assert f"sweep {sweep}: parent run RUNNING" in out
     assert keyed.destroys() == []  # status only looks
 
     rc, out, _ = run(capsys, "vast", "watch", "--once", "--sweep", sweep)
