@@ -87,6 +87,9 @@ on_exit() {
   killed=$(cat "$PAGATING_STATE_DIR/kill-reason" 2>/dev/null)
   if [ -n "$killed" ]; then
     state="killed: $killed"; line="killed by the watchdog: $killed"
+  elif [ "$INTERRUPTED" = 1 ] && on "${PAGATING_INTERRUPTIBLE:-0}"; then  # not done: watch relaunches it
+    state="interrupted: stopped by a signal (outbid?)"
+    line="interrupted (outbid?): leaving the instance to \`pagating vast watch\`, which relaunches the shard"
   elif [ "$rc" -eq 0 ]; then
     state="finished: shard $PAGATING_SHARD"; line="sweep shard $PAGATING_SHARD finished"
   else
@@ -98,7 +101,7 @@ on_exit() {
   instance settle >/dev/null 2>&1  # the parent's status: `mlflow run` marked it FINISHED whatever the grid
   instance report "$state" >/dev/null 2>&1
   if [ -z "$killed" ] && [ "$INTERRUPTED" = 1 ] && on "${PAGATING_INTERRUPTIBLE:-0}"; then
-    log "interrupted (outbid?): leaving the instance to \`pagating vast watch\`, which relaunches the shard"
+    :  # stopped, not destroyed: the relaunch destroys it once its shard runs elsewhere
   else
     destroy_self
   fi
