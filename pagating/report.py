@@ -171,7 +171,7 @@ def collect(mlf, name: str, run) -> dict[str, Any] | None:
 
     rid, metrics, params, tags = run.info.run_id, run.data.metrics, run.data.params, run.data.tags
     h = {key: _history(mlf, rid, key) for key in
-         ("eval/loss", "eval/ppl", "perf/step_time_s", "perf/tokens_per_s")}
+         ("eval/loss", "eval/ppl", "perf/step_time_s", "perf/tokens_per_s", "perf/mfu")}
     h["gpu_util"] = gpu_util_history(mlf, rid, metrics)
     if not h["eval/loss"] and "final/eval_loss" not in metrics:
         return None
@@ -218,7 +218,7 @@ def collect(mlf, name: str, run) -> dict[str, Any] | None:
         "final_eval_ppl": metrics.get("final/eval_ppl", ppls[-1] if ppls else None),
         "s_per_step": steady_mean(h["perf/step_time_s"]),
         "tokens_per_s": steady_mean(h["perf/tokens_per_s"], harmonic=True),
-        "gpu_util_pct": steady_mean(h["gpu_util"]), "cost_usd": cost,
+        "gpu_util_pct": steady_mean(h["gpu_util"]), "cost_usd": cost, "mfu": steady_mean(h["perf/mfu"]),
         "eval_curve": h["eval/loss"], "alpha_curve": alpha,
     }
 
@@ -312,7 +312,7 @@ def _num(x: float | None) -> float | None:
 
 
 RUN_KEYS = ("best_eval_loss", "final_eval_loss", "first_eval_loss", "best_eval_ppl", "final_eval_ppl",
-            "s_per_step", "tokens_per_s", "gpu_util_pct", "cost_usd")
+            "s_per_step", "tokens_per_s", "gpu_util_pct", "cost_usd", "mfu")
 
 
 def metrics_doc(rows: list[dict], gate: dict[str, Any]) -> dict[str, Any]:
@@ -351,19 +351,22 @@ def summary_md(info: dict, exp_name: str, rows: list[dict], perf: dict[str, dict
     w(gating_md(gate))
     w("## Runs\n\n")
     w("| # | run | validation loss | test loss | best eval loss | final eval ppl | s/step | tokens/s "
-      "| GPU util | $ | run id |\n")
-    w("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|\n")
+      "| GPU util | $ | MFU | run id |\n")
+    w("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n")
     for i, r in enumerate(rows, 1):
         util = "n/a" if r["gpu_util_pct"] is None else f"{r['gpu_util_pct']:.1f}%"
         w(f"| {i} | {r['name']} | {r['val_loss']:.4f} | {_opt(r['test_loss'], '.4f')} | {r['best_eval_loss']:.4f} "
           f"| {_opt(r['final_eval_ppl'], '.2f')} | {_opt(r['s_per_step'], '.4g')} "
-          f"| {_opt(r['tokens_per_s'], '.0f')} | {util} | {fmt_usd(r['cost_usd'])} | `{r['run_id']}` |\n")
+          f"| {_opt(r['tokens_per_s'], '.0f')} | {util} | {fmt_usd(r['cost_usd'])} "
+          f"| {'n/a' if r['mfu'] is None else format(r['mfu'], '.1%')} | `{r['run_id']}` |\n")
     if info["excluded"]:
         w("\nNot ranked: " + "; ".join(f"{n} ({why})" for n, why in info["excluded"]) + ".\n")
     w("\nRuns in the order of their config's rank, then seed. Validation loss: `final/eval_loss`; best eval loss "
       "(`best/eval_loss`, the lowest of the run's evals) is shown, not used: choosing on it would pick a luckier "
       "moment than the saved model. s/step, tokens/s and GPU util: means over the run's logging windows, without "
-      "the first (warm-up). $: the run's last `cost/usd`, else its wall time × `cost.usd_per_hour`.\n\n")
+      "the first (warm-up). $: the run's last `cost/usd`, else its wall time × `cost.usd_per_hour`. MFU: "
+      "`perf/mfu`, per device (FLOPs per token × tokens/s over world size × one device's peak, the peak table "
+      "`vast offers` ranks by), the same steady mean; n/a where the device's peak is unknown (CPU).\n\n")
     w(perf_md(perf, estimate))
     w("\n## Plots\n\n")
     for name, title in (("eval_loss", "validation loss vs step"), ("final_eval_loss", "final loss, mean ± 95% CI"),

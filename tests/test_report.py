@@ -25,7 +25,7 @@ EVAL_STEPS = [40, 80, 120]
 
 def _config_run(mlf, exp_id, name, mode, lr, *, evals, gpu, step_time, parent=None, sweep_id=None,
                 status="FINISHED", rate=None, util=None, alpha=None, cost=False, start_s=0, hours=0.5,
-                unit="paGLU", seed=None, test=None, n_params=123456):
+                unit="paGLU", seed=None, test=None, n_params=123456, mfu=None):
     tags = {"pagating.config_hash": uuid.uuid4().hex[:16], "gpu.name": gpu}
     if parent:
         tags["mlflow.parentRunId"] = parent
@@ -59,6 +59,8 @@ def _config_run(mlf, exp_id, name, mode, lr, *, evals, gpu, step_time, parent=No
             put("alpha/layer_01", s, alpha - 0.0005 * s)
         if cost:
             put("cost/usd", s, rate * s * step_time * 1.2 / 3600)
+        if mfu is not None:
+            put("perf/mfu", s, mfu * (0.2 if i == 0 else 1.0 + 0.01 * (i % 3)))
     for s, v in zip(EVAL_STEPS, evals, strict=False):
         put("eval/loss", s, v)
         put("eval/ppl", s, math.exp(v))
@@ -101,7 +103,7 @@ def sweep(mlflow_server, tmp_path_factory):
                     hours=0.25)
     b = _config_run(mlf, exp_id, "paGLU learnable lr=0.0005", "learnable", 5e-4, evals=[4.9, 4.0, 3.7],
                     gpu="RTX 4090", step_time=0.11, parent=new, sweep_id="new", rate=0.4, util=90, alpha=0.5,
-                    cost=True, start_s=10_020)
+                    cost=True, start_s=10_020, mfu=0.3)
     c = _config_run(mlf, exp_id, "paGLU static_1.0 lr=0.0005", "static_1.0", 5e-4, evals=[5.1, 4.05, 4.1],
                     gpu="cpu", step_time=0.8, parent=new, sweep_id="new", start_s=10_030)
     d = _config_run(mlf, exp_id, "paGLU scheduler_cosine lr=0.001", "scheduler_cosine", 1e-3, evals=[1.0],
@@ -146,6 +148,7 @@ def expected(mlf, rid):
             "s_per_step": steady("perf/step_time_s"),
             "tokens_per_s": steady("perf/tokens_per_s", statistics.harmonic_mean),
             "gpu_util_pct": steady("system/gpu_0_utilization_percentage"), "cost_usd": cost,
+            "mfu": steady("perf/mfu"),
             "gpu": run.data.tags["gpu.name"], "rate": float(rate) if rate else None,
             "max_steps": int(run.data.params["train.max_steps"]), "name": run.info.run_name}
 
@@ -195,6 +198,7 @@ def test_report_from_sweep_json_matches_mlflow(sweep, monkeypatch, tmp_path):
         for key in ("best_eval_loss", "final_eval_loss", "final_eval_ppl", "best_eval_ppl", "first_eval_loss",
                     "s_per_step", "tokens_per_s", "gpu_util_pct", "cost_usd"):
             assert math.isclose(doc["runs"][name][key], w[key], rel_tol=1e-5), (name, key)
+        assert doc["runs"][name].get("mfu") == (None if w["mfu"] is None else pytest.approx(w["mfu"], rel=1e-5))
         # Throughput agrees with s/step: 16 x 64 tokens per step.
         assert math.isclose(doc["runs"][name]["tokens_per_s"] * doc["runs"][name]["s_per_step"], 16 * 64,
                             rel_tol=1e-4), name
@@ -216,7 +220,8 @@ def test_report_from_sweep_json_matches_mlflow(sweep, monkeypatch, tmp_path):
                              strict=True):
             assert close(cell, w[key]), (r[1], key, cell, w[key])
         assert r[8].endswith("%") and r[9].startswith("$")
-        assert r[10].strip("`") in ids.values()
+        assert r[10] == ("n/a" if w["mfu"] is None else f"{w['mfu']:.1%}")  # B alone logged perf/mfu
+        assert r[11].strip("`") in ids.values()
     assert "paGLU scheduler_cosine lr=0.001 (failed)" in md
 
     # Expected Performance Improvement: all three on RTX 4090; time/step, one run, sweep, cost.
