@@ -352,7 +352,8 @@ def open_sweep_run(uri: str, cfg: dict, sweep_id: str) -> str:
     except Exception as exc:
         raise UserError(f"cannot create the sweep's run in {experiment_name(cfg)} on "
                         f"{mask_uri(uri)} ({type(exc).__name__}): check MLFLOW_TRACKING_* credentials "
-                        "and permissions") from None
+                        f"and permissions (the GPU user only logs into experiments an admin made: "
+                        f"`pagating grant --experiment {experiment_name(cfg)}`)") from None
     return run.info.run_id
 
 

@@ -243,10 +243,10 @@ def _reports(uri: str | None, parent: str | None) -> dict[int, str]:
 # ---- one round -------------------------------------------------------------------------------------
 
 def report_status(client: Vast, sweep_id: str | None, do_relaunch: bool, tracking_uri: str | None,
-                  watcher: Watcher | None = None) -> tuple[int, list[str]]:
+                  watcher: Watcher | None = None) -> tuple[int, list[str] | None]:
     """Print instances and progress per sweep; with a watcher, destroy what should be gone, relaunch
     outbid instances and dead shards. Returns (instances still up, one verdict line per sweep whose
-    instances are all gone)."""
+    instances are all gone; None when there is no sweep at all to watch)."""
     insts = sweep_instances(client, sweep_id)
     if watcher is not None:
         watcher.known.update({int(i["id"]): i for i in insts})
@@ -257,7 +257,7 @@ def report_status(client: Vast, sweep_id: str | None, do_relaunch: bool, trackin
         sweeps[cloud.parse_label(inst["label"])[0]].append(inst)
     if not sweeps:
         print(f"no pagating instances{f' for sweep {sweep_id}' if sweep_id else ''}")
-        return 0, []
+        return 0, None
     up, verdicts = 0, []
     for sid, members in sweeps.items():
         rows = members or [r for r in watcher.known.values() if cloud.parse_label(r["label"])[0] == sid]
@@ -375,6 +375,8 @@ def cmd_watch(args) -> int:
         except VastError as exc:  # Vast unreachable for a while: keep watching
             print(f"round failed: {exc}")
             left, verdicts = -1, []
+        if left == 0 and verdicts is None:
+            return 0  # nothing of ours on Vast, nothing seen: nothing to watch
         if left == 0:
             for line in verdicts:
                 print(line)
