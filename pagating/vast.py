@@ -1,15 +1,17 @@
 """`pagating vast`: rent a GPU on Vast.ai, run the sweep there, watch it, never leave it billing.
 
     offers    cheapest offers matching the seed's filters, ranked by projected sweep cost
-    launch    rent the cheapest offer(s) within the budget; wait until each has reported in
-    status    instances of pagating sweeps + sweep progress from MLflow (--relaunch: replace outbid ones)
-    watch     status in a loop: relaunch outbid bid instances, destroy stuck ones, until all are gone
+    launch    rent the cheapest offer(s) within the budget; wait until each reports "ready"
+    status    instances of pagating sweeps, their last reports, progress and the parent run from MLflow
+    watch     status in a loop: destroy what should be gone, relaunch outbid instances and dead shards,
+              until the grid is done (pagating/vast_watch.py)
     logs      an instance's onstart log (Vast's while it lives, the uploaded one after)
     destroy   destroy instances by id, by sweep, or all pagating instances
     watchdog  (on the instance) destroy it at the budget or when training stalls
 
 This module is the Vast.ai provider (the `Vast` class: search offers, create, destroy, list,
-show) and its verbs; what any provider shares is in pagating/cloud.py. Every Vast call goes
+show) and its verbs but status/watch (pagating/vast_watch.py); what any provider shares is in
+pagating/cloud.py. Every Vast call goes
 through the real `vastai` SDK (`VAST_SERVER_URL` points it elsewhere, e.g. at the tests' fake API).
 Secrets stay in the instance env; the onstart text and everything printed carry none.
 """
