@@ -536,6 +536,18 @@ def settle_parent(uri: str, run_id: str, state: dict[str, str], working: bool, w
     return status
 
 
+def fail_parent(uri: str, run_id: str | None, reason: str) -> None:
+    """The sweep's parent FAILED with `reason` (nothing runs for it); best effort: the caller is failing already."""
+    if not run_id:
+        return
+    try:
+        mlf = tracking.client(uri)
+        mlf.set_tag(run_id, REASON_TAG, reason[:4000])
+        mlf.set_terminated(run_id, "FAILED")
+    except Exception as exc:
+        print(f"could not mark the sweep's parent run {run_id} FAILED ({type(exc).__name__})")
+
+
 def instances_working(reports: dict[int, str], exclude: set[int] = frozenset()) -> bool:
     """Whether an instance's last report on the parent says it may still be working."""
     return any(not v.startswith(DONE_STATES) for k, v in reports.items() if k not in exclude)

@@ -418,7 +418,11 @@ def cmd_launch(args) -> int:
     if args.dry_run:
         return 0
     spares = [o for o in offers if all(o is not p["offer"] for p in plan)]
-    created = _rent(client, args, plan, spares, onstart, tracking_uri, parent)
+    try:
+        created = _rent(client, args, plan, spares, onstart, tracking_uri, parent)
+    except BaseException as exc:  # nothing runs for this sweep: its parent must not stay RUNNING
+        cloud.fail_parent(tracking_uri, parent, f"launch failed: {type(exc).__name__}: {str(exc)[:300]}")
+        raise
     if args.no_wait:
         print(f"\nnot waiting: `pagating vast watch --sweep {sweep_id}` destroys instances that do not start")
     elif not _await_start(client, args, tracking_uri, parent, created):
@@ -511,6 +515,9 @@ def _await_start(client: Vast, args, tracking_uri: str, parent: str | None, crea
         print(f"{len(failed)} of {len(created)} instance(s) did not start"
               + (f"; still billing: {left}" if left else "")
               + "; `pagating vast logs <id>` shows what they logged", file=sys.stderr)
+        if len(failed) == len(created):
+            cloud.fail_parent(tracking_uri, parent, "no instance started: " + "; ".join(
+                f"instance {iid}: {why}" for iid, why in failed.items()))
     return not failed
 
 

@@ -343,13 +343,17 @@ def test_http_without_password_and_https_are_accepted(env):
     assert cloud.check_tracking_uri("http://mlflow.example.org") == "http://mlflow.example.org"
 
 
-def test_error_after_creation_destroys_the_created_instance(launchable, capsys):
-    launchable.fail("PUT", "/api/v0/asks/13/", 400)  # the second instance's offer is gone
+def test_error_after_creation_destroys_the_created_instance(launchable, capsys, mlflow_server):
+    from mlflow.tracking import MlflowClient
+
+    launchable.fail("PUT", "/api/v0/asks/13/", 400)  # the second create refused (not an offer taken)
     rc, out, err = run(capsys, *LAUNCH, "--instances", "2", "--sweep-id", "t2")
     assert rc == 1
     assert [r.path for r in launchable.creates()] == ["/api/v0/asks/12/"]
     assert [r.path for r in launchable.destroys()] == ["/api/v0/instances/5001/"]
     assert "destroying 5001" in err
+    parent = MlflowClient(mlflow_server.uri).get_run(launchable.creates()[0].body["env"]["PAGATING_PARENT_RUN_ID"])
+    assert parent.info.status == "FAILED" and "launch failed" in parent.data.tags["pagating.status_reason"]
 
 
 def test_failure_to_confirm_a_created_instance_destroys_it(launchable, capsys):
@@ -605,6 +609,9 @@ def test_launch_destroys_an_instance_that_never_starts(launchable, env, capsys):
     assert rc == 1
     assert [r.path for r in launchable.destroys()] == ["/api/v0/instances/5001/"]
     assert "instance 5001: not ready after" in err and "loading" in err
+    parent = tracking.client(os.environ["MLFLOW_TRACKING_URI"]).get_run(
+        launchable.creates()[0].body["env"]["PAGATING_PARENT_RUN_ID"])
+    assert parent.info.status == "FAILED" and "no instance started" in parent.data.tags["pagating.status_reason"]
 
 
 def test_launch_returns_once_the_instance_reports_ready(launchable, env, capsys, mlflow_server):
