@@ -61,3 +61,15 @@ def test_watchdog_budget_clock_counts_from_vasts_start_across_reboots(fake, env)
     started = vast_watchdog.vast_start_date()
     assert started == pytest.approx(time.time() - 7200, abs=5)
     assert "reached the budget" in vast_watchdog.check(time.time(), started, 1.0, 1.5, time.time(), 1e9)
+
+
+def test_watchdog_destroy_keeps_trying_until_vast_says_the_instance_is_gone(fake, env):
+    fake.add_instance(5570)
+    env.setenv("CONTAINER_ID", "5570")
+    env.setenv("CONTAINER_API_KEY", "revoked-key")
+    fake.refused_keys.add("revoked-key")
+    assert vast_watchdog.destroy_self(None, attempts=3, backoff_s=0.01) is False
+    assert [r.status for r in fake.destroys(5570)] == [401, 401, 401]
+    fake.instances[5570]["_destroyed"] = True  # `vast watch` destroyed it with the account key meanwhile
+    assert vast_watchdog.destroy_self(None, backoff_s=0.01) is True  # tried for good, ends on Vast's 404
+    assert [r.status for r in fake.destroys(5570)][-1] == 404
