@@ -70,6 +70,7 @@ def test_watchdog_destroy_keeps_trying_until_vast_says_the_instance_is_gone(fake
     fake.refused_keys.add("revoked-key")
     assert vast_watchdog.destroy_self(None, attempts=3, backoff_s=0.01) is False
     assert [r.status for r in fake.destroys(5570)] == [401, 401, 401]
-    fake.instances[5570]["_destroyed"] = True  # `vast watch` destroyed it with the account key meanwhile
+    fake.refused_keys.clear()  # the key works again, but `vast watch` destroyed the instance meanwhile
+    fake.instances[5570]["_destroyed"] = True
     assert vast_watchdog.destroy_self(None, backoff_s=0.01) is True  # tried for good, ends on Vast's 404
     assert [r.status for r in fake.destroys(5570)][-1] == 404
