@@ -88,7 +88,8 @@ class Train:
     logging_steps: int = setting(10, "log train metrics every N steps", verbs=TRAIN_VERBS)
     eval_steps: int = setting(50, "evaluate every N steps", verbs=TRAIN_VERBS)
     save_steps: int = setting(150, "checkpoint every N steps", verbs=TRAIN_VERBS)
-    max_eval_batches: int = setting(0, "0: the whole validation split; N: N batches spread over it")
+    max_eval_batches: int = setting(0, "intermediate evals: 0 the whole validation split, N: N batches "
+                                                "spread over it (the final eval is always the whole split)")
     seed: int = setting(42, "random seed", verbs=TRAIN_VERBS[:1], axis=True)
     output_dir: str = setting("outputs", "base folder; each run gets a subfolder", verbs=TRAIN_VERBS)
 

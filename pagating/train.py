@@ -106,6 +106,15 @@ def _make_trainer_class():
         """The HF Trainer with our decay rule in its own hook; `on_optimizer(groups)` hears the groups once."""
 
         on_optimizer = None
+        final_eval_dataset = None  # the whole validation split, for the last step's eval
+
+        def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+            # Intermediate evals use the (possibly subset) eval_dataset; the last step's, which becomes the
+            # run's final/eval_loss and the sweep's choice, always sees the whole split.
+            if eval_dataset is None and self.final_eval_dataset is not None \
+                    and self.state.global_step >= self.state.max_steps > 0:
+                eval_dataset = self.final_eval_dataset
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
 
         def get_decay_parameter_names(self, model) -> list[str]:
             return [n for n, p in model.named_parameters() if not no_decay(n, p)]
@@ -228,7 +237,7 @@ class Net:
     spec: Any  # the parsed α mode
     n_params: int
     vocab: int
-    eval_pick: list[int]  # the validation blocks evaluated
+    eval_pick: list[int]  # the validation blocks of the intermediate evals (the final eval takes all)
     compile_on: bool
     gpu: str  # NVML's name of the GPU, else the device
     usd_per_hour: float | None
@@ -266,7 +275,10 @@ def run_params(job, net: Net) -> dict[str, Any]:
     """Every effective value, once, as the MLflow run's params."""
     cfg, meta, config, spec = job.cfg, job.meta, net.config, net.spec
     params = flatten(cfg)
-    params.update({"eval.blocks": len(net.eval_pick), "eval.tokens": len(net.eval_pick) * int(meta["block_size"]),
+    val_blocks = int(meta["splits"]["validation"]["blocks"])
+    # eval.blocks/eval.tokens: the final eval (the whole split); eval.subset_blocks: each intermediate eval.
+    params.update({"eval.blocks": val_blocks, "eval.tokens": val_blocks * int(meta["block_size"]),
+                   "eval.subset_blocks": len(net.eval_pick),
                    "test.tokens": int(meta["splits"]["test"]["tokens_packed"]), "train.precision": job.precision,
                    "train.compile": "on" if net.compile_on else "off", "train.threads": job.n_threads})
     params.update({"model.d_ff": config.d_ff, "model.n_params": net.n_params, "model.vocab_size": net.vocab,
@@ -296,13 +308,16 @@ def make_trainer(job, net: Net, run):
         usd_per_hour=net.usd_per_hour, model=net.model, log_alpha=net.spec.logged,
         cuda=cuda)
     train_ds = PackedDataset(cfg["data"]["prepared_dir"], "train")
-    eval_ds = torch.utils.data.Subset(PackedDataset(cfg["data"]["prepared_dir"], "validation"), net.eval_pick)
+    validation = PackedDataset(cfg["data"]["prepared_dir"], "validation")
+    eval_ds = validation if len(net.eval_pick) >= len(validation) else torch.utils.data.Subset(validation,
+                                                                                             net.eval_pick)
     tokenizer = load_tokenizer(cfg["data"]["prepared_dir"])
     args = _training_arguments(cfg, job.run_dir, job.device, net.compile_on, job.world, bf16=job.precision == "bf16")
     trainer = _make_trainer_class()(model=net.model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                                     processing_class=tokenizer,
                                     data_collator=default_data_collator,  # blocks are packed: never pad
                                     callbacks=[AlphaCallback(net.model), *tracked])
+    trainer.final_eval_dataset = validation
     if run.tracks:
         trainer.on_optimizer = lambda groups: run.log_text(json.dumps(groups, indent=1), "optimizer_groups.json")
         run.result["resumed_from"] = str(run.ckpt) if run.ckpt else None
@@ -325,6 +340,8 @@ def fit(trainer, ckpt: Path | None, cfg: dict) -> dict[str, float]:
         trainer.state = TrainerState.load_from_json(str(Path(ckpt) / "trainer_state.json"))
     else:
         trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+        if not any("eval_loss" in e and e.get("step") == trainer.state.global_step for e in trainer.state.log_history):
+            trainer.evaluate()  # max_steps not a multiple of eval_steps: the final eval still happens, whole split
     return trainer.evaluate(PackedDataset(cfg["data"]["prepared_dir"], "test"), metric_key_prefix="test")
 
 

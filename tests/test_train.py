@@ -29,13 +29,12 @@ def metric_steps(mlf, run_id, key):
 
 
 def hand_eval_loss(model, project, params) -> float:
-    """Shifted cross-entropy summed over every predicted token of the run's eval blocks, over their count."""
+    """Shifted cross-entropy summed over every predicted token of the whole validation split (the final eval's
+    blocks, whatever the intermediate evals' subset), over their count."""
     from pagating.data import PackedDataset
-    from pagating.train import eval_indices
 
     ds = PackedDataset(project / params["data.prepared_dir"], "validation")
-    cap = int(params["train.max_eval_batches"]) * int(params["train.batch_size"])
-    ids = torch.stack([ds[i]["input_ids"] for i in eval_indices(len(ds), cap)])
+    ids = torch.stack([ds[i]["input_ids"] for i in range(len(ds))])
     total, count = 0.0, 0
     with torch.no_grad():
         for chunk in ids.split(64):
@@ -72,9 +71,13 @@ def test_tiny_run_logs_everything(sample_project, mlflow_server, tmp_path, monke
                 "perf/mfu", "alpha/layer_00", "alpha/layer_01", "cost/usd"):
         assert metric_steps(mlf, run.info.run_id, key) == [5, 10, 15, 20, 25, 30], key
     assert metric_steps(mlf, run.info.run_id, "eval/loss") == [10, 20, 30]
-    # The whole validation split is the eval set; the test split is evaluated once at the end.
+    # Intermediate evals see a spread subset of the validation split, the final eval the whole split; the test
+    # split is evaluated once at the end.
     meta = json.loads((sample_project / params["data.prepared_dir"] / "meta.json").read_text())
     assert int(params["eval.tokens"]) == meta["splits"]["validation"]["tokens_packed"]
+    subset = int(params["eval.subset_blocks"])
+    assert subset == int(params["train.max_eval_batches"]) * int(params["train.batch_size"])
+    assert 0 < subset < int(params["eval.blocks"]) == meta["splits"]["validation"]["blocks"]
     assert int(params["test.tokens"]) == meta["splits"]["test"]["tokens_packed"]
     assert metric_steps(mlf, run.info.run_id, "test/loss") == [30]
     assert abs(run.data.metrics["test/ppl"] - math.exp(run.data.metrics["test/loss"])) < 1e-6 * run.data.metrics[
