@@ -8,7 +8,7 @@
 #
 # Pinned: the base image by tag (the same default as params.yaml cloud.image; CUDA 12.4, torch 2.6.0,
 # the oldest torch transformers 5 accepts for torch.load on resume), the Python dependencies by
-# pyproject.toml's ranges; the exact versions an image got go to /opt/pagating/requirements.lock.
+# requirements/lock-cpu.txt (torch excepted); the exact versions an image got go to /opt/pagating/requirements.lock.
 FROM pytorch/pytorch:2.6.0-cuda12.4-cudnn9-runtime
 
 ENV DEBIAN_FRONTEND=noninteractive \
@@ -23,12 +23,14 @@ RUN apt-get update \
 
 WORKDIR /opt/pagating
 
-# Dependencies in their own layer: it is rebuilt only when pyproject.toml changes.
+# Dependencies in their own layer, from the same lock as `make setup` (uv, pip without it), less torch: the
+# image keeps its CUDA torch. Rebuilt only when the lock changes.
+COPY requirements ./requirements
+RUN grep -v '^torch==' requirements/lock-cpu.txt > /tmp/lock.txt \
+ && { { pip install uv && uv pip install --system --no-deps -r /tmp/lock.txt; } \
+      || pip install --no-deps -r /tmp/lock.txt; } \
+ && rm /tmp/lock.txt
 COPY pyproject.toml ./
-RUN mkdir -p pagating && touch pagating/__init__.py README.md \
- && pip install . \
- && pip uninstall -y pagating \
- && rm -rf pagating build ./*.egg-info
 
 # The project itself (the instance runs its pinned checkout; this copy is for `docker run` use).
 COPY pagating ./pagating

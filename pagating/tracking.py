@@ -241,6 +241,15 @@ def user_name() -> str:
         return os.environ.get("USER", "unknown")
 
 
+def lock_sha256(root: str | Path | None = None) -> str:
+    """sha256 of the install lock (requirements/lock-cpu.txt) the environment was installed from: a run pins
+    its package versions by this tag. "none" when the checkout has no lock."""
+    import hashlib
+
+    lock = Path(root or Path(__file__).resolve().parents[1]) / "requirements" / "lock-cpu.txt"
+    return hashlib.sha256(lock.read_bytes()).hexdigest() if lock.is_file() else "none"
+
+
 def source_tags(entry_point: str, commit: str | None, root: str | Path = ".") -> dict[str, str]:
     """mlflow.source.* / mlflow.user as `mlflow run` sets them: the project at its commit (the caller's
     git_commit), the entry point. The UI's Source column shows `<project>:<entry point>`, linked to the

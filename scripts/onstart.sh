@@ -132,6 +132,12 @@ if on "${PAGATING_SKIP_INSTALL:-0}"; then
   log "skipping the install of $TARGET (PAGATING_SKIP_INSTALL=1)"
 else
   log "installing $TARGET"
+  # The same lock as make setup, less torch (the image's CUDA torch stays); then the project and its DVC plugin.
+  if [ -f requirements/lock-cpu.txt ]; then
+    grep -v '^torch==' requirements/lock-cpu.txt > "${TMPDIR:-/tmp}/pagating-lock.txt"
+    run timeout "$SETUP_TIMEOUT" "$PY" -m pip install -q --no-input --no-deps -r "${TMPDIR:-/tmp}/pagating-lock.txt" \
+      || fail "pip install -r requirements/lock-cpu.txt failed"
+  fi
   run timeout "$SETUP_TIMEOUT" "$PY" -m pip install -q --no-input -e "$TARGET" || fail "pip install -e $TARGET failed"
 fi
 instance report "running: onstart.sh" || fail "cannot report to the tracking server (MLFLOW_TRACKING_URI, credentials)"

@@ -67,6 +67,11 @@ def test_tiny_run_logs_everything(sample_project, mlflow_server, tmp_path, monke
     for key in ("git.commit", "dvc.data_md5", "pagating.config_hash", "gpu.name", "host", "cost.usd_per_hour"):
         assert key in tags, key
     assert tags["gpu.name"] == "cpu" and tags["pagating.config_hash"] == result["config_hash"]
+    import hashlib
+
+    import pagating
+    lock = Path(pagating.__file__).resolve().parents[1] / "requirements" / "lock-cpu.txt"
+    assert tags["pagating.lock_sha256"] == hashlib.sha256(lock.read_bytes()).hexdigest()  # what it installed from
     for key in ("train/loss", "train/lr", "train/grad_norm", "perf/step_time_s", "perf/tokens_per_s",
                 "perf/mfu", "alpha/layer_00", "alpha/layer_01", "cost/usd"):
         assert metric_steps(mlf, run.info.run_id, key) == [5, 10, 15, 20, 25, 30], key
