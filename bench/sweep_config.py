@@ -1,7 +1,7 @@
 """Where one sample config's wall time goes: one `pagating train` process, as the sweep runs each config,
 split from its MLflow run's timestamps and the Trainer's own eval runtimes.
 
-    .venv/bin/python bench/sweep_config.py [--set key=value ...]
+    .venv/bin/python bench/sweep_config.py [--quick] [--set key=value ...]
 
 In a temp project (params.yaml, the sample corpus prepared; not timed) against a sqlite:/// store:
   startup_s   process start -> MLflow run created (interpreter, imports, config, checks, claim)
@@ -34,7 +34,10 @@ import _common as C  # noqa: E402  (puts the repo root on sys.path too)
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--set", action="append", default=[], help="a setting for the config, as `pagating train`")
+    ap.add_argument("--quick", action="store_true", help="20 steps, evals every 10 (a smoke run, not the target)")
     a = ap.parse_args(argv)
+    if a.quick:
+        a.set = ["train.max_steps=20", "train.eval_steps=10", "train.save_steps=10", "train.logging_steps=5", *a.set]
     from mlflow.tracking import MlflowClient
 
     from pagating.config import load_config
