@@ -31,6 +31,7 @@ from pagating.config import UserError
 
 PREFIX = "pagating.claim."
 HELD, CONTENDING, WITHDRAWN = "held", "contending", "withdrawn"
+_RANDOM = random.SystemRandom()  # not the seeded module generator: set_seed gives every trainer the same draws
 
 
 class ClaimLost(UserError):
@@ -58,6 +59,7 @@ class Claim:
         self.run_id: str | None = None
         self.lost: str | None = None  # why the claim is no longer ours, once found
         self.rtt = 0.0  # the slowest acknowledged write of our record, seconds
+        self._wrote = False  # a record of ours may be on the server
         self._lease_sent: float | None = None  # monotonic send time of our last acknowledged heartbeat
         self._lock = threading.Lock()  # our record's writes go one at a time
         self._stop = threading.Event()
@@ -111,7 +113,7 @@ class Claim:
 
     def _write(self, state: str) -> float:
         """Write our record; returns the monotonic time it was sent, once the server acknowledged it."""
-        sent = time.monotonic()
+        sent, self._wrote = time.monotonic(), True
         value = {**self.me, "t": time.time(), "run_id": self.run_id, "state": state}
         self.mlf.set_experiment_tag(self.exp_id, self.key, json.dumps(value, sort_keys=True))
         self.rtt = max(self.rtt, time.monotonic() - sent)
@@ -131,14 +133,20 @@ class Claim:
 
         Gives up after timeout_s / 2 of contention (a contender that died mid-claim blocks until its
         record ages out)."""
+        try:
+            return self._acquire()
+        except BaseException:
+            if self._wrote:
+                self._drop()  # a record left "contending" would block the config for timeout_s
+            raise
+
+    def _acquire(self) -> dict | None:
         deadline = time.monotonic() + self.timeout_s / 2
-        wrote = False
         for attempt in range(1000):
             live = self.others(self.records())
             if live and live[0].get("state", HELD) == HELD:
                 break
             if not live:
-                wrote = True
                 sent = self._write(CONTENDING)
                 live = self.others(self.records())  # read only after the server acknowledged our write
                 if not live:
@@ -153,8 +161,8 @@ class Claim:
             # Both claimed at once: the lowest owner id retries first, the others after it.
             first = all(self.me["owner"] < r.get("owner", "") for r in live)
             unit = 2 * self.rtt + self.settle_s * 0.25
-            time.sleep(unit * (random.random() + (0 if first else 1)) * min(1 + attempt // 3, 4))
-        if wrote:
+            time.sleep(unit * (_RANDOM.random() + (0 if first else 1)) * min(1 + attempt // 3, 4))
+        if self._wrote:
             self._drop()
         return live[0] if live else None
 

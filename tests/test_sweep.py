@@ -18,7 +18,8 @@ from pagating.sweep import grid, parse_shard, take_shard
 
 SMALL = ["--set", "train.max_steps=10", "--set", "train.eval_steps=5", "--set", "train.save_steps=5",
          "--set", "train.logging_steps=5", "--set", "train.batch_size=8", "--set", "train.warmup_steps=2",
-         "--set", "train.max_eval_batches=4"]  # 32 blocks spread over the validation split: fast evals
+         "--set", "train.max_eval_batches=4",  # 32 blocks spread over the validation split: fast evals
+         "--set", "sweep.unit=[paGLU]"]  # the default grid adds plain at each lr; these tests count configs
 
 
 @pytest.mark.parametrize("profile", ["sample", "wikitext103"])

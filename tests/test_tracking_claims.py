@@ -87,7 +87,8 @@ def test_live_claim_refused_stale_claim_taken_over(sample_project, mlflow_server
 
 def test_two_sweeps_over_one_grid_share_the_work(sample_project, mlflow_server, tmp_path):
     common = ["sweep", *TINY, "--set", "tracking.experiment_prefix=twosweeps",
-              "--set", "sweep.alpha_mode=[static_0.3, static_0.6]", "--set", "sweep.learning_rate=[1e-3]",
+              "--set", "sweep.unit=[paGLU]", "--set", "sweep.alpha_mode=[static_0.3, static_0.6]",
+              "--set", "sweep.learning_rate=[1e-3]",
               "--set", f"train.output_dir={tmp_path / 'out'}", "--gpus", "none"]
     procs = [launch([*common, "--summary", str(tmp_path / f"s{i}.json")], sample_project, mlflow_server.uri)
              for i in range(2)]
