@@ -168,11 +168,24 @@ class Claim:
 
     # Holding: heartbeat, lease, fence -------------------------------------------------------------
 
-    def start_heartbeat(self, run_id: str) -> None:
+    def start_heartbeat(self) -> None:
+        """Heartbeats from the moment the claim is ours: building the model and reading the data before
+        the run exists can take longer than the lease on a loaded machine."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="pagating-heartbeat", daemon=True)
+            self._thread.start()
+
+    def attach(self, run_id: str) -> None:
+        """The run exists now: our record names it and each heartbeat also marks the run."""
         self.run_id = run_id
         self._beat()
-        self._thread = threading.Thread(target=self._loop, name="pagating-heartbeat", daemon=True)
-        self._thread.start()
+        self.start_heartbeat()
+
+    def renew(self) -> None:
+        """Before creating the run: a lapsed lease is renewed now (read back like a new claim), not waited out."""
+        if not self.lost and not self.lease_ok():
+            self._beat()
+        self.check()
 
     def lease_ok(self) -> bool:
         return self._lease_sent is not None and time.monotonic() - self._lease_sent < self.timeout_s / 2

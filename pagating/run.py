@@ -105,6 +105,7 @@ class TrainingRun:
             raise UserError(f"this config (hash {job.h}) is already being trained by "
                             f"{tracking.describe_claim(held, claim.timeout_s)}: wait for it, or stop that process")
         self.claim = claim
+        claim.start_heartbeat()
         # Read again now that the claim is ours (one may have finished meanwhile); nothing changes them after.
         self._runs = tracking.runs_with_hash(self.mlf, job.exp_id, job.h)
         done = finished_run(self._runs, job.h)
@@ -140,13 +141,13 @@ class TrainingRun:
         if not self.tracks:
             return
         self.n_params = n_params
-        self.claim.check()
+        self.claim.renew()
         skip = self._continue() if self.run_id else self._create(params, n_params, gpu, usd_per_hour)
         self.result["run_id"] = self.run_id
         self.info = {"run_id": self.run_id, "experiment_id": job.exp_id, "config_hash": job.h,
                      "tracking_uri": tracking.mask_uri(job.uri)}
         tracking.write_run_file(self.run_dir, self.info)
-        self.claim.start_heartbeat(self.run_id)
+        self.claim.attach(self.run_id)
         self.spool = tracking.MetricSpool(tracking.spool_path(self.run_dir, self.run_id), self.run_id, job.uri,
                                           skip_until=skip, fence=self.claim.check).start()
         self.uploader = tracking.CheckpointUploader(self.run_id, job.uri, self.run_dir / tracking.STAGING_DIR,

@@ -178,12 +178,13 @@ def test_ten_pairs_through_a_slow_server_one_trainer_each(mlflow_server):
         if claim.acquire() is not None:
             outcome[h, i] = "claimed elsewhere"
             return
+        claim.start_heartbeat()
         try:  # what TrainingRun does once the claim is ours
             if any(r.info.status == "FINISHED" for r in runs_with_hash(mlf, exp_id, h)):
                 outcome[h, i] = "finished elsewhere"
                 return
             run_id = mlf.create_run(exp_id, tags={"pagating.config_hash": h}).info.run_id
-            claim.start_heartbeat(run_id)
+            claim.attach(run_id)
             for step in range(4):
                 claim.check()
                 mlf.log_metric(run_id, "train/loss", 1.0 / (step + 1), step=step)
@@ -219,11 +220,11 @@ def test_ten_pairs_through_a_slow_server_one_trainer_each(mlflow_server):
 
 
 def test_holder_that_lost_its_claim_stops_and_writes_nothing_more(sample_project, mlflow_server, tmp_path):
-    """The holder's heartbeats stop reaching MLflow (held 12 s; its lease is claim_timeout_s / 2 = 5 s) and
+    """The holder's heartbeats stop reaching MLflow (held 20 s; its lease is claim_timeout_s / 2 = 8 s) and
     another host claims the config meanwhile: the holder sends nothing more and says why, in one line."""
     proxy = HoldProxy(mlflow_server.uri, hold=(0.0, 0.0))
     args = ["train", "--max_steps", "3000", "--eval_steps", "1000", "--save_steps", "1000", "--logging_steps", "5",
-            "--batch_size", "8", "--set", "tracking.heartbeat_s=1", "--set", "tracking.claim_timeout_s=10",
+            "--batch_size", "8", "--set", "tracking.heartbeat_s=1", "--set", "tracking.claim_timeout_s=16",
             "--set", "tracking.experiment_prefix=fenced", "--output_dir", str(tmp_path / "o")]
     mlf = MlflowClient(mlflow_server.uri)
     proc = launch(args, sample_project, proxy.uri)
@@ -234,8 +235,8 @@ def test_holder_that_lost_its_claim_stops_and_writes_nothing_more(sample_project
             runs = runs_of(mlf, "fenced")
             run = mlf.get_run(runs[0].info.run_id) if runs else None
         assert run is not None and proc.poll() is None, proc.stderr.read() if proc.poll() is not None else ""
-        proxy.hold = (12.0, 12.0)  # heartbeats from now on take 12 s to be acknowledged
-        time.sleep(7)  # past the lease
+        proxy.hold = (20.0, 20.0)  # heartbeats from now on take 20 s to be acknowledged
+        time.sleep(11)  # past the lease
         before = {k: len(mlf.get_metric_history(run.info.run_id, k)) for k in mlf.get_run(run.info.run_id).data.metrics}
         h = run.data.tags["pagating.config_hash"]
         mlf.set_experiment_tag(run.info.experiment_id, f"pagating.claim.{h}.other", json.dumps(

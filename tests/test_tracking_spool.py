@@ -139,7 +139,8 @@ def test_outage_spanning_the_end_of_training(sample_project, tmp_path):
     server = MlflowServer(tmp_path / "srv").start()
     try:
         env = {**os.environ, "MLFLOW_TRACKING_URI": server.uri}
-        common = ["train", "--max_steps", "60", "--logging_steps", "5", "--eval_steps", "20", "--save_steps", "20",
+        # Long enough that the later of the two starts (imports on a loaded box) still finds the first training.
+        common = ["train", "--max_steps", "150", "--logging_steps", "5", "--eval_steps", "50", "--save_steps", "50",
                   "--batch_size", "8", "--set", "train.max_eval_batches=2", "--set", "tracking.retry_max_s=1"]
         procs = {
             name: subprocess.Popen([sys.executable, "-m", "pagating.cli", *common, "--seed", seed, "--output_dir",
@@ -160,7 +161,7 @@ def test_outage_spanning_the_end_of_training(sample_project, tmp_path):
         assert procs["short"].returncode == 0, err[-3000:]
         assert procs["long"].poll() is None  # still waiting for the server, within its budget
         said = [ln for ln in err.splitlines() if "pagating sync" in ln]
-        assert len(said) == 1 and "model/" in said[0] and "checkpoint step 60" in said[0], err[-3000:]
+        assert len(said) == 1 and "model/" in said[0] and "checkpoint step 150" in said[0], err[-3000:]
         short = json.loads(out.strip().splitlines()[-1])
         server.start()
         out, err = procs["long"].communicate(timeout=600)
@@ -173,12 +174,12 @@ def test_outage_spanning_the_end_of_training(sample_project, tmp_path):
         for run_id in (short["run_id"], long_id):
             run = mlf.get_run(run_id)
             assert run.info.status == "FINISHED"
-            assert [m.step for m in mlf.get_metric_history(run_id, "train/loss")] == list(range(5, 61, 5))
+            assert [m.step for m in mlf.get_metric_history(run_id, "train/loss")] == list(range(5, 151, 5))
             assert "final/eval_loss" in run.data.metrics
             model_id = run_model_id(mlf, run)  # the final model, logged as the run's MLflow model
             assert model_id and str(mlf.get_logged_model(model_id).status) == "READY"
             pointer = mlf.download_artifacts(run_id, "checkpoints/latest.json", str(tmp_path / run_id))
-            assert json.loads(open(pointer).read())["step"] == 60
+            assert json.loads(open(pointer).read())["step"] == 150
         assert not list((tmp_path / "short").rglob("pagating_pending.json"))
     finally:
         server.stop()
