@@ -10,8 +10,11 @@ timing assumption: whichever record the server committed second was committed be
 read, which then sees the other one. When both see each other both withdraw and retry after a
 random wait scaled by the measured write round trip (the lower owner id first), so one gets through.
 
-A record is live while its heartbeat (`t`, written by its owner) is younger than `timeout_s` and, on
-the same host, its pid runs. The holder's lease is its own clock's view of that: it writes nothing
+A record is live while its heartbeat (`t`, written by its owner) is younger than the longer of the
+reader's and the holder's `timeout_s` (a launcher set to a shorter timeout cannot cut a valid lease) and,
+in the same boot and pid namespace of the same host, its pid runs with the start time it recorded (a pid
+reused after a reboot or seen from another container with the same hostname proves nothing).
+The holder's lease is its own clock's view of that: it writes nothing
 into the run once its last acknowledged heartbeat was sent more than `timeout_s / 2` ago (a server
 outage), until a fresh heartbeat, read back like a new claim, shows nobody claimed meanwhile; a
 taker waits a full `timeout_s` by the record's clock, so clocks may differ by up to `timeout_s / 2`.
@@ -26,6 +29,7 @@ import socket
 import threading
 import time
 import uuid
+from pathlib import Path
 
 from pagating.config import UserError
 
@@ -46,6 +50,23 @@ def host_tag() -> str:
     return socket.gethostname()
 
 
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text().strip() if not path.startswith("/proc/self/ns/") else os.readlink(path)
+    except OSError:
+        return ""
+
+
+def process_identity(pid: int | None = None) -> dict:
+    """What tells this process apart from a later one with the same pid: the kernel's boot id, the pid
+    namespace and the process's start time (psutil create_time)."""
+    import psutil
+
+    boot = _read("/proc/sys/kernel/random/boot_id") or f"{psutil.boot_time():.0f}"
+    return {"boot": boot, "pidns": _read("/proc/self/ns/pid"),
+            "start": round(psutil.Process(pid).create_time(), 2)}
+
+
 class Claim:
     """Who trains a config right now (see the module's doc for why it is safe)."""
 
@@ -54,7 +75,8 @@ class Claim:
         self.mlf, self.exp_id, self.config_hash = mlf, exp_id, config_hash
         self.base = PREFIX + config_hash
         self.settle_s, self.timeout_s, self.heartbeat_s = settle_s, timeout_s, heartbeat_s
-        self.me = {"owner": uuid.uuid4().hex, "host": host_tag(), "pid": os.getpid()}
+        self.me = {"owner": uuid.uuid4().hex, "host": host_tag(), "pid": os.getpid(), "timeout_s": timeout_s,
+                   **process_identity()}
         self.key = f"{self.base}.{self.me['owner'][:16]}"
         self.run_id: str | None = None
         self.lost: str | None = None  # why the claim is no longer ours, once found
@@ -89,12 +111,24 @@ class Claim:
     def is_live(self, claim: dict | None) -> bool:
         if not claim or claim.get("released") or claim.get("state") == WITHDRAWN:
             return False
-        if claim.get("host") == host_tag() and claim.get("pid"):
-            import psutil
+        if claim.get("host") == host_tag() and claim.get("pid") and not self._pid_may_run(claim):
+            return False
+        return time.time() - float(claim.get("t", 0)) < record_timeout(claim, self.timeout_s)
 
-            if not psutil.pid_exists(int(claim["pid"])):
-                return False
-        return time.time() - float(claim.get("t", 0)) < self.timeout_s
+    def _pid_may_run(self, claim: dict) -> bool:
+        """False only when the record's process is surely gone; a pid of another boot or pid namespace
+        (same hostname: a rebooted box, a container) cannot be looked up here, so only the heartbeat counts."""
+        import psutil
+
+        if any(claim.get(k) and claim[k] != self.me[k] for k in ("boot", "pidns")):
+            return True
+        try:
+            started = psutil.Process(int(claim["pid"])).create_time()
+        except (psutil.NoSuchProcess, ValueError):
+            return False
+        except psutil.Error:  # exists but cannot be inspected (another user's): take it as running
+            return True
+        return claim.get("start") is None or abs(started - float(claim["start"])) < 1.0  # else the pid was reused
 
     def others(self, records: dict[str, dict]) -> list[dict]:
         """Live records of other processes, holders first."""
@@ -201,8 +235,10 @@ class Claim:
     def _lose(self, why: str) -> None:
         if not self.lost:
             # Said once, by whoever raises ClaimLost with it (the CLI prints it as its one line).
+            wrote = (f"writes nothing more into run {self.run_id}" if self.run_id
+                     else "creates no run for it (it had made none yet)")
             self.lost = (f"stopped training: the claim on config {self.config_hash} is no longer ours ({why}); "
-                         f"this process writes nothing more into run {self.run_id}")
+                         f"this process {wrote}")
 
     def _beat(self) -> None:
         with self._lock:
@@ -248,8 +284,17 @@ class Claim:
                 self._drop()  # only ever our own record
 
 
+def record_timeout(claim: dict, timeout_s: float) -> float:
+    """How long a record stays live without a heartbeat: the longer of ours and the one its holder runs
+    its lease on (records of older versions carry none)."""
+    try:
+        return max(timeout_s, float(claim.get("timeout_s") or 0))
+    except (TypeError, ValueError):
+        return timeout_s
+
+
 def describe_claim(claim: dict, timeout_s: float) -> str:
     age = time.time() - float(claim.get("t", 0))
     doing = "claiming it now" if claim.get("state") == CONTENDING else f"run {claim.get('run_id') or 'starting'}"
     return (f"{claim.get('host')} pid {claim.get('pid')} ({doing}, heartbeat {age:.0f}s ago; taken over after "
-            f"{timeout_s:.0f}s without one)")
+            f"{record_timeout(claim, timeout_s):.0f}s without one)")

@@ -254,3 +254,53 @@ def test_holder_that_lost_its_claim_stops_and_writes_nothing_more(sample_project
     after = mlf.get_run(run.info.run_id)
     assert after.info.status == "RUNNING"  # not ended by the process that lost it: the new holder continues it
     assert {k: len(mlf.get_metric_history(run.info.run_id, k)) for k in after.data.metrics} == before
+
+
+def test_a_shorter_timeout_cannot_take_over_a_holder_whose_lease_is_valid(mlflow_server):
+    """The holder runs on claim_timeout_s=120 and beat 40 s ago; a launcher set to 30 s waits for the holder's
+    120 s, not its own, before it may take the config (records carry their holder's timeout_s)."""
+    from pagating.tracking import Claim
+
+    mlf = MlflowClient(mlflow_server.uri)
+    exp_id = mlf.create_experiment("timeouts-sample")
+    holder = Claim(mlf, exp_id, "cfgtimeout", settle_s=0.2, timeout_s=120, heartbeat_s=60)
+    assert holder.acquire() is None
+    key, = [k for k in mlf.get_experiment(exp_id).tags if k.startswith("pagating.claim.cfgtimeout.")]
+    record = json.loads(mlf.get_experiment(exp_id).tags[key])
+    assert record["timeout_s"] == 120
+    mlf.set_experiment_tag(exp_id, key, json.dumps(record | {"t": time.time() - 40, "host": "gpu-box-3"}))
+    try:
+        short = Claim(mlf, exp_id, "cfgtimeout", settle_s=0.2, timeout_s=30, heartbeat_s=5)
+        held = short.acquire()
+        assert held is not None and held["owner"] == holder.me["owner"], held
+        mlf.set_experiment_tag(exp_id, key, json.dumps(record | {"t": time.time() - 130, "host": "gpu-box-3"}))
+        later = Claim(mlf, exp_id, "cfgtimeout", settle_s=0.2, timeout_s=30, heartbeat_s=5)
+        assert later.acquire() is None  # past the holder's own timeout: taken over
+        later.release()
+    finally:
+        holder.release()
+
+
+def test_same_host_liveness_knows_a_reused_pid(mlflow_server):
+    """On this host a record's pid counts only in the same boot and pid namespace, with the start time it
+    recorded: a reused pid is not a live holder, a pid of another boot or container is judged by heartbeat."""
+    import psutil
+
+    from pagating.claim import Claim, host_tag
+
+    claim = Claim(MlflowClient(mlflow_server.uri), "0", "cfgpid", timeout_s=60)
+    me = claim.me
+    assert me["boot"] and me["start"] == pytest.approx(psutil.Process().create_time(), abs=0.02)
+    fresh = {"owner": "x", "host": host_tag(), "t": time.time(), "state": "held", "boot": me["boot"],
+             "pidns": me["pidns"]}
+    assert claim.is_live(fresh | {"pid": os.getpid(), "start": me["start"]})
+    # This pid runs, but it is not the process that wrote the record (started 1000 s earlier): gone.
+    assert not claim.is_live(fresh | {"pid": os.getpid(), "start": me["start"] - 1000})
+    unused = max(psutil.pids()) + 100_000
+    assert not claim.is_live(fresh | {"pid": unused, "start": me["start"]})
+    # Written before a reboot, or from another pid namespace with this hostname: its pid means nothing
+    # here, so a fresh heartbeat keeps it live and an old one does not.
+    for other in ({"boot": "another-boot"}, {"pidns": "pid:[1]"}):
+        assert claim.is_live(fresh | {"pid": unused, "start": 1.0} | other)
+        assert claim.is_live(fresh | {"pid": os.getpid(), "start": 1.0} | other)
+        assert not claim.is_live(fresh | {"pid": unused, "t": time.time() - 61} | other)
