@@ -147,8 +147,22 @@ def require_admin(uri: str, what: str) -> None:
 
 
 def experiment_id(mlf, cfg: dict) -> str:
-    """The profile's experiment (`pagating-<profile>`), created or restored as needed."""
+    """The profile's experiment (`pagating-<profile>`), created or restored as needed. A user the server
+    refuses that (the GPU user of `pagating server`: no experiment of its own, none it was not granted)
+    gets one line naming `pagating grant`, before any run exists."""
     name = experiment_name(cfg)
+    try:
+        return _experiment_id(mlf, name)
+    except Exception as exc:
+        if not _denied(exc):
+            raise
+        user = os.environ.get("MLFLOW_TRACKING_USERNAME") or "this user"
+        raise UserError(f"{mask_uri(mlf.tracking_uri)} does not let {user!r} use experiment {name} (the GPU user "
+                        f"only logs into experiments an admin made and granted): have the admin run "
+                        f"`pagating grant --experiment {name}`, then run again") from None
+
+
+def _experiment_id(mlf, name: str) -> str:
     exp = mlf.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
@@ -158,8 +172,19 @@ def experiment_id(mlf, cfg: dict) -> str:
         return exp.experiment_id
     try:
         return mlf.create_experiment(name, tags=EXPERIMENT_KIND)
-    except Exception:  # created by a concurrent process in the meantime
-        return mlf.get_experiment_by_name(name).experiment_id
+    except Exception:  # created by a concurrent process in the meantime, else the create's own error
+        exp = mlf.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def _denied(exc: BaseException) -> bool:
+    """MLflow's answer for a user without the permission (HTTP 403, PERMISSION_DENIED)."""
+    from mlflow.exceptions import MlflowException
+
+    return isinstance(exc, MlflowException) and (exc.get_http_status_code() == 403
+                                                 or exc.error_code == "PERMISSION_DENIED")
 
 
 def runs_with_hash(mlf, exp_id: str, config_hash: str) -> list:

@@ -212,6 +212,37 @@ def test_training_run_with_gpu_user_credentials_is_logged(auth_server, sample_pr
     assert GPU_PW not in ok.stdout + ok.stderr
 
 @pytest.mark.slow
+def test_gpu_user_training_into_an_ungranted_experiment_is_one_line(auth_server, sample_project, tmp_path):
+    """As the GPU user, `pagating train` into an experiment that does not exist (it may not create it) or
+    that exists but was not granted: one line naming `pagating grant`, exit 2, no run, nothing written."""
+    from conftest import run_cli
+    from mlflow import MlflowClient
+
+    env = {"MLFLOW_TRACKING_URI": auth_server.uri, "MLFLOW_TRACKING_USERNAME": "gpu-runner",
+           "MLFLOW_TRACKING_PASSWORD": GPU_PW}
+    admin = {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": ADMIN_PW}
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in admin.items():
+            mp.setenv(k, v)
+        MlflowClient(auth_server.uri).create_experiment("ungranted-sample")  # the admin's, not granted
+    for prefix in ("nosuch", "ungranted"):
+        out = tmp_path / prefix
+        proc = run_cli(["train", "--output_dir", str(out), "--max_steps", "2", "--set",
+                        f"tracking.experiment_prefix={prefix}"], cwd=sample_project, env=env)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+        assert f"`pagating grant --experiment {prefix}-sample`" in lines[0] and "'gpu-runner'" in lines[0], lines
+        assert GPU_PW not in proc.stderr and not out.exists()
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in admin.items():
+            mp.setenv(k, v)
+        mlf = MlflowClient(auth_server.uri)
+        assert mlf.get_experiment_by_name("nosuch-sample") is None
+        exp_id = mlf.get_experiment_by_name("ungranted-sample").experiment_id
+        assert mlf.search_runs([exp_id]) == []
+
+
+@pytest.mark.slow
 def test_auth_config_file(auth_server):
     ini = Path(auth_server.auth_config_path)
     assert stat.S_IMODE(ini.stat().st_mode) == 0o600
