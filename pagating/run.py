@@ -77,9 +77,9 @@ class TrainingRun:
     # Entering: the claim, then what to resume ----------------------------------------------------
 
     def __enter__(self) -> TrainingRun:
-        if self.tracks:
-            self.outcome = self._claim()
-        try:
+        try:  # the claim too: an error right after acquire must not leave it held and beating
+            if self.tracks:
+                self.outcome = self._claim()
             if self.outcome is None:
                 self._find_resume()
         except BaseException:
@@ -104,7 +104,7 @@ class TrainingRun:
                 return {"status": "claimed", "config_hash": job.h, "run_id": held.get("run_id"), "run_dir": run_dir}
             raise UserError(f"this config (hash {job.h}) is already being trained by "
                             f"{tracking.describe_claim(held, claim.timeout_s)}: wait for it, or stop that process")
-        self.claim = claim
+        self.claim = claim  # set before anything else can fail: __enter__ releases it then
         claim.start_heartbeat()
         # Read again now that the claim is ours (one may have finished meanwhile); nothing changes them after.
         self._runs = tracking.runs_with_hash(self.mlf, job.exp_id, job.h)

@@ -304,3 +304,38 @@ def test_same_host_liveness_knows_a_reused_pid(mlflow_server):
         assert claim.is_live(fresh | {"pid": unused, "start": 1.0} | other)
         assert claim.is_live(fresh | {"pid": os.getpid(), "start": 1.0} | other)
         assert not claim.is_live(fresh | {"pid": unused, "t": time.time() - 61} | other)
+
+
+def test_an_error_right_after_the_claim_releases_it(mlflow_server, tmp_path, monkeypatch):
+    """The server fails the read that follows a won claim: the error goes up, the record is gone and the
+    heartbeat thread stopped (the claim was taken outside the cleanup before)."""
+    import threading
+
+    from pagating import tracking
+    from pagating.run import Job, TrainingRun
+
+    mlf = MlflowClient(mlflow_server.uri)
+    exp_id = mlf.create_experiment("enter-error-sample")
+    cfg = {"tracking": {"claim_settle_s": 0.2, "claim_timeout_s": 60, "heartbeat_s": 0.2, "drain_timeout_s": 5}}
+    job = Job(cfg=cfg, rank=0, world=1, meta={}, uri=mlflow_server.uri, h="cfgenter", run_dir=tmp_path / "o",
+              device="cpu", precision="fp32", n_threads=1, mlf=mlf, exp_id=exp_id, parent_run_id=None)
+    reads = []
+
+    def runs_with_hash(*args):
+        reads.append(args)
+        if len(reads) > 1:
+            raise ConnectionError("server gone after the claim")
+        return []
+
+    monkeypatch.setattr(tracking, "runs_with_hash", runs_with_hash)
+    run = TrainingRun(job, name="x")
+    with pytest.raises(ConnectionError, match="after the claim"):
+        with run:
+            pytest.fail("entered")
+    assert len(reads) == 2 and run.claim is not None
+    assert not any(t.name == "pagating-heartbeat" and t.is_alive() for t in threading.enumerate())
+    assert not [k for k in mlf.get_experiment(exp_id).tags if k.startswith("pagating.claim.")]
+    # A claim lost before its run exists says so, not "writes nothing more into run None".
+    lost = tracking.Claim(mlf, exp_id, "cfgenter")
+    lost._lose("another host holds it")
+    assert "run None" not in lost.lost and "creates no run for it" in lost.lost, lost.lost
