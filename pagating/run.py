@@ -164,9 +164,11 @@ class TrainingRun:
         self.made_run = True
         # Lines the interrupted process spooled but never sent go first; only then is "already
         # logged" known, and the resumed run skips exactly those steps.
-        leftover = tracking.MetricSpool(tracking.spool_path(self.run_dir, self.run_id), self.run_id, self.job.uri)
+        leftover = tracking.MetricSpool(tracking.spool_path(self.run_dir, self.run_id), self.run_id, self.job.uri,
+                                        fence=self.claim.check)  # fenced like every other write into the run
         leftover.drain(120.0)  # returns at once when nothing is pending
         leftover.close()
+        self.claim.check()  # drain stops quietly when the claim is lost: that ends the run here
         return tracking.last_steps(self.mlf, self.run_id)
 
     def _create(self, params: dict[str, Any], n_params: int, gpu: str, usd_per_hour: float | None) -> dict:
@@ -178,6 +180,7 @@ class TrainingRun:
         md5 = data_md5()
         run = self.mlf.create_run(job.exp_id, run_name=self.name, tags=self._tags(n_params, gpu, usd_per_hour, md5))
         self.run_id, self.made_run = run.info.run_id, True
+        self.claim.check()  # creating took long enough for the lease to lapse: no more writes then
         items = [Param(k, str(v)) for k, v in sorted(params.items())]
         for i in range(0, len(items), 100):
             self.mlf.log_batch(self.run_id, params=items[i:i + 100])
@@ -216,8 +219,13 @@ class TrainingRun:
                                           compile_watch=self.compile_watch, claim=self.claim, **measures)]
 
     def log_text(self, text: str, name: str) -> None:
-        """A small artifact, uploaded now (retried while the server is away)."""
-        tracking.retry(lambda: self.mlf.log_text(self.run_id, text, name), f"upload {name}")
+        """A small artifact, uploaded now (retried while the server is away; never once the claim is lost)."""
+        def send():
+            if self.claim is not None:
+                self.claim.check()
+            self.mlf.log_text(self.run_id, text, name)
+
+        tracking.retry(send, f"upload {name}", transient=lambda exc: not isinstance(exc, tracking.ClaimLost))
 
     # Leaving: drain, finish, close --------------------------------------------------------------
 

@@ -339,3 +339,28 @@ def test_an_error_right_after_the_claim_releases_it(mlflow_server, tmp_path, mon
     lost = tracking.Claim(mlf, exp_id, "cfgenter")
     lost._lose("another host holds it")
     assert "run None" not in lost.lost and "creates no run for it" in lost.lost, lost.lost
+
+
+def test_log_text_and_the_leftover_spool_are_fenced(mlflow_server, tmp_path):
+    """Once the claim is lost, neither an artifact upload (TrainingRun.log_text) nor the interrupted
+    process's leftover spool (drained when a run is continued) reaches the run."""
+    from pagating import tracking
+    from pagating.run import Job, TrainingRun
+
+    mlf = MlflowClient(mlflow_server.uri)
+    exp_id = mlf.create_experiment("fence-writes-sample")
+    run_id = mlf.create_run(exp_id).info.run_id
+    cfg = {"tracking": {"claim_settle_s": 0.2, "claim_timeout_s": 60, "heartbeat_s": 30, "drain_timeout_s": 5}}
+    job = Job(cfg=cfg, rank=0, world=1, meta={}, uri=mlflow_server.uri, h="cfgfence", run_dir=tmp_path, device="cpu",
+              precision="fp32", n_threads=1, mlf=mlf, exp_id=exp_id, parent_run_id=None)
+    run = TrainingRun(job, name="x")
+    run.run_id, run.claim = run_id, tracking.Claim(mlf, exp_id, "cfgfence")
+    run.claim._lose("gpu-box-9 pid 7 holds it")
+    with pytest.raises(tracking.ClaimLost):
+        run.log_text("{}", "optimizer_groups.json")
+    spool = tracking.MetricSpool(tracking.spool_path(tmp_path, run_id), run_id, mlflow_server.uri)
+    spool.log({"train/loss": 2.5}, step=3)
+    spool.close()
+    with pytest.raises(tracking.ClaimLost):
+        run._continue()
+    assert mlf.list_artifacts(run_id) == [] and mlf.get_metric_history(run_id, "train/loss") == []
