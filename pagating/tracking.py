@@ -65,8 +65,8 @@ def tracking_uri(cfg: dict | None = None) -> str:
 
 
 def check_no_credentials(uri: str) -> None:
-    """UserError when a tracking URI carries credentials (user:password@ or token@)."""
-    if uri.startswith(("http://", "https://")) and mask_uri(uri) != uri:
+    """UserError when a tracking URI carries credentials (user:password@, token@, or masked ones)."""
+    if uri.startswith(("http://", "https://")) and "@" in urlsplit(uri).netloc:
         raise UserError(f"MLFLOW_TRACKING_URI carries credentials ({mask_uri(uri)}): give the server without them "
                         f"({strip_credentials(uri)}) and put them in MLFLOW_TRACKING_USERNAME and "
                         f"MLFLOW_TRACKING_PASSWORD (MLflow prints the URI in its logs)")
@@ -863,6 +863,7 @@ def sync(output_dir: str | Path, timeout_s: float = 120.0) -> int:
         uri = os.environ.get("MLFLOW_TRACKING_URI") or (read_run_file(run_dir) or {}).get("tracking_uri")
         if not uri:
             raise UserError("set MLFLOW_TRACKING_URI to the server the run logged to")
+        check_no_credentials(uri)  # log_model's own "View run ... at:" line would print it
         check_server(uri)
         spool = MetricSpool(spool_path(run_dir, run_id), run_id, uri)
         remaining = spool.drain(timeout_s)

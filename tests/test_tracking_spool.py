@@ -83,6 +83,28 @@ def test_sync_pushes_a_leftover_spool(sample_project, tmp_path):
         server.stop()
 
 
+def test_sync_refuses_a_uri_with_credentials(tmp_path, monkeypatch):
+    """sync ends in log_model, whose MLflow "View run ... at:" line prints the tracking URI: one with a
+    password in it (from the environment or the run file) is refused before anything is sent."""
+    from pagating.config import UserError
+    from pagating.tracking import MetricSpool, spool_path, sync, write_run_file
+
+    out = tmp_path / "out"
+    write_run_file(out, {"run_id": "r1", "tracking_uri": "http://gpu-runner:run-file-pw@127.0.0.1:9"})
+    spool = MetricSpool(spool_path(out, "r1"), "r1", "http://127.0.0.1:9")
+    spool.log({"train/loss": 1.0}, 1)
+    spool.close()
+    for env in ("http://gpu-runner:env-pw-123@127.0.0.1:9", None):
+        if env:
+            monkeypatch.setenv("MLFLOW_TRACKING_URI", env)
+        else:
+            monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        with pytest.raises(UserError, match="carries credentials") as err:
+            sync(out, timeout_s=1)
+        assert "MLFLOW_TRACKING_PASSWORD" in str(err.value)
+        assert "env-pw-123" not in str(err.value) and "run-file-pw" not in str(err.value)
+
+
 def test_resume_sends_the_killed_process_spool_first(sample_project, tmp_path):
     """Killed while the server was down: its spool holds steps past the checkpoint. Resuming in the
     same output dir sends those first and re-logs none of them."""
