@@ -9,8 +9,10 @@ Which runs: the run ids of `reports/sweep.json` (written by `pagating sweep`; it
 satisfied by a finished run outside the sweep's parent), else the FINISHED children of the sweep's
 parent run (`--sweep-id`, or the newest run tagged `pagating.role=sweep` in `pagating-<profile>`).
 
-The statistics (configs over seeds, chosen on validation, judged on test) are pagating.stats'; the
-figures pagating.report_plots'; the plan-vs-measured table pagating.report_perf's.
+The statistics (configs over seeds, chosen on validation, judged on test) and their "Does gating help?"
+section are pagating.stats'; the figures pagating.report_plots' (a figure without data is not written
+or linked); the plan-vs-measured table pagating.report_perf's. Runs left out of the statistics (no
+whole-split `final/eval_loss`, or a seed run twice in one config) are listed under "Not ranked".
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import json
 import math
 import re
 import statistics
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -165,7 +168,9 @@ def _float(value: Any) -> float | None:
 
 
 def collect(mlf, name: str, run) -> dict[str, Any] | None:
-    """One run's figures from MLflow; None when it never evaluated."""
+    """One run's figures from MLflow; None without `final/eval_loss`. The intermediate `eval/loss` is no
+    stand-in: on the sample profile it is a subset of validation (eval.subset_blocks), and ranking it
+    beside whole-split losses would mix two measures."""
     from pagating.flops import flops_per_token
     from pagating.stats import config_label
 
@@ -173,11 +178,11 @@ def collect(mlf, name: str, run) -> dict[str, Any] | None:
     h = {key: _history(mlf, rid, key) for key in
          ("eval/loss", "eval/ppl", "perf/step_time_s", "perf/tokens_per_s", "perf/mfu")}
     h["gpu_util"] = gpu_util_history(mlf, rid, metrics)
-    if not h["eval/loss"] and "final/eval_loss" not in metrics:
+    if "final/eval_loss" not in metrics:
         return None
     losses = [v for _, v in h["eval/loss"]]
-    best = metrics.get("best/eval_loss", min(losses) if losses else None)
-    final = metrics.get("final/eval_loss", losses[-1] if losses else None)
+    final = metrics["final/eval_loss"]
+    best = metrics.get("best/eval_loss", min(losses, default=final))
     ppls = [v for _, v in h["eval/ppl"]]
     # α trajectory: the mean over layers at each step all layers were logged.
     layers = sorted(k for k in metrics if k.startswith("alpha/layer_"))
@@ -206,6 +211,7 @@ def collect(mlf, name: str, run) -> dict[str, Any] | None:
     return {
         "config": config_label(unit, mode, num["train.learning_rate"]) if unit != "?" else name,
         "name": name, "run_id": rid, "config_hash": tags.get("pagating.config_hash", ""),
+        "start_time": run.info.start_time,
         "seed": as_int["train.seed"], "n_params": as_int["model.n_params"], "d_ff": as_int["model.d_ff"],
         "flops_per_token": fpt, "alpha_mode": mode, "unit": unit, "learning_rate": num["train.learning_rate"],
         "max_steps": as_int["train.max_steps"] or None, "batch_size": as_int["train.batch_size"],
@@ -215,7 +221,7 @@ def collect(mlf, name: str, run) -> dict[str, Any] | None:
         "best_eval_loss": best, "final_eval_loss": final,
         "first_eval_loss": losses[0] if losses else None,
         "best_eval_ppl": min(ppls) if ppls else (math.exp(min(best, 50.0)) if best is not None else None),
-        "final_eval_ppl": metrics.get("final/eval_ppl", ppls[-1] if ppls else None),
+        "final_eval_ppl": metrics.get("final/eval_ppl", math.exp(min(final, 50.0))),
         "s_per_step": steady_mean(h["perf/step_time_s"]),
         "tokens_per_s": steady_mean(h["perf/tokens_per_s"], harmonic=True),
         "gpu_util_pct": steady_mean(h["gpu_util"]), "cost_usd": cost, "mfu": steady_mean(h["perf/mfu"]),
@@ -223,94 +229,24 @@ def collect(mlf, name: str, run) -> dict[str, Any] | None:
     }
 
 
-# Does gating help? (pagating.stats computes; this writes it down) ----------------------------
+# Does gating help? (pagating.stats computes it and writes its section) ------------------------
 
 def gating(rows: list[dict]) -> dict[str, Any]:
+    """Configs, comparisons, verdict; `dropped`: the (row, why) its statistics leave out."""
     from pagating import stats
 
     groups = stats.group(rows)
     comparisons = stats.compare(groups)
     return {"groups": groups, "comparisons": comparisons, "verdict": stats.verdict(groups, comparisons),
-            "best": groups[0]}
-
-
-def _pm(mean: float | None, half: float | None) -> str:
-    if mean is None:
-        return "n/a"
-    return f"{mean:.4f}" if half is None else f"{mean:.4f} ± {half:.4f}"
-
-
-def _spread(values: dict[int, float]) -> str:
-    """With too few seeds for a CI a reader still sees how far apart the seeds landed."""
-    if len(values) < 2:
-        return ""
-    return f" (seeds {min(values.values()):.4f}–{max(values.values()):.4f})"
-
-
-def _cmp_cell(c: dict) -> str:
-    from pagating.stats import MIN_SEEDS
-
-    if c["diff_mean"] is None:
-        return "no common seeds"
-    text = f"{c['diff_mean']:+.4f}" + ("" if c["diff_ci95"] is None else f" ± {c['diff_ci95']:.4f}")
-    if c["p"] is None:
-        lo, hi = c["range"]
-        spread = f"seeds {lo:+.4f} to {hi:+.4f}; " if c["n"] > 1 else ""
-        return f"{text} ({spread}no p: {c['n']} seed{'s' if c['n'] != 1 else ''} < {MIN_SEEDS})"
-    return f"{text} (p={c['p']:.3g}, Holm {c['p_holm']:.3g}, {c['n']} seeds)"
-
-
-def gating_md(gate: dict[str, Any]) -> str:
-    from pagating.stats import MIN_SEEDS
-
-    out = io.StringIO()
-    w = out.write
-    groups, cmps = gate["groups"], gate["comparisons"]
-    w("## Does gating help?\n\n")
-    w("Configs ranked by mean validation loss (`final/eval_loss`, the evaluation of the saved weights); the test "
-      "split (`test/loss`) judges. Mean over seeds ± the half-width of its 95% t interval.\n\n")
-    w("| # | config | unit | α mode | lr | params | FLOPs/token | seeds | validation loss | test loss |\n"
-      "|---:|---|---|---|---:|---:|---:|---:|---:|---:|\n")
-    for i, g in enumerate(groups, 1):
-        label = f"{g['config']} (baseline)" if g["plain"] else g["config"]
-        lr = "n/a" if g["learning_rate"] is None else f"{g['learning_rate']:g}"
-        params = f"{g['n_params']:,}" if g["n_params"] else "n/a"
-        fpt = f"{g['flops_per_token']:.4g}" if g["flops_per_token"] else "n/a"
-        val = _pm(g["val_mean"], g["val_ci95"]) + ("" if len(g["seeds"]) >= MIN_SEEDS else _spread(g["val"]))
-        test = _pm(g["test_mean"], g["test_ci95"]) + ("" if len(g["seeds"]) >= MIN_SEEDS else _spread(g["test"]))
-        w(f"| {i} | {label} | {g['unit']} | {'-' if g['plain'] else g['alpha_mode']} | {lr} | {params} | {fpt} "
-          f"| {len(g['seeds'])} | {val} | {test} |\n")
-    if not any(g["plain"] for g in groups):
-        w("\nNo `plain` run (GPT-2's own MLP) in this sweep: add `sweep.unit: [paGLU, plain]` for a baseline.\n")
-    if cmps:
-        w("\n### Against the baseline\n\nconfig − baseline over the seeds both ran (negative: lower loss than the "
-          "baseline), ± its 95% CI; the paired t-test's two-sided p and Holm's correction over the comparisons of "
-          "that split. Each gated config meets the baseline at its own lr and the baseline at the baseline's best "
-          "lr (on validation).\n\n| config | baseline | params | test: diff | validation: diff |\n"
-          "|---|---|---|---:|---:|\n")
-        by_pair: dict[tuple, dict] = {}
-        for c in cmps:
-            by_pair.setdefault((c["config"], c["baseline"], c["kind"]), {})[c["split"]] = c
-        for (config, base, kind), pair in by_pair.items():
-            c = pair["test"]
-            gap = "n/a" if c["param_gap"] is None else (f"matched ({c['param_gap']:.2%} apart)" if c["matched"]
-                                                        else f"**unmatched**: {c['param_gap']:.1%} apart")
-            w(f"| {config} | {base} ({kind}) | {gap} | {_cmp_cell(c)} | {_cmp_cell(pair['val'])} |\n")
-        if any(c["p"] is None and c["n"] for c in cmps):
-            w(f"\nNo p-value from fewer than {MIN_SEEDS} seeds: one seed has no spread to test a difference "
-              "against, and with 2 a paired test has one degree of freedom, so its p-value swings with every seed; "
-              "the per-seed spread is shown instead. Add `sweep.seed: [1, 2, 3]`.\n")
-        if any(c["matched"] is False for c in cmps):
-            w("\n**Unmatched arms**: the gated config and the baseline differ by more than 2% in parameters, so a "
-              "difference mixes gating with size; `model.param_matched: true` (the default) equalises them.\n")
-    w("\n")
-    return out.getvalue()
+            "best": groups[0], "dropped": [d for g in groups for d in g["dropped"]]}
 
 
 def _num(x: float | None) -> float | None:
     return None if x is None else float(f"{x:.6g}")  # fixed precision: identical bytes on every re-run
 
 
+PLOT_TITLES = {"eval_loss": "validation loss vs step", "final_eval_loss": "final loss, mean ± 95% CI",
+               "alpha": "α trajectories", "perf": "speed per run"}
 RUN_KEYS = ("best_eval_loss", "final_eval_loss", "first_eval_loss", "best_eval_ppl", "final_eval_ppl",
             "s_per_step", "tokens_per_s", "gpu_util_pct", "cost_usd", "mfu")
 
@@ -320,14 +256,14 @@ def metrics_doc(rows: list[dict], gate: dict[str, Any]) -> dict[str, Any]:
     its losses and speed (`runs`, for `dvc metrics diff`)."""
     groups = [{"config": g["config"], "unit": g["unit"], "alpha_mode": g["alpha_mode"],
                "learning_rate": g["learning_rate"], "n_params": g["n_params"],
-               "flops_per_token": _num(g["flops_per_token"]), "seeds": g["seeds"],
+               "flops_per_token": _num(g["flops_per_token"]), "seeds": g["seeds"], "test_seeds": g["test_seeds"],
                "val_mean": _num(g["val_mean"]), "val_ci95": _num(g["val_ci95"]),
                "test_mean": _num(g["test_mean"]), "test_ci95": _num(g["test_ci95"]),
                "run_ids": [r["run_id"] for r in sorted(g["runs"], key=lambda r: (r["seed"] is None, r["seed"]))]}
               for g in gate["groups"]]
     comparisons = [{"config": c["config"], "baseline": c["baseline"], "kind": c["kind"], "split": c["split"],
                     "diff_mean": _num(c["diff_mean"]), "diff_ci95": _num(c["diff_ci95"]), "p": _num(c["p"]),
-                    "p_holm": _num(c.get("p_holm")), "n": c["n"], "matched": c["matched"]}
+                    "p_holm": _num(c.get("p_holm")), "n": c["n"], "matched": c["matched"], "p_note": c["p_note"]}
                    for c in gate["comparisons"]]
     runs = {r["name"]: {k: _num(r[k]) for k in RUN_KEYS if r[k] is not None} for r in rows}
     return {"groups": groups, "best_config": gate["best"]["config"], "comparisons": comparisons,
@@ -339,7 +275,10 @@ def _opt(x: float | None, fmt: str) -> str:
 
 
 def summary_md(info: dict, exp_name: str, rows: list[dict], perf: dict[str, dict], gate: dict[str, Any],
-               estimate: dict | None = None) -> str:
+               estimate: dict | None = None, plots: Iterable[str] = ()) -> str:
+    """`plots`: the file names written under plots/; only those are linked (a figure without data is not)."""
+    from pagating.stats import gating_md
+
     out = io.StringIO()
     w = out.write
     w(f"# Sweep report: {info['sweep_id']}\n\n")
@@ -369,9 +308,9 @@ def summary_md(info: dict, exp_name: str, rows: list[dict], perf: dict[str, dict
       "`vast offers` ranks by), the same steady mean; n/a where the device's peak is unknown (CPU).\n\n")
     w(perf_md(perf, estimate))
     w("\n## Plots\n\n")
-    for name, title in (("eval_loss", "validation loss vs step"), ("final_eval_loss", "final loss, mean ± 95% CI"),
-                        ("alpha", "α trajectories"), ("perf", "speed per run")):
-        w(f"![{title}]({PLOTS}/{name}.png)\n")
+    for name, title in PLOT_TITLES.items():
+        if f"{name}.png" in plots:
+            w(f"![{title}]({PLOTS}/{name}.png)\n")
     return out.getvalue()
 
 
@@ -381,8 +320,8 @@ def _rows(mlf, info: dict) -> list[dict]:
     rows, seen = [], set()
     for name, run in info["runs"]:
         row = collect(mlf, name, run)
-        if row is None:
-            info["excluded"].append((name, "no eval/loss"))
+        if row is None:  # its eval/loss, if any, may be a subset: not comparable with whole-split losses
+            info["excluded"].append((name, "no final/eval_loss, the whole-split validation loss"))
             continue
         if row["name"] in seen:  # the same run name twice (a seed axis from before names carried it)
             row["name"] = f"{name} seed={row['seed']}" if row["seed"] is not None else name
@@ -391,9 +330,18 @@ def _rows(mlf, info: dict) -> list[dict]:
         seen.add(row["name"])
         rows.append(row)
     if not rows:
-        raise UserError(f"sweep {info['sweep_id']} has no run with an eval loss yet")
+        raise UserError(f"sweep {info['sweep_id']} has no run with a final/eval_loss yet")
     info["excluded"] = sorted(info["excluded"])
     return rows
+
+
+def _ranked(rows: list[dict], gate: dict[str, Any], info: dict) -> list[dict]:
+    """The rows the statistics use, in their config's rank, then seed; a run they leave out (a seed run
+    twice in one config) is listed under "Not ranked" with why, so the table and the means agree."""
+    info["excluded"] = sorted(info["excluded"] + [(r["name"], why) for r, why in gate["dropped"]])
+    rank = {r["run_id"]: i for i, g in enumerate(gate["groups"]) for r in g["runs"]}
+    kept = [r for r in rows if r["run_id"] in rank]
+    return sorted(kept, key=lambda r: (rank[r["run_id"]], r["seed"] if r["seed"] is not None else 0, r["name"]))
 
 
 def report(cfg: dict, sweep_json: str | Path | None = SWEEP_JSON, sweep_id: str | None = None,
@@ -413,14 +361,14 @@ def report(cfg: dict, sweep_json: str | Path | None = SWEEP_JSON, sweep_id: str 
     mlf = tracking.client(uri)
     info = find_sweep(mlf, cfg, uri, sweep_json, sweep_id)
     exp_name = mlf.get_experiment(info["runs"][0][1].info.experiment_id).name
+    n_ran = len(info["runs"]) + len(info["excluded"])  # finished runs and failed configs, before _rows adds
     rows = _rows(mlf, info)
+    estimate = plan_estimate(rows, n_ran)
     gate = gating(rows)
-    rank = {r["run_id"]: i for i, g in enumerate(gate["groups"]) for r in g["runs"]}
-    rows.sort(key=lambda r: (rank[r["run_id"]], r["seed"] if r["seed"] is not None else 0, r["name"]))
+    rows = _ranked(rows, gate, info)
     doc = metrics_doc(rows, gate)
-    summary = summary_md(info, exp_name, rows, performance(rows), gate, plan_estimate(rows, len(info["runs"]) +
-                                                                                       len(info["excluded"])))
     plots = plot_files(gate["groups"], rows)
+    summary = summary_md(info, exp_name, rows, performance(rows), gate, estimate, plots)
     out = Path(out_dir)
     (out / PLOTS).mkdir(parents=True, exist_ok=True)
     (out / METRICS).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
@@ -428,6 +376,9 @@ def report(cfg: dict, sweep_json: str | Path | None = SWEEP_JSON, sweep_id: str 
     for fname, content in plots.items():
         path = out / PLOTS / fname
         path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
+    for name in PLOT_TITLES:  # a figure left out this time must not survive from an earlier report
+        if f"{name}.png" not in plots:
+            (out / PLOTS / f"{name}.png").unlink(missing_ok=True)
     exp_id = info["runs"][0][1].info.experiment_id
     if info.get("parent_run_id"):  # the sweep row in the UI carries its report
         parent = info["parent_run_id"]

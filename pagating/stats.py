@@ -6,12 +6,16 @@ The best config is the lowest mean validation loss. Every gated config is compar
 baseline at the same learning rate and with the baseline at its own best learning rate (chosen on
 validation): the per-seed difference (config − baseline, over the seeds both ran), its 95% CI and the
 paired t-test's two-sided p, Holm-corrected over the comparisons of one split. No p-value from fewer
-than MIN_SEEDS seeds. The verdict is read off the test split. scipy does the t distribution; Holm's
-step-down is four lines here (scipy.stats.false_discovery_control only does Benjamini-Hochberg).
+than MIN_SEEDS common seeds, nor from differences that do not vary across seeds (t is undefined). One
+run per seed and config: a seed run twice keeps its newest run. The verdict is read off the test
+split. scipy does the t distribution; Holm's step-down is four lines here
+(scipy.stats.false_discovery_control only does Benjamini-Hochberg). gating_md writes these down as
+summary.md's "Does gating help?" section.
 """
 
 from __future__ import annotations
 
+import io
 import math
 import statistics
 from typing import Any
@@ -23,6 +27,7 @@ ALPHA = 0.05
 POWER = 0.8  # the smallest detectable difference is the one found with this probability
 UNMATCHED = 0.02  # arms further apart than this in parameters are compared "unmatched"
 SPLITS = ("test", "val")  # the verdict's split first
+ZERO_SPREAD = 1e-9  # per-seed differences whose sd is below this share of the losses count as constant
 
 
 def config_label(unit: str, alpha_mode: str, lr: float | None) -> str:
@@ -43,21 +48,27 @@ def mean_ci(values: list[float]) -> tuple[float, float | None]:
 
 def paired(a: dict[int, float], b: dict[int, float]) -> dict[str, Any]:
     """a − b over the seeds both ran: mean, 95% CI half-width (2+ seeds), the per-seed range, and the
-    paired t-test's two-sided p (MIN_SEEDS+ seeds, else None)."""
+    paired t-test's two-sided p (MIN_SEEDS+ seeds, else None); `p_note` says why p is None."""
     from scipy import stats
 
     seeds = sorted(set(a) & set(b))
     diffs = [a[s] - b[s] for s in seeds]
     if not diffs:
-        return {"n": 0, "diff_mean": None, "diff_ci95": None, "p": None, "range": None, "sd": None}
+        return {"n": 0, "diff_mean": None, "diff_ci95": None, "p": None, "range": None, "sd": None,
+                "p_note": "no common seeds"}
     mean, half = mean_ci(diffs)
-    p = None
-    if len(diffs) >= MIN_SEEDS:
+    sd = statistics.stdev(diffs) if len(diffs) > 1 else None
+    p, note = None, None
+    if len(diffs) < MIN_SEEDS:
+        note = f"{len(diffs)} seed{'s' if len(diffs) != 1 else ''} < {MIN_SEEDS}"  # seeds both ran
+    elif sd <= ZERO_SPREAD * max(abs(x) for s in seeds for x in (a[s], b[s])):
+        # Every seed gave the same difference (up to float rounding): t = mean/0 has no distribution, and
+        # scipy's nan (or a rounding-sized sd) would read as p = 0 for any constant offset.
+        note = "zero spread: every seed gave the same difference"
+    else:
         p = float(stats.ttest_rel([a[s] for s in seeds], [b[s] for s in seeds]).pvalue)
-        if math.isnan(p):  # every seed gave the same difference: zero spread
-            p = 1.0 if mean == 0 else 0.0
     return {"n": len(diffs), "diff_mean": mean, "diff_ci95": half, "p": p, "range": (min(diffs), max(diffs)),
-            "sd": statistics.stdev(diffs) if len(diffs) > 1 else None}
+            "sd": sd, "p_note": note}
 
 
 def holm(ps: list[float | None]) -> list[float | None]:
@@ -74,7 +85,8 @@ def holm(ps: list[float | None]) -> list[float | None]:
 
 def group(rows: list[dict]) -> list[dict]:
     """Runs -> configs, ranked by mean validation loss. A row: config, unit, alpha_mode, learning_rate,
-    n_params, flops_per_token, d_ff, seed, val_loss, test_loss, run_id."""
+    n_params, flops_per_token, d_ff, seed, val_loss (required), test_loss, run_id, start_time (optional).
+    A group's `runs` are the runs its statistics use (one per seed); `dropped` the (run, why) left out."""
     groups: dict[tuple, dict] = {}
     for r in rows:
         key = (r["config"], r.get("d_ff"))
@@ -87,9 +99,11 @@ def group(rows: list[dict]) -> list[dict]:
         if labels.count(g["config"]) > 1:  # the same config at two widths (e.g. matched and not): say which
             g["config"] = f"{g['config']} d_ff={g['d_ff']}"
         g["plain"] = is_plain(g["unit"] or "")
-        g["val"] = _by_seed(g["runs"], "val_loss")
-        g["test"] = _by_seed(g["runs"], "test_loss")
-        g["seeds"] = sorted(g["val"])
+        by_seed, g["dropped"] = one_per_seed(g["runs"])
+        g["runs"] = list(by_seed.values())
+        g["val"] = {s: r["val_loss"] for s, r in by_seed.items()}
+        g["test"] = {s: r["test_loss"] for s, r in by_seed.items() if r.get("test_loss") is not None}
+        g["seeds"], g["test_seeds"] = sorted(g["val"]), sorted(g["test"])
         g["val_mean"], g["val_ci95"] = mean_ci(list(g["val"].values()))
         g["test_mean"], g["test_ci95"] = mean_ci(list(g["test"].values())) if g["test"] else (None, None)
         out.append(g)
@@ -97,20 +111,27 @@ def group(rows: list[dict]) -> list[dict]:
     return out
 
 
+def one_per_seed(runs: list[dict]) -> tuple[dict[int, dict], list[tuple[dict, str]]]:
+    """seed -> the run that counts, and the (run, why) left out. A seed run twice in one config (two runs
+    whose differences lie outside the config label, e.g. train.max_steps) keeps its newest run (start_time,
+    then run id): one value per seed, so the paired tests pair like with like. Runs without a seed param
+    are numbered -1, -2, ... in that order."""
+    kept: dict[int, dict] = {}
+    dropped = []
+    for i, r in enumerate(sorted(runs, key=lambda r: (r.get("start_time") or 0, str(r.get("run_id"))))):
+        seed = r["seed"] if r.get("seed") is not None else -1 - i
+        if seed in kept:
+            dropped.append((kept[seed], f"seed {seed} of {r['config']} ran again; the newer run {r['run_id']} "
+                                        "counts"))
+        kept[seed] = r
+    return dict(sorted(kept.items())), dropped
+
+
 def median_run(group: dict) -> dict:
-    """The run of a config with the median validation loss among its seeds (the lower middle one of an
-    even count): the model that stands for the config, not its luckiest seed."""
+    """The run of a config with the median validation loss among the seeds its statistics use (the lower
+    middle one of an even count): the model that stands for the config, not its luckiest seed."""
     runs = sorted(group["runs"], key=lambda r: (r["val_loss"], r["seed"] if r["seed"] is not None else 0))
     return runs[(len(runs) - 1) // 2]
-
-
-def _by_seed(runs: list[dict], key: str) -> dict[int, float]:
-    """seed -> value; runs without a seed param are numbered in order."""
-    out: dict[int, float] = {}
-    for i, r in enumerate(runs):
-        if r.get(key) is not None:
-            out[r["seed"] if r.get("seed") is not None else -1 - i] = r[key]
-    return out
 
 
 def compare(groups: list[dict]) -> list[dict]:
@@ -142,10 +163,11 @@ def compare(groups: list[dict]) -> list[dict]:
 def smallest_detectable(comparisons: list[dict]) -> float | None:
     """The test-split difference a paired t-test over these seeds finds with POWER probability after
     Holm's strictest step, from the median spread of the per-seed differences: (t_{1−α/2m} + t_POWER)·sd/√n
-    with df = n − 1 (the usual normal-approximation formula, with t quantiles for few seeds)."""
+    with df = n − 1 (the usual normal-approximation formula, with t quantiles for few seeds). Only the
+    comparisons that got a p count (a zero-spread one has none, and would make the answer 0)."""
     from scipy import stats
 
-    tests = [c for c in comparisons if c["split"] == "test" and c["sd"] is not None and c["n"] >= MIN_SEEDS]
+    tests = [c for c in comparisons if c["split"] == "test" and c["p"] is not None]
     if not tests:
         return None
     n, m = min(c["n"] for c in tests), len(tests)
@@ -153,11 +175,15 @@ def smallest_detectable(comparisons: list[dict]) -> float | None:
     return float((stats.t.ppf(1 - ALPHA / (2 * m), n - 1) + stats.t.ppf(POWER, n - 1)) * sd / math.sqrt(n))
 
 
+def _loss(x: float) -> str:
+    """A loss difference to 4 decimals, or in 2 significant digits when 4 decimals would print zero."""
+    return f"{x:.4f}" if x == 0 or abs(x) >= 5e-5 else f"{x:.1e}"
+
+
 def verdict(groups: list[dict], comparisons: list[dict]) -> str:
     """One sentence: the significant test-split comparison of the gated config ranked best on validation,
     or why there is none."""
     tests = [c for c in comparisons if c["split"] == "test" and c["diff_mean"] is not None]
-    seeds = max((len(g["seeds"]) for g in groups), default=0)
     if not tests:
         why = "no `plain` baseline in this sweep" if not any(g["plain"] for g in groups) else \
             "no test/loss shared by a gated config and the baseline"
@@ -166,26 +192,128 @@ def verdict(groups: list[dict], comparisons: list[dict]) -> str:
                  else " (unmatched: the arms differ by more than 2% in parameters)")
     rank = {g["config"]: i for i, g in enumerate(groups)}
     if all(c["p"] is None for c in tests):
-        top = min(tests, key=lambda c: (rank[c["config"]], c["kind"]))
-        lo, hi = top["range"]
-        return (f"No p-value: {seeds} seed{'s' if seeds != 1 else ''} per config, and a paired test needs at "
-                f"least {MIN_SEEDS} (add `sweep.seed: [1, 2, 3]`); on test, {top['config']} (best gated config "
-                f"on validation) minus {top['baseline']} is {top['diff_mean']:+.4f}"
-                + (f" (per-seed range {lo:+.4f} to {hi:+.4f})" if top["n"] > 1 else " from one seed")
-                + f"{unmatched}.")
+        return _no_p(groups, tests, rank, unmatched)
     hits = [c for c in tests if c["p_holm"] is not None and c["p_holm"] < ALPHA]
     if not hits:
         x = smallest_detectable(comparisons)
         n = min(c["n"] for c in tests if c["p"] is not None)
         return (f"No difference detectable with {n} seeds on test; the smallest detectable difference is about "
-                + (f"{x:.4f} in test loss" if x is not None else "unknown") + f" ({POWER:.0%} power, Holm over "
-                f"{sum(c['p'] is not None for c in tests)} comparisons){unmatched}.")
+                f"{_loss(x)} in test loss ({POWER:.0%} power, Holm over {sum(c['p'] is not None for c in tests)} "
+                f"comparisons){unmatched}.")
     c = min(hits, key=lambda c: (rank[c["config"]], c["p_holm"]))
     g = next(g for g in groups if g["config"] == c["config"])
     word = "lower" if c["diff_mean"] < 0 else "higher"
-    ci = f" ± {c['diff_ci95']:.4f}" if c["diff_ci95"] is not None else ""
-    return (f"{g['unit']} with α {g['alpha_mode']} at lr {g['learning_rate']:g} has a {word} test loss than "
-            f"{c['baseline']} ({c['kind']}) by {abs(c['diff_mean']):.4f}{ci} (95% CI; test loss "
+    ci = f" ± {_loss(c['diff_ci95'])}" if c["diff_ci95"] is not None else ""
+    lr = "?" if g["learning_rate"] is None else f"{g['learning_rate']:g}"
+    return (f"{g['unit']} with α {g['alpha_mode']} at lr {lr} has a {word} test loss than "
+            f"{c['baseline']} ({c['kind']}) by {_loss(abs(c['diff_mean']))}{ci} (95% CI; test loss "
             f"{g['test_mean']:.4f}), Holm-corrected p = {c['p_holm']:.3g}, paired over {c['n']} seeds"
             + (f" ({len(hits) - 1} more comparison{'s' if len(hits) > 2 else ''} significant)" if len(hits) > 1
                else "") + f"{unmatched}.")
+
+
+def _no_p(groups: list[dict], tests: list[dict], rank: dict, unmatched: str) -> str:
+    """Why no test comparison has a p: the seeds a config and its baseline share (not the seeds per
+    config: arms run on different seeds pair nothing), or a difference that never varies."""
+    top = min(tests, key=lambda c: (rank[c["config"]], c["kind"]))
+    shared = max(c["n"] for c in tests)
+    per_config = max(len(g["seeds"]) for g in groups)
+    s = "s" if shared != 1 else ""
+    if shared >= MIN_SEEDS:  # then every comparison with enough seeds had zero spread
+        why = ("the per-seed test differences have zero spread (every seed gave the same difference), so a "
+               "paired t-test is undefined")
+    elif per_config == shared:
+        why = (f"{shared} seed{s} per config, and a paired test needs at least {MIN_SEEDS} (add "
+               f"`sweep.seed: [1, 2, 3]`)")
+    else:
+        why = (f"a gated config and its baseline share at most {shared} seed{s} ({per_config} per config at "
+               f"most), and a paired test needs at least {MIN_SEEDS} common seeds (run both arms on the same seeds)")
+    lo, hi = top["range"]
+    return (f"No p-value: {why}; on test, {top['config']} (best gated config on validation) minus "
+            f"{top['baseline']} is {top['diff_mean']:+.4f}"
+            + (f" (per-seed range {lo:+.4f} to {hi:+.4f})" if top["n"] > 1 else " from one seed") + f"{unmatched}.")
+
+
+# The "Does gating help?" section of summary.md: these statistics written down ---------------------
+
+def _pm(mean: float | None, half: float | None) -> str:
+    if mean is None:
+        return "n/a"
+    return f"{mean:.4f}" if half is None else f"{mean:.4f} ± {half:.4f}"
+
+
+def _spread(values: dict[int, float]) -> str:
+    """With too few seeds for a CI a reader still sees how far apart the seeds landed."""
+    if len(values) < 2 or len(values) >= MIN_SEEDS:
+        return ""
+    return f" (seeds {min(values.values()):.4f}–{max(values.values()):.4f})"
+
+
+def _cmp_cell(c: dict) -> str:
+    if c["diff_mean"] is None:
+        return "no common seeds"
+    text = f"{c['diff_mean']:+.4f}" + ("" if c["diff_ci95"] is None else f" ± {c['diff_ci95']:.4f}")
+    if c["p"] is None:
+        lo, hi = c["range"]
+        spread = f"seeds {lo:+.4f} to {hi:+.4f}; " if c["n"] > 1 else ""
+        return f"{text} ({spread}no p: {c['p_note']})"
+    return f"{text} (p={c['p']:.3g}, Holm {c['p_holm']:.3g}, {c['n']} seeds)"
+
+
+def _seeds_cell(g: dict) -> str:
+    """Seeds behind the validation mean, and behind the test mean when fewer logged test/loss."""
+    n, t = len(g["seeds"]), len(g["test_seeds"])
+    return str(n) if t == n else f"{n} (test {t})"
+
+
+def gating_md(gate: dict[str, Any]) -> str:
+    out = io.StringIO()
+    w = out.write
+    groups, cmps = gate["groups"], gate["comparisons"]
+    w("## Does gating help?\n\n")
+    w("Configs ranked by mean validation loss (`final/eval_loss`, the evaluation of the saved weights); the test "
+      "split (`test/loss`) judges. Mean over seeds ± the half-width of its 95% t interval; seeds: the runs behind "
+      "the validation mean (and the test mean where fewer runs logged `test/loss`).\n\n")
+    w("| # | config | unit | α mode | lr | params | FLOPs/token | seeds | validation loss | test loss |\n"
+      "|---:|---|---|---|---:|---:|---:|---:|---:|---:|\n")
+    for i, g in enumerate(groups, 1):
+        label = f"{g['config']} (baseline)" if g["plain"] else g["config"]
+        lr = "n/a" if g["learning_rate"] is None else f"{g['learning_rate']:g}"
+        params = f"{g['n_params']:,}" if g["n_params"] else "n/a"
+        fpt = f"{g['flops_per_token']:.4g}" if g["flops_per_token"] else "n/a"
+        val = _pm(g["val_mean"], g["val_ci95"]) + _spread(g["val"])
+        test = _pm(g["test_mean"], g["test_ci95"]) + _spread(g["test"])
+        w(f"| {i} | {label} | {g['unit']} | {'-' if g['plain'] else g['alpha_mode']} | {lr} | {params} | {fpt} "
+          f"| {_seeds_cell(g)} | {val} | {test} |\n")
+    if not any(g["plain"] for g in groups):
+        w("\nNo `plain` run (GPT-2's own MLP) in this sweep: add `sweep.unit: [paGLU, plain]` for a baseline.\n")
+    if cmps:
+        _comparisons_md(w, cmps)
+    w("\n")
+    return out.getvalue()
+
+
+def _comparisons_md(w, cmps: list[dict]) -> None:
+    w("\n### Against the baseline\n\nconfig − baseline over the seeds both ran (negative: lower loss than the "
+      "baseline), ± its 95% CI; the paired t-test's two-sided p and Holm's correction over the comparisons of "
+      "that split. Each gated config meets the baseline at its own lr and the baseline at the baseline's best "
+      "lr (on validation).\n\n| config | baseline | params | test: diff | validation: diff |\n"
+      "|---|---|---|---:|---:|\n")
+    by_pair: dict[tuple, dict] = {}
+    for c in cmps:
+        by_pair.setdefault((c["config"], c["baseline"], c["kind"]), {})[c["split"]] = c
+    for (config, base, kind), pair in by_pair.items():
+        c = pair["test"]
+        gap = "n/a" if c["param_gap"] is None else (f"matched ({c['param_gap']:.2%} apart)" if c["matched"]
+                                                    else f"**unmatched**: {c['param_gap']:.1%} apart")
+        w(f"| {config} | {base} ({kind}) | {gap} | {_cmp_cell(c)} | {_cmp_cell(pair['val'])} |\n")
+    if any(c["p"] is None and 0 < c["n"] < MIN_SEEDS for c in cmps):
+        w(f"\nNo p-value from fewer than {MIN_SEEDS} seeds both sides ran: one seed has no spread to test a "
+          "difference against, and with 2 a paired test has one degree of freedom, so its p-value swings with every "
+          "seed; the per-seed spread is shown instead. Add `sweep.seed: [1, 2, 3]` (the same seeds for every arm).\n")
+    if any(c["p"] is None and c["n"] >= MIN_SEEDS for c in cmps):
+        w("\nNo p-value where every seed gave the same difference (zero spread): the t statistic divides by that "
+          "spread, so it is undefined, not 0.\n")
+    if any(c["matched"] is False for c in cmps):
+        w("\n**Unmatched arms**: the gated config and the baseline differ by more than 2% in parameters, so a "
+          "difference mixes gating with size; `model.param_matched: true` (the default) equalises them.\n")

@@ -383,7 +383,7 @@ def test_three_seeds_choose_on_validation_and_conclude_on_test(seeded, monkeypat
     assert {"groups", "best_config", "comparisons", "verdict"} <= set(doc)
     assert len(doc["groups"]) == 6 and all(GROUP_KEYS <= set(g) for g in doc["groups"])
     assert all(COMPARISON_KEYS <= set(c) for c in doc["comparisons"])
-    assert all(g["seeds"] == [1, 2, 3] for g in doc["groups"])
+    assert all(g["seeds"] == g["test_seeds"] == [1, 2, 3] for g in doc["groups"])
     # Best config: the lowest mean validation loss.
     best = min(doc["groups"], key=lambda g: g["val_mean"])
     assert doc["best_config"] == best["config"] == "paGLU static_1.0 lr=0.001"
@@ -428,7 +428,7 @@ def test_one_seed_gives_no_p_value_and_says_why(seeded, monkeypatch, tmp_path):
     doc = report(seeded["cfg"], sweep_json=sweep_json, out_dir=tmp_path / "r")
     assert len(doc["groups"]) == 6 and all(g["seeds"] == [1] and g["val_ci95"] is None for g in doc["groups"])
     assert doc["comparisons"] and all(c["p"] is None and c["p_holm"] is None and c["n"] == 1
-                                      for c in doc["comparisons"])
+                                      and c["p_note"] == "1 seed < 3" for c in doc["comparisons"])
     assert doc["best_config"] == min(doc["groups"], key=lambda g: g["val_mean"])["config"]
     v = doc["verdict"]
     assert v.startswith("No p-value: 1 seed per config, and a paired test needs at least 3"), v
@@ -480,3 +480,217 @@ def test_noise_only_gives_the_smallest_detectable_difference_and_unequal_arms_ar
     assert v.startswith(f"No difference detectable with 3 seeds on test; the smallest detectable difference is about "
                         f"{x:.4f} in test loss"), v
     assert v.endswith("(unmatched: the arms differ by more than 2% in parameters).")
+
+
+# Audit follow-ups: one run per seed, whole-split losses only, test seeds, honest "no p", figures -------------
+
+def _run_row(unit, mode, lr, seed, val, test=None, *, start=0, curve=None, alpha=None, util=None):
+    from pagating.stats import config_label
+
+    return {"config": config_label(unit, mode, lr), "unit": unit, "alpha_mode": mode, "learning_rate": lr,
+            "n_params": 1000, "flops_per_token": None, "d_ff": None, "seed": seed, "val_loss": val,
+            "test_loss": test, "run_id": f"{unit}-{mode}-{lr}-{seed}-{start}", "start_time": start,
+            "name": f"{config_label(unit, mode, lr)} seed={seed}", "eval_curve": curve or [],
+            "alpha_curve": alpha or [], "s_per_step": 0.1, "gpu_util_pct": util}
+
+
+def test_median_run_and_duplicate_seeds_use_one_run_per_seed():
+    from pagating import stats
+
+    vals = {1: 3.9, 2: 3.7, 3: 3.8, 4: 3.6, 5: 4.0}
+    rows = [_run_row("paGLU", "static_0.5", 1e-3, s, v, v + 0.1) for s, v in vals.items()]
+    g = stats.group(rows)[0]
+    assert stats.median_run(g)["seed"] == 3  # 3.6 3.7 [3.8] 3.9 4.0
+    g4 = stats.group(rows[:4])[0]
+    assert stats.median_run(g4)["seed"] == 2  # 3.6 [3.7] 3.8 3.9: the lower middle of an even count
+    # Seed 3 again, newer, at 3.95: it replaces the older seed-3 run in the values, the runs and the median.
+    again = _run_row("paGLU", "static_0.5", 1e-3, 3, 3.95, 4.05, start=10)
+    g = stats.group([*rows, again])[0]
+    assert g["seeds"] == [1, 2, 3, 4, 5] and len(g["runs"]) == 5 and again in g["runs"]
+    assert g["val"][3] == 3.95 and g["val_mean"] == pytest.approx(statistics.fmean([3.9, 3.7, 3.95, 3.6, 4.0]))
+    assert [(r["run_id"], why) for r, why in g["dropped"]] == [
+        (rows[2]["run_id"], f"seed 3 of paGLU static_0.5 lr=0.001 ran again; the newer run {again['run_id']} counts")]
+    assert stats.median_run(g)["seed"] == 1  # 3.6 3.7 [3.9] 3.95 4.0: among the runs used
+    # The same, whatever order the rows come in.
+    assert stats.group([again, *rows])[0]["val"] == g["val"]
+
+
+def test_test_seeds_are_counted_apart_from_validation_seeds():
+    from pagating import stats
+
+    rows = [_run_row("paGLU", "static_0.5", 1e-3, s, 3.8 + s / 100, None if s == 3 else 3.9 + s / 100)
+            for s in (1, 2, 3)]
+    g = stats.group(rows)[0]
+    assert g["seeds"] == [1, 2, 3] and g["test_seeds"] == [1, 2]
+    assert g["test_mean"] == pytest.approx(3.915)
+    md = stats.gating_md({"groups": [g], "comparisons": []})
+    row = [c.strip() for c in next(x for x in md.splitlines() if x.startswith("| 1 |")).strip("|").split("|")]
+    assert row[7] == "3 (test 2)", row
+    assert "(seeds 3.9100–3.9200)" in row[9]  # 2 test seeds: their spread, not a CI alone
+
+
+def test_no_p_value_says_the_arms_share_too_few_seeds():
+    from pagating import stats
+
+    gated = [_run_row("paGLU", "static_0.5", 1e-3, s, 3.8 + s / 50, 3.9 + s / 50) for s in (1, 2, 3)]
+    plain = [_run_row("plain", "plain", 1e-3, s, 3.85 + s / 40, 3.95 + s / 40) for s in (3, 4, 5)]
+    groups = stats.group(gated + plain)
+    cmps = stats.compare(groups)
+    assert all(c["n"] == 1 and c["p"] is None and c["p_note"] == "1 seed < 3" for c in cmps)
+    v = stats.verdict(groups, cmps)
+    assert v.startswith("No p-value: a gated config and its baseline share at most 1 seed (3 per config at most)"), v
+    assert "run both arms on the same seeds" in v and "3 seeds per config" not in v
+
+
+def test_constant_differences_have_no_p_and_the_verdict_says_zero_spread():
+    from pagating import stats
+
+    d = stats.paired({1: 3.0, 2: 3.1, 3: 3.2}, {1: 2.9, 2: 3.0, 3: 3.1})  # 0.1 each, up to float rounding
+    assert d["p"] is None and d["p_note"].startswith("zero spread") and d["diff_mean"] == pytest.approx(0.1)
+    d = stats.paired({1: 3.5, 2: 3.25, 3: 3.75}, {1: 3.0, 2: 2.75, 3: 3.25})  # exactly 0.5 each
+    assert d["p"] is None and d["p_note"].startswith("zero spread")
+    # Every comparison constant (here: gated = plain on every seed): no "about 0.0000", the reason instead.
+    gated = [_run_row("paGLU", "static_0.5", 1e-3, s, 3.8 + s / 50, 3.9 + s / 50) for s in (1, 2, 3)]
+    plain = [_run_row("plain", "plain", 1e-3, s, 3.8 + s / 50, 3.9 + s / 50) for s in (1, 2, 3)]
+    groups = stats.group(gated + plain)
+    cmps = stats.compare(groups)
+    assert all(c["p"] is None and c["p_holm"] is None for c in cmps)
+    v = stats.verdict(groups, cmps)
+    assert v.startswith("No p-value: the per-seed test differences have zero spread") and "0.0000" not in v[:120], v
+    assert stats.smallest_detectable(cmps) is None
+    assert "no p: zero spread" in stats.gating_md({"groups": groups, "comparisons": cmps})
+
+
+def test_verdict_with_an_unknown_learning_rate():
+    from pagating import stats
+
+    diffs = {1: -0.10, 2: -0.11, 3: -0.09}
+    gated = [_run_row("paGLU", "static_0.5", None, s, 3.7 + s / 50 + d, 3.8 + s / 50 + d) for s, d in diffs.items()]
+    plain = [_run_row("plain", "plain", None, s, 3.7 + s / 50, 3.8 + s / 50) for s in (1, 2, 3)]
+    groups = stats.group(gated + plain)
+    v = stats.verdict(groups, stats.compare(groups))
+    assert v.startswith("paGLU with α static_0.5 at lr ? has a lower test loss than plain lr=? (same lr"), v
+
+
+def _two_modes_two_lrs(seeds=(1, 2)):
+    rows = []
+    for mode in ("static_0.0", "learnable"):
+        for lr in (1e-3, 5e-4):
+            for s in seeds:
+                base = 4.0 + s / 10 + (lr == 5e-4) * 0.05 + (mode == "learnable") * 0.02
+                rows.append(_run_row("paGLU", mode, lr, s, base, base + 0.1 * s,
+                                     curve=[(40, base + 1.0), (80, base + 0.3), (120, base)],
+                                     alpha=[(40, 0.5 + s / 100), (80, 0.6)] if mode == "learnable" else None))
+    return rows
+
+
+def test_figures_colour_per_alpha_mode_style_per_lr_seed_bands_and_ci_bars():
+    from pagating import report_plots, stats
+
+    groups = stats.group(_two_modes_two_lrs())
+    fig = report_plots.eval_loss_figure(groups)
+    (ax,) = fig.axes
+    lines = {ln.get_label().split(" (")[0]: ln for ln in ax.get_lines()}
+    assert len(lines) == 4 and all(ln.get_label().endswith("(mean of 2 seeds)") for ln in ax.get_lines())
+    colour = {k: ln.get_color() for k, ln in lines.items()}
+    look = {k: (ln.get_linestyle(), ln.get_marker()) for k, ln in lines.items()}
+    for mode in ("static_0.0", "learnable"):  # one colour per α mode, whatever the lr
+        assert colour[f"paGLU {mode} lr=0.001"] == colour[f"paGLU {mode} lr=0.0005"]
+    assert colour["paGLU static_0.0 lr=0.001"] != colour["paGLU learnable lr=0.001"]
+    for lr in ("0.001", "0.0005"):  # one line style and marker per lr, whatever the mode
+        assert look[f"paGLU static_0.0 lr={lr}"] == look[f"paGLU learnable lr={lr}"]
+    assert look["paGLU static_0.0 lr=0.001"][0] != look["paGLU static_0.0 lr=0.0005"][0]
+    # Seeds: the line is their mean; the band spans the lowest to the highest seed.
+    g = next(g for g in groups if g["config"] == "paGLU learnable lr=0.001")
+    ends = [r["val_loss"] for r in g["runs"]]
+    assert lines[g["config"]].get_ydata()[-1] == pytest.approx(statistics.fmean(ends))
+    assert len(ax.collections) == 4  # a band per config, drawn right after its line
+    band = dict(zip(lines, ax.collections, strict=True))[g["config"]]
+    assert tuple(band.get_facecolor()[0][:3]) == pytest.approx(colour[g["config"]][:3])
+    ys = band.get_paths()[0].vertices[:, 1]
+    assert ys.min() == pytest.approx(min(ends)) and ys.max() == pytest.approx(max(ends) + 1.0)
+
+    # Final losses: a point per config with its 95% CI bar, on both splits; the axis says where it starts.
+    fig = report_plots.final_loss_figure(groups)
+    assert len(fig.axes) == 2
+    for ax, split in zip(fig.axes, ("val", "test"), strict=True):
+        bars = {c.get_label(): c for c in ax.containers}
+        assert set(bars) == {g["config"] for g in groups}
+        for g in groups:
+            data, _, (barcol,) = bars[g["config"]].lines
+            assert data.get_ydata()[0] == pytest.approx(g[f"{split}_mean"])
+            (seg,) = barcol.get_segments()
+            assert (seg[0][1], seg[1][1]) == pytest.approx((g[f"{split}_mean"] - g[f"{split}_ci95"],
+                                                             g[f"{split}_mean"] + g[f"{split}_ci95"]))
+            assert data.get_color() == colour[g["config"]]
+        start = ax.get_ylim()[0]
+        assert 0 < start < min(g[f"{split}_mean"] - g[f"{split}_ci95"] for g in groups)
+        assert f"axis starts at {start:.4g}, not 0" in ax.get_ylabel()
+
+
+def test_figures_without_data_are_left_out():
+    from pagating import report_plots, stats
+
+    static = [r for r in _two_modes_two_lrs() if r["alpha_mode"] == "static_0.0"]
+    for r in static:
+        r["test_loss"] = None
+    groups = stats.group(static)
+    assert report_plots.alpha_figure(groups) is None  # static α only: no α figure, not a text panel
+    assert len(report_plots.final_loss_figure(groups).axes) == 1  # no test/loss: no test panel
+    assert len(report_plots.perf_figure(static).axes) == 1  # CPU: no GPU util panel
+    files = report_plots.plot_files(groups, static)
+    assert "alpha.png" not in files and {"eval_loss.png", "final_eval_loss.png", "perf.png"} <= set(files)
+    static[0]["gpu_util_pct"] = 90.0
+    assert [ax.get_title() for ax in report_plots.perf_figure(static).axes] == ["s/step", "GPU util (%)"]
+    for r in static:
+        r["eval_curve"], r["s_per_step"], r["gpu_util_pct"] = [], None, None
+    assert report_plots.eval_loss_figure(groups) is None and report_plots.perf_figure(static) is None
+    assert set(report_plots.plot_files(groups, static)) == {"eval_loss.csv", "final_eval_loss.png",
+                                                            "final_eval_loss.csv"}
+
+
+def test_duplicate_seed_and_subset_only_runs_stay_out_of_the_statistics(sweep, monkeypatch, tmp_path):
+    """A seed run twice in one config (the newer counts) and a FINISHED run without final/eval_loss (its
+    last eval/loss is a subset on the sample profile) are listed under Not ranked, not averaged in."""
+    from pagating.flops import flops_per_token
+    from pagating.vast_cost import MFU_GUESS, STEP_OVERHEAD_S, peak_tflops
+
+    _use_server(monkeypatch, sweep)
+    mlf = sweep["mlf"]
+    exp_id = mlf.create_experiment(f"edge{uuid.uuid4().hex[:8]}-sample")
+    parent = _parent(mlf, exp_id, "edge", 40_000)
+    kw = {"gpu": "cpu", "step_time": 0.2, "parent": parent, "sweep_id": "edge"}
+    runs = {"old": _config_run(mlf, exp_id, "s1 old", "static_0.0", 1e-3, evals=[5.0, 4.2, 3.9], seed=1,
+                               test=4.0, start_s=40_010, **kw),
+            "new": _config_run(mlf, exp_id, "s1 new", "static_0.0", 1e-3, evals=[5.0, 4.2, 3.7], seed=1,
+                               test=3.8, start_s=40_020, **kw),
+            "two": _config_run(mlf, exp_id, "s2", "static_0.0", 1e-3, evals=[5.0, 4.2, 3.8], seed=2, test=3.9,
+                               start_s=40_030, **kw),
+            "subset": _config_run(mlf, exp_id, "s3 subset", "static_0.0", 1e-3, evals=[5.0, 3.0], seed=3,
+                                  start_s=40_040, **kw)}
+    path = tmp_path / "edge.json"
+    path.write_text(json.dumps({"sweep_id": "edge", "parent_run_id": parent, "experiment_id": exp_id,
+                                "profile": "sample", "configs": [{"name": n, "run_id": rid, "status": "ran"}
+                                                                 for n, rid in runs.items()]}))
+    (tmp_path / "r" / "plots").mkdir(parents=True)
+    (tmp_path / "r" / "plots" / "alpha.png").write_bytes(b"stale")  # from an earlier report
+    doc = report(sweep["cfg"], sweep_json=path, out_dir=tmp_path / "r")
+    (g,) = doc["groups"]
+    assert g["seeds"] == [1, 2] and g["run_ids"] == [runs["new"], runs["two"]]
+    assert g["val_mean"] == pytest.approx(3.75) and g["test_mean"] == pytest.approx(3.85)
+    assert set(doc["runs"]) == {"new", "two"}  # named as in the run list
+    md = (tmp_path / "r" / "summary.md").read_text()
+    assert ("Not ranked: old (seed 1 of paGLU static_0.0 lr=0.001 ran again; the newer run "
+            f"{runs['new']} counts); subset (no final/eval_loss, the whole-split validation loss).") in md
+    # Figures: no α logged, CPU only: no alpha.png (the stale one removed, no link), perf.png without GPU panel.
+    plots = tmp_path / "r" / "plots"
+    assert not (plots / "alpha.png").exists() and "alpha.png" not in md and "(plots/perf.png)" in md
+    # The plan-vs-measured estimate, recomputed from the runs that ran: their shape and max_steps, 4 runs.
+    p = mlf.get_run(runs["two"]).data.params
+    fpt = flops_per_token(n_layer=int(p["model.n_layer"]), n_embd=int(p["model.n_embd"]), d_ff=int(p["model.d_ff"]),
+                          vocab_size=int(p["model.vocab_size"]), block_size=int(p["data.block_size"]), gated=True)
+    step = fpt * int(p["train.batch_size"]) * int(p["data.block_size"]) / (peak_tflops("RTX 4090") * 1e12 * MFU_GUESS)
+    col = {k: v["RTX 4090 (estimate: pagating.flops)"] for k, v in perf_table(md).items()}
+    assert close(col["time per step"], step + STEP_OVERHEAD_S)
+    assert close(col["whole sweep"], 4 * int(p["train.max_steps"]) * (step + STEP_OVERHEAD_S))
+    assert col["whole sweep"].endswith("(4 runs)"), col
