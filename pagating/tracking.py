@@ -29,6 +29,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from pagating.claim import Claim, ClaimLost, LeaseLapsed, describe_claim, host_tag  # noqa: F401 (re-exported)
 from pagating.config import UserError, experiment_name
+from pagating.disk import LOW_FREE, disk_full, free_bytes, mib
 
 log = logging.getLogger("pagating.tracking")
 
@@ -738,22 +739,46 @@ def _read_pointer(mlf, run_id: str, listing: list | None = None) -> dict | None:
 
 def download_checkpoint(mlf, run_id: str, dst: str | Path) -> Path | None:
     """The newest whole checkpoint of a run, verified against its marker, as dst/checkpoint-<step>;
-    a cut-off or corrupt one is named in one line and the older one tried; None if none is whole."""
+    a cut-off or corrupt one is named in one line and the older one tried; None if none is whole.
+    A full disk is one line (UserError) saying how much the checkpoint needs; no half download stays."""
     try:
         listing = mlf.list_artifacts(run_id, CKPT_ROOT)
         slots = [a.path.rsplit("/", 1)[-1] for a in listing if a.is_dir]
         pointer = _read_pointer(mlf, run_id, listing) or {}
     except Exception:
         return None
-    tmp_root = Path(dst) / ".download"
+    dst, at = Path(dst), {}
+    tmp_root = dst / ".download"
+    try:
+        return _download_newest(mlf, run_id, dst, tmp_root, slots, pointer, at)
+    except BaseException as exc:
+        # MLflow's download swallows the OSError and raises its own "Failed to download artifacts": a
+        # disk all but full before the cleanup says what it was.
+        full = isinstance(exc, Exception) and not isinstance(exc, UserError) and (
+            disk_full(exc, dst) or free_bytes(dst) < LOW_FREE)
+        shutil.rmtree(tmp_root, ignore_errors=True)
+        if full:
+            need = f"about {mib(at['need'])}" if at.get("need") else "more than that"
+            raise UserError(f"disk full writing {tmp_root.absolute()}: downloading {at.get('where', f'run {run_id}')} "
+                            f"to resume from needs {need} in {dst.absolute()}, {mib(free_bytes(dst))} free; free "
+                            f"space there (or set train.output_dir elsewhere) and run again") from None
+        raise
+
+
+def _download_newest(mlf, run_id: str, dst: Path, tmp_root: Path, slots: list[str], pointer: dict,
+                     at: dict) -> Path | None:
+    """download_checkpoint's work; `at` says what it is downloading (for the disk-full line)."""
     markers = []
     for slot in slots:
         shutil.rmtree(tmp_root, ignore_errors=True)
         tmp_root.mkdir(parents=True)
+        at["where"] = f"MLflow run {run_id} {CKPT_ROOT}/{slot}/{CKPT_MARKER}"
         try:
             marker = json.loads(Path(mlf.download_artifacts(run_id, f"{CKPT_ROOT}/{slot}/{CKPT_MARKER}",
                                                             str(tmp_root))).read_text())
-        except Exception:
+        except Exception as exc:
+            if disk_full(exc, dst):
+                raise
             marker = {"step": -1, "state": "missing"}
         markers.append((slot == pointer.get("slot"), int(marker.get("step", -1)), slot, marker))
     # Newest first; the pointer breaks a tie (it only ever names a slot whose marker went up whole).
@@ -765,12 +790,18 @@ def download_checkpoint(mlf, run_id: str, dst: str | Path) -> Path | None:
             continue
         shutil.rmtree(tmp_root, ignore_errors=True)
         tmp_root.mkdir(parents=True)
+        at["where"] = where
+        at["need"] = sum(int(f.get("size", 0)) for f in (marker.get("files") or {}).values())
+        if free_bytes(dst) < at["need"]:
+            raise UserError(f"not enough disk space in {dst.absolute()}: the checkpoint to resume from ({where}) "
+                            f"needs about {mib(at['need'])}, {mib(free_bytes(dst))} free; free space there (or set "
+                            f"train.output_dir elsewhere) and run again")
         local = Path(mlf.download_artifacts(run_id, f"{CKPT_ROOT}/{slot}", str(tmp_root)))
         problem = verify_checkpoint(local)
         if problem:
             print(f"pagating: skipping {where}: {problem}", file=sys.stderr)
             continue
-        final = Path(dst) / f"checkpoint-{step}"
+        final = dst / f"checkpoint-{step}"
         shutil.rmtree(final, ignore_errors=True)
         local.rename(final)
         shutil.rmtree(tmp_root, ignore_errors=True)

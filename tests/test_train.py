@@ -338,3 +338,64 @@ def test_unreachable_server_exit_2(sample_project, tmp_path):
     assert proc.returncode == 2 and "unreachable" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_disk_full_downloading_the_resume_checkpoint(sample_project, mlflow_server, tmp_path):
+    """A fresh machine continues an interrupted run whose checkpoint (~3.4 MB) is only in MLflow, into a
+    1 MiB tmpfs (own mount namespace): one line with the size needed, exit 2, nothing left in the folder."""
+    from test_bad_input import in_small_tmpfs
+
+    args = ["train", "--max_steps", "4", "--save_steps", "2", "--eval_steps", "2", "--logging_steps", "2",
+            "--batch_size", "4", "--set", "tracking.experiment_prefix=dlfull"]
+    first = run_cli([*args, "--output_dir", str(tmp_path / "first")], cwd=sample_project, env=env_for(mlflow_server),
+                    check=True)
+    run_id = json.loads(first.stdout.strip().splitlines()[-1])["run_id"]
+    mlf = MlflowClient(mlflow_server.uri)
+    mlf.set_terminated(run_id, "KILLED")  # interrupted: the next launch of this config continues it
+    small, listing = tmp_path / "small", tmp_path / "listing.txt"
+    small.mkdir()
+    proc = in_small_tmpfs(small, 2**20, [sys.executable, "-m", "pagating.cli", *args, "--output_dir",
+                                         str(small / "out")],
+                          after=f"find {small} -mindepth 1 > {listing}", cwd=sample_project,
+                          env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_server.uri})
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and "Downloading artifacts" not in ln]  # MLflow's bars
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("pagating train: error: not enough disk space in"), lines
+    assert f"MLflow run {run_id} checkpoints/slot-" in lines[0] and "needs about 3 MiB" in lines[0], lines[0]
+    assert str(small / "out") in lines[0] and "MiB free" in lines[0]
+    assert ".download" not in listing.read_text() and "checkpoint-" not in listing.read_text()
+    assert [(r.info.run_id, r.info.status) for r in mlf.search_runs([mlf.get_run(run_id).info.experiment_id])] \
+        == [(run_id, "KILLED")]  # not reopened: nothing left RUNNING
+
+
+def test_disk_full_midway_through_the_checkpoint_download(tmp_path, monkeypatch):
+    """The disk fills while the slot downloads (MLflow swallows the OSError and raises its own error): one
+    line saying so and how much the checkpoint needs; the half `.download` is removed."""
+    from mlflow.entities import FileInfo
+    from mlflow.exceptions import MlflowException
+
+    from pagating import tracking
+    from pagating.config import UserError
+
+    marker = {"step": 4, "state": "complete", "files": {"model.safetensors": {"size": 5 * 2**20, "sha256": "x"}}}
+
+    class Server:
+        def list_artifacts(self, run_id, path):
+            return [FileInfo("checkpoints/slot-0", True, None)]
+
+        def download_artifacts(self, run_id, path, dst):  # as MLflow: under the path's last part
+            out = Path(dst, path.split("/", 2)[-1] if path.endswith(tracking.CKPT_MARKER) else "slot-0")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            if path.endswith(tracking.CKPT_MARKER):
+                out.write_text(json.dumps(marker))
+                return str(out)
+            out.mkdir()
+            (out / "model.safetensors").write_bytes(b"half")
+            raise MlflowException("Failed to download artifacts from path 'slot-0'")
+
+    free = iter([10 * 2**20] + [2**20] * 10)  # room at the pre-check, 1 MiB left once it failed
+    monkeypatch.setattr(tracking, "free_bytes", lambda where: next(free))
+    with pytest.raises(UserError, match="disk full writing") as err:
+        tracking.download_checkpoint(Server(), "r1", tmp_path / "run")
+    assert "MLflow run r1 checkpoints/slot-0 (step 4)" in str(err.value) and "needs about 5 MiB" in str(err.value)
+    assert list((tmp_path / "run").iterdir()) == []
