@@ -73,10 +73,12 @@ class TrainingRun:
         self.n_params = 0
         self.result: dict[str, Any] = {}
         self.status = "FAILED"
+        self._term: tuple | None = None  # the SIGTERM handler to put back (term_as_interrupt)
 
     # Entering: the claim, then what to resume ----------------------------------------------------
 
     def __enter__(self) -> TrainingRun:
+        self._term = term_as_interrupt()
         try:  # the claim too: an error right after acquire must not leave it held and beating
             if self.tracks:
                 self.outcome = self._claim()
@@ -317,8 +319,33 @@ class TrainingRun:
             self.mlf.set_tag(self.run_id, "pagating.error", text)
 
     def _release(self) -> None:
-        if self.claim is not None:
-            self.claim.release()
+        try:
+            if self.claim is not None:
+                self.claim.release()
+        finally:
+            if self._term is not None:
+                import signal
+
+                signal.signal(signal.SIGTERM, self._term[0])
+                self._term = None
+
+
+def term_as_interrupt() -> tuple | None:
+    """SIGTERM (`kill`, the Vast watchdog, torchrun stopping its workers) takes Ctrl-C's path while a run
+    is open: KeyboardInterrupt, so the run ends KILLED and its claim is released instead of the process
+    vanishing with the run RUNNING. Returns (the previous handler,) to put back; None off the main thread,
+    where no handler can be set."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    return (signal.SIG_DFL if previous is None else previous,)
 
 
 def meta_digest(meta: dict) -> str:

@@ -399,3 +399,30 @@ def test_disk_full_midway_through_the_checkpoint_download(tmp_path, monkeypatch)
         tracking.download_checkpoint(Server(), "r1", tmp_path / "run")
     assert "MLflow run r1 checkpoints/slot-0 (step 4)" in str(err.value) and "needs about 5 MiB" in str(err.value)
     assert list((tmp_path / "run").iterdir()) == []
+
+
+def test_sigterm_ends_the_run_killed_and_releases_the_claim(sample_project, mlflow_server, tmp_path):
+    """`kill` (SIGTERM, as the Vast watchdog sends) mid-training takes Ctrl-C's path: the run ends KILLED,
+    its claim record is removed and the process exits, instead of vanishing with the run RUNNING."""
+    args = ["train", "--max_steps", "3000", "--eval_steps", "1000", "--save_steps", "1000", "--logging_steps", "2",
+            "--batch_size", "4", "--set", "tracking.experiment_prefix=sigterm", "--output_dir", str(tmp_path / "o")]
+    proc = subprocess.Popen([sys.executable, "-m", "pagating.cli", *args], cwd=sample_project, text=True,
+                            env={**os.environ, **env_for(mlflow_server)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    mlf = MlflowClient(mlflow_server.uri)
+    try:
+        deadline, run = time.time() + 300, None
+        while time.time() < deadline and proc.poll() is None and not (run and "train/loss" in run.data.metrics):
+            time.sleep(1)
+            exp = mlf.get_experiment_by_name("sigterm-sample")
+            runs = mlf.search_runs([exp.experiment_id]) if exp else []
+            run = mlf.get_run(runs[0].info.run_id) if runs else None
+        assert run is not None and proc.poll() is None, proc.stderr.read() if proc.poll() is not None else "no run"
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130 and "interrupted" in err.strip().splitlines()[-1], err[-3000:]
+    assert mlf.get_run(run.info.run_id).info.status == "KILLED"
+    assert not [k for k in mlf.get_experiment(run.info.experiment_id).tags if k.startswith("pagating.claim.")]
