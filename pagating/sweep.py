@@ -4,8 +4,9 @@ Optional axes: `unit` (e.g. [paGLU, plain]: `plain` is GPT-2's own MLP, the base
 and seed since it has no α) and `seed` (repeats of every config, so the report can put confidence
 intervals on differences).
 
-Each config runs as its own `pagating train` process: a crash or OOM in one config cannot take the
-others down, and on a multi-GPU box each process gets its own CUDA_VISIBLE_DEVICES. Re-running is
+Each config runs as its own `pagating train` in a long-lived worker process per slot (imports paid once
+per slot, not per config): a crash or OOM in one config cannot take the others down, and on a
+multi-GPU box each slot's worker gets its own CUDA_VISIBLE_DEVICES. Re-running is
 idempotent: a config whose run FINISHED (same config hash) is skipped, an interrupted one resumes
 from its checkpoint (local, else MLflow), a failed one is retried once.
 """
@@ -19,7 +20,6 @@ import json
 import math
 import os
 import queue
-import subprocess
 import sys
 import threading
 import time
@@ -40,6 +40,7 @@ from pagating.config import (
     typed,
 )
 from pagating.report import METRICS, PLOTS, REPORTS_DIR, SUMMARY, SWEEP_JSON
+from pagating.sweep_worker import Worker
 
 
 def grid(cfg: dict) -> list[dict[str, Any]]:
@@ -123,9 +124,9 @@ def parse_gpus(text: str) -> list[str | None]:
     return ids
 
 
-def _child_command(cfg: dict, overrides: dict, parent_id: str, sweep_id: str, resume: str, device: str,
+def _train_argv(cfg: dict, overrides: dict, parent_id: str, sweep_id: str, resume: str, device: str,
                    extra_sets: list[str]) -> list[str]:
-    cmd = [sys.executable, "-m", "pagating.cli", "train", "--profile", cfg["profile"], "--resume", resume,
+    cmd = ["train", "--profile", cfg["profile"], "--resume", resume,
            "--parent-run-id", parent_id, "--sweep-id", sweep_id, "--device", device, "--if-claimed", "skip"]
     for item in extra_sets:
         cmd += ["--set", item]
@@ -170,7 +171,7 @@ def log_best(mlf, parent_id: str, exp_id: str, sweep_id: str, run_ids: list[str]
                                                   float(lr) if lr else None),
                      "unit": p.get("model.unit", "?"), "d_ff": p.get("model.d_ff"), "run_id": r.info.run_id,
                      "seed": int(seed) if seed else None, "val_loss": m["final/eval_loss"],
-                     "test_loss": m.get("test/loss")})
+                     "test_loss": m.get("test/loss"), "start_time": r.info.start_time})
     if not rows:
         return None
     best = stats.group(rows)[0]
@@ -211,8 +212,11 @@ def sweep(base: dict, *, shard: str = "0/1", gpus: str = "auto", device: str = "
           f"({sum(e['status'] == 'skipped' for e in plan)} already finished); parent run {parent_id}",
           file=sys.stderr)
     runner = Runner(base, slots, parent_id, sweep_id, device, extra_sets, plan)
-    runner.run_all()
-    runner.wait_elsewhere(mlf, exp_id)
+    try:
+        runner.run_all()
+        runner.wait_elsewhere(mlf, exp_id)
+    finally:
+        runner.close()
     return finish(mlf, base, plan, uri=uri, exp_id=exp_id, parent_id=parent_id, sweep_id=sweep_id,
                   shard=f"{i}/{n}", summary_path=summary_path)
 
@@ -275,8 +279,9 @@ def plan_shard(mlf, exp_id: str, base: dict, mine: list[dict], meta: dict) -> li
 
 
 class Runner:
-    """4. Runs what is left of the plan, one config per worker slot (GPU) at a time, each as its own
-    `pagating train` process, retrying a failure once; updates the plan's entries in place."""
+    """4. Runs what is left of the plan, one config per worker slot (GPU) at a time, each a `pagating
+    train` in the slot's long-lived worker process (pagating.sweep_worker: imports once, crash-isolated),
+    retrying a failure once; updates the plan's entries in place."""
 
     def __init__(self, base: dict, slots: list[str | None], parent_id: str, sweep_id: str, device: str,
                  extra_sets: list[str], plan: list[dict]):
@@ -293,10 +298,16 @@ class Runner:
         # share (PAGATING_THREAD_SHARE); the user's OMP_NUM_THREADS, inherited by every child, wins.
         self.share = None if explicit_threads() else thread_share(min(len(slots), len(self.todo)))
         self.counter = itertools.count(1)
+        self.workers: dict[str | None, Worker] = {}  # slot -> its worker; a slot is used by one thread at a time
 
     def run_all(self) -> None:
         with ThreadPoolExecutor(max_workers=len(self.slots)) as pool:
             list(pool.map(self.run_one, self.todo))
+
+    def close(self) -> None:
+        for worker in self.workers.values():
+            worker.close()
+        self.workers.clear()
 
     def run_one(self, entry: dict) -> None:
         slot = self.free.get()
@@ -322,26 +333,34 @@ class Runner:
         """One `pagating train` of the entry; True when there is no point in a second attempt."""
         cfg = config_for(self.base, entry["overrides"])
         resume = "if-any" if entry["status"] == "resume" or attempt == 2 else "none"
-        cmd = _child_command(cfg, entry["overrides"], self.parent_id, self.sweep_id, resume,
+        argv = _train_argv(cfg, entry["overrides"], self.parent_id, self.sweep_id, resume,
                              self.device if slot is None else "auto", self.extra_sets)
         Path(entry["log"]).parent.mkdir(parents=True, exist_ok=True)
-        with open(entry["log"], "a") as log:
-            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
-        result = _last_json(proc.stdout)
-        if proc.returncode == 0 and result.get("status") == "claimed":
+        worker = self.workers.get(slot) or self.workers.setdefault(slot, Worker(env))
+        answer = worker.run(argv, entry["log"])
+        if answer is None:  # the worker process died (OOM kill, segfault): this config failed, not the sweep
+            del self.workers[slot]
+            with open(entry["log"], "a") as log:
+                print(f"pagating sweep: the worker training this config died (exit {worker.proc.returncode})",
+                      file=log)
+            answer = {"rc": 1, "result": {}, "clean": False}
+        elif not answer["clean"]:  # whatever the error left half-set goes with this worker
+            self.workers.pop(slot).close()
+        rc, result = answer["rc"], answer["result"]
+        if rc == 0 and result.get("status") == "claimed":
             # Another process (another sweep over this grid) trains it: come back to it later.
             entry.update(status="elsewhere", run_id=result.get("run_id"))
             return True
-        if proc.returncode == 0 and result.get("already_finished"):
+        if rc == 0 and result.get("already_finished"):
             entry.update(status="skipped", run_id=result["run_id"], final_eval_loss=result.get("final_eval_loss"))
             return True
-        if proc.returncode == 0 and result.get("status") == "FINISHED":
+        if rc == 0 and result.get("status") == "FINISHED":
             entry.update(run_id=result["run_id"], final_eval_loss=result.get("final_eval_loss"),
                          first_eval_loss=result.get("first_eval_loss"),
                          status="resumed" if result.get("resumed_from") else "ran")
             return True
         entry.update(status="failed", run_id=result.get("run_id", entry["run_id"]), error=_tail(entry["log"]))
-        return proc.returncode == 2  # a user error will not go away on retry
+        return rc == 2  # a user error will not go away on retry
 
     def _report(self, entry: dict) -> None:
         with self.lock:
@@ -381,9 +400,13 @@ def finish(mlf, base: dict, plan: list[dict], *, uri: str, exp_id: str, parent_i
     from pagating import tracking
 
     failed = [e for e in plan if e["status"] == "failed"]
-    best = log_best(mlf, parent_id, exp_id, sweep_id, [e.get("run_id") for e in plan])
-    if failed or shard.endswith("/1") or _grid_finished(mlf, exp_id, parent_id):
-        mlf.set_terminated(parent_id, "FAILED" if failed else "FINISHED")
+    # Hours of training end here: a dropped connection must not fail the sweep (both calls are idempotent).
+    best = tracking.retry(lambda: log_best(mlf, parent_id, exp_id, sweep_id, [e.get("run_id") for e in plan]),
+                          "record the best config", attempts=5)
+    if failed or shard.endswith("/1") or tracking.retry(lambda: _grid_finished(mlf, exp_id, parent_id),
+                                                        "read the grid", attempts=5):
+        tracking.retry(lambda: mlf.set_terminated(parent_id, "FAILED" if failed else "FINISHED"),
+                       "end the sweep run", attempts=5)
     # else: other shards still run; the last to end (or `vast watch`) sets FINISHED
     summary = {"sweep_id": sweep_id, "parent_run_id": parent_id, "experiment_id": exp_id,
                "profile": base["profile"], "shard": shard,
@@ -404,15 +427,6 @@ def _grid_finished(mlf, exp_id: str, parent_id: str) -> bool:
     hashes = set(filter(None, mlf.get_run(parent_id).data.tags.get("pagating.grid_hashes", "").split(",")))
     runs = mlf.search_runs([exp_id], filter_string="attributes.status = 'FINISHED'", max_results=5000)
     return hashes <= {r.data.tags.get("pagating.config_hash") for r in runs}
-
-
-def _last_json(stdout: str) -> dict:
-    for line in reversed((stdout or "").strip().splitlines()):
-        try:
-            return json.loads(line)
-        except json.JSONDecodeError:
-            continue
-    return {}
 
 
 def _tail(path: str) -> str:

@@ -1,5 +1,6 @@
 """The sweep against a real `mlflow server`: parent/children, idempotent re-run, kill and resume, shards."""
 
+import contextlib
 import json
 import os
 import re
@@ -8,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 from conftest import run_cli
 from mlflow.tracking import MlflowClient
@@ -127,6 +129,58 @@ def test_sweep_killed_midway_rerun_completes_only_the_rest(sample_project, mlflo
     for r in runs:
         steps = [m.step for m in mlf.get_metric_history(r.info.run_id, "train/loss")]
         assert steps == [5, 10, 15, 20]
+
+
+def _workers(pid: int) -> set[int]:
+    try:
+        kids = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return set()
+    found = set()
+    for kid in kids:
+        with contextlib.suppress(psutil.Error):
+            if "pagating.sweep_worker" in " ".join(kid.cmdline()):
+                found.add(kid.pid)
+    return found
+
+
+@pytest.mark.slow
+def test_one_worker_per_slot_and_a_killed_worker_costs_one_retry(sample_project, mlflow_server, tmp_path):
+    """Three configs in one slot share one worker process (imports paid once); a worker killed while it
+    trains (as by the OOM killer) fails only that attempt: a fresh worker resumes the config, the sweep
+    ends with every config FINISHED once."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server.uri}
+    args = ["sweep", *SMALL, "--set", "train.max_steps=30", "--set", "tracking.experiment_prefix=workers",
+            "--set", "sweep.alpha_mode=[static_0.2, static_0.4, static_0.8]", "--set", "sweep.learning_rate=[1e-3]",
+            "--set", f"train.output_dir={tmp_path / 'out'}", "--summary", str(tmp_path / "sweep.json")]
+    proc = subprocess.Popen([sys.executable, "-m", "pagating.cli", *args], cwd=sample_project, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    mlf = MlflowClient(mlflow_server.uri)
+    seen, killed, deadline = set(), None, time.time() + 400
+    while proc.poll() is None and time.time() < deadline:
+        workers = _workers(proc.pid)
+        seen |= workers
+        exp = mlf.get_experiment_by_name("workers-sample")
+        runs = mlf.search_runs([exp.experiment_id], filter_string="attributes.run_name LIKE '%static_0.4%'") \
+            if exp else []
+        if killed is None and runs and "train/loss" in runs[0].data.metrics and len(workers) == 1:
+            killed = workers.pop()
+            os.kill(killed, signal.SIGKILL)
+        time.sleep(0.2)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-3000:]
+    assert killed is not None, "the second config finished before its worker could be killed"
+    assert len(seen) == 2, seen  # the first worker trained configs 1 and 2; the second, 2 again and 3
+    summary = json.loads((tmp_path / "sweep.json").read_text())
+    # resumed from its checkpoint, or ran again from step 0 when killed before the first one was whole
+    assert sorted(c["status"] for c in summary["configs"]) in (["ran", "ran", "resumed"], ["ran", "ran", "ran"])
+    runs = mlf.search_runs([exp.experiment_id], filter_string="tags.`mlflow.parentRunId` LIKE '%'")
+    assert len(runs) == 3 and all(r.info.status == "FINISHED" for r in runs)
+    for r in runs:
+        assert [m.step for m in mlf.get_metric_history(r.info.run_id, "train/loss")] == [5, 10, 15, 20, 25, 30]
+    logs = [f for f in (tmp_path / "out").rglob("*.log") if "the worker training this config died (exit -9)"
+            in f.read_text()]
+    assert len(logs) == 1
 
 
 @pytest.mark.parametrize("sets, message", [
