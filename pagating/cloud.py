@@ -84,6 +84,7 @@ def check_tracking_uri(uri: str | None) -> str:
     hint = "set MLFLOW_TRACKING_URI to an https:// server the instance can reach (see `pagating server`)"
     if not uri:
         raise UserError(f"no tracking server for the instance: {hint}")
+    tracking.check_no_credentials(uri)  # user:password@ in the URI: MLflow prints it in every log
     if uri == "databricks" or uri.startswith("databricks"):
         return uri
     parts = urlsplit(uri)

@@ -111,10 +111,20 @@ def check_cuda() -> tuple[bool, str]:
 
 # ---- reporting to the parent run --------------------------------------------------------------
 
+def _uri() -> str | None:
+    """MLFLOW_TRACKING_URI, refused with user:password@ in it (MLflow prints the URI in its logs)."""
+    from pagating.tracking import check_no_credentials
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        check_no_credentials(uri)
+    return uri
+
+
 def _client():
     from pagating.tracking import client
 
-    return client(os.environ.get("MLFLOW_TRACKING_URI"))
+    return client(_uri())
 
 
 def report(state: str) -> None:
@@ -123,7 +133,8 @@ def report(state: str) -> None:
         from pagating.tracking import retry
 
         # A shared server answers a transient 5xx or reset now and then (several instances report at once).
-        retry(lambda: _client().set_tag(run_id, REPORT_TAG + instance_id(), state[:4000]), "report", attempts=4)
+        mlf = _client()  # a URI refused is not worth retrying
+        retry(lambda: mlf.set_tag(run_id, REPORT_TAG + instance_id(), state[:4000]), "report", attempts=4)
 
 
 def upload_log(path: str | None = None) -> str:
@@ -134,20 +145,19 @@ def upload_log(path: str | None = None) -> str:
         return "log not uploaded: no PAGATING_PARENT_RUN_ID"
     if not path or not Path(path).is_file():
         return f"log not uploaded: no log file {path!r}"
-    name = log_artifact_name(instance_id())
+    name, mlf = log_artifact_name(instance_id()), _client()
     with tempfile.TemporaryDirectory() as tmp:  # a snapshot: the live file keeps growing
         shutil.copyfile(path, Path(tmp) / name)
         from pagating.tracking import retry
 
-        retry(lambda: _client().log_artifact(run_id, str(Path(tmp) / name), LOG_ARTIFACT_DIR), "log upload",
-              attempts=4)
+        retry(lambda: mlf.log_artifact(run_id, str(Path(tmp) / name), LOG_ARTIFACT_DIR), "log upload", attempts=4)
     return f"log uploaded to run {run_id} as {LOG_ARTIFACT_DIR}/{name}"
 
 
 def settle() -> str:
     """As this instance ends: set the parent to the truth (`mlflow run` marks the run it was
     given FINISHED when its command exits, whatever the other shards are doing)."""
-    run_id, uri = os.environ.get("PAGATING_PARENT_RUN_ID"), os.environ.get("MLFLOW_TRACKING_URI")
+    run_id, uri = os.environ.get("PAGATING_PARENT_RUN_ID"), _uri()
     sweep_id = os.environ.get("PAGATING_SWEEP_ID")
     if not (run_id and uri and sweep_id):
         return "parent not settled: no PAGATING_PARENT_RUN_ID / MLFLOW_TRACKING_URI / PAGATING_SWEEP_ID"

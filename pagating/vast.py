@@ -26,7 +26,7 @@ import sys
 import time
 from typing import Any
 
-from pagating import cloud, vast_cost, vast_watchdog
+from pagating import cloud, tracking, vast_cost, vast_watchdog
 from pagating.cloud import format_table
 from pagating.config import UserError, add_config_args, defaults, project_root
 from pagating.tracking import retry
@@ -250,7 +250,11 @@ def hourly_rate(offer: dict, interruptible: bool, bid: float | None = None) -> f
 
 
 def tracking_uri_for_lookup(args) -> str | None:
-    return getattr(args, "tracking_uri", None) or os.environ.get("MLFLOW_TRACKING_URI") or None
+    """--tracking-uri or MLFLOW_TRACKING_URI; one with user:password@ in it is refused (exit 2)."""
+    uri = getattr(args, "tracking_uri", None) or os.environ.get("MLFLOW_TRACKING_URI") or None
+    if uri:
+        tracking.check_no_credentials(uri)
+    return uri
 
 
 def rank_offers(args, cfg: dict) -> tuple[list[dict], str | None]:
@@ -537,12 +541,12 @@ def destroy_all(client: Vast, ids: list[int]) -> list[int]:
 
 @_guard
 def cmd_logs(args) -> int:
+    uri = tracking_uri_for_lookup(args)
     client = Vast(require_key())
     if client.instance(int(args.instance)) is not None:  # alive: Vast's own copy of its output
         text = client.call("logs", int(args.instance), tail=str(args.tail) if args.tail else None)
         print(text if isinstance(text, str) else text.get("msg") or text)
         return 0
-    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         raise UserError(f"instance {args.instance} is gone; its log is on the sweep's run in MLflow: set "
                         "MLFLOW_TRACKING_URI or pass --tracking-uri")

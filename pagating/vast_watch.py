@@ -14,7 +14,7 @@ import os
 import sys
 import time
 
-from pagating import cloud, vast_cost
+from pagating import cloud, tracking, vast_cost
 from pagating.cloud import format_table
 from pagating.config import UserError, defaults
 from pagating.tracking import mask_uri
@@ -357,15 +357,24 @@ def _settle(uri: str, parent: str | None, sid: str, state: dict[str, str], worki
 
 @_guard
 def cmd_status(args) -> int:
+    uri = _tracking_uri(args)
     client = Vast(require_key())
-    report_status(client, args.sweep, args.relaunch, args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
+    report_status(client, args.sweep, args.relaunch, uri)
     return 0
+
+
+def _tracking_uri(args) -> str | None:
+    """--tracking-uri or MLFLOW_TRACKING_URI, refused (exit 2) with user:password@ in it, as train/sweep do."""
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        tracking.check_no_credentials(uri)
+    return uri
 
 
 @_guard
 def cmd_watch(args) -> int:
+    uri = _tracking_uri(args)
     client = Vast(require_key())
-    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     timeout = args.start_timeout if args.start_timeout is not None else defaults("cloud")["start_timeout_min"]
     watcher = Watcher(timeout * 60, grace_rounds=0 if args.once else 1)
     while True:

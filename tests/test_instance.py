@@ -44,3 +44,21 @@ def test_the_dvc_plugin_extra_of_each_remote_kind_is_a_project_extra():
                 assert f"pagating[{extra}]" in (REPO_ROOT / doc).read_text(), (doc, extra)
     with pytest.raises(ValueError, match="no DVC plugin"):
         dvc_extra("webdav://h/p")
+
+
+@pytest.mark.parametrize("cmd", [["report", "running: sweep"], ["upload-log"], ["settle"]])
+def test_instance_refuses_credentials_in_the_tracking_uri(monkeypatch, tmp_path, capsys, cmd):
+    import time
+
+    from pagating import instance
+
+    log = tmp_path / "onstart.log"
+    log.write_text("hello\n")
+    for k, v in {"MLFLOW_TRACKING_URI": "http://gpu-runner:pw-in-uri-77e1@127.0.0.1:9", "PAGATING_LOG": str(log),
+                 "PAGATING_PARENT_RUN_ID": "0" * 32, "PAGATING_SWEEP_ID": "s1", "CONTAINER_ID": "4242"}.items():
+        monkeypatch.setenv(k, v)
+    t0 = time.time()
+    assert instance.main(cmd) == 1
+    err = capsys.readouterr().err
+    assert "carries credentials" in err and "pw-in-uri-77e1" not in err and err.count("\n") == 1
+    assert time.time() - t0 < 5  # refused, not retried

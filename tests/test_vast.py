@@ -271,7 +271,7 @@ def test_onstart_text_carries_no_secret_and_stays_small(env):
 
 @pytest.mark.parametrize("case", ["missing key", "over budget", "low credit", "sqlite", "file", "plain path",
                                   "loopback", "localhost", "private", "no uri", "http with password",
-                                  "http with token"])
+                                  "http with token", "credentials in the uri"])
 def test_refusals_exit_2_before_renting(keyed, env, capsys, case):
     argv = list(LAUNCH)
     if case == "missing key":
@@ -289,7 +289,8 @@ def test_refusals_exit_2_before_renting(keyed, env, capsys, case):
     else:
         uri = {"sqlite": "sqlite:///mlflow.db", "file": "file:///tmp/mlruns", "plain path": "/tmp/mlruns",
                "loopback": "http://127.0.0.1:5000", "localhost": "https://localhost:5000",
-               "private": "https://192.168.1.20:5000", "http with password": "http://mlflow.example.org"}[case]
+               "private": "https://192.168.1.20:5000", "http with password": "http://mlflow.example.org",
+               "credentials in the uri": "https://gpu-runner:pw-in-uri-1f9a@mlflow.example.org"}[case]
         env.setenv("MLFLOW_TRACKING_URI", uri)
     rc, out, err = run(capsys, *argv)
     assert rc == 2
@@ -297,8 +298,19 @@ def test_refusals_exit_2_before_renting(keyed, env, capsys, case):
     assert err.startswith("pagating vast: error: ") and err.count("\n") == 1
     if case == "missing key":
         assert keyed.requests == []  # refused before talking to Vast at all
-    for secret in SECRETS.values():
+    if case == "credentials in the uri":
+        assert "carries credentials" in err and keyed.requests == []
+    for secret in (*SECRETS.values(), "pw-in-uri-1f9a"):
         assert secret not in out + err
+
+
+@pytest.mark.parametrize("verb", ["status", "watch", "logs"])
+def test_status_watch_and_logs_refuse_credentials_in_the_tracking_uri(keyed, capsys, verb):
+    argv = ["vast", verb, *(["7001"] if verb == "logs" else []), "--tracking-uri",
+            "https://gpu-runner:pw-in-uri-1f9a@mlflow.example.org"]
+    rc, out, err = run(capsys, *argv)
+    assert rc == 2 and err.count("\n") == 1 and "carries credentials" in err, err
+    assert "pw-in-uri-1f9a" not in out + err and keyed.requests == []
 
 
 @pytest.mark.parametrize("case", ["over budget", "bad env", "commit not on the remote"])
@@ -545,13 +557,12 @@ def test_fake_vast_refuses_what_vast_refuses(fake):
 
 def test_launch_with_the_longest_realistic_inputs_is_accepted(launchable, env, capsys, mlflow_server, tmp_path):
     launchable.offers = [offer(30 + i, 0.30 + i / 100) for i in range(10)]
-    # a private repo cloned with a token, a tracking URI carrying a long user and password,
+    # a private repo cloned with a token, a long tracking user and password (never in the URI: refused there),
     # DVC credentials, 8 bid instances
     repo = ("https://x-access-token:ghp_" + "A1b2C3d4E5" * 4 + "@github.com/"
             "some-research-group-with-a-long-name/pagating-gpt2-gating-experiments-fork.git")
     git_remote(env, tmp_path / "long", url=repo)
-    host = mlflow_server.uri.split("//", 1)[1]
-    env.setenv("MLFLOW_TRACKING_URI", f"http://gpu-runner-for-the-long-sweep:{'p' * 64}@{host}")
+    env.setenv("MLFLOW_TRACKING_USERNAME", "gpu-runner-for-the-long-sweep-" + "u" * 64)
     env.setenv("MLFLOW_TRACKING_PASSWORD", "q" * 64)
     env.setenv("AWS_ACCESS_KEY_ID", "AKIA" + "X" * 16)
     env.setenv("AWS_SECRET_ACCESS_KEY", "s" * 40)
@@ -565,7 +576,7 @@ def test_launch_with_the_longest_realistic_inputs_is_accepted(launchable, env, c
         body = req.body
         assert len(body["onstart"]) <= 4096 and body["env"]["PAGATING_REPO"] == repo
         assert max(len(f"{k}={v}") for k, v in body["env"].items()) <= 256
-    for secret in ("ghp_", "p" * 64, "q" * 64, "s" * 40):
+    for secret in ("ghp_", "q" * 64, "s" * 40):
         assert secret not in out + err
 
 
