@@ -104,7 +104,8 @@ def relaunch(client: Vast, inst: dict, cfg: dict, siblings: list[dict], *, dead:
     c = cfg["cloud"]
     disk = float(inst.get("disk_space") or c["min_disk_gb"])
     machine = inst.get("machine_id")
-    min_cuda = image_cuda(inst.get("image_uuid") or c["image"], c["image_cuda"])
+    image = inst.get("image_uuid") or c["image"]  # Vast refuses a create without an image
+    min_cuda = image_cuda(image, c["image_cuda"])
     query = offer_query(inst.get("gpu_name") or c["gpu_name"], c["min_reliability"], disk,
                         c["min_inet_down_mbps"], int(inst.get("num_gpus") or 1),
                         exclude_machines=[machine] if machine else None, min_cuda=min_cuda)
@@ -114,7 +115,7 @@ def relaunch(client: Vast, inst: dict, cfg: dict, siblings: list[dict], *, dead:
         rate = hourly_rate(offer, bid)
         env.update({"PAGATING_USD_PER_HOUR": f"{rate:.4f}", "PAGATING_BUDGET_USD": f"{budget_left:.2f}"})
         try:
-            iid = client.create(offer["id"], label, exclude={old}, image=inst.get("image_uuid"), disk=disk,
+            iid = client.create(offer["id"], label, exclude={old}, image=image, disk=disk,
                                 env=env, onstart_cmd=cloud.bootstrap_text(), ssh=True, price=rate if bid else None)
         except OfferTaken:
             print(f"{label}: offer {offer['id']} was taken meanwhile; trying the next")

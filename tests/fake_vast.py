@@ -11,7 +11,13 @@ args_str + onstart exceed 4,096 characters, an env entry 256 (all env 32,768), t
 image 1,024; and 429 "API requests too frequent" (plain text, no Retry-After) to more than ~4.5
 requests/s on one endpoint (method + path with ids folded). An offer is one machine: once rented (or
 taken by someone else between search and create: `fake.taken.add(id)`) it leaves the search answer and
-a create on it is answered 400 {"success": false, "error": "no_such_ask"}. DELETE answers {"success":
+a create on it is answered 400 {"success": false, "error": "no_such_ask"}. A create without `image` is
+400 invalid_args (docs.vast.ai "Creating Instances with the API": image is required unless a
+template_hash_id is given). Every request but the offer search and the log download needs a Bearer key
+(docs.vast.ai "Authentication": every request carries one; a missing, bad or under-scoped key gets
+401/403): none is 401. An instance's own key (`container-key-<id>`, what its CONTAINER_API_KEY is here)
+acts on that instance only (DESIGN.md, from Vast's docs: it can only start/stop/destroy its instance):
+anything else is 403. DELETE answers {"success":
 true, "msg": "Instance destroyed successfully"} (docs.vast.ai destroy-instance), 404 no_such_instance
 for an instance that is gone, and 401 for a key in `refused_keys`. New instances sit in `loading` until
 a test moves them (`fake.instances[id]["actual_status"] = "running"`); `on_create(iid, body)` and
@@ -42,6 +48,11 @@ class Request:
     t: float = field(default_factory=time.time)
 
 
+def instance_key(iid: int) -> str:
+    """The CONTAINER_API_KEY the fake gives instance `iid` (tests pass it as the instance's env)."""
+    return f"container-key-{iid}"
+
+
 def offer(id: int, dph: float, gpu: str = "RTX 4090", **kw) -> dict:
     """An offer row shaped like the /bundles/ answer (the fields pagating reads)."""
     row = {"id": id, "ask_contract_id": id, "machine_id": 1000 + id, "gpu_name": gpu, "num_gpus": 1,
@@ -58,6 +69,8 @@ MAX_STARTUP, MAX_ENV_ENTRY, MAX_ENV_TOTAL, MAX_LABEL, MAX_IMAGE = 4096, 256, 327
 
 def create_body_problem(body: dict) -> str | None:
     """What Vast's create-instance validation would refuse in `body`, or None."""
+    if not body.get("image") and not body.get("template_hash_id"):
+        return "image is required (or template_hash_id)"
     args = body.get("args") or []
     startup = len(body.get("onstart") or "") + len(body.get("args_str") or "") + len(" ".join(map(str, args)))
     if startup > MAX_STARTUP:
@@ -89,6 +102,8 @@ class FakeVast:
     taken: set[int] = field(default_factory=set)
     # Bearer keys refused (401) on DELETE, e.g. an instance's CONTAINER_API_KEY gone bad.
     refused_keys: set[str] = field(default_factory=set)
+    # Instance keys -> the one instance each may act on (every instance gets `container-key-<id>`).
+    instance_keys: dict[str, int] = field(default_factory=dict)
     on_create: Callable[[int, dict], None] | None = None
     on_destroy: Callable[[int], None] | None = None
     # Vast's per-endpoint rate (requests/s, over a 2 s window); None: no limit.
@@ -128,6 +143,7 @@ class FakeVast:
         row.update(kw)
         with self._lock:
             self.instances[id] = row
+            self.instance_keys[instance_key(id)] = id
         return row
 
     # ---- request handling ---------------------------------------------------------------------
@@ -150,7 +166,26 @@ class FakeVast:
             for (m, prefix), queue in self._failures.items():
                 if m == method and path.startswith(prefix) and queue:
                     return queue.pop(0), {"error": "injected", "msg": "injected failure"}
+        refused = self.auth_problem(req)
+        if refused:
+            req.status = refused[0]
+            return refused
         return self.route(req)
+
+    def auth_problem(self, req: Request):
+        """(401, ...) without a key where Vast wants one; (403, ...) for an instance key used on anything
+        but its own instance; None when the key may do this."""
+        if (req.method == "POST" and req.path == "/api/v0/bundles/") or req.path.startswith("/logs-result/"):
+            return None  # offers can be searched without an account; the log URL is pre-signed
+        key = (req.auth or "").removeprefix("Bearer ").strip()
+        if not key:
+            return 401, {"success": False, "error": "auth_error", "msg": "missing api key"}
+        if key in self.instance_keys:
+            seg = [s for s in req.path.split("/") if s]
+            own = len(seg) == 4 and seg[2] == "instances" and seg[3] == str(self.instance_keys[key])
+            if not own:
+                return 403, {"success": False, "error": "forbidden", "msg": "this key may only manage its instance"}
+        return None
 
     def route(self, req: Request):
         m, p, body = req.method, req.path, req.body or {}

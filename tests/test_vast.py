@@ -540,19 +540,45 @@ def test_destroy_by_sweep_and_by_id(keyed, capsys):
 
 # ---- Vast's create-request limits and rate limit (the fake enforces them like Vast) ------------
 
+ACCOUNT = {"Authorization": "Bearer account-key"}
+
+
 def test_fake_vast_refuses_what_vast_refuses(fake):
     import requests
 
     url = f"{fake.url}/api/v0/asks/11/"
     big = {"image": "img", "onstart": "x" * 4097, "env": {}}
-    r = requests.put(url, json=big, timeout=10)
+    r = requests.put(url, json=big, headers=ACCOUNT, timeout=10)
     assert r.status_code == 400 and r.json()["error"] == "invalid_args" and "4096" in r.json()["msg"]
     for body in ({"image": "img", "env": {"A": "v" * 255}}, {"image": "i" * 1025}, {"image": "i", "label": "l" * 257}):
-        assert requests.put(url, json=body, timeout=10).status_code == 400
+        assert requests.put(url, json=body, headers=ACCOUNT, timeout=10).status_code == 400
     fake.rate_limit = 4.5
-    answers = [requests.get(f"{fake.url}/api/v0/instances/{i}/", timeout=10).status_code for i in range(12)]
+    answers = [requests.get(f"{fake.url}/api/v0/instances/{i}/", headers=ACCOUNT, timeout=10).status_code
+               for i in range(12)]
     assert answers[:9] == [200] * 9 and 429 in answers[9:]
     assert not fake.creates()
+
+
+def test_fake_vast_wants_an_image_a_key_and_an_instance_key_on_its_own_instance(fake):
+    import requests
+
+    fake.rate_limit = None
+    fake.add_instance(7001)
+    fake.add_instance(7002)
+    r = requests.put(f"{fake.url}/api/v0/asks/11/", json={"label": "x", "env": {}}, headers=ACCOUNT, timeout=10)
+    assert r.status_code == 400 and "image is required" in r.json()["msg"] and not fake.creates()
+    for method, path in (("DELETE", "/api/v0/instances/7001/"), ("GET", "/api/v0/instances/7001/"),
+                         ("GET", "/api/v1/instances/"), ("PUT", "/api/v0/asks/11/")):
+        assert requests.request(method, fake.url + path, json={"image": "i"}, timeout=10).status_code == 401
+    mine = {"Authorization": "Bearer container-key-7001"}  # CONTAINER_API_KEY of 7001
+    for method, path in (("DELETE", "/api/v0/instances/7002/"), ("GET", "/api/v0/instances/7002/"),
+                         ("GET", "/api/v1/instances/"), ("PUT", "/api/v0/asks/11/")):
+        assert requests.request(method, fake.url + path, json={"image": "i"}, headers=mine,
+                                timeout=10).status_code == 403, (method, path)
+    assert not fake.instances[7002].get("_destroyed") and not fake.creates()
+    assert requests.get(f"{fake.url}/api/v0/instances/7001/", headers=mine, timeout=10).status_code == 200
+    assert requests.delete(f"{fake.url}/api/v0/instances/7001/", headers=mine, timeout=10).status_code == 200
+    assert requests.post(f"{fake.url}/api/v0/bundles/", json={}, timeout=10).status_code == 200  # no account needed
 
 
 def test_launch_with_the_longest_realistic_inputs_is_accepted(launchable, env, capsys, mlflow_server, tmp_path):
