@@ -19,6 +19,7 @@
 #   PAGATING_DATA=sample                  rebuild the sample corpus instead of `dvc pull data.dvc`
 #   PAGATING_LOG, PAGATING_LOG_UPLOAD_S   the log file (set by the bootstrap), upload period (60 s)
 #   PAGATING_WATCHDOG_POLL_S              seconds between the watchdog's checks (60)
+#   PAGATING_EXIT_CALL_TIMEOUT_S          each tracking-server call on the way out is killed after this (60)
 #   MLFLOW_TRACKING_URI, MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN
 #   DVC remote credentials (AWS_ACCESS_KEY_ID, ...), passed with `launch --env NAME`
 #   CONTAINER_ID, CONTAINER_API_KEY       set by Vast; this key can only manage this one instance
@@ -52,6 +53,12 @@ INTERRUPTED=0
 
 # On the parent run: tag pagating.instance.<id> (what launch waits for) and the log artifact.
 instance() { PYTHONPATH="$WORKDIR${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m pagating.instance "$@"; }
+# The same, killed after PAGATING_EXIT_CALL_TIMEOUT_S (60): on the way out (and in the uploader) a tracking
+# server that is down or hangs must not hold back the DELETE (billing) for its timeouts x retries.
+EXIT_CALL_S="${PAGATING_EXIT_CALL_TIMEOUT_S:-60}"
+bounded() {
+  timeout -k 5 "$EXIT_CALL_S" env PYTHONPATH="$WORKDIR${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m pagating.instance "$@"
+}
 
 destroy_self() {
   if [ -z "${CONTAINER_ID:-}" ] || [ -z "${CONTAINER_API_KEY:-}" ]; then
@@ -75,10 +82,10 @@ on_exit() {
     kill -KILL -- "-$CHILD" 2>/dev/null
   fi
   if [ -n "$UPLOADER_PID" ]; then
-    # Let an upload in flight finish (at most 60 s) rather than kill it: a killed client's request can
-    # still land after the final upload below and replace the whole log with an older snapshot.
+    # Let an upload in flight finish (it is bounded too) rather than kill it: a killed client's request
+    # can still land after the final upload below and replace the whole log with an older snapshot.
     touch "$PAGATING_STATE_DIR/upload-stop"
-    for _ in $(seq 60); do kill -0 "$UPLOADER_PID" 2>/dev/null || break; sleep 1; done
+    for _ in $(seq $((EXIT_CALL_S + 6))); do kill -0 "$UPLOADER_PID" 2>/dev/null || break; sleep 1; done
     kill "$UPLOADER_PID" 2>/dev/null
   fi
   # The reason goes in the log's last line and on the parent run before the DELETE takes the box away;
@@ -97,9 +104,9 @@ on_exit() {
   fi
   log "$line"
   sleep 1  # the log reaches the file through tee: let the line land before the snapshot
-  instance upload-log --quiet
-  instance settle >/dev/null 2>&1  # the parent's status: `mlflow run` marked it FINISHED whatever the grid
-  instance report "$state" >/dev/null 2>&1
+  bounded upload-log --quiet || log "final log upload failed or timed out (tracking server down?)"
+  bounded settle >/dev/null 2>&1  # the parent's status: `mlflow run` marked it FINISHED whatever the grid
+  bounded report "$state" >/dev/null 2>&1
   if [ -z "$killed" ] && [ "$INTERRUPTED" = 1 ] && on "${PAGATING_INTERRUPTIBLE:-0}"; then
     :  # stopped, not destroyed: the relaunch destroys it once its shard runs elsewhere
   else
@@ -146,7 +153,7 @@ instance report "running: onstart.sh" || fail "cannot report to the tracking ser
 # It checks a stop file every second, so the exit path can wait for it instead of killing an upload.
 ( n=0; while [ ! -e "$PAGATING_STATE_DIR/upload-stop" ]; do
     sleep 1; n=$((n + 1))
-    if [ "$n" -ge "${PAGATING_LOG_UPLOAD_S:-60}" ]; then n=0; instance upload-log --quiet; fi
+    if [ "$n" -ge "${PAGATING_LOG_UPLOAD_S:-60}" ]; then n=0; bounded upload-log --quiet; fi
   done ) >>"$PAGATING_LOG" 2>&1 &
 UPLOADER_PID=$!
 

@@ -6,8 +6,10 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -162,6 +164,92 @@ def test_budget_and_stall_kills_record_the_reason_and_the_log_before_the_delete(
             assert cloud.instance_log(mlflow_server.uri, iid).strip().splitlines()[-1].endswith(
                 f"killed by the watchdog: {tag.removeprefix('killed: ')}")
             assert procs[iid].returncode == 143 and "container-key" not in outs[iid]
+
+
+class HangingProxy:
+    """A TCP proxy on 127.0.0.1 to a server; after hang(), new connections are accepted and never answered
+    (a tracking server that hangs: the worst case for the exit path, worse than one that refuses)."""
+
+    def __init__(self, target_port: int):
+        self.target_port, self.hanging, self.held = target_port, False, []
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.uri = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def hang(self) -> None:
+        self.hanging = True
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            if self.hanging:
+                self.held.append(client)
+                continue
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src, dst) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.sock.close()
+        for c in self.held:
+            c.close()
+
+
+@pytest.mark.slow
+def test_onstart_exit_destroys_in_bounded_time_when_the_tracking_server_hangs(mlflow_server, stub_project,
+                                                                              tmp_path):
+    """MLflow hangs (accepts, never answers) as the instance stops: each upload/settle/report on the way out
+    is cut at PAGATING_EXIT_CALL_TIMEOUT_S, so the DELETE comes in seconds, not after MLflow's timeouts."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_server.uri)
+    exp = client.get_experiment_by_name("pagating-onstartstub")
+    exp_id = exp.experiment_id if exp else client.create_experiment("pagating-onstartstub")
+    parent = client.create_run(exp_id, run_name="sweep hang").info.run_id
+    proxy = HangingProxy(mlflow_server.port)
+    try:
+        with FakeVastServer() as fake:
+            fake.add_instance(4242)
+            env = onstart_env(fake.url, proxy.uri, "hang", PAGATING_PROFILE="onstartstub", PAGATING_SKIP_DVC="1",
+                              PAGATING_SKIP_PREPARE="1", STUB_SLEEP="120", PAGATING_PARENT_RUN_ID=parent,
+                              PAGATING_EXIT_CALL_TIMEOUT_S="3", MLFLOW_HTTP_REQUEST_TIMEOUT="300",
+                              PAGATING_LOG_UPLOAD_S="600", HOME=str(tmp_path / "home"))
+            proc = subprocess.Popen(["bash", str(REPO_ROOT / "scripts" / "onstart.sh")], cwd=stub_project,
+                                    env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            try:
+                deadline = time.time() + 90
+                while not (stub_project / "started").exists() and time.time() < deadline and proc.poll() is None:
+                    time.sleep(0.1)
+                assert (stub_project / "started").exists()
+                proxy.hang()
+                t0 = time.time()
+                proc.send_signal(signal.SIGTERM)
+                out, _ = proc.communicate(timeout=120)
+            finally:
+                proc.kill()
+            (req,) = fake.destroys(4242)
+            assert req.t - t0 < 50, out[-3000:]  # without the bounds: 300 s per hanging request, x retries
+            print(f"DELETE {req.t - t0:.1f} s after SIGTERM, exit {time.time() - t0:.1f} s")
+            assert "final log upload failed or timed out" in out
+    finally:
+        proxy.close()
 
 
 @pytest.mark.slow
