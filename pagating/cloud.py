@@ -362,13 +362,35 @@ def mark_created(uri: str, run_id: str, instance_id: int) -> None:
     tracking.client(uri).set_tag(run_id, f"{REPORT_TAG}{instance_id}", "created: waiting for the instance")
 
 
-def instance_reports(uri: str, run_id: str, include_created: bool = False) -> dict[int, str]:
-    """The last report of each instance that has reported in on the parent run (with `include_created`,
-    also those only launch wrote about), by instance id (one read for all of them: launch polls every round)."""
-    tags = tracking.client(uri).get_run(run_id).data.tags
+def note_instance(uri: str | None, run_id: str | None, instance_id: int, text: str) -> None:
+    """Write an instance's report on the parent run for it (a destroy and why); best effort: the
+    destroy is what matters, the note is for the record."""
+    if not (uri and run_id):
+        return
+    try:
+        with vast_cost.quick_mlflow():
+            tracking.client(uri).set_tag(run_id, f"{REPORT_TAG}{instance_id}", text[:4000])
+    except Exception as exc:
+        print(f"could not note instance {instance_id} on the parent run ({type(exc).__name__})")
+
+
+def reports_in(tags: dict[str, str], include_created: bool = False) -> dict[int, str]:
+    """The last report of each instance in a parent run's tags, by instance id (with `include_created`,
+    also those only launch wrote about)."""
     return {int(k[len(REPORT_TAG):]): v for k, v in tags.items()
             if k.startswith(REPORT_TAG) and k[len(REPORT_TAG):].isdigit()
             and (include_created or not v.startswith("created"))}
+
+
+def instance_reports(uri: str, run_id: str, include_created: bool = False) -> dict[int, str]:
+    """reports_in of the parent run (one read for all of them: launch polls every round)."""
+    return reports_in(tracking.client(uri).get_run(run_id).data.tags, include_created)
+
+
+def env_of(inst: dict) -> dict:
+    """An instance's env as launch meant it (values split over several Vast entries joined)."""
+    env = inst.get("extra_env") or {}
+    return join_env(env if isinstance(env, dict) else {k: v for k, v in env})
 
 
 def find_instance_run(uri: str, instance_id: int, prefix: str = "pagating"):
@@ -477,7 +499,9 @@ def stuck_reason(inst: dict, now: float, timeout_s: float, seen_since: float | N
 # ---- the parent run's truth ----------------------------------------------------------------------
 
 REASON_TAG = "pagating.status_reason"  # why a sweep's parent run is FAILED (or still RUNNING)
-DONE_STATES = ("finished", "failed", "killed", "destroyed")  # an instance report after which nothing runs
+# An instance report after which nothing runs. "destroy..." covers "destroyed by launch: ..." and "destroy
+# failed (...)": while Vast still lists an instance reported so, `status` shows it red (a destroy failed).
+DONE_STATES = ("finished", "failed", "killed", "destroy")
 
 
 def grid_state(uri: str, sweep_id: str, cfg: dict) -> dict[str, str]:

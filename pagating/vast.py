@@ -427,6 +427,7 @@ def cmd_launch(args) -> int:
     except BaseException as exc:  # nothing runs for this sweep: its parent must not stay RUNNING
         cloud.fail_parent(tracking_uri, parent, f"launch failed: {type(exc).__name__}: {str(exc)[:300]}")
         raise
+    _record_shards(args, tracking_uri, parent, plan, created)
     if args.no_wait:
         print(f"\nnot waiting: `pagating vast watch --sweep {sweep_id}` destroys instances that do not start")
     elif not _await_start(client, args, tracking_uri, parent, created):
@@ -483,11 +484,36 @@ def _rent(client: Vast, args, plan: list[dict], spares: list[dict], onstart: str
                 raise VastError(f"instance {iid} was created but Vast.ai does not show it")
     except BaseException as exc:
         if created:
-            print(f"launch failed after renting ({type(exc).__name__}: {str(exc)[:200]}); destroying "
-                  f"{', '.join(map(str, created))}", file=sys.stderr)
-            destroy_all(client, created)
+            why = f"launch failed after renting ({type(exc).__name__}: {str(exc)[:200]})"
+            print(f"{why}; destroying {', '.join(map(str, created))}", file=sys.stderr)
+            destroy_all(client, created, _noter(tracking_uri, parent, "launch", why))
         raise
     return created
+
+
+def _record_shards(args, uri: str, parent: str, plan: list[dict], created: list[int]) -> None:
+    """Each shard's instance on the parent run: `watch --sweep` re-runs a shard whose instance is gone,
+    even one it never saw (destroyed below while starting, or dead before watch started)."""
+    from pagating.vast_watch import record_shards, shard_record
+
+    try:
+        record_shards(uri, parent, [shard_record(
+            p["label"], iid, p["env"], image=args.image, disk=args.disk, bid=args.interruptible, rate=p["rate"],
+            gpu_name=p["offer"].get("gpu_name"), num_gpus=int(p["offer"].get("num_gpus") or 1))
+            for p, iid in zip(plan, created, strict=True)])
+    except Exception as exc:  # the instances run regardless; only a watch started later is the poorer
+        print(f"warning: could not record the shards on the parent run ({type(exc).__name__}): `vast watch` "
+              "re-runs only the shards whose instances it sees", file=sys.stderr)
+
+
+def _noter(uri: str | None, parent: str | None, who: str, why):
+    """destroy_all's `note`: each attempt on the parent run ("destroyed by launch: <why>", or "destroy
+    failed (launch): ..."), so no instance counts as still working once it is gone, and one Vast still
+    lists after a failed destroy shows red in `status`. `why` is a text, or {id: text}."""
+    def note(iid: int, ok: bool) -> None:
+        text = why.get(iid, "") if isinstance(why, dict) else why
+        cloud.note_instance(uri, parent, iid, f"{f'destroyed by {who}' if ok else f'destroy failed ({who})'}: {text}")
+    return note
 
 
 def _next_offer(args, plan: list[dict], p: dict, spares: list[dict]) -> None:
@@ -515,7 +541,10 @@ def _await_start(client: Vast, args, tracking_uri: str, parent: str | None, crea
         print(f"instance {iid}: {why}", file=sys.stderr)
     if failed:
         live = {int(i["id"]) for i in client.instances()}
-        left = destroy_all(client, [i for i in failed if i in live])
+        left = destroy_all(client, [i for i in failed if i in live], _noter(tracking_uri, parent, "launch", failed))
+        for iid in failed:  # gone already: its last report must not say it still works ("created", "running")
+            if iid not in live and not failed[iid].startswith(cloud.DONE_STATES):
+                cloud.note_instance(tracking_uri, parent, iid, f"destroyed (gone while launch waited): {failed[iid]}")
         print(f"{len(failed)} of {len(created)} instance(s) did not start"
               + (f"; still billing: {left}" if left else "")
               + "; `pagating vast logs <id>` shows what they logged", file=sys.stderr)
@@ -525,8 +554,9 @@ def _await_start(client: Vast, args, tracking_uri: str, parent: str | None, crea
     return not failed
 
 
-def destroy_all(client: Vast, ids: list[int]) -> list[int]:
-    """Destroy each id, carrying on past failures; returns the ids left billing."""
+def destroy_all(client: Vast, ids: list[int], note=None) -> list[int]:
+    """Destroy each id, carrying on past failures; returns the ids left billing. `note(id, destroyed)`
+    records each attempt (on the sweep's parent run: see _noter)."""
     left = []
     for iid in ids:
         try:
@@ -536,6 +566,8 @@ def destroy_all(client: Vast, ids: list[int]) -> list[int]:
             left.append(iid)
             print(f"could not destroy instance {iid} ({exc}): run `pagating vast destroy {iid}`",
                   file=sys.stderr)
+        if note is not None:
+            note(iid, iid not in left)
     return left
 
 
@@ -561,16 +593,21 @@ def cmd_logs(args) -> int:
 def cmd_destroy(args) -> int:
     if not (args.ids or args.sweep or args.all):
         raise UserError("say what to destroy: instance ids, --sweep ID, or --all (every pagating-* instance)")
+    from pagating.vast_watch import sweep_instances
+
     client = Vast(require_key())
     ids = [int(i) for i in args.ids]
+    rows = {int(i["id"]): i for i in sweep_instances(client)}  # pagating's: their env names their sweep run
     if args.sweep or args.all:
-        from pagating.vast_watch import sweep_instances
-
-        ids += [i["id"] for i in sweep_instances(client, args.sweep)]
+        ids += [iid for iid, i in rows.items() if args.sweep is None or cloud.parse_label(i["label"])[0] == args.sweep]
     if not ids:
         print("nothing to destroy")
         return 0
-    return 1 if destroy_all(client, sorted(set(ids))) else 0
+
+    def note(iid: int, ok: bool) -> None:  # on the instance's sweep run, when it has one
+        env = cloud.env_of(rows.get(iid, {}))
+        _noter(env.get("MLFLOW_TRACKING_URI"), env.get("PAGATING_PARENT_RUN_ID"), "vast destroy", "by hand")(iid, ok)
+    return 1 if destroy_all(client, sorted(set(ids)), note) else 0
 
 
 # ---- CLI --------------------------------------------------------------------------------------

@@ -5,11 +5,14 @@ start timeout), retry a destroy that failed, relaunch an outbid bid instance, re
 instance died before its configs finished (at most `cloud.max_relaunches` times, within the shard's
 remaining budget, resuming from MLflow checkpoints), and set the parent run to the truth once the last
 instance is gone. Run it unattended beside the tracking server (docs/vast.md): it is what catches a box
-that cannot destroy itself.
+that cannot destroy itself. What it must not forget across a restart (each shard's latest instance,
+how often it was relaunched) is on the parent run, so `--sweep ID` also re-runs shards that died
+before this watch started.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -52,10 +55,7 @@ def is_outbid(inst: dict) -> bool:
     return bool(inst.get("is_bid")) and inst.get("intended_status") != "stopped" and stopped
 
 
-def _env(inst: dict) -> dict:
-    """The instance's env as launch meant it (values split over several Vast entries joined)."""
-    env = inst.get("extra_env") or {}
-    return cloud.join_env(env if isinstance(env, dict) else {k: v for k, v in env})
+_env = cloud.env_of
 
 
 def spent(inst: dict) -> float:
@@ -77,6 +77,73 @@ def instances_table(insts: list[dict], reports: dict[int, str]) -> str:
         rows.append([i["id"], i.get("label"), state, i.get("gpu_name"), f"{float(i.get('dph_total') or 0):.3f}",
                      f"{float(i.get('duration') or 0) / 3600:.2f}", f"{spent(i):.2f}", report[:60] or "-"])
     return format_table(rows, ["instance", "label", "state", "gpu", "$/h", "hours", "$ so far", "last report"])
+
+
+# ---- the sweep's shards on the parent run: what `watch` re-runs, even after its own restart ----------
+
+SHARD_TAG = "pagating.shard."            # + index: the shard's latest instance (JSON, secrets left out)
+RELAUNCHES_TAG = "pagating.relaunches."  # + index: how often watch re-ran the shard (cloud.max_relaunches)
+
+
+def shard_record(label: str, iid: int, env: dict[str, str], *, image: str, disk: float, bid: bool,
+                 gpu_name: str | None, num_gpus: int, rate: float) -> dict:
+    """What it takes to rent a shard again, less its secrets (named in secret_env: watch takes their
+    values from a live instance of the sweep or its own environment)."""
+    secret = sorted(k for k, v in env.items() if cloud.SECRET_NAME.search(k) or mask_uri(str(v)) != str(v))
+    return {"label": label, "instance": int(iid), "created": time.time(), "rate": rate, "image": image,
+            "disk": disk, "bid": bid, "gpu_name": gpu_name, "num_gpus": num_gpus, "secret_env": secret,
+            "env": {k: str(v) for k, v in env.items() if k not in secret}}
+
+
+def record_shards(uri: str, run_id: str, records: list[dict]) -> None:
+    """Tag the parent run with each shard's record (one request, retried: watch depends on it)."""
+    from mlflow.entities import RunTag
+
+    tags = [RunTag(f"{SHARD_TAG}{cloud.parse_label(r['label'])[1]}", json.dumps(r)) for r in records]
+    tracking.retry(lambda: tracking.client(uri).log_batch(run_id, tags=tags), "shard records", attempts=4)
+
+
+def shard_records(tags: dict[str, str]) -> dict[int, dict]:
+    out = {}
+    for k, v in tags.items():
+        if k.startswith(SHARD_TAG) and k[len(SHARD_TAG):].isdigit():
+            try:
+                out[int(k[len(SHARD_TAG):])] = json.loads(v)
+            except ValueError:
+                continue
+    return out
+
+
+def relaunch_counts(tags: dict[str, str]) -> dict[int, int]:
+    return {int(k[len(RELAUNCHES_TAG):]): int(v) for k, v in tags.items()
+            if k.startswith(RELAUNCHES_TAG) and k[len(RELAUNCHES_TAG):].isdigit() and v.isdigit()}
+
+
+def shard_row(rec: dict, known_env: dict[str, str]) -> dict:
+    """An instance row (as Vast lists one) for a recorded shard, its secrets from `known_env` or this
+    machine's environment (those found nowhere listed in `_missing`). Its spend counts from its creation
+    to now: more than it spent if it died earlier, so a relaunch never exceeds the shard's budget."""
+    env, missing = dict(rec.get("env") or {}), []
+    for k in rec.get("secret_env") or []:
+        value = known_env.get(k) or os.environ.get(k)
+        if value:
+            env[k] = value
+        else:
+            missing.append(k)
+    return {"id": int(rec["instance"]), "label": rec["label"], "extra_env": env, "is_bid": bool(rec.get("bid")),
+            "disk_space": rec.get("disk"), "image_uuid": rec.get("image"), "gpu_name": rec.get("gpu_name"),
+            "num_gpus": rec.get("num_gpus") or 1, "dph_total": rec.get("rate") or 0,
+            "duration": max(0.0, time.time() - float(rec.get("created") or time.time())), "_missing": missing}
+
+
+def find_sweep_run(uri: str, sweep_id: str, prefix: str = "pagating") -> str | None:
+    """The parent run of sweep `sweep_id` (the newest), or None."""
+    mlf = tracking.client(uri)
+    exps = vast_cost.pagating_experiments(mlf, prefix)
+    runs = mlf.search_runs(exps, filter_string=f"tags.`pagating.sweep_id` = '{sweep_id}' and "
+                           "tags.`pagating.role` = 'sweep'", max_results=1,
+                           order_by=["attributes.start_time DESC"]) if exps else []
+    return runs[0].info.run_id if runs else None
 
 
 # ---- relaunch ------------------------------------------------------------------------------------
@@ -120,8 +187,9 @@ def relaunch(client: Vast, inst: dict, cfg: dict, siblings: list[dict], *, dead:
         except OfferTaken:
             print(f"{label}: offer {offer['id']} was taken meanwhile; trying the next")
             continue
-        if tracking_uri and env.get("PAGATING_PARENT_RUN_ID"):
-            cloud.mark_created(tracking_uri, env["PAGATING_PARENT_RUN_ID"], iid)
+        _record_relaunch(tracking_uri, shard_record(label, iid, env, image=image, disk=disk, bid=bid, rate=rate,
+                                                    gpu_name=offer.get("gpu_name"),
+                                                    num_gpus=int(offer.get("num_gpus") or 1)))
         if not dead:
             client.destroy(old)
         print(f"{label}: instance {old} {what}; relaunched as {iid} on offer {offer['id']} at "
@@ -131,12 +199,25 @@ def relaunch(client: Vast, inst: dict, cfg: dict, siblings: list[dict], *, dead:
     return None
 
 
+def _record_relaunch(uri: str | None, rec: dict) -> None:
+    """The new instance on the parent run: its report ("created") and its shard's record."""
+    parent = rec["env"].get("PAGATING_PARENT_RUN_ID")
+    if not (uri and parent):
+        return
+    try:
+        cloud.mark_created(uri, parent, rec["instance"])
+        record_shards(uri, parent, [rec])
+    except Exception as exc:  # rented all the same: this watch remembers it; a restarted one may not
+        print(red(f"{rec['label']}: could not record instance {rec['instance']} on the parent run "
+                  f"({type(exc).__name__})"))
+
+
 # ---- the watcher's memory and rules ----------------------------------------------------------------
 
 class Watcher:
     """What `watch` remembers between rounds: when it first saw an instance in a state, destroys that
     failed (retried every round), the last row of every instance (to re-run a shard whose instance is
-    gone) and how often each shard was relaunched."""
+    gone), how often each shard was relaunched (also on the parent run) and each sweep's parent run."""
 
     def __init__(self, timeout_s: float, grace_rounds: int = 1):
         self.timeout_s, self.grace_rounds = timeout_s, grace_rounds
@@ -145,6 +226,7 @@ class Watcher:
         self.known: dict[int, dict] = {}
         self.relaunches: dict[str, int] = {}
         self.gave_up: dict[str, str] = {}
+        self.parents: dict[str, str] = {}  # sweep id -> parent run found in MLflow (nothing of it seen on Vast)
         self.round = 0
         self.done_since: dict[int, int] = {}  # instance -> the round that first saw it report done
 
@@ -173,6 +255,8 @@ class Watcher:
             try:
                 client.destroy(iid)
             except (VastError, UserError) as exc:
+                if iid not in self.retry:  # on the parent once: `status` shows it red while Vast lists it
+                    cloud.note_instance(uri, parent, iid, f"destroy failed (vast watch): {why}; retrying")
                 self.retry.add(iid)
                 print(red(f"instance {iid} ({inst.get('label')}): {why}; destroy failed ({exc}), "
                           "retrying next round: it is billing"))
@@ -180,62 +264,83 @@ class Watcher:
             self.retry.discard(iid)
             gone.add(iid)
             print(f"instance {iid} ({inst.get('label')}): {why}; destroyed it")
-            if uri and parent:
-                _note(uri, parent, iid, f"{report}; destroyed by vast watch" if should_be_gone(report)
-                      else f"destroyed by vast watch: {why}")
+            cloud.note_instance(uri, parent, iid, f"{report}; destroyed by vast watch" if should_be_gone(report)
+                                else f"destroyed by vast watch: {why}")
         return gone
 
-    def rerun_dead_shards(self, client: Vast, sid: str, live: list[dict], reports: dict[int, str], cfg: dict,
-                          uri: str, state: dict[str, str]) -> list[int]:
-        """Relaunch each shard of sweep `sid` that has no live instance and configs not FINISHED (the
-        sweep's round-robin shards of the grid, in `state`'s order). Returns the new ids."""
-        new, names = [], list(state)
-        labels = {}
+    def shard_rows(self, sid: str, tags: dict[str, str], sweep_env: dict[str, str]) -> dict[str, dict]:
+        """The newest instance of each shard of sweep `sid` by label: as this watcher last saw it live, or
+        as the parent run records it (newer, or never seen: destroyed by launch, dead before this watch)."""
+        rows = {}
         for _iid, row in sorted(self.known.items()):
             if cloud.parse_label(row["label"])[0] == sid:
-                labels[row["label"]] = row  # the newest instance of each shard
-        for label, row in labels.items():
+                rows[row["label"]] = row
+        for rec in shard_records(tags).values():
+            row = rows.get(rec["label"])
+            if row is None or int(row["id"]) < int(rec["instance"]):
+                rows[rec["label"]] = shard_row(rec, sweep_env)
+        return rows
+
+    def rerun_dead_shards(self, client: Vast, sid: str, live: list[dict], tags: dict[str, str], cfg: dict,
+                          uri: str, state: dict[str, str], sweep_env: dict[str, str]) -> list[int]:
+        """Relaunch each shard of sweep `sid` that has no live instance and configs not FINISHED (the
+        sweep's round-robin shards of the grid, in `state`'s order), at most cloud.max_relaunches times
+        counting the relaunches on the parent run (a restarted watch included). Returns the new ids."""
+        new, names, counts = [], list(state), relaunch_counts(tags)
+        reports = cloud.reports_in(tags, include_created=True)
+        for label, row in self.shard_rows(sid, tags, sweep_env).items():
             if any(i["label"] == label for i in live) or label in self.gave_up:
                 continue
+            shard = str(_env(row).get("PAGATING_SHARD") or "0/1")
             try:
-                i, n = (int(x) for x in str(_env(row).get("PAGATING_SHARD") or "0/1").split("/"))
+                i, n = (int(x) for x in shard.split("/"))
             except ValueError:
                 continue
             if all(state[name] == "FINISHED" for name in names[i::n]):
                 continue
-            n = self.relaunches.get(label, 0)
-            if n >= int(cfg["cloud"]["max_relaunches"]):  # the sweep's profile (params.yaml)
-                self.gave_up[label] = (f"shard {_env(row).get('PAGATING_SHARD')} gave up after {n} relaunch(es); "
-                                       f"last instance {row['id']}: {reports.get(int(row['id'])) or 'no report'}")
+            done = max(self.relaunches.get(label, 0), counts.get(i, 0))
+            why = (f"gave up after {done} relaunch(es); last instance {row['id']}: "
+                   f"{reports.get(int(row['id'])) or 'no report'}" if done >= int(cfg["cloud"]["max_relaunches"])
+                   else f"cannot relaunch it: {', '.join(row['_missing'])} not known here (no live instance of the "
+                   "sweep carries it and this environment has none)" if row.get("_missing") else None)
+            if why:
+                self.gave_up[label] = f"shard {shard} {why}"
                 print(red(f"{label}: {self.gave_up[label]}"))
                 continue
             try:
                 iid = relaunch(client, row, cfg, live, dead=True, tracking_uri=uri)
             except UserError as exc:
-                self.gave_up[label] = f"shard {_env(row).get('PAGATING_SHARD')}: {exc}"
+                self.gave_up[label] = f"shard {shard}: {exc}"
                 continue
             except VastError as exc:
                 print(f"{label}: relaunch failed: {exc}; trying again next round")
                 continue
             if iid is not None:
-                self.relaunches[label] = n + 1
+                self.relaunches[label] = done + 1
+                _count_relaunch(uri, sweep_env.get("PAGATING_PARENT_RUN_ID"), label, i, done + 1)
                 new.append(iid)
         return new
 
 
-def _note(uri: str, parent: str, iid: int, text: str) -> None:
+def _count_relaunch(uri: str, parent: str | None, label: str, index: int, count: int) -> None:
+    """The shard's relaunch count on the parent run: a restarted watch goes on from it."""
+    if not parent:
+        return
     try:
-        cloud.tracking.client(uri).set_tag(parent, f"{cloud.REPORT_TAG}{iid}", text[:4000])
-    except Exception as exc:  # the destroy is what matters; the note is for the record
-        print(f"could not note instance {iid} on the parent run ({type(exc).__name__})")
+        tracking.retry(lambda: tracking.client(uri).set_tag(parent, f"{RELAUNCHES_TAG}{index}", str(count)),
+                       "relaunch count", attempts=4)
+    except Exception as exc:
+        print(red(f"{label}: could not record relaunch {count} on the parent run ({type(exc).__name__}): a "
+                  "restarted watch would not count it"))
 
 
-def _reports(uri: str | None, parent: str | None) -> dict[int, str]:
+def _parent_tags(uri: str | None, parent: str | None) -> dict[str, str]:
+    """The parent run's tags (instances' reports, shard records, relaunch counts); {} when unreadable."""
     if not (uri and parent):
         return {}
     try:
         with vast_cost.quick_mlflow():
-            return cloud.instance_reports(uri, parent, include_created=True)
+            return dict(tracking.client(uri).get_run(parent).data.tags)
     except Exception as exc:  # the server blinked: Vast's states still count this round
         print(f"instances' reports unavailable from {mask_uri(uri)} ({type(exc).__name__})")
         return {}
@@ -256,6 +361,10 @@ def report_status(client: Vast, sweep_id: str | None, do_relaunch: bool, trackin
         sweeps.setdefault(cloud.parse_label(inst["label"])[0], [])
     for inst in insts:
         sweeps[cloud.parse_label(inst["label"])[0]].append(inst)
+    if watcher is not None and sweep_id and sweep_id not in sweeps and tracking_uri:
+        _find_parent(watcher, tracking_uri, sweep_id)  # nothing of it on Vast: its shards may need re-running
+        if sweep_id in watcher.parents:
+            sweeps[sweep_id] = []
     if not sweeps:
         print(f"no pagating instances{f' for sweep {sweep_id}' if sweep_id else ''}")
         return 0, None
@@ -266,6 +375,8 @@ def report_status(client: Vast, sweep_id: str | None, do_relaunch: bool, trackin
         for row in rows:  # the sweep's settings (URI, parent, profile), from whichever instance has them
             for k, v in _env(row).items():
                 env.setdefault(k, v)
+        if watcher is not None and sid in watcher.parents:
+            env.setdefault("PAGATING_PARENT_RUN_ID", watcher.parents[sid])
         live, verdict = _sweep_round(client, sid, members, env, do_relaunch, tracking_uri, watcher)
         up += live
         if verdict:
@@ -273,10 +384,27 @@ def report_status(client: Vast, sweep_id: str | None, do_relaunch: bool, trackin
     return up, verdicts
 
 
+def _find_parent(watcher: Watcher, uri: str, sid: str) -> None:
+    if sid in watcher.parents:
+        return
+    try:
+        with vast_cost.quick_mlflow():
+            parent = find_sweep_run(uri, sid)
+    except Exception as exc:
+        print(f"sweep {sid}: its parent run unavailable from {mask_uri(uri)} ({type(exc).__name__})")
+        return
+    if parent:
+        watcher.parents[sid] = parent
+
+
 def _sweep_round(client: Vast, sid: str, members: list[dict], env: dict, do_relaunch: bool,
                  tracking_uri: str | None, watcher: Watcher | None) -> tuple[int, str | None]:
     uri, parent = tracking_uri or env.get("MLFLOW_TRACKING_URI"), env.get("PAGATING_PARENT_RUN_ID")
-    reports = _reports(uri, parent)
+    tags = _parent_tags(uri, parent)
+    reports = cloud.reports_in(tags, include_created=True)
+    for rec in shard_records(tags).values():  # the profile of a sweep with nothing left on Vast
+        for k, v in rec.get("env", {}).items():
+            env.setdefault(k, v)
     if members:
         print(instances_table(members, reports))
         budget = sum(float(_env(i).get("PAGATING_BUDGET_USD") or 0) for i in members)
@@ -289,15 +417,7 @@ def _sweep_round(client: Vast, sid: str, members: list[dict], env: dict, do_rela
     except UserError as exc:
         print(f"sweep {sid}: progress unavailable ({exc})")
         return len(members), None
-    if do_relaunch:
-        for inst in members:
-            if is_outbid(inst):
-                try:
-                    relaunch(client, inst, cfg, members, tracking_uri=uri)
-                except (VastError, UserError) as exc:  # the next round tries again
-                    print(f"{inst['label']}: relaunch failed: {exc}")
-    elif any(is_outbid(i) for i in members):
-        print(f"sweep {sid}: outbid instance(s): `pagating vast watch --sweep {sid}` destroys and relaunches them")
+    _relaunch_outbid(client, sid, members, cfg, do_relaunch, uri)
     if not uri:
         print(f"sweep {sid}: progress unavailable (no tracking URI)")
         return len(members), (f"sweep {sid}: all instances are gone; no tracking URI to tell whether its grid "
@@ -318,9 +438,23 @@ def _sweep_round(client: Vast, sid: str, members: list[dict], env: dict, do_rela
         _print_parent(uri, parent, sid)
         return len(members), None
     if cloud.missing_configs(state):
-        members += [{"id": i, "label": "new"} for i in watcher.rerun_dead_shards(client, sid, members, reports,
-                                                                                 cfg, uri, state)]
+        members += [{"id": i, "label": "new"} for i in watcher.rerun_dead_shards(client, sid, members, tags,
+                                                                                 cfg, uri, state, env)]
     return len(members), _settle(uri, parent, sid, state, bool(members), watcher)
+
+
+def _relaunch_outbid(client: Vast, sid: str, members: list[dict], cfg: dict, do_relaunch: bool,
+                     uri: str | None) -> None:
+    if not do_relaunch:
+        if any(is_outbid(i) for i in members):
+            print(f"sweep {sid}: outbid instance(s): `pagating vast watch --sweep {sid}` destroys and relaunches them")
+        return
+    for inst in members:
+        if is_outbid(inst):
+            try:
+                relaunch(client, inst, cfg, members, tracking_uri=uri)
+            except (VastError, UserError) as exc:  # the next round tries again
+                print(f"{inst['label']}: relaunch failed: {exc}")
 
 
 def _print_parent(uri: str, parent: str | None, sid: str) -> None:

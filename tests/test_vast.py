@@ -684,6 +684,60 @@ def test_launch_returns_once_the_instance_reports_ready(launchable, env, capsys,
     assert launchable.destroys() == []
 
 
+def _ready(fake, uri: str, iid: int, deadline_s: float = 30) -> None:
+    """Instance `iid` boots and reports "ready" on its parent run (what onstart.sh does), once it exists."""
+    from mlflow.tracking import MlflowClient
+
+    deadline = time.time() + deadline_s
+    while time.time() < deadline:
+        inst = fake.instances.get(iid)
+        parent = dict((inst or {}).get("extra_env") or []).get("PAGATING_PARENT_RUN_ID")
+        if parent:
+            inst["actual_status"] = "running"
+            MlflowClient(uri).set_tag(parent, f"pagating.instance.{iid}",
+                                      "ready: checked out, installed, data pulled, CUDA found")
+            return
+        time.sleep(0.1)
+
+
+def test_an_instance_launch_destroys_is_on_record_and_watch_reruns_its_shard(launchable, env, capsys,
+                                                                            mlflow_server):
+    import threading
+
+    from pagating import instance
+    from pagating.vast_watch import RELAUNCHES_TAG, SHARD_TAG
+
+    sweep = f"ld{int(time.time() * 1000) % 10**8}"
+    t = threading.Thread(target=_ready, args=(launchable, mlflow_server.uri, 5001))
+    t.start()
+    rc, out, err = run(capsys, *[a for a in LAUNCH if a != "--no-wait"], "--instances", "2", "--sweep-id", sweep,
+                       "--start-timeout", "0.05")  # 5001 gets ready; 5002 sits loading
+    t.join()
+    assert rc == 1 and [r.path for r in launchable.destroys()] == ["/api/v0/instances/5002/"], err
+    client = tracking.client(mlflow_server.uri)
+    parent = launchable.creates()[0].body["env"]["PAGATING_PARENT_RUN_ID"]
+    assert client.get_run(parent).data.tags["pagating.instance.5002"].startswith("destroyed by launch: not ready")
+    # 5001 ends later: what its settle sees must not count 5002 as still working
+    client.set_tag(parent, "pagating.instance.5001", "finished: shard 0/2")
+    for k, v in {"PAGATING_PARENT_RUN_ID": parent, "PAGATING_SWEEP_ID": sweep, "CONTAINER_ID": "5001",
+                 "PAGATING_PROFILE": "wikitext103"}.items():
+        env.setenv(k, v)
+    assert instance.settle() == f"parent run {parent}: FAILED"  # shard 1's configs never ran
+    for k in ("PAGATING_PARENT_RUN_ID", "PAGATING_SWEEP_ID", "CONTAINER_ID", "PAGATING_PROFILE"):
+        env.delenv(k)
+
+    # watch never saw 5002: it learns the shard from the parent run and re-runs it, secrets from 5001
+    client.set_tag(parent, "pagating.instance.5001", "running: sweep")
+    rc, out, err = run(capsys, "vast", "watch", "--once", "--sweep", sweep)
+    assert rc == 0, out + err
+    create = launchable.creates()[2].body
+    assert create["label"] == f"pagating-{sweep}-1" and create["env"]["PAGATING_SHARD"] == "1/2"
+    assert create["env"]["MLFLOW_TRACKING_PASSWORD"] == SECRETS["MLFLOW_TRACKING_PASSWORD"]
+    tags = client.get_run(parent).data.tags
+    assert json.loads(tags[f"{SHARD_TAG}1"])["instance"] == 5003 and tags[f"{RELAUNCHES_TAG}1"] == "1"
+    assert SECRETS["MLFLOW_TRACKING_PASSWORD"] not in json.dumps(tags)  # records carry no secret
+
+
 def test_watch_destroys_stuck_instances_and_retries_a_failed_destroy(keyed, env, capsys):
     keyed.add_instance(980, label="pagating-s1-0", actual_status="loading", start_date=time.time() - 3600,
                        status_msg="Error response from daemon: pull access denied",
@@ -784,6 +838,63 @@ def test_watch_gives_up_after_max_relaunches_and_fails_the_parent(keyed, env, ca
     assert run_.info.status == "FAILED"  # never RUNNING once the last instance is gone
     reason = run_.data.tags["pagating.status_reason"]
     assert names[0] in reason and "gave up" in reason
+
+
+@pytest.mark.slow
+def test_watch_reruns_a_shard_dead_before_it_started_and_its_count_survives_a_restart(keyed, env, capsys,
+                                                                                    mlflow_server, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from pagating.vast_watch import RELAUNCHES_TAG, record_shards, shard_record
+
+    sweep = f"wr{int(time.time() * 1000) % 10**8}"
+    parent, names = _two_config_sweep(env, tmp_path, mlflow_server, sweep, finished=[1], max_relaunches=1)
+    image = load_config("sample")["cloud"]["image"]
+    # launch rented 990 and 991 and recorded them; both are gone before any watch ran (991 finished its config)
+    record_shards(mlflow_server.uri, parent, [shard_record(
+        f"pagating-{sweep}-{i}", 990 + i, dict(_instance_env(sweep, f"{i}/2", uri=mlflow_server.uri),
+                                               PAGATING_PARENT_RUN_ID=parent),
+        image=image, disk=50, bid=False, gpu_name="RTX 4090", num_gpus=1, rate=0.4) for i in (0, 1)])
+    watch = ["vast", "watch", "--once", "--sweep", sweep, "--tracking-uri", mlflow_server.uri]
+    rc, out, err = run(capsys, *watch)
+    assert rc == 0, out + err
+    (create,) = keyed.creates()  # shard 0 only: shard 1's config FINISHED
+    assert create.body["label"] == f"pagating-{sweep}-0" and create.body["env"]["PAGATING_SHARD"] == "0/2"
+    assert create.body["env"]["MLFLOW_TRACKING_PASSWORD"] == SECRETS["MLFLOW_TRACKING_PASSWORD"]  # from here
+    client = MlflowClient(mlflow_server.uri)
+    assert client.get_run(parent).data.tags[f"{RELAUNCHES_TAG}0"] == "1"
+
+    keyed.instances[5001]["_destroyed"] = True  # the relaunched instance dies too; watch restarts (systemd)
+    rc, out, _ = run(capsys, *watch)
+    assert rc == 1 and len(keyed.creates()) == 1 and "gave up after 1 relaunch" in out  # max_relaunches: 1
+    run_ = client.get_run(parent)
+    assert run_.info.status == "FAILED" and "gave up" in run_.data.tags["pagating.status_reason"]
+
+
+@pytest.mark.slow
+def test_status_shows_red_an_instance_a_destroy_failed_on(keyed, env, capsys, mlflow_server, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    sweep = f"rd{int(time.time() * 1000) % 10**8}"
+    parent, _ = _two_config_sweep(env, tmp_path, mlflow_server, sweep, finished=[])
+    client = MlflowClient(mlflow_server.uri)
+    _sweep_instance(keyed, 996, sweep, "0/2", parent, mlflow_server.uri)
+    _sweep_instance(keyed, 997, sweep, "1/2", parent, mlflow_server.uri, actual_status="loading",
+                    start_date=time.time() - 3600)
+    for iid in (996, 997):
+        client.set_tag(parent, f"pagating.instance.{iid}", "running: sweep")
+    keyed.fail("DELETE", "/api/v0/instances/996/", *[500] * vast.RETRY_ATTEMPTS * 2)
+    keyed.fail("DELETE", "/api/v0/instances/997/", *[500] * vast.RETRY_ATTEMPTS)
+    rc, _, _ = run(capsys, "vast", "destroy", "996")  # by hand: the destroy fails
+    assert rc == 1
+    assert client.get_run(parent).data.tags["pagating.instance.996"].startswith("destroy failed (vast destroy)")
+    # watch retries 996 (it reads as done now) and destroys 997 (stuck loading): both fail
+    rc, out, _ = run(capsys, "vast", "watch", "--once", "--sweep", sweep, "--start-timeout", "1")
+    assert out.count("retrying next round") == 2 and keyed.creates() == []
+    tags = client.get_run(parent).data.tags
+    assert tags["pagating.instance.997"].startswith("destroy failed (vast watch): loading for 60 min")
+    rc, out, _ = run(capsys, "vast", "status", "--sweep", sweep)
+    assert rc == 0 and out.count("STILL BILLING") == 2, out
 
 
 def test_logs_of_a_gone_instance_come_from_its_parent_run(keyed, env, capsys, mlflow_server, tmp_path):
