@@ -431,6 +431,7 @@ def cmd_launch(args) -> int:
     if args.no_wait:
         print(f"\nnot waiting: `pagating vast watch --sweep {sweep_id}` destroys instances that do not start")
     elif not _await_start(client, args, tracking_uri, parent, created):
+        _settle_parent(tracking_uri, parent, cfg, sweep_id, created)
         return 1
     print(f"\nwatch it: pagating vast status --sweep {sweep_id}   (logs: pagating vast logs <id>)")
     print(f"keep `pagating vast watch --sweep {sweep_id}` running (docs/vast.md): it destroys an instance "
@@ -552,6 +553,20 @@ def _await_start(client: Vast, args, tracking_uri: str, parent: str | None, crea
             cloud.fail_parent(tracking_uri, parent, "no instance started: " + "; ".join(
                 f"instance {iid}: {why}" for iid, why in failed.items()))
     return not failed
+
+
+def _settle_parent(uri: str, parent: str, cfg: dict, sweep_id: str, created: list[int]) -> None:
+    """After launch destroyed instances that did not start: if none of the sweep works any more (the others
+    ended while launch waited), the parent's truth is set here, as nobody else is left to set it."""
+    try:
+        with vast_cost.quick_mlflow():
+            reports = cloud.instance_reports(uri, parent, include_created=True)
+            if cloud.instances_working(reports) or all(reports.get(i, "").startswith("destroy") for i in created):
+                return  # someone still works and settles it; or none started: fail_parent said why
+            cloud.settle_parent(uri, parent, cloud.grid_state(uri, sweep_id, cfg), working=False)
+    except Exception as exc:
+        print(f"could not set the sweep's parent run to its status ({type(exc).__name__}): `pagating vast "
+              f"watch --sweep {sweep_id}` does", file=sys.stderr)
 
 
 def destroy_all(client: Vast, ids: list[int], note=None) -> list[int]:

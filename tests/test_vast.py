@@ -684,8 +684,9 @@ def test_launch_returns_once_the_instance_reports_ready(launchable, env, capsys,
     assert launchable.destroys() == []
 
 
-def _ready(fake, uri: str, iid: int, deadline_s: float = 30) -> None:
-    """Instance `iid` boots and reports "ready" on its parent run (what onstart.sh does), once it exists."""
+def _ready(fake, uri: str, iid: int, deadline_s: float = 30, then: str | None = None) -> None:
+    """Instance `iid` boots and reports "ready" on its parent run (what onstart.sh does), once it exists;
+    then reports `then` (e.g. that it finished), if given."""
     from mlflow.tracking import MlflowClient
 
     deadline = time.time() + deadline_s
@@ -696,6 +697,9 @@ def _ready(fake, uri: str, iid: int, deadline_s: float = 30) -> None:
             inst["actual_status"] = "running"
             MlflowClient(uri).set_tag(parent, f"pagating.instance.{iid}",
                                       "ready: checked out, installed, data pulled, CUDA found")
+            if then:
+                time.sleep(1)
+                MlflowClient(uri).set_tag(parent, f"pagating.instance.{iid}", then)
             return
         time.sleep(0.1)
 
@@ -708,17 +712,20 @@ def test_an_instance_launch_destroys_is_on_record_and_watch_reruns_its_shard(lau
     from pagating.vast_watch import RELAUNCHES_TAG, SHARD_TAG
 
     sweep = f"ld{int(time.time() * 1000) % 10**8}"
-    t = threading.Thread(target=_ready, args=(launchable, mlflow_server.uri, 5001))
+    # 5001 gets ready and ends while launch waits; 5002 sits loading and is destroyed: the last of the sweep
+    t = threading.Thread(target=_ready, args=(launchable, mlflow_server.uri, 5001), kwargs={"then": "finished: 0/2"})
     t.start()
     rc, out, err = run(capsys, *[a for a in LAUNCH if a != "--no-wait"], "--instances", "2", "--sweep-id", sweep,
-                       "--start-timeout", "0.05")  # 5001 gets ready; 5002 sits loading
+                       "--start-timeout", "0.05")
     t.join()
     assert rc == 1 and [r.path for r in launchable.destroys()] == ["/api/v0/instances/5002/"], err
     client = tracking.client(mlflow_server.uri)
     parent = launchable.creates()[0].body["env"]["PAGATING_PARENT_RUN_ID"]
-    assert client.get_run(parent).data.tags["pagating.instance.5002"].startswith("destroyed by launch: not ready")
-    # 5001 ends later: what its settle sees must not count 5002 as still working
-    client.set_tag(parent, "pagating.instance.5001", "finished: shard 0/2")
+    run_ = client.get_run(parent)
+    assert run_.data.tags["pagating.instance.5002"].startswith("destroyed by launch: not ready")
+    assert run_.info.status == "FAILED" and "configs missing" in run_.data.tags["pagating.status_reason"]
+    # and 5001's own settle, had it ended later, does not count 5002 as still working either
+    client.update_run(parent, status="RUNNING")
     for k, v in {"PAGATING_PARENT_RUN_ID": parent, "PAGATING_SWEEP_ID": sweep, "CONTAINER_ID": "5001",
                  "PAGATING_PROFILE": "wikitext103"}.items():
         env.setenv(k, v)
