@@ -50,21 +50,21 @@ def host_tag() -> str:
     return socket.gethostname()
 
 
-def _read(path: str) -> str:
-    try:
-        return Path(path).read_text().strip() if not path.startswith("/proc/self/ns/") else os.readlink(path)
-    except OSError:
-        return ""
-
-
-def process_identity(pid: int | None = None) -> dict:
+def process_identity() -> dict:
     """What tells this process apart from a later one with the same pid: the kernel's boot id, the pid
-    namespace and the process's start time (psutil create_time)."""
+    namespace and the process's start time (psutil create_time). Off Linux: psutil's boot time, no namespace."""
     import psutil
 
-    boot = _read("/proc/sys/kernel/random/boot_id") or f"{psutil.boot_time():.0f}"
-    return {"boot": boot, "pidns": _read("/proc/self/ns/pid"),
-            "start": round(psutil.Process(pid).create_time(), 2)}
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = ""
+    try:
+        pidns = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        pidns = ""
+    return {"boot": boot or f"{psutil.boot_time():.0f}", "pidns": pidns,
+            "start": round(psutil.Process().create_time(), 2)}
 
 
 class Claim:

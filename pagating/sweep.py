@@ -336,7 +336,9 @@ class Runner:
         argv = _train_argv(cfg, entry["overrides"], self.parent_id, self.sweep_id, resume,
                              self.device if slot is None else "auto", self.extra_sets)
         Path(entry["log"]).parent.mkdir(parents=True, exist_ok=True)
-        worker = self.workers.get(slot) or self.workers.setdefault(slot, Worker(env))
+        if slot not in self.workers:
+            self.workers[slot] = Worker(env)
+        worker = self.workers[slot]
         answer = worker.run(argv, entry["log"])
         if answer is None:  # the worker process died (OOM kill, segfault): this config failed, not the sweep
             del self.workers[slot]

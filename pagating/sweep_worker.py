@@ -71,7 +71,7 @@ def _train(argv: list[str]) -> tuple[int, dict[str, Any]]:
     args = parser.parse_args(argv)
     args.argv = argv
     result = train.train_from_args(args)
-    return (0 if result["status"] in ("FINISHED", "claimed") else 1), result
+    return train.exit_code(result), result
 
 
 def _job(job: dict) -> dict[str, Any]:

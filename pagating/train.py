@@ -495,24 +495,31 @@ def launch_ddp(args, cfg: dict, resume: str) -> int:
     return subprocess.call(cmd, env=env)
 
 
-def train_from_args(args, cfg: dict | None = None, resume: str | None = None) -> dict[str, Any]:
+def resume_arg(args) -> str:
+    return args.resume_from_checkpoint or args.resume or "none"
+
+
+def train_from_args(args, cfg: dict | None = None) -> dict[str, Any]:
     """`pagating train`'s arguments to one run (the CLI's and the sweep worker's door)."""
     cfg = config_from_args(args) if cfg is None else cfg
-    resume = resume or args.resume_from_checkpoint or args.resume or "none"
-    return train(cfg, resume=resume, device=args.device, compile_model=args.compile,
+    return train(cfg, resume=resume_arg(args), device=args.device, compile_model=args.compile,
                  parent_run_id=args.parent_run_id, sweep_id=args.sweep_id, precision=args.precision,
                  threads=args.threads, if_claimed=args.if_claimed)
 
 
+def exit_code(result: dict[str, Any]) -> int:
+    """0 when the config is done or another process trains it (the sweep comes back to it), else 1."""
+    return 0 if result["status"] in ("FINISHED", "claimed") else 1
+
+
 def cli_train(args) -> int:
     cfg = config_from_args(args)
-    resume = args.resume_from_checkpoint or args.resume or "none"
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
-        return launch_ddp(args, cfg, resume)
-    result = train_from_args(args, cfg, resume)
+        return launch_ddp(args, cfg, resume_arg(args))
+    result = train_from_args(args, cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(result, default=str))
-    return 0 if result["status"] in ("FINISHED", "claimed") else 1
+    return exit_code(result)
 
 
 def register_cli(sub) -> None:
