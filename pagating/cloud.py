@@ -20,7 +20,8 @@ from urllib.parse import urlsplit
 
 from pagating import tracking, vast_cost
 from pagating.config import UserError, experiment_name, project_root
-from pagating.instance import LOG_ARTIFACT_DIR, REPORT_TAG, dvc_default_remote, dvc_extra, log_artifact_name
+from pagating.data.dvc import dvc_default_remote, dvc_extra
+from pagating.instance import LOG_ARTIFACT_DIR, REPORT_TAG, log_artifact_name
 from pagating.tracking import mask_uri
 
 BOOTSTRAP = Path(__file__).resolve().parent.parent / "scripts" / "bootstrap.sh"
@@ -508,7 +509,7 @@ def grid_state(uri: str, sweep_id: str, cfg: dict) -> dict[str, str]:
     """Each config of the grid by run name -> FINISHED | RUNNING | FAILED | KILLED | not started: FINISHED
     when a run of it finished (this sweep's, or any run of the grid's config hashes), else its sweep run's
     latest status."""
-    from pagating.sweep import config_for, grid
+    from pagating.grid import config_for, grid
     from pagating.train import run_name
 
     names = [run_name(config_for(cfg, o)) for o in grid(cfg)]

@@ -14,22 +14,17 @@ inside the commands that need them), so a failed install can still be reported.
 from __future__ import annotations
 
 import argparse
-import configparser
 import os
-import re
 import shutil
 import sys
 import tempfile
 from pathlib import Path
-from urllib.parse import urlsplit
+
+from pagating.data.dvc import dvc_default_remote, dvc_extra
+from pagating.runtime import check_cuda
 
 REPORT_TAG = "pagating.instance."  # + instance id; value "<state>: <detail>"
 LOG_ARTIFACT_DIR = "logs"
-CUDA_ENV = "PAGATING_CUDA_GPUS"  # CUDA GPUs the instance must see (set by launch)
-TEST_ALLOW_CPU_ENV = "PAGATING_TEST_ALLOW_CPU"  # tests only: a CPU box passes the CUDA requirement
-# DVC remote URL scheme -> the project extra holding its DVC plugin (pyproject.toml)
-DVC_EXTRAS = {"s3": "s3", "gs": "gs", "gcs": "gs", "azure": "azure", "ssh": "ssh", "http": "http", "https": "http"}
-
 
 def instance_id() -> str:
     return os.environ.get("CONTAINER_ID") or "local"
@@ -37,76 +32,6 @@ def instance_id() -> str:
 
 def log_artifact_name(iid: str | int) -> str:
     return f"instance-{iid}.log"
-
-
-# ---- DVC plugin -------------------------------------------------------------------------------
-
-def dvc_default_remote(root: Path, with_local: bool = False) -> tuple[str, str] | None:
-    """(name, url) of the default remote in the committed .dvc/config, or with `with_local` as this
-    machine's DVC sees it (.dvc/config.local too: not part of a checkout, so not what an instance gets).
-    Read directly: importing dvc costs seconds. DVC writes sections as `'remote "name"'`."""
-    cp = configparser.ConfigParser(interpolation=None, strict=False)
-    try:
-        cp.read([root / ".dvc" / "config", *([root / ".dvc" / "config.local"] if with_local else [])])
-    except configparser.Error:
-        return None
-    name = cp.get("core", "remote", fallback=None)
-    for section in cp.sections():
-        m = re.fullmatch(r"""'?remote "(.+)"'?""", section.strip())
-        if m and m.group(1) == name and cp.has_option(section, "url"):
-            return name, cp.get(section, "url")
-    return None
-
-
-def dvc_extra(url: str | None) -> str:
-    """'' for a local path (DVC itself reads it), else the extra: s3://... -> 's3'."""
-    scheme = urlsplit(url or "").scheme.lower()
-    if len(scheme) <= 1 or scheme == "file":  # a path, or a Windows drive letter
-        return ""
-    if scheme not in DVC_EXTRAS:
-        raise ValueError(f"no DVC plugin known for a {scheme}:// remote; pagating's extras cover "
-                         f"{', '.join(sorted(set(DVC_EXTRAS)))}")
-    return DVC_EXTRAS[scheme]
-
-
-# ---- CUDA -------------------------------------------------------------------------------------
-
-def cuda_required() -> int:
-    """CUDA GPUs this machine must use (0: no requirement, e.g. a laptop)."""
-    try:
-        return max(0, int(os.environ.get(CUDA_ENV) or 0))
-    except ValueError:
-        return 0
-
-
-def cuda_problem() -> str | None:
-    """None when the required CUDA GPUs are usable, else one line: what was found, what was expected."""
-    need = cuda_required()
-    if not need:
-        return None
-    try:
-        import torch
-
-        found = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        detail = f"torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'}"
-    except Exception as exc:  # torch missing or broken: as unusable as no GPU
-        found, detail = 0, f"torch not importable ({type(exc).__name__})"
-    if found >= need:
-        return None
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    return (f"CUDA required: found {found} usable CUDA GPU(s) ({detail}"
-            + (f", CUDA_VISIBLE_DEVICES={visible!r}" if visible is not None else "")
-            + f"), expected {need}; refusing to train on CPU")
-
-
-def check_cuda() -> tuple[bool, str]:
-    problem = cuda_problem()
-    if problem is None:
-        need = cuda_required()
-        return True, f"CUDA: {need} GPU(s) usable" if need else "CUDA: not required here"
-    if os.environ.get(TEST_ALLOW_CPU_ENV) == "1":
-        return True, f"{problem} -- but {TEST_ALLOW_CPU_ENV}=1 (tests only): continuing on CPU"
-    return False, problem
 
 
 # ---- reporting to the parent run --------------------------------------------------------------

@@ -19,6 +19,8 @@ import threading
 from pagating.config import UserError
 
 PRECISIONS = ("auto", "bf16", "fp32")
+CUDA_ENV = "PAGATING_CUDA_GPUS"  # CUDA GPUs the instance must see (set by launch)
+TEST_ALLOW_CPU_ENV = "PAGATING_TEST_ALLOW_CPU"  # tests only: a CPU box passes the CUDA requirement
 
 
 def passive_openmp() -> None:
@@ -183,3 +185,43 @@ class CompileWatch:
             except ValueError:
                 pass
             self._registered = False
+
+
+# ---- CUDA -------------------------------------------------------------------------------------
+
+def cuda_required() -> int:
+    """CUDA GPUs this machine must use (0: no requirement, e.g. a laptop)."""
+    try:
+        return max(0, int(os.environ.get(CUDA_ENV) or 0))
+    except ValueError:
+        return 0
+
+
+def cuda_problem() -> str | None:
+    """None when the required CUDA GPUs are usable, else one line: what was found, what was expected."""
+    need = cuda_required()
+    if not need:
+        return None
+    try:
+        import torch
+
+        found = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        detail = f"torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'}"
+    except Exception as exc:  # torch missing or broken: as unusable as no GPU
+        found, detail = 0, f"torch not importable ({type(exc).__name__})"
+    if found >= need:
+        return None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return (f"CUDA required: found {found} usable CUDA GPU(s) ({detail}"
+            + (f", CUDA_VISIBLE_DEVICES={visible!r}" if visible is not None else "")
+            + f"), expected {need}; refusing to train on CPU")
+
+
+def check_cuda() -> tuple[bool, str]:
+    problem = cuda_problem()
+    if problem is None:
+        need = cuda_required()
+        return True, f"CUDA: {need} GPU(s) usable" if need else "CUDA: not required here"
+    if os.environ.get(TEST_ALLOW_CPU_ENV) == "1":
+        return True, f"{problem} -- but {TEST_ALLOW_CPU_ENV}=1 (tests only): continuing on CPU"
+    return False, problem

@@ -292,7 +292,7 @@ def source_tags(entry_point: str, commit: str | None, root: str | Path = ".") ->
 
 def dvc_data_source(root: str | Path = ".", path: str = "data/raw") -> str:
     """Where data.dvc's data lives: the default DVC remote's URL (no credentials), else the local path."""
-    from pagating.instance import dvc_default_remote
+    from pagating.data.dvc import dvc_default_remote
 
     remote = dvc_default_remote(Path(root), with_local=True)
     return strip_credentials(remote[1]) if remote else str((Path(root) / path).resolve())

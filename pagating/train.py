@@ -74,7 +74,7 @@ def pick_device(requested: str = "auto") -> str:
         return requested
     if torch.cuda.is_available():
         return "cuda"
-    from pagating.instance import check_cuda
+    from pagating.runtime import check_cuda
 
     ok, line = check_cuda()  # a rented GPU box (PAGATING_CUDA_GPUS) must not train on CPU
     if not ok:

@@ -54,14 +54,14 @@ def peak_tflops(gpu_name: str) -> float:
 
 def grid_size(cfg: dict[str, Any]) -> int:
     """Configs in the sweep grid: the product of the list-valued axes of cfg['sweep']."""
-    from pagating.sweep import grid
+    from pagating.grid import grid
 
     return len(grid(cfg))  # the sweep's own list (a `plain` unit runs once, not once per α mode)
 
 
 def shard_sizes(n_configs: int, n_shards: int) -> list[int]:
     """Configs per shard: the sizes of the sweep's own slices (sweep.take_shard)."""
-    from pagating.sweep import take_shard
+    from pagating.grid import take_shard
 
     return [len(take_shard(range(n_configs), i, n_shards)) for i in range(n_shards)]
 

@@ -297,10 +297,13 @@ def dvc_origin(tmp_path_factory):
     root = tmp_path_factory.mktemp("dvc")
     origin, remote = root / "origin", root / "remote"
     (origin / "pagating").mkdir(parents=True)
-    for name in ("params.yaml", ".gitignore", "pagating/config.py", "pagating/data.py"):
-        shutil.copy(REPO / name, origin / name)
-    # the repo's own `prepare` stage, alone: the later stages need the whole package
+    # the repo's own `prepare` stage, alone (the later stages need the whole package), with its modules
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    for name in ("params.yaml", ".gitignore", *(d for d in stages["prepare"]["deps"] if d.startswith("pagating/"))):
+        if (REPO / name).is_dir():
+            shutil.copytree(REPO / name, origin / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(REPO / name, origin / name)
     (origin / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"prepare": stages["prepare"]}}))
     sh(["git", "init", "-q"], origin)
     sh([DVC, "init", "-q"], origin)

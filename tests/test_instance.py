@@ -12,27 +12,27 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_no_cuda_where_cuda_is_required_is_one_line_and_no_cpu_fallback(monkeypatch):
-    from pagating import instance, sweep
+    from pagating import runtime, sweep
 
-    monkeypatch.delenv(instance.TEST_ALLOW_CPU_ENV, raising=False)
-    monkeypatch.delenv(instance.CUDA_ENV, raising=False)
-    assert instance.check_cuda() == (True, "CUDA: not required here")
+    monkeypatch.delenv(runtime.TEST_ALLOW_CPU_ENV, raising=False)
+    monkeypatch.delenv(runtime.CUDA_ENV, raising=False)
+    assert runtime.check_cuda() == (True, "CUDA: not required here")
     assert sweep.parse_gpus("auto") == [None]  # a laptop: the CPU slot
-    monkeypatch.setenv(instance.CUDA_ENV, "2")
-    ok, line = instance.check_cuda()
+    monkeypatch.setenv(runtime.CUDA_ENV, "2")
+    ok, line = runtime.check_cuda()
     assert not ok and "\n" not in line
     assert line.startswith("CUDA required: found 0 usable CUDA GPU(s)") and "expected 2" in line
     with pytest.raises(UserError, match="CUDA required"):
         sweep.parse_gpus("auto")
-    monkeypatch.setenv(instance.TEST_ALLOW_CPU_ENV, "1")
-    assert instance.check_cuda()[0] and sweep.parse_gpus("auto") == [None]
+    monkeypatch.setenv(runtime.TEST_ALLOW_CPU_ENV, "1")
+    assert runtime.check_cuda()[0] and sweep.parse_gpus("auto") == [None]
 
 
 def test_the_dvc_plugin_extra_of_each_remote_kind_is_a_project_extra():
     import tomllib
 
     extras = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    from pagating.instance import dvc_extra
+    from pagating.data.dvc import dvc_extra
 
     for url, extra, plugin in [("s3://b/p", "s3", "dvc-s3"), ("gs://b/p", "gs", "dvc-gs"),
                                ("azure://c/p", "azure", "dvc-azure"), ("ssh://u@h/srv/dvc", "ssh", "dvc-ssh"),

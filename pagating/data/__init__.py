@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from pagating.config import UserError, add_config_args, config_from_args, load_config, project_root
+from pagating.data.dvc import data_md5  # noqa: F401 (data.data_md5 is public)
 
 # split name (as in HF datasets) -> file name (as in the WikiText-103 raw zip)
 RAW_FILES = {"train": "wiki.train.raw", "validation": "wiki.valid.raw", "test": "wiki.test.raw"}
@@ -579,16 +579,6 @@ def __getattr__(name: str):
 
 # --------------------------------------------------------------------------------------------
 # DVC
-
-
-def data_md5(repo_root: str | os.PathLike = ".") -> str:
-    """The md5 data.dvc records for data/raw (a DVC directory hash, "<md5>.dir"); "" if there is no
-    data.dvc. Used for the `dvc.data_md5` tracking tag and the run identity."""
-    path = Path(repo_root) / "data.dvc"
-    if not path.is_file():
-        return ""
-    outs = (yaml.safe_load(path.read_text()) or {}).get("outs") or []
-    return str(outs[0].get("md5", "")) if outs else ""
 
 
 # --------------------------------------------------------------------------------------------
