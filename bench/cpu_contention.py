@@ -35,7 +35,8 @@ SPIN = "while True:\n    pass\n"
 def make_project(root: Path) -> None:
     """params.yaml, the sample corpus and its prepared blocks, as `pagating quickstart` makes them."""
     from pagating.config import load_config
-    from pagating.data import build_sample, prepare
+    from pagating.data.corpora import build_sample
+    from pagating.data.prepare import prepare
 
     shutil.copy(C.ROOT / "params.yaml", root / "params.yaml")
     with contextlib.chdir(root):

@@ -99,7 +99,8 @@ def prepare_data(out: Path) -> None:
     """Sample corpus -> data/tiny (the sample profile) and data/seed (vocab 50257 asked, block 128)."""
     sys.path.insert(0, str(ROOT))
     from pagating.config import load_config
-    from pagating.data import build_sample, prepare
+    from pagating.data.corpora import build_sample
+    from pagating.data.prepare import prepare
 
     out = out.resolve()  # prepare runs in a temp project: a relative folder would land (and vanish) there
     with tempfile.TemporaryDirectory() as tmp, contextlib.chdir(tmp):

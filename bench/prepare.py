@@ -20,7 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pagating.config import load_config  # noqa: E402
-from pagating.data import build_sample, prepare  # noqa: E402
+from pagating.data.corpora import build_sample  # noqa: E402
+from pagating.data.prepare import prepare  # noqa: E402
 
 
 def main() -> int:

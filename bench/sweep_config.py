@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     from mlflow.tracking import MlflowClient
 
     from pagating.config import load_config
-    from pagating.data import build_sample, prepare
+    from pagating.data.corpora import build_sample
+    from pagating.data.prepare import prepare
     from pagating.sweep_worker import Worker
 
     root = Path(tempfile.mkdtemp(prefix="bench-config-"))

@@ -16,12 +16,12 @@ from pagating.config import UserError
 
 # verb -> module that registers it (help text lives in the module); GPU providers come from cloud.PROVIDERS.
 VERBS = {
-    "data": "pagating.data",
-    "prepare": "pagating.data",
+    "data": "pagating.data.cli",
+    "prepare": "pagating.data.cli",
     "train": "pagating.train",
     "sweep": "pagating.sweep",
     "quickstart": "pagating.sweep",
-    "report": "pagating.report",
+    "report": "pagating.report.build",
     "server": "pagating.server",
     "grant": "pagating.server",
     "sync": "pagating.tracking",

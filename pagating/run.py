@@ -176,7 +176,7 @@ class TrainingRun:
     def _create(self, params: dict[str, Any], n_params: int, gpu: str, usd_per_hour: float | None) -> dict:
         from mlflow.entities import Param
 
-        from pagating.data import data_md5
+        from pagating.data.dvc import data_md5
 
         job, cfg = self.job, self.job.cfg
         md5 = data_md5()

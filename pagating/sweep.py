@@ -91,7 +91,7 @@ def log_best(mlf, parent_id: str, exp_id: str, sweep_id: str, run_ids: list[str]
     (pagating.stats, as the report ranks), its means as metrics, and the run of its median seed."""
     from mlflow.entities import Metric, RunTag
 
-    from pagating import stats
+    from pagating.report import stats
 
     runs = {r.info.run_id: r for r in mlf.search_runs(
         [exp_id], filter_string=f"tags.`pagating.sweep_id` = '{sweep_id}' and attributes.status = 'FINISHED'")}
@@ -130,7 +130,7 @@ def sweep(base: dict, *, shard: str = "0/1", gpus: str = "auto", device: str = "
           summary_path: str | Path = SWEEP_JSON) -> dict[str, Any]:
     """Check everything, open the parent run, plan (skip / resume / run), run what is left, summarise."""
     from pagating import tracking
-    from pagating.data import check_prepared
+    from pagating.data.dataset import check_prepared
     from pagating.train import validate
 
     extra_sets = list(extra_sets or [])
@@ -168,7 +168,7 @@ def open_parent(mlf, base: dict, configs: list[dict], meta: dict, sweep_id: str,
     from mlflow.entities import Param, RunTag
 
     from pagating import tracking
-    from pagating.data import data_md5
+    from pagating.data.dvc import data_md5
 
     launched = os.environ.get("MLFLOW_RUN_ID")
     exp_id = tracking.experiment_id(mlf, base)
@@ -412,8 +412,9 @@ def quickstart(profile: str | None = None, sets: list[str] | None = None) -> int
 
     `sets`: SECTION.KEY=VALUE overrides, for every stage and every child run."""
     from pagating import tracking
-    from pagating.data import build_sample, prepare
-    from pagating.report import report
+    from pagating.data.corpora import build_sample
+    from pagating.data.prepare import prepare
+    from pagating.report.build import report
 
     base = load_config(profile, parse_sets(sets or []))
     raw = Path(base["data"]["raw_dir"])

@@ -197,7 +197,7 @@ def check(cfg: dict, *, device: str, precision: str, threads: int | None, parent
     """1. Every input check, before anything is written; the settings resolved (device, precision,
     threads) and where the run goes (server, experiment, parent)."""
     from pagating import runtime, tracking
-    from pagating.data import check_prepared
+    from pagating.data.dataset import check_prepared
     from pagating.run import Job
 
     rank = int(os.environ.get("RANK", "0"))
@@ -293,7 +293,7 @@ def make_trainer(job, net: Net, run):
     from transformers import default_data_collator
 
     from pagating import flops, runtime, tracking
-    from pagating.data import PackedDataset, load_tokenizer
+    from pagating.data.dataset import PackedDataset, load_tokenizer
 
     cfg, t, meta, config = job.cfg, job.cfg["train"], job.meta, net.config
     cuda = job.device == "cuda"
@@ -331,7 +331,7 @@ def fit(trainer, ckpt: Path | None, cfg: dict) -> dict[str, float]:
     """5. Train (the Trainer restores optimizer, LR schedule, RNG and data order on resume), then the
     test split, once, on the final weights. The Trainer itself evaluates at the last step; a checkpoint
     of the last step trains nothing more."""
-    from pagating.data import PackedDataset
+    from pagating.data.dataset import PackedDataset
 
     if ckpt is not None and _checkpoint_global_step(ckpt) >= int(cfg["train"]["max_steps"]):
         from transformers import TrainerState
@@ -461,7 +461,7 @@ def launch_ddp(args, cfg: dict, resume: str) -> int:
     import subprocess
 
     from pagating import tracking
-    from pagating.data import check_prepared
+    from pagating.data.dataset import check_prepared
     from pagating.run import find_resume, finished_run
 
     validate(cfg, args.nproc)

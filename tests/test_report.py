@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from pagating.cli import main
 from pagating.config import load_config
-from pagating.report import report
+from pagating.report.build import report
 
 T0 = 1_700_000_000_000  # ms; fixed so run durations (cost fallback) are known
 STEPS = [10, 20, 30, 40, 50, 60, 70, 80, 90, 100, 110, 120]
@@ -440,7 +440,7 @@ def test_one_seed_gives_no_p_value_and_says_why(seeded, monkeypatch, tmp_path):
 def test_holm_and_paired_statistics():
     from scipy import stats as sps
 
-    from pagating import stats
+    from pagating.report import stats
 
     assert stats.holm([0.01, 0.04, None, 0.03]) == pytest.approx([0.03, 0.06, None, 0.06])  # monotone step-down
     assert stats.holm([0.5, 0.9]) == [1.0, 1.0]
@@ -453,7 +453,7 @@ def test_holm_and_paired_statistics():
 
 
 def _rows(unit, mode, lr, vals, tests, n_params):
-    from pagating.stats import config_label
+    from pagating.report.stats import config_label
 
     return [{"config": config_label(unit, mode, lr), "unit": unit, "alpha_mode": mode, "learning_rate": lr,
              "n_params": n_params, "flops_per_token": None, "d_ff": None, "seed": s, "val_loss": v, "test_loss": t,
@@ -463,7 +463,7 @@ def _rows(unit, mode, lr, vals, tests, n_params):
 def test_noise_only_gives_the_smallest_detectable_difference_and_unequal_arms_are_called_unmatched():
     from scipy import stats as sps
 
-    from pagating import stats
+    from pagating.report import stats
 
     # Differences that swing across zero from seed to seed: nothing significant.
     gated = _rows("paGLU", "static_0.5", 1e-3, [3.80, 3.90, 3.70], [3.81, 3.92, 3.69], 268544)
@@ -485,7 +485,7 @@ def test_noise_only_gives_the_smallest_detectable_difference_and_unequal_arms_ar
 # Audit follow-ups: one run per seed, whole-split losses only, test seeds, honest "no p", figures -------------
 
 def _run_row(unit, mode, lr, seed, val, test=None, *, start=0, curve=None, alpha=None, util=None):
-    from pagating.stats import config_label
+    from pagating.report.stats import config_label
 
     return {"config": config_label(unit, mode, lr), "unit": unit, "alpha_mode": mode, "learning_rate": lr,
             "n_params": 1000, "flops_per_token": None, "d_ff": None, "seed": seed, "val_loss": val,
@@ -495,7 +495,7 @@ def _run_row(unit, mode, lr, seed, val, test=None, *, start=0, curve=None, alpha
 
 
 def test_median_run_and_duplicate_seeds_use_one_run_per_seed():
-    from pagating import stats
+    from pagating.report import stats
 
     vals = {1: 3.9, 2: 3.7, 3: 3.8, 4: 3.6, 5: 4.0}
     rows = [_run_row("paGLU", "static_0.5", 1e-3, s, v, v + 0.1) for s, v in vals.items()]
@@ -516,21 +516,21 @@ def test_median_run_and_duplicate_seeds_use_one_run_per_seed():
 
 
 def test_test_seeds_are_counted_apart_from_validation_seeds():
-    from pagating import stats
+    from pagating.report import markdown, stats
 
     rows = [_run_row("paGLU", "static_0.5", 1e-3, s, 3.8 + s / 100, None if s == 3 else 3.9 + s / 100)
             for s in (1, 2, 3)]
     g = stats.group(rows)[0]
     assert g["seeds"] == [1, 2, 3] and g["test_seeds"] == [1, 2]
     assert g["test_mean"] == pytest.approx(3.915)
-    md = stats.gating_md({"groups": [g], "comparisons": []})
+    md = markdown.gating_md({"groups": [g], "comparisons": []})
     row = [c.strip() for c in next(x for x in md.splitlines() if x.startswith("| 1 |")).strip("|").split("|")]
     assert row[7] == "3 (test 2)", row
     assert "(seeds 3.9100–3.9200)" in row[9]  # 2 test seeds: their spread, not a CI alone
 
 
 def test_no_p_value_says_the_arms_share_too_few_seeds():
-    from pagating import stats
+    from pagating.report import stats
 
     gated = [_run_row("paGLU", "static_0.5", 1e-3, s, 3.8 + s / 50, 3.9 + s / 50) for s in (1, 2, 3)]
     plain = [_run_row("plain", "plain", 1e-3, s, 3.85 + s / 40, 3.95 + s / 40) for s in (3, 4, 5)]
@@ -543,7 +543,7 @@ def test_no_p_value_says_the_arms_share_too_few_seeds():
 
 
 def test_constant_differences_have_no_p_and_the_verdict_says_zero_spread():
-    from pagating import stats
+    from pagating.report import markdown, stats
 
     d = stats.paired({1: 3.0, 2: 3.1, 3: 3.2}, {1: 2.9, 2: 3.0, 3: 3.1})  # 0.1 each, up to float rounding
     assert d["p"] is None and d["p_note"].startswith("zero spread") and d["diff_mean"] == pytest.approx(0.1)
@@ -558,11 +558,11 @@ def test_constant_differences_have_no_p_and_the_verdict_says_zero_spread():
     v = stats.verdict(groups, cmps)
     assert v.startswith("No p-value: the per-seed test differences have zero spread") and "0.0000" not in v[:120], v
     assert stats.smallest_detectable(cmps) is None
-    assert "no p: zero spread" in stats.gating_md({"groups": groups, "comparisons": cmps})
+    assert "no p: zero spread" in markdown.gating_md({"groups": groups, "comparisons": cmps})
 
 
 def test_verdict_with_an_unknown_learning_rate():
-    from pagating import stats
+    from pagating.report import stats
 
     diffs = {1: -0.10, 2: -0.11, 3: -0.09}
     gated = [_run_row("paGLU", "static_0.5", None, s, 3.7 + s / 50 + d, 3.8 + s / 50 + d) for s, d in diffs.items()]
@@ -585,10 +585,10 @@ def _two_modes_two_lrs(seeds=(1, 2)):
 
 
 def test_figures_colour_per_alpha_mode_style_per_lr_seed_bands_and_ci_bars():
-    from pagating import report_plots, stats
+    from pagating.report import plots, stats
 
     groups = stats.group(_two_modes_two_lrs())
-    fig = report_plots.eval_loss_figure(groups)
+    fig = plots.eval_loss_figure(groups)
     (ax,) = fig.axes
     lines = {ln.get_label().split(" (")[0]: ln for ln in ax.get_lines()}
     assert len(lines) == 4 and all(ln.get_label().endswith("(mean of 2 seeds)") for ln in ax.get_lines())
@@ -611,7 +611,7 @@ def test_figures_colour_per_alpha_mode_style_per_lr_seed_bands_and_ci_bars():
     assert ys.min() == pytest.approx(min(ends)) and ys.max() == pytest.approx(max(ends) + 1.0)
 
     # Final losses: a point per config with its 95% CI bar, on both splits; the axis says where it starts.
-    fig = report_plots.final_loss_figure(groups)
+    fig = plots.final_loss_figure(groups)
     assert len(fig.axes) == 2
     for ax, split in zip(fig.axes, ("val", "test"), strict=True):
         bars = {c.get_label(): c for c in ax.containers}
@@ -629,31 +629,31 @@ def test_figures_colour_per_alpha_mode_style_per_lr_seed_bands_and_ci_bars():
 
 
 def test_figures_without_data_are_left_out():
-    from pagating import report_plots, stats
+    from pagating.report import plots, stats
 
     static = [r for r in _two_modes_two_lrs() if r["alpha_mode"] == "static_0.0"]
     for r in static:
         r["test_loss"] = None
     groups = stats.group(static)
-    assert report_plots.alpha_figure(groups) is None  # static α only: no α figure, not a text panel
-    assert len(report_plots.final_loss_figure(groups).axes) == 1  # no test/loss: no test panel
-    assert len(report_plots.perf_figure(static).axes) == 1  # CPU: no GPU util panel
-    files = report_plots.plot_files(groups, static)
+    assert plots.alpha_figure(groups) is None  # static α only: no α figure, not a text panel
+    assert len(plots.final_loss_figure(groups).axes) == 1  # no test/loss: no test panel
+    assert len(plots.perf_figure(static).axes) == 1  # CPU: no GPU util panel
+    files = plots.plot_files(groups, static)
     assert "alpha.png" not in files and {"eval_loss.png", "final_eval_loss.png", "perf.png"} <= set(files)
     static[0]["gpu_util_pct"] = 90.0
-    assert [ax.get_title() for ax in report_plots.perf_figure(static).axes] == ["s/step", "GPU util (%)"]
+    assert [ax.get_title() for ax in plots.perf_figure(static).axes] == ["s/step", "GPU util (%)"]
     for r in static:
         r["eval_curve"], r["s_per_step"], r["gpu_util_pct"] = [], None, None
-    assert report_plots.eval_loss_figure(groups) is None and report_plots.perf_figure(static) is None
-    assert set(report_plots.plot_files(groups, static)) == {"eval_loss.csv", "final_eval_loss.png",
+    assert plots.eval_loss_figure(groups) is None and plots.perf_figure(static) is None
+    assert set(plots.plot_files(groups, static)) == {"eval_loss.csv", "final_eval_loss.png",
                                                             "final_eval_loss.csv"}
 
 
 def test_duplicate_seed_and_subset_only_runs_stay_out_of_the_statistics(sweep, monkeypatch, tmp_path):
     """A seed run twice in one config (the newer counts) and a FINISHED run without final/eval_loss (its
     last eval/loss is a subset on the sample profile) are listed under Not ranked, not averaged in."""
+    from pagating.cost import MFU_GUESS, STEP_OVERHEAD_S, peak_tflops
     from pagating.flops import flops_per_token
-    from pagating.vast_cost import MFU_GUESS, STEP_OVERHEAD_S, peak_tflops
 
     _use_server(monkeypatch, sweep)
     mlf = sweep["mlf"]

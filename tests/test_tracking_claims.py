@@ -59,7 +59,7 @@ def test_live_claim_refused_stale_claim_taken_over(sample_project, mlflow_server
             "--output_dir", str(tmp_path / "o")]
     # A process on another machine holds the config; its run was created before it went silent.
     from pagating.config import config_hash, load_config, parse_sets
-    from pagating.data import load_meta
+    from pagating.data.dataset import load_meta
 
     monkeypatch.chdir(sample_project)
     cfg = load_config("sample", parse_sets(args[2:-2:2]))

@@ -31,7 +31,7 @@ def metric_steps(mlf, run_id, key):
 def hand_eval_loss(model, project, params) -> float:
     """Shifted cross-entropy summed over every predicted token of the whole validation split (the final eval's
     blocks, whatever the intermediate evals' subset), over their count."""
-    from pagating.data import PackedDataset
+    from pagating.data.dataset import PackedDataset
 
     ds = PackedDataset(project / params["data.prepared_dir"], "validation")
     ids = torch.stack([ds[i]["input_ids"] for i in range(len(ds))])

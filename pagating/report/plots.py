@@ -11,6 +11,9 @@ import csv
 import io
 import statistics
 
+# The PNGs summary.md links, in its order (a figure without data is not written, nor linked).
+PLOT_TITLES = {"eval_loss": "validation loss vs step", "final_eval_loss": "final loss, mean ± 95% CI",
+               "alpha": "α trajectories", "perf": "speed per run"}
 STYLES = ("-", "--", ":", "-.")
 MARKERS = ("o", "s", "^", "D", "v", "P")
 
@@ -26,13 +29,13 @@ def _g(x: float | None) -> str:
 
 
 def _figure(size=(8, 5)):
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # heavy: ~1 s; only a report that draws needs it
 
     return Figure(figsize=size)
 
 
 def _png(fig) -> bytes:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # heavy, as in _figure
 
     FigureCanvasAgg(fig)
     buf = io.BytesIO()
@@ -42,9 +45,9 @@ def _png(fig) -> bytes:
 
 def _look(groups: list[dict]) -> tuple[dict, dict]:
     """α mode -> colour; lr -> (line style, marker), distinct for up to 12 lrs; the same in every figure."""
-    from matplotlib import colormaps
+    from matplotlib import colormaps  # heavy, as in _figure
 
-    from pagating.alpha import sort_key
+    from pagating.alpha import sort_key  # pagating.alpha imports torch (~2 s); the figures need only its order
 
     modes = sorted({g["alpha_mode"] for g in groups}, key=sort_key)
     cmap = colormaps["tab10"] if len(modes) <= 10 else colormaps["tab20"]
@@ -102,7 +105,7 @@ def eval_loss_plot(groups: list[dict]) -> dict[str, bytes | str]:
 
 def final_loss_figure(groups: list[dict]):
     """Mean final loss per config with its 95% CI, one panel per split that has data (validation, test)."""
-    from pagating.alpha import sort_key
+    from pagating.alpha import sort_key  # torch, as in _look
 
     colours, styles = _look(groups)
     modes = sorted({g["alpha_mode"] for g in groups}, key=sort_key)
@@ -137,7 +140,7 @@ def final_loss_figure(groups: list[dict]):
 
 
 def final_loss_plot(groups: list[dict]) -> dict[str, bytes | str]:
-    from pagating.alpha import sort_key
+    from pagating.alpha import sort_key  # torch, as in _look
 
     fig = final_loss_figure(groups)
     rows = sorted((r for g in groups for r in g["runs"]),

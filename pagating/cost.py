@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pagating import flops
+from pagating import flops, names
+from pagating.data.dataset import load_meta
+from pagating.grid import grid, take_shard
 
 # Peaks and the FLOPs formula are pagating.flops' (the same ones MFU uses). A GPU missing from its
 # table is assumed as slow as a 3090: over-estimating cost is the safe side.
@@ -54,15 +56,11 @@ def peak_tflops(gpu_name: str) -> float:
 
 def grid_size(cfg: dict[str, Any]) -> int:
     """Configs in the sweep grid: the product of the list-valued axes of cfg['sweep']."""
-    from pagating.grid import grid
-
     return len(grid(cfg))  # the sweep's own list (a `plain` unit runs once, not once per α mode)
 
 
 def shard_sizes(n_configs: int, n_shards: int) -> list[int]:
-    """Configs per shard: the sizes of the sweep's own slices (sweep.take_shard)."""
-    from pagating.grid import take_shard
-
+    """Configs per shard: the sizes of the sweep's own slices (grid.take_shard)."""
     return [len(take_shard(range(n_configs), i, n_shards)) for i in range(n_shards)]
 
 
@@ -86,8 +84,6 @@ def eval_batches(cfg: dict[str, Any]) -> int:
     cap = int(t["max_eval_batches"])
     if cap > 0:
         return cap
-    from pagating.data import load_meta
-
     try:
         blocks = int(load_meta(cfg["data"]["prepared_dir"])["splits"]["validation"]["blocks"])
     except Exception:  # not prepared here: estimate from the source's known size
@@ -165,7 +161,7 @@ def pagating_experiments(client, prefix: str = "pagating") -> list[str]:
 def measured_step_times(uri: str, cfg: dict[str, Any], gpu_names: list[str]) -> dict[str, StepTime]:
     """Mean of the last perf/step_time_s of runs on each GPU model, across `pagating-*` experiments,
     counting only runs with this config's model shape. GPU models without such runs are left out."""
-    from mlflow.tracking import MlflowClient
+    from mlflow.tracking import MlflowClient  # heavy: ~1 s; only a lookup in MLflow needs it
 
     prefix = cfg["tracking"]["experiment_prefix"]
     with quick_mlflow():
@@ -173,12 +169,12 @@ def measured_step_times(uri: str, cfg: dict[str, Any], gpu_names: list[str]) -> 
         exp_ids = pagating_experiments(client, prefix)
         if not exp_ids:
             return {}
-        runs = client.search_runs(exp_ids, filter_string='metrics."perf/step_time_s" > 0',
+        runs = client.search_runs(exp_ids, filter_string=f'metrics."{names.STEP_TIME}" > 0',
                                   max_results=1000, order_by=["attributes.start_time DESC"])
     out = {}
     for gpu in gpu_names:
-        values = [r.data.metrics["perf/step_time_s"] for r in runs
-                  if gpu_matches(r.data.tags.get("gpu.name", ""), gpu) and _shape_matches(r.data.params, cfg)]
+        values = [r.data.metrics[names.STEP_TIME] for r in runs
+                  if gpu_matches(r.data.tags.get(names.GPU_NAME, ""), gpu) and _shape_matches(r.data.params, cfg)]
         if values:
             out[gpu] = StepTime(sum(values) / len(values), f"measured ({len(values)} runs)")
     return out
@@ -188,15 +184,15 @@ def step_times(cfg: dict[str, Any], gpu_names: list[str], uri: str | None,
                override: float | None = None) -> tuple[dict[str, StepTime], str | None]:
     """s/step per GPU model: `override`, else measured in MLflow at `uri`, else the estimate.
     Returns (times, note) where note says why measurements were not used, if they could not be read."""
-    names = sorted(set(gpu_names))
+    gpus = sorted(set(gpu_names))
     if override is not None:
-        return {g: StepTime(override, "--s-per-step") for g in names}, None
+        return {g: StepTime(override, "--s-per-step") for g in gpus}, None
     measured, note = {}, None
     uri = lookup_uri(uri)
-    if uri and names:
+    if uri and gpus:
         try:
-            measured = measured_step_times(uri, cfg, names)
+            measured = measured_step_times(uri, cfg, gpus)
         except Exception as exc:  # any failure to read history falls back to the estimate
             note = f"could not read measured s/step from MLflow ({type(exc).__name__}); using estimates"
-    times = {g: measured.get(g) or StepTime(estimated_step_time(cfg, g), "estimate") for g in names}
+    times = {g: measured.get(g) or StepTime(estimated_step_time(cfg, g), "estimate") for g in gpus}
     return times, note

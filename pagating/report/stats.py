@@ -9,13 +9,12 @@ paired t-test's two-sided p, Holm-corrected over the comparisons of one split. N
 than MIN_SEEDS common seeds, nor from differences that do not vary across seeds (t is undefined). One
 run per seed and config: a seed run twice keeps its newest run. The verdict is read off the test
 split. scipy does the t distribution; Holm's step-down is four lines here
-(scipy.stats.false_discovery_control only does Benjamini-Hochberg). gating_md writes these down as
-summary.md's "Does gating help?" section.
+(scipy.stats.false_discovery_control only does Benjamini-Hochberg). pagating.report.markdown writes
+these down as summary.md's "Does gating help?" section.
 """
 
 from __future__ import annotations
 
-import io
 import math
 import statistics
 from typing import Any
@@ -38,7 +37,7 @@ def config_label(unit: str, alpha_mode: str, lr: float | None) -> str:
 
 def mean_ci(values: list[float]) -> tuple[float, float | None]:
     """Mean and the half-width of its 95% t confidence interval (None for one value)."""
-    from scipy import stats
+    from scipy import stats  # heavy: ~1 s, paid only where a statistic is computed
 
     mean = statistics.fmean(values)
     if len(values) < 2:
@@ -49,7 +48,7 @@ def mean_ci(values: list[float]) -> tuple[float, float | None]:
 def paired(a: dict[int, float], b: dict[int, float]) -> dict[str, Any]:
     """a − b over the seeds both ran: mean, 95% CI half-width (2+ seeds), the per-seed range, and the
     paired t-test's two-sided p (MIN_SEEDS+ seeds, else None); `p_note` says why p is None."""
-    from scipy import stats
+    from scipy import stats  # heavy: ~1 s, paid only where a statistic is computed
 
     seeds = sorted(set(a) & set(b))
     diffs = [a[s] - b[s] for s in seeds]
@@ -165,7 +164,7 @@ def smallest_detectable(comparisons: list[dict]) -> float | None:
     Holm's strictest step, from the median spread of the per-seed differences: (t_{1−α/2m} + t_POWER)·sd/√n
     with df = n − 1 (the usual normal-approximation formula, with t quantiles for few seeds). Only the
     comparisons that got a p count (a zero-spread one has none, and would make the answer 0)."""
-    from scipy import stats
+    from scipy import stats  # heavy: ~1 s, paid only where a statistic is computed
 
     tests = [c for c in comparisons if c["split"] == "test" and c["p"] is not None]
     if not tests:
@@ -234,86 +233,9 @@ def _no_p(groups: list[dict], tests: list[dict], rank: dict, unmatched: str) -> 
             + (f" (per-seed range {lo:+.4f} to {hi:+.4f})" if top["n"] > 1 else " from one seed") + f"{unmatched}.")
 
 
-# The "Does gating help?" section of summary.md: these statistics written down ---------------------
-
-def _pm(mean: float | None, half: float | None) -> str:
-    if mean is None:
-        return "n/a"
-    return f"{mean:.4f}" if half is None else f"{mean:.4f} ± {half:.4f}"
-
-
-def _spread(values: dict[int, float]) -> str:
-    """With too few seeds for a CI a reader still sees how far apart the seeds landed."""
-    if len(values) < 2 or len(values) >= MIN_SEEDS:
-        return ""
-    return f" (seeds {min(values.values()):.4f}–{max(values.values()):.4f})"
-
-
-def _cmp_cell(c: dict) -> str:
-    if c["diff_mean"] is None:
-        return "no common seeds"
-    text = f"{c['diff_mean']:+.4f}" + ("" if c["diff_ci95"] is None else f" ± {c['diff_ci95']:.4f}")
-    if c["p"] is None:
-        lo, hi = c["range"]
-        spread = f"seeds {lo:+.4f} to {hi:+.4f}; " if c["n"] > 1 else ""
-        return f"{text} ({spread}no p: {c['p_note']})"
-    return f"{text} (p={c['p']:.3g}, Holm {c['p_holm']:.3g}, {c['n']} seeds)"
-
-
-def _seeds_cell(g: dict) -> str:
-    """Seeds behind the validation mean, and behind the test mean when fewer logged test/loss."""
-    n, t = len(g["seeds"]), len(g["test_seeds"])
-    return str(n) if t == n else f"{n} (test {t})"
-
-
-def gating_md(gate: dict[str, Any]) -> str:
-    out = io.StringIO()
-    w = out.write
-    groups, cmps = gate["groups"], gate["comparisons"]
-    w("## Does gating help?\n\n")
-    w("Configs ranked by mean validation loss (`final/eval_loss`, the evaluation of the saved weights); the test "
-      "split (`test/loss`) judges. Mean over seeds ± the half-width of its 95% t interval; seeds: the runs behind "
-      "the validation mean (and the test mean where fewer runs logged `test/loss`).\n\n")
-    w("| # | config | unit | α mode | lr | params | FLOPs/token | seeds | validation loss | test loss |\n"
-      "|---:|---|---|---|---:|---:|---:|---:|---:|---:|\n")
-    for i, g in enumerate(groups, 1):
-        label = f"{g['config']} (baseline)" if g["plain"] else g["config"]
-        lr = "n/a" if g["learning_rate"] is None else f"{g['learning_rate']:g}"
-        params = f"{g['n_params']:,}" if g["n_params"] else "n/a"
-        fpt = f"{g['flops_per_token']:.4g}" if g["flops_per_token"] else "n/a"
-        val = _pm(g["val_mean"], g["val_ci95"]) + _spread(g["val"])
-        test = _pm(g["test_mean"], g["test_ci95"]) + _spread(g["test"])
-        w(f"| {i} | {label} | {g['unit']} | {'-' if g['plain'] else g['alpha_mode']} | {lr} | {params} | {fpt} "
-          f"| {_seeds_cell(g)} | {val} | {test} |\n")
-    if not any(g["plain"] for g in groups):
-        w("\nNo `plain` run (GPT-2's own MLP) in this sweep: add `sweep.unit: [paGLU, plain]` for a baseline.\n")
-    if cmps:
-        _comparisons_md(w, cmps)
-    w("\n")
-    return out.getvalue()
-
-
-def _comparisons_md(w, cmps: list[dict]) -> None:
-    w("\n### Against the baseline\n\nconfig − baseline over the seeds both ran (negative: lower loss than the "
-      "baseline), ± its 95% CI; the paired t-test's two-sided p and Holm's correction over the comparisons of "
-      "that split. Each gated config meets the baseline at its own lr and the baseline at the baseline's best "
-      "lr (on validation).\n\n| config | baseline | params | test: diff | validation: diff |\n"
-      "|---|---|---|---:|---:|\n")
-    by_pair: dict[tuple, dict] = {}
-    for c in cmps:
-        by_pair.setdefault((c["config"], c["baseline"], c["kind"]), {})[c["split"]] = c
-    for (config, base, kind), pair in by_pair.items():
-        c = pair["test"]
-        gap = "n/a" if c["param_gap"] is None else (f"matched ({c['param_gap']:.2%} apart)" if c["matched"]
-                                                    else f"**unmatched**: {c['param_gap']:.1%} apart")
-        w(f"| {config} | {base} ({kind}) | {gap} | {_cmp_cell(c)} | {_cmp_cell(pair['val'])} |\n")
-    if any(c["p"] is None and 0 < c["n"] < MIN_SEEDS for c in cmps):
-        w(f"\nNo p-value from fewer than {MIN_SEEDS} seeds both sides ran: one seed has no spread to test a "
-          "difference against, and with 2 a paired test has one degree of freedom, so its p-value swings with every "
-          "seed; the per-seed spread is shown instead. Add `sweep.seed: [1, 2, 3]` (the same seeds for every arm).\n")
-    if any(c["p"] is None and c["n"] >= MIN_SEEDS for c in cmps):
-        w("\nNo p-value where every seed gave the same difference (zero spread): the t statistic divides by that "
-          "spread, so it is undefined, not 0.\n")
-    if any(c["matched"] is False for c in cmps):
-        w("\n**Unmatched arms**: the gated config and the baseline differ by more than 2% in parameters, so a "
-          "difference mixes gating with size; `model.param_matched: true` (the default) equalises them.\n")
+def gating(rows: list[dict]) -> dict[str, Any]:
+    """Configs, comparisons, verdict; `dropped`: the (row, why) its statistics leave out."""
+    groups = group(rows)
+    comparisons = compare(groups)
+    return {"groups": groups, "comparisons": comparisons, "verdict": verdict(groups, comparisons),
+            "best": groups[0], "dropped": [d for g in groups for d in g["dropped"]]}

@@ -1,5 +1,5 @@
 """The report's "Expected Performance Improvement" table: the seed plan's figures, quoted, beside a
-pagating.flops projection of the sweep that ran and what each GPU measured."""
+pagating.cost projection of the sweep that ran and what each GPU measured."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import io
 import math
 import statistics
 from typing import Any
+
+from pagating import cost
 
 # The seed document's "Expected Performance Improvement" table: the plan's own figures, quoted (the only
 # numbers in the report not read from MLflow).
@@ -92,14 +94,12 @@ def perf_md(perf: dict[str, dict], estimate: dict | None) -> str:
 def plan_estimate(rows: list[dict], n_runs: int, gpu: str = "RTX 4090") -> dict[str, Any] | None:
     """The sweep that ran (its runs' own shapes and max_steps) on the seed plan's GPU, projected from
     pagating.flops' peak table and formula as `vast offers` does."""
-    from pagating import vast_cost
-
     known = [r for r in rows if r["flops_per_token"] and r["max_steps"] and r["batch_size"] and r["block_size"]]
     if not known:
         return None
-    peak = vast_cost.peak_tflops(gpu) * 1e12 * vast_cost.MFU_GUESS
-    secs = [r["flops_per_token"] * r["batch_size"] * r["block_size"] / peak + vast_cost.STEP_OVERHEAD_S
+    peak = cost.peak_tflops(gpu) * 1e12 * cost.MFU_GUESS
+    secs = [r["flops_per_token"] * r["batch_size"] * r["block_size"] / peak + cost.STEP_OVERHEAD_S
             for r in known]
     one_run = statistics.fmean(r["max_steps"] * s for r, s in zip(known, secs, strict=True))
     return {"gpu": gpu, "s_per_step": statistics.fmean(secs), "max_steps": sorted({r["max_steps"] for r in known}),
-            "one_run_s": one_run, "configs": n_runs, "sweep_s": n_runs * one_run, "mfu_guess": vast_cost.MFU_GUESS}
+            "one_run_s": one_run, "configs": n_runs, "sweep_s": n_runs * one_run, "mfu_guess": cost.MFU_GUESS}
