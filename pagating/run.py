@@ -3,9 +3,9 @@ resume its MLflow run, keep the metric spool, checkpoint uploader, GPU sampler a
 while the Trainer trains, then drain the final uploads and close.
 
 train.py does the training inside `with TrainingRun(...) as run:`; this module does the bookkeeping
-around it (the MLflow parts themselves are pagating.tracking's submodules; the final model's are
-pagating.publish's). Only rank 0 tracks: on a DDP worker
-every step here is a no-op, and the worker follows the checkpoint its launcher resolved.
+around it (the MLflow parts themselves are in pagating.tracking's modules, the final model's in
+pagating.publish). Only rank 0 tracks: on a DDP worker every step here is a no-op, and the worker follows
+the checkpoint its launcher resolved.
 """
 
 from __future__ import annotations
@@ -161,9 +161,9 @@ class TrainingRun:
         provenance.write_run_file(self.run_dir, self.info)
         self.claim.attach(self.run_id)
         self.spool = spool.MetricSpool(spool.spool_path(self.run_dir, self.run_id), self.run_id, job.uri,
-                                          skip_until=skip, fence=self.claim.check).start()
+                                       skip_until=skip, fence=self.claim.check).start()
         self.uploader = checkpoints.CheckpointUploader(self.run_id, job.uri, self.run_dir / finish.STAGING_DIR,
-                                                    self.spool, fence=self.claim.check)
+                                                       self.spool, fence=self.claim.check)
         # NVML sees the GPUs of CUDA_VISIBLE_DEVICES; without any it says so once and logs no system/gpu_* metric.
         self.sampler = GpuSampler()
         self.sampler.start()
@@ -175,7 +175,7 @@ class TrainingRun:
         # Lines the interrupted process spooled but never sent go first; only then is "already
         # logged" known, and the resumed run skips exactly those steps.
         leftover = spool.MetricSpool(spool.spool_path(self.run_dir, self.run_id), self.run_id, self.job.uri,
-                                        fence=self.claim.check)  # fenced like every other write into the run
+                                     fence=self.claim.check)  # fenced like every other write into the run
         leftover.drain(120.0)  # returns at once when nothing is pending
         leftover.close()
         self.claim.check()  # drain stops quietly when the claim is lost: that ends the run here
@@ -195,7 +195,7 @@ class TrainingRun:
         self.mlf.log_text(self.run_id, yaml.safe_dump({k: v for k, v in cfg.items()}, sort_keys=False),
                           "params.yaml")
         provenance.log_datasets(self.mlf, self.run_id, cfg["profile"], md5 or meta_digest(job.meta),
-                              provenance.dvc_data_source(path=cfg["data"]["raw_dir"]))
+                                provenance.dvc_data_source(path=cfg["data"]["raw_dir"]))
         return {}
 
     def _tags(self, n_params: int, gpu: str, usd_per_hour: float | None, md5: str) -> dict[str, str]:
