@@ -19,18 +19,17 @@ from pagating.tracking.store import strip_credentials
 RUN_FILE = "pagating_run.json"  # run identity, kept in the output dir and in every checkpoint
 
 
-def git_commit(root: str | Path = ".") -> str:
+def git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
         return out.stdout.strip() if out.returncode == 0 else ""
     except (OSError, subprocess.SubprocessError):
         return ""
 
 
-def git_repo_url(root: str | Path = ".") -> str:
+def git_repo_url() -> str:
     try:
-        out = subprocess.run(["git", "remote", "get-url", "origin"], cwd=root, capture_output=True, text=True,
-                             timeout=10)
+        out = subprocess.run(["git", "remote", "get-url", "origin"], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return ""
     return strip_credentials(out.stdout.strip()) if out.returncode == 0 else ""
@@ -43,20 +42,20 @@ def user_name() -> str:
         return os.environ.get("USER", "unknown")
 
 
-def lock_sha256(root: str | Path | None = None) -> str:
+def lock_sha256() -> str:
     """sha256 of the install lock (requirements/lock-cpu.txt) the environment was installed from: a run pins
     its package versions by this tag. "none" when the checkout has no lock."""
     checkout = Path(__file__).resolve().parents[2]  # pagating/tracking/provenance.py -> the checkout
-    lock = Path(root or checkout) / "requirements" / "lock-cpu.txt"
+    lock = checkout / "requirements" / "lock-cpu.txt"
     return hashlib.sha256(lock.read_bytes()).hexdigest() if lock.is_file() else "none"
 
 
-def source_tags(entry_point: str, commit: str | None, root: str | Path = ".") -> dict[str, str]:
+def source_tags(entry_point: str, commit: str | None) -> dict[str, str]:
     """mlflow.source.* / mlflow.user as `mlflow run` sets them: the project at its commit (the caller's
     git_commit), the entry point. The UI's Source column shows `<project>:<entry point>`, linked to the
     commit when the repo is on GitHub."""
-    repo = git_repo_url(root)
-    tags = {"mlflow.source.type": "PROJECT", "mlflow.source.name": repo or str(Path(root).resolve()),
+    repo = git_repo_url()
+    tags = {"mlflow.source.type": "PROJECT", "mlflow.source.name": repo or str(Path.cwd()),
             "mlflow.project.entryPoint": entry_point, "mlflow.user": user_name()}
     if commit:
         tags["mlflow.source.git.commit"] = commit

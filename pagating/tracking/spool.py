@@ -32,15 +32,15 @@ class MetricSpool:
     """
 
     BATCH = 500  # MLflow accepts up to 1000 metrics per log_batch
+    INTERVAL_S = 1.0  # the flusher's wait between sends
 
     def __init__(self, path: str | Path, run_id: str, uri: str, skip_until: dict[str, int] | None = None,
-                 interval_s: float = 1.0, fence=None):
+                 fence=None):
         self.fence = fence  # Claim.check: called before every send; ClaimLost ends the sending for good
         self.path = Path(path)
         self.sent_path = self.path.with_suffix(".sent")
         self.run_id, self.uri = run_id, uri
         self.skip_until = dict(skip_until or {})
-        self.interval_s = interval_s
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._file = open(self.path, "a", encoding="utf-8")
@@ -93,7 +93,7 @@ class MetricSpool:
     def _run(self) -> None:
         backoff = Backoff()
         while not self._stop.is_set():
-            self._wake.wait(self.interval_s)
+            self._wake.wait(self.INTERVAL_S)
             self._wake.clear()
             try:
                 while self.flush_once():
