@@ -24,7 +24,7 @@ VERBS = {
     "report": "pagating.report.build",
     "server": "pagating.server",
     "grant": "pagating.server",
-    "sync": "pagating.tracking",
+    "sync": "pagating.publish",
 }
 
 

@@ -3,23 +3,33 @@ resume its MLflow run, keep the metric spool, checkpoint uploader, GPU sampler a
 while the Trainer trains, then drain the final uploads and close.
 
 train.py does the training inside `with TrainingRun(...) as run:`; this module does the bookkeeping
-around it (the MLflow parts themselves are pagating.tracking's). Only rank 0 tracks: on a DDP worker
-every step here is a no-op, and the worker follows the checkpoint its launcher resolved.
+around it (the MLflow parts themselves are in pagating.tracking's modules, the final model's in
+pagating.publish). Only rank 0 tracks: on a DDP worker every step here is a no-op, and the worker follows
+the checkpoint its launcher resolved.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
+import os
+import shutil
+import signal
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from pagating import tracking
+from pagating import names, publish
 from pagating.config import UserError
+from pagating.data.dvc import data_md5
 from pagating.disk import disk_full, free_bytes, mib
+from pagating.gpu import GpuSampler
+from pagating.tracking import callback, checkpoints, claim, finish, provenance, spool, store
 
 RESUME_WORDS = ("none", "", None, "auto", "if-any")  # every other --resume value is a checkpoint path
 
@@ -56,13 +66,13 @@ class TrainingRun:
         self.sweep_id, self.extra_tags = sweep_id, extra_tags
         self.tracks = job.rank == 0
         self.mlf, self.run_dir, self.tracking_cfg = job.mlf, job.run_dir, job.cfg["tracking"]
-        self.claim: tracking.Claim | None = None
+        self.claim: claim.Claim | None = None
         self._runs: list = []  # this config's MLflow runs, read once the claim is held
         self.outcome: dict[str, Any] | None = None
         self.ckpt: Path | None = None
         self.run_id: str | None = None
-        self.spool: tracking.MetricSpool | None = None
-        self.uploader: tracking.CheckpointUploader | None = None
+        self.spool: spool.MetricSpool | None = None
+        self.uploader: checkpoints.CheckpointUploader | None = None
         self.sampler = None
         self.compile_watch = None  # pagating.runtime.CompileWatch when torch.compile is on: closed first
         self.model_dir: Path | None = None  # set by the caller once model/ is saved
@@ -92,24 +102,24 @@ class TrainingRun:
     def _claim(self) -> dict[str, Any] | None:
         """One process per config: claimed in MLflow before anything is trained or written."""
         job, run_dir = self.job, str(self.run_dir)
-        runs = tracking.runs_with_hash(self.mlf, job.exp_id, job.h)
+        runs = store.runs_with_hash(self.mlf, job.exp_id, job.h)
         done = finished_run(runs, job.h)
         if done is not None:
             return done | {"run_dir": run_dir}
         if self.resume == "auto" and not unfinished_runs(runs) and not any(self.run_dir.glob("checkpoint-*")):
             raise UserError(f"nothing to resume: no checkpoint in {run_dir} and no unfinished MLflow run of this "
                             f"config (hash {job.h}); run without --resume to start fresh")
-        claim = tracking.Claim.for_config(self.mlf, job.exp_id, job.h, self.tracking_cfg)
-        held = claim.acquire()
+        mine = claim.Claim.for_config(self.mlf, job.exp_id, job.h, self.tracking_cfg)
+        held = mine.acquire()
         if held is not None:  # not ours: nothing to release
             if self.if_claimed == "skip":
                 return {"status": "claimed", "config_hash": job.h, "run_id": held.get("run_id"), "run_dir": run_dir}
             raise UserError(f"this config (hash {job.h}) is already being trained by "
-                            f"{tracking.describe_claim(held, claim.timeout_s)}: wait for it, or stop that process")
-        self.claim = claim  # set before anything else can fail: __enter__ releases it then
-        claim.start_heartbeat()
+                            f"{claim.describe_claim(held, mine.timeout_s)}: wait for it, or stop that process")
+        self.claim = mine  # set before anything else can fail: __enter__ releases it then
+        mine.start_heartbeat()
         # Read again now that the claim is ours (one may have finished meanwhile); nothing changes them after.
-        self._runs = tracking.runs_with_hash(self.mlf, job.exp_id, job.h)
+        self._runs = store.runs_with_hash(self.mlf, job.exp_id, job.h)
         done = finished_run(self._runs, job.h)
         return done | {"run_dir": run_dir} if done is not None else None
 
@@ -122,9 +132,9 @@ class TrainingRun:
         if self.tracks and self.run_id and not self.ckpt:
             print(f"pagating: continuing interrupted run {self.run_id} from step 0 (no whole checkpoint of it)",
                   file=sys.stderr)
-        if self.tracks and self.run_id and (self.run_dir / tracking.PENDING_FILE).exists():
+        if self.tracks and self.run_id and (self.run_dir / finish.PENDING_FILE).exists():
             # Trained to the end, but the server was away for the final uploads: finish those only.
-            left = tracking.sync(self.run_dir, timeout_s=self.drain_budget)
+            left = publish.sync(self.run_dir, timeout_s=self.drain_budget)
             self.outcome = {"run_id": self.run_id, "run_dir": str(self.run_dir), "config_hash": job.h,
                             "status": "FINISHED" if not left else "KILLED", "synced": True}
 
@@ -147,15 +157,13 @@ class TrainingRun:
         skip = self._continue() if self.run_id else self._create(params, n_params, gpu, usd_per_hour)
         self.result["run_id"] = self.run_id
         self.info = {"run_id": self.run_id, "experiment_id": job.exp_id, "config_hash": job.h,
-                     "tracking_uri": tracking.mask_uri(job.uri)}
-        tracking.write_run_file(self.run_dir, self.info)
+                     "tracking_uri": store.mask_uri(job.uri)}
+        provenance.write_run_file(self.run_dir, self.info)
         self.claim.attach(self.run_id)
-        self.spool = tracking.MetricSpool(tracking.spool_path(self.run_dir, self.run_id), self.run_id, job.uri,
-                                          skip_until=skip, fence=self.claim.check).start()
-        self.uploader = tracking.CheckpointUploader(self.run_id, job.uri, self.run_dir / tracking.STAGING_DIR,
-                                                    self.spool, fence=self.claim.check)
-        from pagating.gpu import GpuSampler
-
+        self.spool = spool.MetricSpool(spool.spool_path(self.run_dir, self.run_id), self.run_id, job.uri,
+                                       skip_until=skip, fence=self.claim.check).start()
+        self.uploader = checkpoints.CheckpointUploader(self.run_id, job.uri, self.run_dir / finish.STAGING_DIR,
+                                                       self.spool, fence=self.claim.check)
         # NVML sees the GPUs of CUDA_VISIBLE_DEVICES; without any it says so once and logs no system/gpu_* metric.
         self.sampler = GpuSampler()
         self.sampler.start()
@@ -166,17 +174,15 @@ class TrainingRun:
         self.made_run = True
         # Lines the interrupted process spooled but never sent go first; only then is "already
         # logged" known, and the resumed run skips exactly those steps.
-        leftover = tracking.MetricSpool(tracking.spool_path(self.run_dir, self.run_id), self.run_id, self.job.uri,
-                                        fence=self.claim.check)  # fenced like every other write into the run
+        leftover = spool.MetricSpool(spool.spool_path(self.run_dir, self.run_id), self.run_id, self.job.uri,
+                                     fence=self.claim.check)  # fenced like every other write into the run
         leftover.drain(120.0)  # returns at once when nothing is pending
         leftover.close()
         self.claim.check()  # drain stops quietly when the claim is lost: that ends the run here
-        return tracking.last_steps(self.mlf, self.run_id)
+        return store.last_steps(self.mlf, self.run_id)
 
     def _create(self, params: dict[str, Any], n_params: int, gpu: str, usd_per_hour: float | None) -> dict:
-        from mlflow.entities import Param
-
-        from pagating.data.dvc import data_md5
+        from mlflow.entities import Param  # heavy: ~2 s; a DDP worker or a finished config never gets here
 
         job, cfg = self.job, self.job.cfg
         md5 = data_md5()
@@ -188,26 +194,24 @@ class TrainingRun:
             self.mlf.log_batch(self.run_id, params=items[i:i + 100])
         self.mlf.log_text(self.run_id, yaml.safe_dump({k: v for k, v in cfg.items()}, sort_keys=False),
                           "params.yaml")
-        tracking.log_datasets(self.mlf, self.run_id, cfg["profile"], md5 or meta_digest(job.meta),
-                              tracking.dvc_data_source(path=cfg["data"]["raw_dir"]))
+        provenance.log_datasets(self.mlf, self.run_id, cfg["profile"], md5 or meta_digest(job.meta),
+                                provenance.dvc_data_source(path=cfg["data"]["raw_dir"]))
         return {}
 
     def _tags(self, n_params: int, gpu: str, usd_per_hour: float | None, md5: str) -> dict[str, str]:
-        import os
-
-        cfg, commit = self.job.cfg, tracking.git_commit()
-        tags = {"pagating.config_hash": self.job.h, "git.commit": commit,
-                "dvc.data_md5": md5, "gpu.name": gpu, "host": tracking.host_tag(),
-                "pagating.lock_sha256": tracking.lock_sha256(),
-                "mlflow.runName": self.name, **tracking.source_tags("train", commit),
-                "mlflow.note.content": tracking.run_note(cfg, tracking.reproduce_command(cfg, commit), n_params),
+        cfg, commit = self.job.cfg, provenance.git_commit()
+        tags = {names.CONFIG_HASH: self.job.h, "git.commit": commit,
+                "dvc.data_md5": md5, names.GPU_NAME: gpu, "host": claim.host_tag(),
+                "pagating.lock_sha256": provenance.lock_sha256(),
+                names.RUN_NAME: self.name, **provenance.source_tags("train", commit),
+                names.NOTE: provenance.run_note(cfg, provenance.reproduce_command(cfg, commit), n_params),
                 **(self.extra_tags or {})}
         if self.sweep_id:
-            tags["pagating.sweep_id"] = self.sweep_id
+            tags[names.SWEEP_ID] = self.sweep_id
         if self.job.parent_run_id:
-            tags["mlflow.parentRunId"] = self.job.parent_run_id
+            tags[names.PARENT_RUN_ID] = self.job.parent_run_id
         if usd_per_hour:
-            tags["cost.usd_per_hour"] = f"{usd_per_hour:g}"
+            tags[names.USD_PER_HOUR] = f"{usd_per_hour:g}"
         if os.environ.get("CUDA_VISIBLE_DEVICES"):  # which GPU(s) of the box: the sweep's slot
             tags["gpu.visible_devices"] = os.environ["CUDA_VISIBLE_DEVICES"]
         return tags
@@ -217,7 +221,7 @@ class TrainingRun:
         rest of TrackingCallback's arguments (tokens per step, FLOPs, peak, model, α logging, ...)."""
         if not self.tracks:
             return []
-        return [tracking.TrackingCallback(self.spool, self.uploader, self.info, sampler=self.sampler,
+        return [callback.TrackingCallback(self.spool, self.uploader, self.info, sampler=self.sampler,
                                           compile_watch=self.compile_watch, claim=self.claim, **measures)]
 
     def log_text(self, text: str, name: str) -> None:
@@ -227,7 +231,7 @@ class TrainingRun:
                 self.claim.check()
             self.mlf.log_text(self.run_id, text, name)
 
-        tracking.retry(send, f"upload {name}", transient=lambda exc: not isinstance(exc, tracking.ClaimLost))
+        store.retry(send, f"upload {name}", transient=lambda exc: not isinstance(exc, claim.ClaimLost))
 
     # Leaving: drain, finish, close --------------------------------------------------------------
 
@@ -236,7 +240,7 @@ class TrainingRun:
             self.status = "FINISHED"
         elif issubclass(exc_type, KeyboardInterrupt):
             self.status = "KILLED"
-        lost = isinstance(exc, tracking.ClaimLost) or bool(self.claim is not None and self.claim.lost)
+        lost = isinstance(exc, claim.ClaimLost) or bool(self.claim is not None and self.claim.lost)
         full = None
         if exc is not None and not lost and self.tracks and disk_full(exc, self.run_dir):
             full = UserError(self._disk_full_line(exc, remove_partial_checkpoints(self.run_dir)))
@@ -245,13 +249,13 @@ class TrainingRun:
                 self._stop_quietly()
             else:
                 self._close(exc, full)
-        except tracking.ClaimLost:  # found out while finishing: nothing more is written
+        except claim.ClaimLost:  # found out while finishing: nothing more is written
             self._stop_quietly()
             raise
         finally:
             self._release()
-        if lost and not isinstance(exc, tracking.ClaimLost):
-            raise tracking.ClaimLost(self.claim.lost) from None
+        if lost and not isinstance(exc, claim.ClaimLost):
+            raise claim.ClaimLost(self.claim.lost) from None
         if full is not None:
             raise full from None
         return False
@@ -292,10 +296,11 @@ class TrainingRun:
         # budget allows; past it everything stays in run_dir for `pagating sync`.
         finished = self.status == "FINISHED"
         budget = self.drain_budget if finished else 5.0
-        local, model_id = tracking.finish_run(
+        local, model_id = finish.finish_run(
             self.mlf, self.run_id, self.run_dir, self.status, self.spool, self.uploader,
             self.model_dir if finished else None, self.model_step if finished else 0, budget,
-            float(self.tracking_cfg["retry_max_s"]), fence=self.claim.check if self.claim else None)
+            float(self.tracking_cfg["retry_max_s"]), fence=self.claim.check if self.claim else None,
+            log_model=publish.log_model)
         if model_id:
             self.result["model_id"] = model_id
         self.spool.close()
@@ -316,7 +321,7 @@ class TrainingRun:
         with contextlib.suppress(Exception):
             if self.claim is not None:
                 self.claim.check()
-            self.mlf.set_tag(self.run_id, "pagating.error", text)
+            self.mlf.set_tag(self.run_id, names.ERROR, text)
 
     def _release(self) -> None:
         try:
@@ -324,8 +329,6 @@ class TrainingRun:
                 self.claim.release()
         finally:
             if self._term is not None:
-                import signal
-
                 signal.signal(signal.SIGTERM, self._term[0])
                 self._term = None
 
@@ -335,9 +338,6 @@ def term_as_interrupt() -> tuple | None:
     is open: KeyboardInterrupt, so the run ends KILLED and its claim is released instead of the process
     vanishing with the run RUNNING. Returns (the previous handler,) to put back; None off the main thread,
     where no handler can be set."""
-    import signal
-    import threading
-
     if threading.current_thread() is not threading.main_thread():
         return None
 
@@ -350,9 +350,6 @@ def term_as_interrupt() -> tuple | None:
 
 def meta_digest(meta: dict) -> str:
     """Without data.dvc: a digest of the raw files' md5s that prepare recorded."""
-    import hashlib
-    import json
-
     return hashlib.md5(json.dumps(meta.get("source_md5", {}), sort_keys=True).encode()).hexdigest()
 
 
@@ -360,12 +357,12 @@ def newest_checkpoint(run_dir: Path, run_id: str | None = None) -> Path | None:
     """The newest whole local checkpoint (its marker's sizes and hashes match) of run_id, if given;
     a cut-off or corrupt one is named in one line and skipped."""
     ckpts = sorted((p for p in run_dir.glob("checkpoint-*") if p.name.rsplit("-", 1)[-1].isdigit()),
-                   key=tracking.checkpoint_step, reverse=True)
+                   key=checkpoints.checkpoint_step, reverse=True)
     for ckpt in ckpts:
-        info = tracking.read_run_file(ckpt) or {}
+        info = provenance.read_run_file(ckpt) or {}
         if run_id and info.get("run_id") not in (None, run_id):
             continue  # another run's leftovers in a reused folder
-        problem = tracking.verify_checkpoint(ckpt)
+        problem = checkpoints.verify_checkpoint(ckpt)
         if problem is None:
             return ckpt
         print(f"pagating: skipping checkpoint {ckpt}: {problem}", file=sys.stderr)
@@ -373,13 +370,13 @@ def newest_checkpoint(run_dir: Path, run_id: str | None = None) -> Path | None:
 
 
 def unfinished_runs(runs: list) -> list:
-    """Of a config's runs (tracking.runs_with_hash), those not FINISHED."""
+    """Of a config's runs (store.runs_with_hash), those not FINISHED."""
     return [r for r in runs if r.info.status != "FINISHED"]
 
 
 def find_resume(cfg: dict, resume: str, run_dir: Path, mlf, h: str, runs: list) -> tuple[Path | None, str | None]:
     """(checkpoint dir, MLflow run id) to continue, or (None, None) for a fresh run; `runs`: the config's
-    runs (tracking.runs_with_hash).
+    runs (store.runs_with_hash).
 
     An unfinished run of this config (its claim is ours by now) is always continued, whatever
     `resume` says: one run per config. `auto` insists on a checkpoint; `if-any`/`none` start over
@@ -389,28 +386,28 @@ def find_resume(cfg: dict, resume: str, run_dir: Path, mlf, h: str, runs: list) 
         ckpt = Path(resume)
         if not (ckpt / "trainer_state.json").exists():
             raise UserError(f"{ckpt} is not a Trainer checkpoint (no trainer_state.json)")
-        if (ckpt / tracking.CKPT_MARKER).exists() and (problem := tracking.verify_checkpoint(ckpt)):
+        if (ckpt / checkpoints.CKPT_MARKER).exists() and (problem := checkpoints.verify_checkpoint(ckpt)):
             raise UserError(f"checkpoint {ckpt} is corrupt ({problem}): pick another one")
-        info = tracking.read_run_file(ckpt) or tracking.read_run_file(run_dir) or {}
+        info = provenance.read_run_file(ckpt) or provenance.read_run_file(run_dir) or {}
         return ckpt, info.get("run_id")
     if resume in ("none", "", None) and not unfinished:
         return None, None
     for run in unfinished:  # newest first: local copy, else the MLflow one
         rid = run.info.run_id
-        ckpt = newest_checkpoint(run_dir, rid) or tracking.download_checkpoint(mlf, rid, run_dir)
+        ckpt = newest_checkpoint(run_dir, rid) or checkpoints.download_checkpoint(mlf, rid, run_dir)
         if ckpt is not None:
             return ckpt, rid
     if resume == "auto":
         ckpt = newest_checkpoint(run_dir)
         if ckpt is not None:  # a local checkpoint whose run is not in this experiment / server
-            return ckpt, (tracking.read_run_file(ckpt) or {}).get("run_id")
+            return ckpt, (provenance.read_run_file(ckpt) or {}).get("run_id")
         raise UserError(f"nothing to resume: no checkpoint in {run_dir} and no unfinished MLflow run of this "
                         f"config (hash {h}) uploaded one; run without --resume to start fresh")
     return None, (unfinished[0].info.run_id if unfinished else None)
 
 
 def finished_run(runs: list, h: str) -> dict | None:
-    """A FINISHED one of a config's runs (tracking.runs_with_hash): the result to report instead of training
+    """A FINISHED one of a config's runs (store.runs_with_hash): the result to report instead of training
     it again."""
     done = [r for r in runs if r.info.status == "FINISHED"]
     if not done:
@@ -419,7 +416,7 @@ def finished_run(runs: list, h: str) -> dict | None:
     print(f"pagating: this config (hash {h}) already FINISHED as run {run.info.run_id}: nothing to do",
           file=sys.stderr)
     return {"run_id": run.info.run_id, "config_hash": h, "status": "FINISHED", "already_finished": True,
-            "final_eval_loss": run.data.metrics.get("final/eval_loss")}
+            "final_eval_loss": run.data.metrics.get(names.FINAL_EVAL_LOSS)}
 
 
 # Bytes per parameter of one checkpoint: fp32 weights (4) + Adam's two moments (8).
@@ -428,9 +425,7 @@ CHECKPOINT_BYTES_PER_PARAM = 12
 
 def remove_partial_checkpoints(run_dir: Path) -> list[Path]:
     """Checkpoint folders cut off by a full disk (no marker: never resumed from) go, freeing the space."""
-    import shutil
-
-    gone = [p for p in Path(run_dir).glob("checkpoint-*") if p.is_dir() and not (p / tracking.CKPT_MARKER).exists()]
+    gone = [p for p in Path(run_dir).glob("checkpoint-*") if p.is_dir() and not (p / checkpoints.CKPT_MARKER).exists()]
     for p in gone:
         shutil.rmtree(p, ignore_errors=True)
     return gone

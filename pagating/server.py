@@ -26,14 +26,17 @@ import os
 import secrets
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
-from pagating.config import UserError, add_config_args
+from pagating.config import UserError, add_config_args, config_from_args, experiment_name
+from pagating.tracking import store
 
 ADMIN_PASSWORD_ENV = "MLFLOW_AUTH_ADMIN_PASSWORD"
 ADMIN_USERNAME_ENV = "MLFLOW_AUTH_ADMIN_USERNAME"  # MLflow's own override of admin_username
@@ -111,7 +114,7 @@ def grant_experiments(uri: str, admin: tuple[str, str], names: list[str], user: 
     """Create each experiment as the admin if missing (the admin owns it) and give `user` exactly
     `permission` on it (MLflow's per-user grant API, /api/3.0/mlflow/users/permissions/grant).
     Returns {name: experiment_id}."""
-    import requests
+    import requests  # heavy: ~0.3 s, `pagating server --help` does not need it
 
     api = uri.rstrip("/")
 
@@ -151,17 +154,14 @@ def mask_admin(admin: tuple[str, str]) -> str:
 
 
 def cli_grant(args: argparse.Namespace) -> int:
-    from pagating.config import config_from_args, experiment_name
-    from pagating.tracking import mask_uri, tracking_uri
-
     cfg = config_from_args(args)
-    uri = tracking_uri(cfg)
+    uri = store.tracking_uri(cfg)
     if not uri.startswith(("http://", "https://")):
-        raise UserError(f"MLFLOW_TRACKING_URI must be the `pagating server` (http[s]://...), not {mask_uri(uri)}")
+        raise UserError(f"MLFLOW_TRACKING_URI must be the `pagating server` (http[s]://...), not {store.mask_uri(uri)}")
     names = args.experiment or [experiment_name(cfg)]
     granted = grant_experiments(uri, admin_credentials(), names, args.user)
     for name, exp_id in granted.items():
-        print(f"pagating grant: {args.user!r} has EDIT on experiment {name} (id {exp_id}) at {mask_uri(uri)}")
+        print(f"pagating grant: {args.user!r} has EDIT on experiment {name} (id {exp_id}) at {store.mask_uri(uri)}")
     return 0
 
 
@@ -262,9 +262,7 @@ def _check_existing_admin(auth_db_uri: str, admin_user: str, admin_password: str
     path = _sqlite_path(auth_db_uri)
     if path is None or not path.exists():
         return
-    import sqlite3
-
-    from werkzeug.security import check_password_hash
+    from werkzeug.security import check_password_hash  # MLflow's (Flask's) dependency: loaded only on a restart
 
     try:
         with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
@@ -335,7 +333,7 @@ def _connect_host(host: str) -> str:
 
 
 def _wait_healthy(proc: subprocess.Popen, uri: str, timeout: float) -> None:
-    import requests
+    import requests  # heavy: ~0.3 s, `pagating server --help` does not need it
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -354,7 +352,7 @@ def _wait_healthy(proc: subprocess.Popen, uri: str, timeout: float) -> None:
 def ensure_user(uri: str, admin: tuple[str, str], username: str, password: str) -> str:
     """Create `username` with `password`, or set that password if it exists. Returns "created" or
     "updated". Idempotent; uses the auth REST API as the admin."""
-    import requests
+    import requests  # heavy: ~0.3 s, `pagating server --help` does not need it
 
     api = f"{uri}/api/2.0/mlflow/users"
     body = {"username": username, "password": password}
@@ -448,6 +446,4 @@ def start_server(args_or_kwargs: argparse.Namespace | dict[str, Any] | None = No
 
 
 def _in_main_thread() -> bool:
-    import threading
-
     return threading.current_thread() is threading.main_thread()

@@ -30,7 +30,7 @@ def runs_of(mlf, prefix):
 
 def test_same_config_twice_at_once_one_run(sample_project, mlflow_server, tmp_path):
     """Two `pagating train` of one config at once, every claim write held 1-5 s by a proxy."""
-    from pagating.tracking import run_model_id
+    from pagating.publish import run_model_id
 
     proxy = HoldProxy(mlflow_server.uri)
     args = ["train", *TINY, "--set", "tracking.experiment_prefix=twice", "--set", "tracking.claim_timeout_s=120",
@@ -165,7 +165,8 @@ def test_ten_pairs_through_a_slow_server_one_trainer_each(mlflow_server):
     trains each config (the claim functions themselves, in threads; the CLI pair is the test below)."""
     import threading
 
-    from pagating.tracking import Claim, runs_with_hash
+    from pagating.tracking.claim import Claim
+    from pagating.tracking.store import runs_with_hash
 
     proxy = HoldProxy(mlflow_server.uri)
     admin = MlflowClient(mlflow_server.uri)
@@ -259,7 +260,7 @@ def test_holder_that_lost_its_claim_stops_and_writes_nothing_more(sample_project
 def test_a_shorter_timeout_cannot_take_over_a_holder_whose_lease_is_valid(mlflow_server):
     """The holder runs on claim_timeout_s=120 and beat 40 s ago; a launcher set to 30 s waits for the holder's
     120 s, not its own, before it may take the config (records carry their holder's timeout_s)."""
-    from pagating.tracking import Claim
+    from pagating.tracking.claim import Claim
 
     mlf = MlflowClient(mlflow_server.uri)
     exp_id = mlf.create_experiment("timeouts-sample")
@@ -286,7 +287,7 @@ def test_same_host_liveness_knows_a_reused_pid(mlflow_server):
     recorded: a reused pid is not a live holder, a pid of another boot or container is judged by heartbeat."""
     import psutil
 
-    from pagating.claim import Claim, host_tag
+    from pagating.tracking.claim import Claim, host_tag
 
     claim = Claim(MlflowClient(mlflow_server.uri), "0", "cfgpid", timeout_s=60)
     me = claim.me
@@ -311,8 +312,8 @@ def test_an_error_right_after_the_claim_releases_it(mlflow_server, tmp_path, mon
     heartbeat thread stopped (the claim was taken outside the cleanup before)."""
     import threading
 
-    from pagating import tracking
     from pagating.run import Job, TrainingRun
+    from pagating.tracking import claim, store
 
     mlf = MlflowClient(mlflow_server.uri)
     exp_id = mlf.create_experiment("enter-error-sample")
@@ -327,7 +328,7 @@ def test_an_error_right_after_the_claim_releases_it(mlflow_server, tmp_path, mon
             raise ConnectionError("server gone after the claim")
         return []
 
-    monkeypatch.setattr(tracking, "runs_with_hash", runs_with_hash)
+    monkeypatch.setattr(store, "runs_with_hash", runs_with_hash)
     run = TrainingRun(job, name="x")
     with pytest.raises(ConnectionError, match="after the claim"):
         with run:
@@ -336,7 +337,7 @@ def test_an_error_right_after_the_claim_releases_it(mlflow_server, tmp_path, mon
     assert not any(t.name == "pagating-heartbeat" and t.is_alive() for t in threading.enumerate())
     assert not [k for k in mlf.get_experiment(exp_id).tags if k.startswith("pagating.claim.")]
     # A claim lost before its run exists says so, not "writes nothing more into run None".
-    lost = tracking.Claim(mlf, exp_id, "cfgenter")
+    lost = claim.Claim(mlf, exp_id, "cfgenter")
     lost._lose("another host holds it")
     assert "run None" not in lost.lost and "creates no run for it" in lost.lost, lost.lost
 
@@ -344,8 +345,9 @@ def test_an_error_right_after_the_claim_releases_it(mlflow_server, tmp_path, mon
 def test_log_text_and_the_leftover_spool_are_fenced(mlflow_server, tmp_path):
     """Once the claim is lost, neither an artifact upload (TrainingRun.log_text) nor the interrupted
     process's leftover spool (drained when a run is continued) reaches the run."""
-    from pagating import tracking
     from pagating.run import Job, TrainingRun
+    from pagating.tracking import claim
+    from pagating.tracking.spool import MetricSpool, spool_path
 
     mlf = MlflowClient(mlflow_server.uri)
     exp_id = mlf.create_experiment("fence-writes-sample")
@@ -354,13 +356,13 @@ def test_log_text_and_the_leftover_spool_are_fenced(mlflow_server, tmp_path):
     job = Job(cfg=cfg, rank=0, world=1, meta={}, uri=mlflow_server.uri, h="cfgfence", run_dir=tmp_path, device="cpu",
               precision="fp32", n_threads=1, mlf=mlf, exp_id=exp_id, parent_run_id=None)
     run = TrainingRun(job, name="x")
-    run.run_id, run.claim = run_id, tracking.Claim(mlf, exp_id, "cfgfence")
+    run.run_id, run.claim = run_id, claim.Claim(mlf, exp_id, "cfgfence")
     run.claim._lose("gpu-box-9 pid 7 holds it")
-    with pytest.raises(tracking.ClaimLost):
+    with pytest.raises(claim.ClaimLost):
         run.log_text("{}", "optimizer_groups.json")
-    spool = tracking.MetricSpool(tracking.spool_path(tmp_path, run_id), run_id, mlflow_server.uri)
+    spool = MetricSpool(spool_path(tmp_path, run_id), run_id, mlflow_server.uri)
     spool.log({"train/loss": 2.5}, step=3)
     spool.close()
-    with pytest.raises(tracking.ClaimLost):
+    with pytest.raises(claim.ClaimLost):
         run._continue()
     assert mlf.list_artifacts(run_id) == [] and mlf.get_metric_history(run_id, "train/loss") == []

@@ -10,7 +10,7 @@ import pytest
 from conftest import MlflowServer, run_cli
 from mlflow.tracking import MlflowClient
 
-from pagating.tracking import run_model_id
+from pagating.publish import run_model_id
 
 pytestmark = pytest.mark.slow
 
@@ -57,7 +57,8 @@ def test_server_down_20s_mid_run_loses_nothing(sample_project, tmp_path):
 
 def test_sync_pushes_a_leftover_spool(sample_project, tmp_path):
     """A run that ended while the server was down leaves its spool; `pagating sync` sends it later."""
-    from pagating.tracking import MetricSpool, spool_path, write_run_file
+    from pagating.tracking.provenance import write_run_file
+    from pagating.tracking.spool import MetricSpool, spool_path
 
     server = MlflowServer(tmp_path / "srv").start()
     try:
@@ -87,7 +88,9 @@ def test_sync_refuses_a_uri_with_credentials(tmp_path, monkeypatch):
     """sync ends in log_model, whose MLflow "View run ... at:" line prints the tracking URI: one with a
     password in it (from the environment or the run file) is refused before anything is sent."""
     from pagating.config import UserError
-    from pagating.tracking import MetricSpool, spool_path, sync, write_run_file
+    from pagating.publish import sync
+    from pagating.tracking.provenance import write_run_file
+    from pagating.tracking.spool import MetricSpool, spool_path
 
     out = tmp_path / "out"
     write_run_file(out, {"run_id": "r1", "tracking_uri": "http://gpu-runner:run-file-pw@127.0.0.1:9"})

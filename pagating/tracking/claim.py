@@ -31,6 +31,9 @@ import time
 import uuid
 from pathlib import Path
 
+import psutil
+
+from pagating import names
 from pagating.config import UserError
 
 PREFIX = "pagating.claim."
@@ -53,8 +56,6 @@ def host_tag() -> str:
 def process_identity() -> dict:
     """What tells this process apart from a later one with the same pid: the kernel's boot id, the pid
     namespace and the process's start time (psutil create_time). Off Linux: psutil's boot time, no namespace."""
-    import psutil
-
     try:
         boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:
@@ -118,8 +119,6 @@ class Claim:
     def _pid_may_run(self, claim: dict) -> bool:
         """False only when the record's process is surely gone; a pid of another boot or pid namespace
         (same hostname: a rebooted box, a container) cannot be looked up here, so only the heartbeat counts."""
-        import psutil
-
         if any(claim.get(k) and claim[k] != self.me[k] for k in ("boot", "pidns")):
             return True
         try:
@@ -264,7 +263,7 @@ class Claim:
                     return
             self._lease_sent = sent
         if self.run_id and self.lease_ok():  # a heartbeat acknowledged too late is no lease to write on
-            self.mlf.set_tag(self.run_id, "pagating.heartbeat", str(int(time.time())))
+            self.mlf.set_tag(self.run_id, names.HEARTBEAT, str(int(time.time())))
 
     def _loop(self) -> None:
         while not self._stop.wait(self.heartbeat_s if self.lease_ok() else min(self.heartbeat_s, 5.0)):
