@@ -139,7 +139,7 @@ def cmd_train(a) -> int:
     if not a.cpu:
         checks.update({f"NVML {name} > 0": bool(v and v > 0) for name, v in nvml.items()})
     sys.path.insert(0, str(ROOT))  # the checkout's package, as the CLI runs get it
-    from pagating.tracking import download_checkpoint
+    from pagating.tracking.checkpoints import download_checkpoint
 
     whole = download_checkpoint(mlf, run.info.run_id, p.dir / "ckpt-check")  # verified against its hashes
     checks["checkpoint in MLflow whole (sha256)"] = whole is not None

@@ -79,24 +79,24 @@ class Tracked:
     """The on-case's pieces for one run, set up and torn down as pagating.train.train does."""
 
     def __init__(self, uri: str, exp_id: str, run_dir: Path, model, dims: dict, a, device: str, label: str):
-        from pagating import flops, tracking
+        from pagating import flops
         from pagating.gpu import GpuSampler
+        from pagating.tracking import callback, checkpoints, claim, provenance, spool, store
 
-        self.tracking = tracking
-        self.mlf = tracking.client(uri)
+        self.mlf = store.client(uri)
         run = self.mlf.create_run(exp_id, run_name=f"overhead {label}",
-                                  tags={"pagating.config_hash": "bench", "host": tracking.host_tag()})
+                                  tags={"pagating.config_hash": "bench", "host": claim.host_tag()})
         self.run_id = run.info.run_id
         info = {"run_id": self.run_id, "experiment_id": exp_id, "config_hash": "bench",
-                "tracking_uri": tracking.mask_uri(uri)}
-        tracking.write_run_file(run_dir, info)
-        self.spool = tracking.MetricSpool(tracking.spool_path(run_dir, self.run_id), self.run_id, uri).start()
-        self.uploader = tracking.CheckpointUploader(self.run_id, uri, run_dir / ".upload-staging", self.spool)
+                "tracking_uri": store.mask_uri(uri)}
+        provenance.write_run_file(run_dir, info)
+        self.spool = spool.MetricSpool(spool.spool_path(run_dir, self.run_id), self.run_id, uri).start()
+        self.uploader = checkpoints.CheckpointUploader(self.run_id, uri, run_dir / ".upload-staging", self.spool)
         self.sampler = GpuSampler()
         self.sampler.start()
         cuda = device == "cuda"
         name = C.device_name(device)
-        self.callback = tracking.TrackingCallback(
+        self.callback = callback.TrackingCallback(
             self.spool, self.uploader, info, tokens_per_step=a.batch_size * dims["block_size"],
             flops_token=flops.flops_per_token(n_layer=dims["n_layer"], n_embd=dims["n_embd"], d_ff=dims["ffn_dim"],
                                               vocab_size=dims["vocab_size"], block_size=dims["block_size"]),
@@ -179,11 +179,11 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(tmp)
         store = None
         if not skipped:
-            from pagating import tracking
+            from pagating.tracking import store as tracking_store
 
             uri = f"sqlite:///{root / 'mlflow.db'}"
             t0 = time.perf_counter()
-            mlf = tracking.client(uri)
+            mlf = tracking_store.client(uri)
             exp_id = mlf.create_experiment("bench-overhead", artifact_location=(root / "artifacts").as_uri())
             store = {"uri": uri, "exp_id": exp_id}
             print(f"mlflow store {uri} ready in {time.perf_counter() - t0:.1f} s", flush=True)

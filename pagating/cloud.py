@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
-from pagating import tracking, vast_cost
+from pagating import cost
 from pagating.config import UserError, experiment_name, project_root
 from pagating.data.dvc import dvc_default_remote, dvc_extra
 from pagating.instance import LOG_ARTIFACT_DIR, REPORT_TAG, log_artifact_name
-from pagating.tracking import mask_uri
+from pagating.tracking import store
+from pagating.tracking.store import mask_uri
 
 BOOTSTRAP = Path(__file__).resolve().parent.parent / "scripts" / "bootstrap.sh"
 LABEL_PREFIX = "pagating-"
@@ -85,7 +86,7 @@ def check_tracking_uri(uri: str | None) -> str:
     hint = "set MLFLOW_TRACKING_URI to an https:// server the instance can reach (see `pagating server`)"
     if not uri:
         raise UserError(f"no tracking server for the instance: {hint}")
-    tracking.check_no_credentials(uri)  # user:password@ in the URI: MLflow prints it in every log
+    store.check_no_credentials(uri)  # user:password@ in the URI: MLflow prints it in every log
     if uri == "databricks" or uri.startswith("databricks"):
         return uri
     parts = urlsplit(uri)
@@ -323,7 +324,7 @@ def plan_launch(instances: int, budget: float, cfg: dict, offers: list[dict]) ->
     if len(offers) < instances:
         raise UserError(f"only {len(offers)} offer(s) match the filters for {instances} instance(s): "
                         "relax the filters or use fewer --instances")
-    sizes = vast_cost.shard_sizes(vast_cost.grid_size(cfg), instances)
+    sizes = cost.shard_sizes(cost.grid_size(cfg), instances)
     by_instance_cost = sorted(offers, key=lambda o: (o["_rate"] * o["_hours"][0], o["_rate"]))
     plan = []
     for i, offer in enumerate(by_instance_cost[:instances]):
@@ -345,10 +346,10 @@ def open_sweep_run(uri: str, cfg: dict, sweep_id: str) -> str:
     """The sweep's parent run, made before any instance exists: instances report to it, upload
     their logs to it, and run the sweep under it (`mlflow run --run-id`). A tracking server this
     machine cannot reach or that refuses the credentials stops the launch here (exit 2)."""
-    tracking.check_server(uri)
-    mlf = tracking.client(uri)
+    store.check_server(uri)
+    mlf = store.client(uri)
     try:
-        exp_id = tracking.experiment_id(mlf, cfg)
+        exp_id = store.experiment_id(mlf, cfg)
         run = mlf.create_run(exp_id, run_name=f"sweep {sweep_id}",
                              tags={"pagating.sweep_id": sweep_id, "pagating.role": "sweep"})
     except Exception as exc:
@@ -360,7 +361,7 @@ def open_sweep_run(uri: str, cfg: dict, sweep_id: str) -> str:
 
 
 def mark_created(uri: str, run_id: str, instance_id: int) -> None:
-    tracking.client(uri).set_tag(run_id, f"{REPORT_TAG}{instance_id}", "created: waiting for the instance")
+    store.client(uri).set_tag(run_id, f"{REPORT_TAG}{instance_id}", "created: waiting for the instance")
 
 
 def note_instance(uri: str | None, run_id: str | None, instance_id: int, text: str) -> None:
@@ -369,8 +370,8 @@ def note_instance(uri: str | None, run_id: str | None, instance_id: int, text: s
     if not (uri and run_id):
         return
     try:
-        with vast_cost.quick_mlflow():
-            tracking.client(uri).set_tag(run_id, f"{REPORT_TAG}{instance_id}", text[:4000])
+        with cost.quick_mlflow():
+            store.client(uri).set_tag(run_id, f"{REPORT_TAG}{instance_id}", text[:4000])
     except Exception as exc:
         print(f"could not note instance {instance_id} on the parent run ({type(exc).__name__})")
 
@@ -385,7 +386,7 @@ def reports_in(tags: dict[str, str], include_created: bool = False) -> dict[int,
 
 def instance_reports(uri: str, run_id: str, include_created: bool = False) -> dict[int, str]:
     """reports_in of the parent run (one read for all of them: launch polls every round)."""
-    return reports_in(tracking.client(uri).get_run(run_id).data.tags, include_created)
+    return reports_in(store.client(uri).get_run(run_id).data.tags, include_created)
 
 
 def env_of(inst: dict) -> dict:
@@ -396,8 +397,8 @@ def env_of(inst: dict) -> dict:
 
 def find_instance_run(uri: str, instance_id: int, prefix: str = "pagating"):
     """The sweep parent run an instance belongs to (the one carrying its report tag), or None."""
-    mlf = tracking.client(uri)
-    exps = vast_cost.pagating_experiments(mlf, prefix)
+    mlf = store.client(uri)
+    exps = cost.pagating_experiments(mlf, prefix)
     if not exps:
         return None
     runs = mlf.search_runs(exps, filter_string=f"tags.`{REPORT_TAG}{instance_id}` LIKE '%'", max_results=1)
@@ -415,7 +416,7 @@ def instance_log(uri: str, instance_id: int) -> str:
     # The client of `uri`, not mlflow.artifacts: that reads the process-wide tracking URI.
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            local = tracking.client(uri).download_artifacts(run.info.run_id, path, tmp)
+            local = store.client(uri).download_artifacts(run.info.run_id, path, tmp)
             return Path(local).read_text(encoding="utf-8", errors="replace")
         except Exception as e:  # absent (the usual case) or unreadable: say which below
             missing = re.sub(r"://[^/@\s]*@", "://***@", f"{type(e).__name__}: {e}")  # no credentials
@@ -434,9 +435,9 @@ def sweep_progress(uri: str, sweep_id: str, cfg: dict) -> dict:
     from mlflow.tracking import MlflowClient
 
     prefix = cfg["tracking"]["experiment_prefix"]
-    with vast_cost.quick_mlflow():
+    with cost.quick_mlflow():
         client = MlflowClient(tracking_uri=uri)
-        exp_ids = vast_cost.pagating_experiments(client, prefix)
+        exp_ids = cost.pagating_experiments(client, prefix)
         runs = client.search_runs(exp_ids, filter_string=f"tags.\"pagating.sweep_id\" = '{sweep_id}'",
                                   max_results=1000) if exp_ids else []
         children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
@@ -459,9 +460,9 @@ def sweep_progress(uri: str, sweep_id: str, cfg: dict) -> dict:
                   if "perf/step_time_s" in r.data.metrics]
     max_steps = int(next((r.data.params["train.max_steps"] for r in children
                           if "train.max_steps" in r.data.params), cfg["train"]["max_steps"]))
-    return {"total": len(grid) or vast_cost.grid_size(cfg), "done": len(done), "running": running,
+    return {"total": len(grid) or cost.grid_size(cfg), "done": len(done), "running": running,
             "max_steps": max_steps, "s_per_step": sum(step_times) / len(step_times) if step_times else None,
-            "links": [tracking.run_url(uri, p.info.experiment_id, p.info.run_id)  # the UI's sweep rows
+            "links": [store.run_url(uri, p.info.experiment_id, p.info.run_id)  # the UI's sweep rows
                       for p in parents]}
 
 
@@ -514,9 +515,9 @@ def grid_state(uri: str, sweep_id: str, cfg: dict) -> dict[str, str]:
 
     names = [run_name(config_for(cfg, o)) for o in grid(cfg)]
     prefix = cfg["tracking"]["experiment_prefix"]
-    with vast_cost.quick_mlflow():
-        mlf = tracking.client(uri)
-        exps = vast_cost.pagating_experiments(mlf, prefix)
+    with cost.quick_mlflow():
+        mlf = store.client(uri)
+        exps = cost.pagating_experiments(mlf, prefix)
         runs = mlf.search_runs(exps, filter_string=f"tags.`pagating.sweep_id` = '{sweep_id}'",
                                max_results=1000, order_by=["attributes.start_time ASC"]) if exps else []
         hashes = set()
@@ -543,7 +544,7 @@ def settle_parent(uri: str, run_id: str, state: dict[str, str], working: bool, w
     """Set the sweep's parent run to what is true: FINISHED when every config of the grid is, RUNNING
     while an instance still works on it, else FAILED with the reason (tag pagating.status_reason).
     Returns the status set."""
-    mlf = tracking.client(uri)
+    mlf = store.client(uri)
     missing = missing_configs(state)
     if not missing:
         status, reason = "FINISHED", f"every config of the grid FINISHED ({len(state)})"
@@ -567,7 +568,7 @@ def fail_parent(uri: str, run_id: str | None, reason: str) -> None:
     if not run_id:
         return
     try:
-        mlf = tracking.client(uri)
+        mlf = store.client(uri)
         mlf.set_tag(run_id, REASON_TAG, reason[:4000])
         mlf.set_terminated(run_id, "FAILED")
     except Exception as exc:

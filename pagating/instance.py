@@ -38,7 +38,7 @@ def log_artifact_name(iid: str | int) -> str:
 
 def _uri() -> str | None:
     """MLFLOW_TRACKING_URI, refused with user:password@ in it (MLflow prints the URI in its logs)."""
-    from pagating.tracking import check_no_credentials
+    from pagating.tracking.store import check_no_credentials
 
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
@@ -47,7 +47,7 @@ def _uri() -> str | None:
 
 
 def _client():
-    from pagating.tracking import client
+    from pagating.tracking.store import client
 
     return client(_uri())
 
@@ -55,7 +55,7 @@ def _client():
 def report(state: str) -> None:
     run_id = os.environ.get("PAGATING_PARENT_RUN_ID")
     if run_id:
-        from pagating.tracking import retry
+        from pagating.tracking.store import retry
 
         # A shared server answers a transient 5xx or reset now and then (several instances report at once).
         mlf = _client()  # a URI refused is not worth retrying
@@ -73,7 +73,7 @@ def upload_log(path: str | None = None) -> str:
     name, mlf = log_artifact_name(instance_id()), _client()
     with tempfile.TemporaryDirectory() as tmp:  # a snapshot: the live file keeps growing
         shutil.copyfile(path, Path(tmp) / name)
-        from pagating.tracking import retry
+        from pagating.tracking.store import retry
 
         retry(lambda: mlf.log_artifact(run_id, str(Path(tmp) / name), LOG_ARTIFACT_DIR), "log upload", attempts=4)
     return f"log uploaded to run {run_id} as {LOG_ARTIFACT_DIR}/{name}"
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         line = settle() if args.cmd == "settle" else upload_log()
     except Exception as exc:  # the caller goes on (or stops) either way: say why in one line
-        from pagating.tracking import mask_uri
+        from pagating.tracking.store import mask_uri
 
         print(f"pagating-instance: {args.cmd} to {mask_uri(os.environ.get('MLFLOW_TRACKING_URI', '?'))} "
               f"failed: {type(exc).__name__}: {str(exc)[:200]}", file=sys.stderr)

@@ -129,8 +129,8 @@ def sweep(base: dict, *, shard: str = "0/1", gpus: str = "auto", device: str = "
           sweep_id: str | None = None, extra_sets: list[str] | None = None,
           summary_path: str | Path = SWEEP_JSON) -> dict[str, Any]:
     """Check everything, open the parent run, plan (skip / resume / run), run what is left, summarise."""
-    from pagating import tracking
     from pagating.data.dataset import check_prepared
+    from pagating.tracking import store
     from pagating.train import validate
 
     extra_sets = list(extra_sets or [])
@@ -141,9 +141,9 @@ def sweep(base: dict, *, shard: str = "0/1", gpus: str = "auto", device: str = "
         validate(config_for(base, overrides))
     meta = check_prepared(base)
     slots = parse_gpus(gpus)
-    uri = tracking.tracking_uri(base)
-    tracking.check_server(uri)
-    mlf = tracking.client(uri)
+    uri = store.tracking_uri(base)
+    store.check_server(uri)
+    mlf = store.client(uri)
     sweep_id = sweep_id or os.environ.get("PAGATING_SWEEP_ID") or sweep_identity(base, configs)
     exp_id, parent_id = open_parent(mlf, base, configs, meta, sweep_id, extra_sets)
     plan = plan_shard(mlf, exp_id, base, take_shard(configs, i, n), meta)
@@ -167,22 +167,22 @@ def open_parent(mlf, base: dict, configs: list[dict], meta: dict, sweep_id: str,
     then it only points to this sweep. Returns (experiment id, parent run id)."""
     from mlflow.entities import Param, RunTag
 
-    from pagating import tracking
     from pagating.data.dvc import data_md5
+    from pagating.tracking import provenance, store
 
     launched = os.environ.get("MLFLOW_RUN_ID")
-    exp_id = tracking.experiment_id(mlf, base)
-    if launched and tracking.adopt_launcher(mlf, launched, exp_id):
+    exp_id = store.experiment_id(mlf, base)
+    if launched and store.adopt_launcher(mlf, launched, exp_id):
         parent_id = launched
     else:
         earlier = mlf.search_runs([exp_id], filter_string=f"tags.`pagating.sweep_id` = '{sweep_id}' and "
                                   "tags.`pagating.role` = 'sweep'", order_by=["attributes.start_time DESC"])
         parent_id = earlier[0].info.run_id if earlier else mlf.create_run(exp_id).info.run_id
     mlf.update_run(parent_id, status="RUNNING", name=f"sweep {sweep_id}")
-    commit = tracking.git_commit()
+    commit = provenance.git_commit()
     command = " ".join(["pagating", "sweep", "--profile", base["profile"], *(f"--set '{x}'" for x in extra_sets)])
     parent_tags = {"pagating.sweep_id": sweep_id, "pagating.role": "sweep", "git.commit": commit,
-                   "dvc.data_md5": data_md5(), **tracking.source_tags("sweep", commit),
+                   "dvc.data_md5": data_md5(), **provenance.source_tags("sweep", commit),
                    "mlflow.note.content": _sweep_note(base, configs, f"git checkout {commit} && {command}"
                                                       if commit else command)}
     mlf.log_batch(parent_id, tags=[RunTag(k, v) for k, v in parent_tags.items()])
@@ -198,14 +198,14 @@ def open_parent(mlf, base: dict, configs: list[dict], meta: dict, sweep_id: str,
 
 def plan_shard(mlf, exp_id: str, base: dict, mine: list[dict], meta: dict) -> list[dict]:
     """3. Per config of this shard: skip (FINISHED), resume (interrupted), or run."""
-    from pagating import tracking
+    from pagating.tracking import store
     from pagating.train import run_dir_for, run_name
 
     plan = []
     for overrides in mine:
         cfg = config_for(base, overrides)
         h = config_hash(cfg, meta.get("source_md5", ""))
-        runs = tracking.runs_with_hash(mlf, exp_id, h)
+        runs = store.runs_with_hash(mlf, exp_id, h)
         done = [r for r in runs if r.info.status == "FINISHED"]
         entry = {"name": run_name(cfg), "config_hash": h, "overrides": overrides,
                  "run_id": done[0].info.run_id if done else (runs[0].info.run_id if runs else None),
@@ -315,15 +315,16 @@ class Runner:
     def wait_elsewhere(self, mlf, exp_id: str) -> None:
         """Configs another process held: wait until they finish there, or take them over when its
         heartbeat stops."""
-        from pagating import tracking
+        from pagating.tracking import claim as tracking_claim
+        from pagating.tracking import store
 
         poll_s = min(float(self.base["tracking"]["heartbeat_s"]), 10.0)
         for entry in [e for e in self.plan if e["status"] == "elsewhere"]:
-            claim = tracking.Claim.for_config(mlf, exp_id, entry["config_hash"], self.base["tracking"])
+            claim = tracking_claim.Claim.for_config(mlf, exp_id, entry["config_hash"], self.base["tracking"])
             print(f"sweep {self.sweep_id}: {entry['name']} is being trained elsewhere; waiting for it",
                   file=sys.stderr)
             while entry["status"] == "elsewhere":
-                done = [r for r in tracking.runs_with_hash(mlf, exp_id, entry["config_hash"])
+                done = [r for r in store.runs_with_hash(mlf, exp_id, entry["config_hash"])
                         if r.info.status == "FINISHED"]
                 if done:
                     entry.update(status="skipped", run_id=done[0].info.run_id,
@@ -338,15 +339,15 @@ class Runner:
 def finish(mlf, base: dict, plan: list[dict], *, uri: str, exp_id: str, parent_id: str, sweep_id: str,
            shard: str, summary_path: str | Path) -> dict[str, Any]:
     """5. The parent's best config and status, the summary file, the table and the links."""
-    from pagating import tracking
+    from pagating.tracking import store
 
     failed = [e for e in plan if e["status"] == "failed"]
     # Hours of training end here: a dropped connection must not fail the sweep (both calls are idempotent).
-    best = tracking.retry(lambda: log_best(mlf, parent_id, exp_id, sweep_id, [e.get("run_id") for e in plan]),
+    best = store.retry(lambda: log_best(mlf, parent_id, exp_id, sweep_id, [e.get("run_id") for e in plan]),
                           "record the best config", attempts=5)
-    if failed or shard.endswith("/1") or tracking.retry(lambda: _grid_finished(mlf, exp_id, parent_id),
+    if failed or shard.endswith("/1") or store.retry(lambda: _grid_finished(mlf, exp_id, parent_id),
                                                         "read the grid", attempts=5):
-        tracking.retry(lambda: mlf.set_terminated(parent_id, "FAILED" if failed else "FINISHED"),
+        store.retry(lambda: mlf.set_terminated(parent_id, "FAILED" if failed else "FINISHED"),
                        "end the sweep run", attempts=5)
     # else: other shards still run; the last to end (or `vast watch`) sets FINISHED
     summary = {"sweep_id": sweep_id, "parent_run_id": parent_id, "experiment_id": exp_id,
@@ -359,7 +360,7 @@ def finish(mlf, base: dict, plan: list[dict], *, uri: str, exp_id: str, parent_i
     if best:
         print(f"best: {best['name']} (mean validation loss {best['final/eval_loss']:.4f} over "
               f"{best['best/seeds']} seed{'s' if best['best/seeds'] != 1 else ''})")
-    print(f"runs: {tracking.experiment_url(uri, exp_id)}\nsweep run: {tracking.run_url(uri, exp_id, parent_id)}")
+    print(f"runs: {store.experiment_url(uri, exp_id)}\nsweep run: {store.run_url(uri, exp_id, parent_id)}")
     return summary
 
 
@@ -411,10 +412,10 @@ def quickstart(profile: str | None = None, sets: list[str] | None = None) -> int
     """The README's first command: sample corpus -> prepare -> sweep -> report, all local.
 
     `sets`: SECTION.KEY=VALUE overrides, for every stage and every child run."""
-    from pagating import tracking
     from pagating.data.corpora import build_sample
     from pagating.data.prepare import prepare
     from pagating.report.build import report
+    from pagating.tracking import store
 
     base = load_config(profile, parse_sets(sets or []))
     raw = Path(base["data"]["raw_dir"])
@@ -423,11 +424,11 @@ def quickstart(profile: str | None = None, sets: list[str] | None = None) -> int
     prepare(base)
     summary = sweep(base, extra_sets=sets)
     report(base, sweep_json=SWEEP_JSON, out_dir=REPORTS_DIR)
-    uri = tracking.tracking_uri(base)
-    link = tracking.experiment_url(uri, summary["experiment_id"])
+    uri = store.tracking_uri(base)
+    link = store.experiment_url(uri, summary["experiment_id"])
     shown = f"{REPORTS_DIR}/{SUMMARY}"
     print(f"\nreport: {shown} (plots in {REPORTS_DIR}/{PLOTS}/, DVC metrics in {REPORTS_DIR}/{METRICS})\n"
-          f"compare runs: mlflow ui --backend-store-uri {tracking.mask_uri(uri)}  ->  {link}"
+          f"compare runs: mlflow ui --backend-store-uri {store.mask_uri(uri)}  ->  {link}"
           if uri.startswith("sqlite:") else f"\nreport: {shown}; runs: {link}")
     return 1 if any(c["status"] == "failed" for c in summary["configs"]) else 0
 

@@ -196,31 +196,32 @@ def train(cfg: dict, *, resume: str = "none", device: str = "auto", compile_mode
 def check(cfg: dict, *, device: str, precision: str, threads: int | None, parent_run_id: str | None):
     """1. Every input check, before anything is written; the settings resolved (device, precision,
     threads) and where the run goes (server, experiment, parent)."""
-    from pagating import runtime, tracking
+    from pagating import runtime
     from pagating.data.dataset import check_prepared
     from pagating.run import Job
+    from pagating.tracking import store
 
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     validate(cfg, world)
     meta = check_prepared(cfg)  # made from this config, else exit 2 naming the fix
-    uri = tracking.tracking_uri(cfg)
-    tracking.check_server(uri)
+    uri = store.tracking_uri(cfg)
+    store.check_server(uri)
     h = config_hash(cfg, meta.get("source_md5", ""))
     run_dir = run_dir_for(cfg, h)
     check_output_dir(run_dir, cfg["train"]["output_dir"])
     device = pick_device(device)
     precision = runtime.resolve_precision(precision, device)
     n_threads = runtime.set_threads(threads)
-    mlf = tracking.client(uri)
+    mlf = store.client(uri)
     # Started by `mlflow run`: that run is our parent when it is in the profile's experiment, so the UI
-    # nests them; one `mlflow run` put elsewhere (Default) only points to the run (tracking.adopt_launcher).
+    # nests them; one `mlflow run` put elsewhere (Default) only points to the run (store.adopt_launcher).
     launcher = None if parent_run_id else os.environ.get("MLFLOW_RUN_ID")
     if parent_run_id:
         exp_id = mlf.get_run(parent_run_id).info.experiment_id
     else:
-        exp_id = tracking.experiment_id(mlf, cfg)
-        if launcher and tracking.adopt_launcher(mlf, launcher, exp_id):
+        exp_id = store.experiment_id(mlf, cfg)
+        if launcher and store.adopt_launcher(mlf, launcher, exp_id):
             parent_run_id = launcher
             if rank == 0:
                 mlf.set_tag(launcher, "mlflow.runName", f"mlflow run: {run_name(cfg)}")
@@ -292,8 +293,9 @@ def make_trainer(job, net: Net, run):
     import torch
     from transformers import default_data_collator
 
-    from pagating import flops, runtime, tracking
+    from pagating import flops, runtime
     from pagating.data.dataset import PackedDataset, load_tokenizer
+    from pagating.tracking import store
 
     cfg, t, meta, config = job.cfg, job.cfg["train"], job.meta, net.config
     cuda = job.device == "cuda"
@@ -323,7 +325,7 @@ def make_trainer(job, net: Net, run):
         run.result["resumed_from"] = str(run.ckpt) if run.ckpt else None
         print(f"pagating: {run.name} -> run {run.run_id} ({'resumed from ' + str(run.ckpt) if run.ckpt else 'new'}),"
               f" {net.n_params:,} params, {job.device}, output {job.run_dir}\n"
-              f"pagating: run page {tracking.run_url(job.uri, job.exp_id, run.run_id)}", file=sys.stderr)
+              f"pagating: run page {store.run_url(job.uri, job.exp_id, run.run_id)}", file=sys.stderr)
     return trainer
 
 
@@ -460,18 +462,18 @@ def launch_ddp(args, cfg: dict, resume: str) -> int:
     """
     import subprocess
 
-    from pagating import tracking
     from pagating.data.dataset import check_prepared
     from pagating.run import find_resume, finished_run
+    from pagating.tracking import store
 
     validate(cfg, args.nproc)
     meta = check_prepared(cfg)  # made from this config, else exit 2 naming the fix
-    uri = tracking.tracking_uri(cfg)
-    tracking.check_server(uri)
-    mlf = tracking.client(uri)
+    uri = store.tracking_uri(cfg)
+    store.check_server(uri)
+    mlf = store.client(uri)
     h = config_hash(cfg, meta.get("source_md5", ""))
-    exp_id = tracking.experiment_id(mlf, cfg)  # a new sqlite store is created here once, not by N ranks at once
-    runs = tracking.runs_with_hash(mlf, exp_id, h)
+    exp_id = store.experiment_id(mlf, cfg)  # a new sqlite store is created here once, not by N ranks at once
+    runs = store.runs_with_hash(mlf, exp_id, h)
     done = finished_run(runs, h)  # decided here: N processes must all train or none
     if done is not None:
         print(json.dumps(done | {"run_dir": str(run_dir_for(cfg, h))}, default=str))

@@ -26,10 +26,12 @@ import sys
 import time
 from typing import Any
 
-from pagating import cloud, tracking, vast_cost, vast_watchdog
+from pagating import cloud, vast_watchdog
+from pagating import cost as costs
 from pagating.cloud import format_table
 from pagating.config import UserError, add_config_args, defaults, project_root
-from pagating.tracking import retry
+from pagating.tracking import store
+from pagating.tracking.store import retry
 
 DEFAULT_PROFILE = "wikitext103"  # the GPU runs the real thing; --profile overrides
 OFFER_SEARCH_LIMIT = 64
@@ -37,7 +39,7 @@ OFFER_SEARCH_LIMIT = 64
 BID_MARGIN = 1.10
 DEFAULT_STALL_MINUTES = 30
 # The SDK retries 429/502/503/504 itself but only for ~0.4 s and never a 500; we retry every
-# 429/5xx and connection error here with tracking.retry (the SDK's own retry is turned off: one policy).
+# 429/5xx and connection error here with store.retry (the SDK's own retry is turned off: one policy).
 # Vast sends no Retry-After on 429 (docs: rate limits and errors), so the backoff is ours.
 RETRY_ATTEMPTS = 5
 RETRY_BACKOFF_S = 2.0
@@ -253,7 +255,7 @@ def tracking_uri_for_lookup(args) -> str | None:
     """--tracking-uri or MLFLOW_TRACKING_URI; one with user:password@ in it is refused (exit 2)."""
     uri = getattr(args, "tracking_uri", None) or os.environ.get("MLFLOW_TRACKING_URI") or None
     if uri:
-        tracking.check_no_credentials(uri)
+        store.check_no_credentials(uri)
     return uri
 
 
@@ -267,14 +269,14 @@ def rank_offers(args, cfg: dict) -> tuple[list[dict], str | None]:
                         args.min_inet_down, args.num_gpus, min_cuda=min_cuda)
     offers = [o for o in client.search_offers(query, args.interruptible, disk) if cuda_ok(o, min_cuda)]
     uri = tracking_uri_for_lookup(args) or cfg["tracking"]["tracking_uri"]
-    times, note = vast_cost.step_times(cfg, [o.get("gpu_name", "") for o in offers], uri, args.s_per_step)
-    sizes = vast_cost.shard_sizes(vast_cost.grid_size(cfg), args.instances)
+    times, note = costs.step_times(cfg, [o.get("gpu_name", "") for o in offers], uri, args.s_per_step)
+    sizes = costs.shard_sizes(costs.grid_size(cfg), args.instances)
     for o in offers:
         st = times[o.get("gpu_name", "")]
         gpus = int(o.get("num_gpus") or 1)
         o["_rate"] = hourly_rate(o, args.interruptible, getattr(args, "bid", None))
         o["_s_per_step"], o["_source"] = st.seconds, st.source
-        o["_hours"] = [vast_cost.instance_hours(cfg, n, gpus, st.seconds) for n in sizes]
+        o["_hours"] = [costs.instance_hours(cfg, n, gpus, st.seconds) for n in sizes]
         o["_cost"] = o["_rate"] * sum(o["_hours"])
     offers.sort(key=lambda o: (o["_cost"], o["_rate"]))
     return offers, note
@@ -301,7 +303,7 @@ def cmd_offers(args) -> int:
     offers, note = rank_offers(args, cfg)
     if note:
         print(f"note: {note}", file=sys.stderr)
-    n, steps = vast_cost.grid_size(cfg), cfg["train"]["max_steps"]
+    n, steps = costs.grid_size(cfg), cfg["train"]["max_steps"]
     print(f"profile {cfg['profile']}: {n} configs x {steps} steps over {args.instances} instance(s); "
           f"{'bid' if args.interruptible else 'on-demand'} offers, cheapest projected sweep first")
     if not offers:
@@ -327,8 +329,8 @@ def _fill_cloud_defaults(args, cfg: dict) -> None:
         raise UserError("--bid is a bid price: use it with --interruptible")
     if args.num_gpus < 1:
         raise UserError("--num-gpus must be >= 1")
-    if args.instances > vast_cost.grid_size(cfg):
-        raise UserError(f"--instances {args.instances} is more than the {vast_cost.grid_size(cfg)} configs "
+    if args.instances > costs.grid_size(cfg):
+        raise UserError(f"--instances {args.instances} is more than the {costs.grid_size(cfg)} configs "
                         "of the grid: use fewer instances")
 
 
@@ -559,7 +561,7 @@ def _settle_parent(uri: str, parent: str, cfg: dict, sweep_id: str, created: lis
     """After launch destroyed instances that did not start: if none of the sweep works any more (the others
     ended while launch waited), the parent's truth is set here, as nobody else is left to set it."""
     try:
-        with vast_cost.quick_mlflow():
+        with costs.quick_mlflow():
             reports = cloud.instance_reports(uri, parent, include_created=True)
             if cloud.instances_working(reports) or all(reports.get(i, "").startswith("destroy") for i in created):
                 return  # someone still works and settles it; or none started: fail_parent said why
@@ -597,7 +599,7 @@ def cmd_logs(args) -> int:
     if not uri:
         raise UserError(f"instance {args.instance} is gone; its log is on the sweep's run in MLflow: set "
                         "MLFLOW_TRACKING_URI or pass --tracking-uri")
-    with vast_cost.quick_mlflow():
+    with costs.quick_mlflow():
         text = cloud.instance_log(uri, int(args.instance))
     lines = text.splitlines()
     print("\n".join(lines[-args.tail:] if args.tail else lines))

@@ -17,10 +17,11 @@ import os
 import sys
 import time
 
-from pagating import cloud, tracking, vast_cost
+from pagating import cloud, cost
 from pagating.cloud import format_table
 from pagating.config import UserError, defaults
-from pagating.tracking import mask_uri
+from pagating.tracking import store
+from pagating.tracking.store import mask_uri
 from pagating.vast import (
     OfferTaken,
     Vast,
@@ -100,7 +101,7 @@ def record_shards(uri: str, run_id: str, records: list[dict]) -> None:
     from mlflow.entities import RunTag
 
     tags = [RunTag(f"{SHARD_TAG}{cloud.parse_label(r['label'])[1]}", json.dumps(r)) for r in records]
-    tracking.retry(lambda: tracking.client(uri).log_batch(run_id, tags=tags), "shard records", attempts=4)
+    store.retry(lambda: store.client(uri).log_batch(run_id, tags=tags), "shard records", attempts=4)
 
 
 def shard_records(tags: dict[str, str]) -> dict[int, dict]:
@@ -138,8 +139,8 @@ def shard_row(rec: dict, known_env: dict[str, str]) -> dict:
 
 def find_sweep_run(uri: str, sweep_id: str, prefix: str = "pagating") -> str | None:
     """The parent run of sweep `sweep_id` (the newest), or None."""
-    mlf = tracking.client(uri)
-    exps = vast_cost.pagating_experiments(mlf, prefix)
+    mlf = store.client(uri)
+    exps = cost.pagating_experiments(mlf, prefix)
     runs = mlf.search_runs(exps, filter_string=f"tags.`pagating.sweep_id` = '{sweep_id}' and "
                            "tags.`pagating.role` = 'sweep'", max_results=1,
                            order_by=["attributes.start_time DESC"]) if exps else []
@@ -327,7 +328,7 @@ def _count_relaunch(uri: str, parent: str | None, label: str, index: int, count:
     if not parent:
         return
     try:
-        tracking.retry(lambda: tracking.client(uri).set_tag(parent, f"{RELAUNCHES_TAG}{index}", str(count)),
+        store.retry(lambda: store.client(uri).set_tag(parent, f"{RELAUNCHES_TAG}{index}", str(count)),
                        "relaunch count", attempts=4)
     except Exception as exc:
         print(red(f"{label}: could not record relaunch {count} on the parent run ({type(exc).__name__}): a "
@@ -339,8 +340,8 @@ def _parent_tags(uri: str | None, parent: str | None) -> dict[str, str]:
     if not (uri and parent):
         return {}
     try:
-        with vast_cost.quick_mlflow():
-            return dict(tracking.client(uri).get_run(parent).data.tags)
+        with cost.quick_mlflow():
+            return dict(store.client(uri).get_run(parent).data.tags)
     except Exception as exc:  # the server blinked: Vast's states still count this round
         print(f"instances' reports unavailable from {mask_uri(uri)} ({type(exc).__name__})")
         return {}
@@ -388,7 +389,7 @@ def _find_parent(watcher: Watcher, uri: str, sid: str) -> None:
     if sid in watcher.parents:
         return
     try:
-        with vast_cost.quick_mlflow():
+        with cost.quick_mlflow():
             parent = find_sweep_run(uri, sid)
     except Exception as exc:
         print(f"sweep {sid}: its parent run unavailable from {mask_uri(uri)} ({type(exc).__name__})")
@@ -431,7 +432,7 @@ def _sweep_round(client: Vast, sid: str, members: list[dict], env: dict, do_rela
                               f"{mask_uri(uri)}" if not members else None)
     gpu = (members[0].get("gpu_name") if members else None) or cfg["cloud"]["gpu_name"]
     parallel = sum(int(i.get("num_gpus") or 1) for i in members if not is_outbid(i))
-    print(cloud.progress_line(sid, prog, vast_cost.estimated_step_time(cfg, gpu), parallel))
+    print(cloud.progress_line(sid, prog, cost.estimated_step_time(cfg, gpu), parallel))
     for link in prog.get("links", []):
         print(f"sweep {sid}: {link}")
     if watcher is None:
@@ -502,7 +503,7 @@ def _tracking_uri(args) -> str | None:
     """--tracking-uri or MLFLOW_TRACKING_URI, refused (exit 2) with user:password@ in it, as train/sweep do."""
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
-        tracking.check_no_credentials(uri)
+        store.check_no_credentials(uri)
     return uri
 
 

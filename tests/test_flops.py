@@ -2,10 +2,10 @@
 
 import pytest
 
-from pagating import flops, vast_cost
+from pagating import cost, flops
 from pagating.config import load_config
 from pagating.model import build_config, build_model
-from pagating.tracking import TrackingCallback
+from pagating.tracking.callback import TrackingCallback
 
 # NVML's spellings (nvidia-smi --query-gpu=name) of the GPUs the peak table must know (flops.PEAK_BF16_TFLOPS).
 NVML = ["NVIDIA GeForce RTX 4090", "NVIDIA GeForce RTX 3090", "NVIDIA A100-SXM4-40GB", "NVIDIA A100-SXM4-80GB",
@@ -22,13 +22,13 @@ def test_table_has_the_nvml_names_and_mfu_and_offers_agree():
     for name in NVML:
         assert name in flops.PEAK_BF16_TFLOPS, name
         peak = flops.PEAK_BF16_TFLOPS[name]
-        assert flops.mfu_peak_flops(name) == peak * 1e12 == vast_cost.peak_tflops(name) * 1e12
+        assert flops.mfu_peak_flops(name) == peak * 1e12 == cost.peak_tflops(name) * 1e12
     assert flops.peak_tflops("NVIDIA H100 80GB HBM3") > flops.peak_tflops("NVIDIA H100 PCIe")
     # Vast's market spellings land on the same rows.
     for market, name in (("RTX 4090", "NVIDIA GeForce RTX 4090"), ("RTX_3090", "NVIDIA GeForce RTX 3090"),
                          ("H100 SXM", "NVIDIA H100 80GB HBM3"), ("H100 PCIE", "NVIDIA H100 PCIe"),
                          ("A100 SXM4", "NVIDIA A100-SXM4-80GB"), ("L40S", "NVIDIA L40S"), ("H200", "NVIDIA H200")):
-        assert vast_cost.peak_tflops(market) == flops.peak_tflops(name) == flops.peak_tflops(market)
+        assert cost.peak_tflops(market) == flops.peak_tflops(name) == flops.peak_tflops(market)
 
 
 class _Spool:
@@ -71,14 +71,14 @@ def test_one_formula_counts_the_models_matmul_weights(profile, unit, matched):
     assert flops.config_flops_per_token(cfg) == expected
     assert flops.flops_per_token(n_layer=L, n_embd=d, d_ff=config.d_ff, vocab_size=config.vocab_size,
                                  block_size=T, gated=not config.plain) == expected
-    assert vast_cost.flops_per_step(cfg) == expected * T * cfg["train"]["batch_size"]
+    assert cost.flops_per_step(cfg) == expected * T * cfg["train"]["batch_size"]
 
 
 def test_mfu_is_per_device_under_several_processes(monkeypatch):
     """Tokens per step are the global batch, so a run on N devices divides by N peaks; one device: the
     table's peak itself, as the offer ranking's single-GPU projection uses."""
     name = "NVIDIA H100 80GB HBM3"
-    assert flops.run_peak_flops(name, 1) == flops.mfu_peak_flops(name) == vast_cost.peak_tflops(name) * 1e12
+    assert flops.run_peak_flops(name, 1) == flops.mfu_peak_flops(name) == cost.peak_tflops(name) * 1e12
     assert flops.run_peak_flops(name, 4) == 4 * flops.mfu_peak_flops(name)
     assert flops.run_peak_flops("cpu", 2) is None
     monkeypatch.setenv("PAGATING_PEAK_TFLOPS", "0.01")

@@ -49,7 +49,7 @@ def test_no_secret_anywhere(sample_project, mlflow_server, tmp_path):
 
 
 def test_the_one_uri_masker_hides_passwords_and_tokens_keeps_the_rest():
-    from pagating.tracking import mask_uri
+    from pagating.tracking.store import mask_uri
 
     assert mask_uri("https://gpu-runner:pw-51e2@mlflow.example.org/x") == "https://gpu-runner:***@mlflow.example.org/x"
     assert mask_uri("https://tok3n@github.com/me/r.git") == "https://***@github.com/me/r.git"

@@ -201,7 +201,7 @@ def test_kill9_mid_checkpoint_upload_then_resume_from_mlflow(sample_project, mlf
     named_step = _marker(named)["step"]
 
     # What a fresh machine downloads: the whole checkpoint, byte for byte, not the cut-off one.
-    from pagating.tracking import download_checkpoint
+    from pagating.tracking.checkpoints import download_checkpoint
 
     probe = download_checkpoint(mlf, killed_id, tmp_path / "probe")
     assert probe is not None and probe.name == f"checkpoint-{named_step}"
@@ -374,8 +374,8 @@ def test_disk_full_midway_through_the_checkpoint_download(tmp_path, monkeypatch)
     from mlflow.entities import FileInfo
     from mlflow.exceptions import MlflowException
 
-    from pagating import tracking
     from pagating.config import UserError
+    from pagating.tracking import checkpoints
 
     marker = {"step": 4, "state": "complete", "files": {"model.safetensors": {"size": 5 * 2**20, "sha256": "x"}}}
 
@@ -384,9 +384,9 @@ def test_disk_full_midway_through_the_checkpoint_download(tmp_path, monkeypatch)
             return [FileInfo("checkpoints/slot-0", True, None)]
 
         def download_artifacts(self, run_id, path, dst):  # as MLflow: under the path's last part
-            out = Path(dst, path.split("/", 2)[-1] if path.endswith(tracking.CKPT_MARKER) else "slot-0")
+            out = Path(dst, path.split("/", 2)[-1] if path.endswith(checkpoints.CKPT_MARKER) else "slot-0")
             out.parent.mkdir(parents=True, exist_ok=True)
-            if path.endswith(tracking.CKPT_MARKER):
+            if path.endswith(checkpoints.CKPT_MARKER):
                 out.write_text(json.dumps(marker))
                 return str(out)
             out.mkdir()
@@ -394,9 +394,9 @@ def test_disk_full_midway_through_the_checkpoint_download(tmp_path, monkeypatch)
             raise MlflowException("Failed to download artifacts from path 'slot-0'")
 
     free = iter([10 * 2**20] + [2**20] * 10)  # room at the pre-check, 1 MiB left once it failed
-    monkeypatch.setattr(tracking, "free_bytes", lambda where: next(free))
+    monkeypatch.setattr(checkpoints, "free_bytes", lambda where: next(free))
     with pytest.raises(UserError, match="disk full writing") as err:
-        tracking.download_checkpoint(Server(), "r1", tmp_path / "run")
+        checkpoints.download_checkpoint(Server(), "r1", tmp_path / "run")
     assert "MLflow run r1 checkpoints/slot-0 (step 4)" in str(err.value) and "needs about 5 MiB" in str(err.value)
     assert list((tmp_path / "run").iterdir()) == []
 

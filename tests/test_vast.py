@@ -12,8 +12,9 @@ import pytest
 from conftest import DVC_CONFIG
 from fake_vast import offer
 
-from pagating import cli, cloud, tracking, vast, vast_cost
+from pagating import cli, cloud, cost, vast
 from pagating.config import load_config
+from pagating.tracking import provenance, store
 
 REPO_URL = "https://github.com/example/pagating.git"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -131,8 +132,8 @@ def test_offers_ranked_by_projected_sweep_cost_not_hourly_price(fake, capsys):
     cfg = load_config("wikitext103")
     for row in rows:
         o = next(o for o in fake.offers if str(o["id"]) == row[0])
-        s = vast_cost.estimated_step_time(cfg, o["gpu_name"])
-        hours = vast_cost.instance_hours(cfg, vast_cost.grid_size(cfg), 1, s)
+        s = cost.estimated_step_time(cfg, o["gpu_name"])
+        hours = cost.instance_hours(cfg, cost.grid_size(cfg), 1, s)
         assert float(row[-1]) == pytest.approx(o["dph_total"] * hours, abs=0.006)
         assert float(row[-2]) == pytest.approx(hours, abs=0.06)
 
@@ -159,7 +160,7 @@ def test_offers_use_step_times_measured_in_mlflow(fake, env, capsys, mlflow_serv
     logged("NVIDIA GeForce RTX 4090", [0.040], shape)
     logged("NVIDIA GeForce RTX 4090", [5.0], {**shape, "model.n_layer": "2"})  # another model shape
     logged("NVIDIA A100-SXM4-80GB", [7.0], shape)                     # another GPU
-    times, note = vast_cost.step_times(cfg, ["RTX 4090", "RTX 3090"], mlflow_server.uri)
+    times, note = cost.step_times(cfg, ["RTX 4090", "RTX 3090"], mlflow_server.uri)
     assert note is None
     assert times["RTX 4090"].seconds == pytest.approx(0.030)
     assert times["RTX 4090"].source == "measured (2 runs)"
@@ -240,11 +241,11 @@ def test_the_default_remote_is_read_from_the_committed_dvc_config(tmp_path):
     assert cloud.dvc_default_remote(tmp_path) == ("storage", "s3://example-bucket/pagating")
     assert cloud.data_env(load_config("wikitext103"), tmp_path) == {}
     # The runs' dataset source reads the same remote, as DVC writes it (quoted section), plus config.local.
-    assert tracking.dvc_data_source(tmp_path) == "s3://example-bucket/pagating"
+    assert provenance.dvc_data_source(tmp_path) == "s3://example-bucket/pagating"
     (tmp_path / ".dvc" / "config.local").write_text(
         "['remote \"storage\"']\n    url = s3://key:secret@example-bucket/mine\n")
     assert cloud.dvc_default_remote(tmp_path) == ("storage", "s3://example-bucket/pagating")  # committed only
-    assert tracking.dvc_data_source(tmp_path) == "s3://example-bucket/mine"  # this machine's, no credentials
+    assert provenance.dvc_data_source(tmp_path) == "s3://example-bucket/mine"  # this machine's, no credentials
 
 
 def test_launch_dry_run_prints_masked_env_and_rents_nothing(keyed, capsys):
@@ -412,7 +413,7 @@ def test_three_instances_run_shards_0_1_2_of_3(launchable, capsys):
     assert [c.body["label"] for c in creates] == ["pagating-t4-0", "pagating-t4-1", "pagating-t4-2"]
     assert len({c.path for c in creates}) == 3  # three different machines
     assert {c.body["env"]["PAGATING_BUDGET_USD"] for c in creates} == {f"{50 / 3:.2f}"}
-    assert vast_cost.shard_sizes(10, 3) == [4, 3, 3]
+    assert cost.shard_sizes(10, 3) == [4, 3, 3]
 
 
 def test_interruptible_launch_bids(launchable, capsys):
@@ -426,7 +427,7 @@ def test_interruptible_launch_bids(launchable, capsys):
 
 
 def test_more_instances_than_configs_is_refused(keyed, capsys):
-    too_many = vast_cost.grid_size(load_config("wikitext103")) + 1
+    too_many = cost.grid_size(load_config("wikitext103")) + 1
     rc, _, err = run(capsys, *LAUNCH, "--instances", str(too_many))
     assert rc == 2 and keyed.requests == []
 
@@ -646,7 +647,7 @@ def test_launch_destroys_an_instance_that_never_starts(launchable, env, capsys):
     assert rc == 1
     assert [r.path for r in launchable.destroys()] == ["/api/v0/instances/5001/"]
     assert "instance 5001: not ready after" in err and "loading" in err
-    parent = tracking.client(os.environ["MLFLOW_TRACKING_URI"]).get_run(
+    parent = store.client(os.environ["MLFLOW_TRACKING_URI"]).get_run(
         launchable.creates()[0].body["env"]["PAGATING_PARENT_RUN_ID"])
     assert parent.info.status == "FAILED" and "no instance started" in parent.data.tags["pagating.status_reason"]
 
@@ -719,7 +720,7 @@ def test_an_instance_launch_destroys_is_on_record_and_watch_reruns_its_shard(lau
                        "--start-timeout", "0.05")
     t.join()
     assert rc == 1 and [r.path for r in launchable.destroys()] == ["/api/v0/instances/5002/"], err
-    client = tracking.client(mlflow_server.uri)
+    client = store.client(mlflow_server.uri)
     parent = launchable.creates()[0].body["env"]["PAGATING_PARENT_RUN_ID"]
     run_ = client.get_run(parent)
     assert run_.data.tags["pagating.instance.5002"].startswith("destroyed by launch: not ready")

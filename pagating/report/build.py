@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pagating import names, tracking
+from pagating import names, publish
 from pagating.config import UserError, add_config_args, config_from_args
 from pagating.report.markdown import summary_md
 from pagating.report.metrics import metrics_doc
@@ -23,6 +23,7 @@ from pagating.report.perf import performance, plan_estimate
 from pagating.report.plots import PLOT_TITLES, plot_files
 from pagating.report.read import find_sweep, read_rows
 from pagating.report.stats import gating, median_run
+from pagating.tracking import store
 
 CHAMPION = "champion"
 
@@ -40,7 +41,7 @@ def report(cfg: dict, sweep_json: str | Path | None = names.SWEEP_JSON, sweep_id
            out_dir: str | Path = names.REPORTS_DIR, register: str | None = None) -> dict[str, Any]:
     """Write summary.md, metrics.json and plots/ for a sweep, attach them to the sweep's parent run, and
     (register=NAME) register the best config's median-seed model as `champion`; returns the metrics dict."""
-    uri = tracking.tracking_uri(cfg)
+    uri = store.tracking_uri(cfg)
     mlf = _open_store(uri, register)
     info = find_sweep(mlf, cfg, uri, sweep_json, sweep_id)
     exp_id = info["runs"][0][1].info.experiment_id
@@ -56,9 +57,9 @@ def report(cfg: dict, sweep_json: str | Path | None = names.SWEEP_JSON, sweep_id
     _write(out, doc, summary_md(info, exp_name, rows, performance(rows), gate, estimate, plots), plots)
     if info.get("parent_run_id"):  # the sweep row in the UI carries its report
         parent = info["parent_run_id"]
-        tracking.retry(lambda: _attach(mlf, parent, out), "attach the report to the sweep run", attempts=4)
-        print(f"sweep run (report attached): {tracking.run_url(uri, exp_id, parent)}")
-    print(f"runs: {tracking.experiment_url(uri, exp_id)}")
+        store.retry(lambda: _attach(mlf, parent, out), "attach the report to the sweep run", attempts=4)
+        print(f"sweep run (report attached): {store.run_url(uri, exp_id, parent)}")
+    print(f"runs: {store.experiment_url(uri, exp_id)}")
     if register:
         print(f"registered: {register_champion(mlf, uri, gate['best'], register)}")
     return doc
@@ -66,13 +67,13 @@ def report(cfg: dict, sweep_json: str | Path | None = names.SWEEP_JSON, sweep_id
 
 def _open_store(uri: str, register: str | None):
     """The MLflow client, once the server answers, the user may register (if asked) and the store exists."""
-    tracking.check_server(uri)
+    store.check_server(uri)
     if register:  # before any work: the GPU user may not register models (pagating.server_auth)
-        tracking.require_admin(uri, "`pagating report --register`")
+        store.require_admin(uri, "`pagating report --register`")
     m = re.match(r"sqlite:///(.+)", uri)
     if m and not Path(m.group(1)).exists():  # do not create an empty store by looking
         raise UserError(f"no MLflow store at {m.group(1)}: run `pagating sweep` first or set MLFLOW_TRACKING_URI")
-    return tracking.client(uri)
+    return store.client(uri)
 
 
 def _write(out: Path, doc: dict[str, Any], summary: str, plots: dict[str, bytes | str]) -> None:
@@ -100,18 +101,18 @@ def register_champion(mlf, uri: str, best: dict, name: str) -> str:
     import mlflow  # heavy: ~1 s; only --register needs the fluent API
 
     pick = median_run(best)
-    model_id = tracking.run_model_id(mlf, mlf.get_run(pick["run_id"]))
+    model_id = publish.run_model_id(mlf, mlf.get_run(pick["run_id"]))
     if model_id is None:
         raise UserError(f"the best config's median run {pick['run_id']} ({pick['name']}) logged no MLflow model; "
                         "rerun it with this version of pagating to register it")
-    with tracking.fluent_scope(uri):
+    with store.fluent_scope(uri):
         mv = mlflow.register_model(f"models:/{model_id}", name)
     mlf.set_model_version_tag(name, mv.version, "pagating.config", best["config"])
     mlf.set_model_version_tag(name, mv.version, "pagating.seed", str(pick["seed"]))
     mlf.set_registered_model_alias(name, CHAMPION, mv.version)
     return (f"{name} v{mv.version} @{CHAMPION}: {best['config']}, run {pick['run_id']} (seed {pick['seed']}, the "
             f"median validation loss {pick['val_loss']:.4f} of its {len(best['runs'])} seed"
-            f"{'s' if len(best['runs']) != 1 else ''}) ({tracking.ui_base(uri)}/#/models/{name}/versions/{mv.version})")
+            f"{'s' if len(best['runs']) != 1 else ''}) ({store.ui_base(uri)}/#/models/{name}/versions/{mv.version})")
 
 
 def cli_report(args) -> int:

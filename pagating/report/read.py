@@ -15,10 +15,11 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from pagating import names, tracking
+from pagating import names
 from pagating.config import PLAIN, UserError, experiment_name, is_plain
 from pagating.flops import flops_per_token
 from pagating.report.stats import config_label
+from pagating.tracking import store
 
 GPU_UTIL = re.compile(r"system/gpu_(\d+)_utilization_percentage")
 
@@ -40,7 +41,7 @@ def _get_run(mlf, run_id: str, uri: str, where: str):
     try:
         return mlf.get_run(run_id)
     except MlflowException:
-        raise UserError(f"run {run_id} named in {where} is not on {tracking.mask_uri(uri)}: point MLFLOW_TRACKING_URI "
+        raise UserError(f"run {run_id} named in {where} is not on {store.mask_uri(uri)}: point MLFLOW_TRACKING_URI "
                         "at the sweep's server, or pass --sweep-id") from None
 
 
