@@ -13,7 +13,7 @@ import pytest
 import yaml
 from conftest import REPO, run_cli
 
-from pagating import config
+from pagating import config, mlproject
 from pagating.config import SETTINGS, UserError, config_from_args, load_config
 
 # Every verb that reads params.yaml, as `pagating <verb...>`.
@@ -133,8 +133,8 @@ def test_set_works_on_report(tmp_path):
 # ---- MLproject ---------------------------------------------------------------------------------------
 
 def test_committed_mlproject_is_the_generated_one():
-    assert (REPO / "MLproject").read_text() == config.mlproject_text(REPO / "params.yaml"), \
-        "MLproject is stale: run `python -m pagating.config mlproject > MLproject`"
+    assert (REPO / "MLproject").read_text() == mlproject.mlproject_text(REPO / "params.yaml"), \
+        "MLproject is stale: run `python -m pagating.mlproject > MLproject`"
 
 
 def test_mlproject_parameters_are_typed_declared_flags():
