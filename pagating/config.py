@@ -40,22 +40,25 @@ CLOUD_VERBS = ("vast offers", "vast launch")
 
 
 def setting(default: Any, help: str, *, flags: tuple[str, ...] | None = None, verbs: tuple[str, ...] = (),
-            axis: bool = False) -> Any:
+            axis: bool = False, identity: bool = True) -> Any:
     """One setting: its default (used where params.yaml leaves it out), help, and CLI flag.
 
     `verbs` are the verbs with a flag of their own for it (every verb has `--set` for all of them);
-    `flags` spell it (default `--key`, plus `--key-with-dashes`); `axis`: a sweep grid may vary it.
+    `flags` spell it (default `--key`, plus `--key-with-dashes`); `axis`: a sweep grid may vary it;
+    `identity=False`: it changes where or how a run goes, not what it computes, so it stays out of the
+    config hash (a run resumed on another machine or folder is still the same run).
     """
     return dataclasses.field(default=default, metadata={"help": help, "flags": flags, "verbs": verbs,
-                                                        "axis": axis})
+                                                        "axis": axis, "identity": identity})
 
 
 @dataclasses.dataclass
 class Data:
     """`data`: the corpus and its tokenised, packed form."""
     source: str = setting("sample", "sample (the bundled corpus) | wikitext-103")
-    raw_dir: str = setting("data/raw", "raw text folder (WikiText-103 layout)")
-    prepared_dir: str = setting("data/prepared/sample", "packed blocks + tokenizer, one folder per profile")
+    raw_dir: str = setting("data/raw", "raw text folder (WikiText-103 layout)", identity=False)
+    prepared_dir: str = setting("data/prepared/sample", "packed blocks + tokenizer, one folder per profile",
+                                identity=False)
     tokenizer: str = setting("bpe", "bpe (trained on the train split) | gpt2 (pretrained)")
     vocab_size: int = setting(2048, "vocabulary size of a trained BPE tokenizer")
     block_size: int = setting(64, "tokens per packed block (the context length)")
@@ -85,13 +88,14 @@ class Train:
     max_steps: int = setting(300, "optimizer steps", verbs=TRAIN_VERBS)
     warmup_steps: int = setting(20, "linear warm-up steps", verbs=TRAIN_VERBS)
     weight_decay: float = setting(0.01, "AdamW weight decay (none on α, β, biases, norms)")
-    logging_steps: int = setting(10, "log train metrics every N steps", verbs=TRAIN_VERBS)
+    logging_steps: int = setting(10, "log train metrics every N steps", verbs=TRAIN_VERBS, identity=False)
     eval_steps: int = setting(50, "evaluate every N steps", verbs=TRAIN_VERBS)
-    save_steps: int = setting(150, "checkpoint every N steps", verbs=TRAIN_VERBS)
+    save_steps: int = setting(150, "checkpoint every N steps", verbs=TRAIN_VERBS, identity=False)
     max_eval_batches: int = setting(0, "intermediate evals: 0 the whole validation split, N: N batches "
                                                 "spread over it (the final eval is always the whole split)")
     seed: int = setting(42, "random seed", verbs=TRAIN_VERBS[:1], axis=True)
-    output_dir: str = setting("outputs", "base folder; each run gets a subfolder", verbs=TRAIN_VERBS)
+    output_dir: str = setting("outputs", "base folder; each run gets a subfolder", verbs=TRAIN_VERBS,
+                              identity=False)
 
 
 @dataclasses.dataclass
@@ -140,6 +144,7 @@ class Setting:
     flags: tuple[str, ...]   # CLI spellings, first one canonical
     verbs: tuple[str, ...]
     axis: bool
+    identity: bool           # in the config hash
 
 
 def _settings() -> dict[str, Setting]:
@@ -150,13 +155,33 @@ def _settings() -> dict[str, Setting]:
             name = f.name
             flags = f.metadata["flags"] or tuple(dict.fromkeys((f"--{name}", f"--{name.replace('_', '-')}")))
             out[f"{section}.{name}"] = Setting(f"{section}.{name}", hints[name], f.default, f.metadata["help"],
-                                               flags, f.metadata["verbs"], f.metadata["axis"])
+                                               flags, f.metadata["verbs"], f.metadata["axis"], f.metadata["identity"])
     return out
 
 
 SETTINGS: dict[str, Setting] = _settings()
 # Grid axis (params.yaml `sweep` key) -> the setting it varies.
 AXES: dict[str, str] = {s.key.partition(".")[2]: s.key for s in SETTINGS.values() if s.axis}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """A loaded config read through its declarations: `view(cfg).train.max_steps` is the declared int,
+    so no reader casts. The dict stays what is passed on, logged and hashed."""
+    profile: str
+    data: Data
+    model: Model
+    train: Train
+    tracking: Tracking
+    cloud: Cloud
+    sweep: dict[str, Any]
+
+
+def view(cfg: dict[str, Any]) -> Config:
+    """The typed view of a load_config dict (load_config has typed every declared key)."""
+    sections = {name: cls(**{f.name: cfg[name][f.name] for f in dataclasses.fields(cls)})
+                for name, cls in SECTIONS.items()}
+    return Config(profile=cfg["profile"], sweep=cfg.get("sweep") or {}, **sections)
 
 
 def defaults(section: str) -> dict[str, Any]:
@@ -329,13 +354,13 @@ PLAIN = "plain"
 
 
 def is_plain(unit: str) -> bool:
-    return str(unit).lower() == PLAIN
+    return unit.lower() == PLAIN
 
 
 def mlp_width(ffn_dim: int, param_matched: bool, unit: str) -> int:
     """The MLP's hidden width as the model builds it (and MFU and cost projections count it): a gated unit
     has three d_model x d_ff matrices instead of two, so param_matched takes 2/3 of ffn_dim."""
-    return int(ffn_dim) * 2 // 3 if param_matched and not is_plain(unit) else int(ffn_dim)
+    return ffn_dim * 2 // 3 if param_matched and not is_plain(unit) else ffn_dim
 
 
 def experiment_name(cfg: dict[str, Any]) -> str:
@@ -352,15 +377,10 @@ def flatten(cfg: dict[str, Any], sections=("data", "model", "train")) -> dict[st
     return flat
 
 
-# Settings that change where or how fast a run goes but not what it computes; they stay out of
-# the identity hash so a resumed run on another machine or folder is still the same run.
-NON_IDENTITY_KEYS = {"train.output_dir", "train.logging_steps", "train.save_steps", "train.device",
-                     "train.compile", "train.resume", "data.raw_dir", "data.prepared_dir"}
-
-
 def config_hash(cfg: dict[str, Any], data_md5: str = "") -> str:
-    """Identity of a run's config (tag pagating.config_hash): same hash = same experiment."""
-    flat = {k: v for k, v in flatten(cfg).items() if k not in NON_IDENTITY_KEYS}
+    """Identity of a run's config (tag pagating.config_hash): same hash = same experiment. Settings
+    declared `identity=False` stay out of it."""
+    flat = {k: v for k, v in flatten(cfg).items() if k not in SETTINGS or SETTINGS[k].identity}
     flat["data.md5"] = data_md5
     blob = json.dumps(flat, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
