@@ -68,7 +68,7 @@ class Data:
 class Model:
     """`model`: GPT-2 with a paGating MLP."""
     init: str = setting("scratch", "scratch | gpt2 | a checkpoint path (pretrained c_fc -> value path)")
-    unit: str = setting("paGLU", "paGLU | paGTU | paSwishU | paReGLU | paGELU | paMishU | paSiLU | plain",
+    unit: str = setting("paGLU", "a paGating unit of pagating/units.py (UNITS) | plain (GPT-2's own MLP)",
                         verbs=TRAIN_VERBS[:1], axis=True)
     n_layer: int = setting(2, "transformer blocks")
     n_head: int = setting(2, "attention heads")

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from pagating import flops, names, runtime, tracking
-from pagating.config import UserError, add_config_args, config_from_args, flatten, is_plain, view
+from pagating.config import PLAIN, UserError, add_config_args, config_from_args, flatten, is_plain, view
 from pagating.gpu import gpu_name
 from pagating.identity import RunIdentity
 from pagating.run import CHECKPOINT_BYTES_PER_PARAM, Job, TrainingRun, find_resume, finished_run
@@ -318,11 +318,13 @@ def _opt(kind):
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
-    from pagating.alpha import choices as alpha_choices  # heavy: the α registry's module loads torch
+    from pagating.alpha import choices as alpha_choices  # heavy: the registries' modules load torch
+    from pagating.units import UNITS
 
     # --profile, --set and the seed's flags (--alpha_mode, --learning_rate, ...) come from pagating/config.py;
-    # the α modes' help from their registry.
-    add_config_args(p, "train", helps={"train.alpha_mode": alpha_choices(" | ")})
+    # the α modes' and the units' help from their registries.
+    add_config_args(p, "train", helps={"train.alpha_mode": alpha_choices(" | "),
+                                       "model.unit": " | ".join([*UNITS, PLAIN])})
     p.add_argument("--resume_from_checkpoint", "--resume-from-checkpoint", help="a checkpoint folder")
     p.add_argument("--resume", default="none",
                    help="none | auto (local checkpoint, else MLflow; error if none) | if-any | a checkpoint path")
