@@ -196,7 +196,7 @@ def test_dvc_stages_depend_on_the_modules_they_run():
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     for stage, modules in (("prepare", {"config", "data"}),
                            ("sweep", {"config", "data", "tracking", "run", "train", "sweep", "model", "units",
-                                      "alpha", "grid", "names"}),
+                                      "alpha", "grid", "names", "identity", "trainer", "sweep_worker"}),
                            ("report", {"config", "tracking", "report", "names"})):
         paths = {f"pagating/{m}" if (REPO / "pagating" / m).is_dir() else f"pagating/{m}.py" for m in modules}
         assert paths <= set(stages[stage]["deps"]), stage
