@@ -42,6 +42,10 @@ class RunIdentity:
 
     @property
     def run_dir(self) -> Path:
-        """The run's local folder: `<output_dir>/<run name as a slug>_<hash[:8]>`."""
-        slug = re.sub(r"[^A-Za-z0-9_.=-]+", "_", self.run_name.replace(" ", "_"))
-        return Path(self.output_dir) / f"{slug}_{self.config_hash[:8]}"
+        return run_dir(self.output_dir, self.run_name, self.config_hash)
+
+
+def run_dir(output_dir: str, name: str, config_hash: str) -> Path:
+    """A run's local folder: `<output_dir>/<run name as a slug>_<hash[:8]>`."""
+    slug = re.sub(r"[^A-Za-z0-9_.=-]+", "_", name.replace(" ", "_"))
+    return Path(output_dir) / f"{slug}_{config_hash[:8]}"
