@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pagating import names, runtime, tracking
+from pagating import names, runtime, stats, tracking
 from pagating.config import UserError, add_config_args, config_from_args, sets_from_args, view
 from pagating.grid import config_for, grid, parse_shard, sweep_identity, take_shard
 from pagating.identity import RunIdentity
@@ -85,8 +85,6 @@ def log_best(mlf, parent_id: str, exp_id: str, sweep_id: str, run_ids: list[str]
     """The sweep row's summary: the best config by mean validation loss (`final/eval_loss`) over its seeds
     (pagating.stats, as the report ranks), its means as metrics, and the run of its median seed."""
     from mlflow.entities import Metric, RunTag  # heavy: mlflow, only the end of a sweep needs its entities
-
-    from pagating import stats  # FIXME(lead): stats moves to report/ (above sweep); see the report
 
     runs = {r.info.run_id: r for r in mlf.search_runs(
         [exp_id], filter_string=f"tags.`{names.SWEEP_ID}` = '{sweep_id}' and attributes.status = 'FINISHED'")}
