@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
                 if not answer or answer["rc"]:
                     print((root / f"config-{seed}.log").read_text()[-3000:], file=sys.stderr)
                     return 1
-                runs.append(split(MlflowClient(uri), answer["result"], root, t0, t_exit))
+                runs.append(split(MlflowClient(uri), seed, root, t0, t_exit))
         finally:
             worker.close()
         figures = {**runs[1], "cold_wall_s": runs[0]["wall_s"], "cold_startup_s": runs[0]["startup_s"],
@@ -79,15 +79,20 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def split(mlf, result: dict, root: Path, t0: float, t_exit: float) -> dict:
-    run = mlf.get_run(result["run_id"])
+def split(mlf, seed: int, root: Path, t0: float, t_exit: float) -> dict:
+    from pagating import names
+    from pagating.identity import run_dir as run_dir_of
+
+    # The config's run as MLflow has it (the worker answers only how `pagating train` exited).
+    exps = [e.experiment_id for e in mlf.search_experiments()]
+    run = mlf.search_runs(exps, filter_string=f"params.`train.seed` = '{seed}'")[0]
     p = run.data.params
     start, end = run.info.start_time / 1000, run.info.end_time / 1000
     steps = mlf.get_metric_history(run.info.run_id, "perf/step_time_s")
     first = min(steps, key=lambda m: m.step)
     train_begin = first.timestamp / 1000 - first.step * first.value  # back from the first logged window
     last_eval = max(mlf.get_metric_history(run.info.run_id, "eval/loss"), key=lambda m: m.step).timestamp / 1000
-    run_dir = Path(result["run_dir"]) if os.path.isabs(result["run_dir"]) else root / result["run_dir"]
+    run_dir = run_dir_of(str(root / "out"), run.info.run_name, run.data.tags[names.CONFIG_HASH])
     states = sorted(run_dir.glob("**/checkpoint-*/trainer_state.json"), key=lambda f: int(f.parent.name.split("-")[1]))
     history = json.loads(states[-1].read_text())["log_history"] if states else []
     evals = [e["eval_runtime"] for e in history if "eval_runtime" in e]

@@ -20,6 +20,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from pagating import names
+
 
 class AlphaMode:
     """One α mode; an instance is a parsed `alpha_mode` (immutable)."""
@@ -49,7 +51,7 @@ class AlphaMode:
 
     def params(self) -> dict[str, str]:
         """What the run's MLflow params say about α."""
-        return {"alpha.kind": self.name}
+        return {names.ALPHA_KIND: self.name}
 
     def sort_key(self) -> tuple[int, float]:
         return (self.order, 0.0)
@@ -146,7 +148,7 @@ class CosineSchedulerAlpha(AlphaMode):
         return cosine_alpha(step, max_steps)
 
     def params(self):
-        return {"alpha.kind": self.name,
+        return {names.ALPHA_KIND: self.name,
                 "alpha.schedule": "half cosine, alpha 0 at the first optimizer step -> 1 at the last (train.max_steps)"}
 
 

@@ -20,7 +20,7 @@ VERBS = {
     "prepare": "pagating.data.cli",
     "train": "pagating.train",
     "sweep": "pagating.sweep",
-    "quickstart": "pagating.sweep",
+    "quickstart": "pagating.quickstart",
     "report": "pagating.report.build",
     "server": "pagating.server",
     "grant": "pagating.server",

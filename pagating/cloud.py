@@ -511,7 +511,7 @@ def grid_state(uri: str, sweep_id: str, cfg: dict) -> dict[str, str]:
     when a run of it finished (this sweep's, or any run of the grid's config hashes), else its sweep run's
     latest status."""
     from pagating.grid import config_for, grid
-    from pagating.train import run_name
+    from pagating.identity import run_name
 
     names = [run_name(config_for(cfg, o)) for o in grid(cfg)]
     prefix = cfg["tracking"]["experiment_prefix"]

@@ -2,7 +2,7 @@
 
 The sections below (one dataclass each) declare each setting's type, default, help and CLI flag.
 From them come: the flags of every verb (`add_config_args`), the sweep's axes (`AXES`), the
-MLproject parameters (`mlproject_text`, committed as MLproject) and the typing of load_config.
+MLproject parameters (pagating/mlproject.py) and the typing of load_config.
 params.yaml holds the values: per-profile blocks for data/model/train/sweep (a profile's block
 overrides the declared default), one block for tracking and cloud.
 
@@ -40,22 +40,25 @@ CLOUD_VERBS = ("vast offers", "vast launch")
 
 
 def setting(default: Any, help: str, *, flags: tuple[str, ...] | None = None, verbs: tuple[str, ...] = (),
-            axis: bool = False) -> Any:
+            axis: bool = False, identity: bool = True) -> Any:
     """One setting: its default (used where params.yaml leaves it out), help, and CLI flag.
 
     `verbs` are the verbs with a flag of their own for it (every verb has `--set` for all of them);
-    `flags` spell it (default `--key`, plus `--key-with-dashes`); `axis`: a sweep grid may vary it.
+    `flags` spell it (default `--key`, plus `--key-with-dashes`); `axis`: a sweep grid may vary it;
+    `identity=False`: it changes where or how a run goes, not what it computes, so it stays out of the
+    config hash (a run resumed on another machine or folder is still the same run).
     """
     return dataclasses.field(default=default, metadata={"help": help, "flags": flags, "verbs": verbs,
-                                                        "axis": axis})
+                                                        "axis": axis, "identity": identity})
 
 
 @dataclasses.dataclass
 class Data:
     """`data`: the corpus and its tokenised, packed form."""
     source: str = setting("sample", "sample (the bundled corpus) | wikitext-103")
-    raw_dir: str = setting("data/raw", "raw text folder (WikiText-103 layout)")
-    prepared_dir: str = setting("data/prepared/sample", "packed blocks + tokenizer, one folder per profile")
+    raw_dir: str = setting("data/raw", "raw text folder (WikiText-103 layout)", identity=False)
+    prepared_dir: str = setting("data/prepared/sample", "packed blocks + tokenizer, one folder per profile",
+                                identity=False)
     tokenizer: str = setting("bpe", "bpe (trained on the train split) | gpt2 (pretrained)")
     vocab_size: int = setting(2048, "vocabulary size of a trained BPE tokenizer")
     block_size: int = setting(64, "tokens per packed block (the context length)")
@@ -65,7 +68,7 @@ class Data:
 class Model:
     """`model`: GPT-2 with a paGating MLP."""
     init: str = setting("scratch", "scratch | gpt2 | a checkpoint path (pretrained c_fc -> value path)")
-    unit: str = setting("paGLU", "paGLU | paGTU | paSwishU | paReGLU | paGELU | paMishU | paSiLU | plain",
+    unit: str = setting("paGLU", "a paGating unit of pagating/units.py (UNITS) | plain (GPT-2's own MLP)",
                         verbs=TRAIN_VERBS[:1], axis=True)
     n_layer: int = setting(2, "transformer blocks")
     n_head: int = setting(2, "attention heads")
@@ -85,13 +88,14 @@ class Train:
     max_steps: int = setting(300, "optimizer steps", verbs=TRAIN_VERBS)
     warmup_steps: int = setting(20, "linear warm-up steps", verbs=TRAIN_VERBS)
     weight_decay: float = setting(0.01, "AdamW weight decay (none on α, β, biases, norms)")
-    logging_steps: int = setting(10, "log train metrics every N steps", verbs=TRAIN_VERBS)
+    logging_steps: int = setting(10, "log train metrics every N steps", verbs=TRAIN_VERBS, identity=False)
     eval_steps: int = setting(50, "evaluate every N steps", verbs=TRAIN_VERBS)
-    save_steps: int = setting(150, "checkpoint every N steps", verbs=TRAIN_VERBS)
+    save_steps: int = setting(150, "checkpoint every N steps", verbs=TRAIN_VERBS, identity=False)
     max_eval_batches: int = setting(0, "intermediate evals: 0 the whole validation split, N: N batches "
                                                 "spread over it (the final eval is always the whole split)")
     seed: int = setting(42, "random seed", verbs=TRAIN_VERBS[:1], axis=True)
-    output_dir: str = setting("outputs", "base folder; each run gets a subfolder", verbs=TRAIN_VERBS)
+    output_dir: str = setting("outputs", "base folder; each run gets a subfolder", verbs=TRAIN_VERBS,
+                              identity=False)
 
 
 @dataclasses.dataclass
@@ -140,6 +144,7 @@ class Setting:
     flags: tuple[str, ...]   # CLI spellings, first one canonical
     verbs: tuple[str, ...]
     axis: bool
+    identity: bool           # in the config hash
 
 
 def _settings() -> dict[str, Setting]:
@@ -150,13 +155,33 @@ def _settings() -> dict[str, Setting]:
             name = f.name
             flags = f.metadata["flags"] or tuple(dict.fromkeys((f"--{name}", f"--{name.replace('_', '-')}")))
             out[f"{section}.{name}"] = Setting(f"{section}.{name}", hints[name], f.default, f.metadata["help"],
-                                               flags, f.metadata["verbs"], f.metadata["axis"])
+                                               flags, f.metadata["verbs"], f.metadata["axis"], f.metadata["identity"])
     return out
 
 
 SETTINGS: dict[str, Setting] = _settings()
 # Grid axis (params.yaml `sweep` key) -> the setting it varies.
 AXES: dict[str, str] = {s.key.partition(".")[2]: s.key for s in SETTINGS.values() if s.axis}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """A loaded config read through its declarations: `view(cfg).train.max_steps` is the declared int,
+    so no reader casts. The dict stays what is passed on, logged and hashed."""
+    profile: str
+    data: Data
+    model: Model
+    train: Train
+    tracking: Tracking
+    cloud: Cloud
+    sweep: dict[str, Any]
+
+
+def view(cfg: dict[str, Any]) -> Config:
+    """The typed view of a load_config dict (load_config has typed every declared key)."""
+    sections = {name: cls(**{f.name: cfg[name][f.name] for f in dataclasses.fields(cls)})
+                for name, cls in SECTIONS.items()}
+    return Config(profile=cfg["profile"], sweep=cfg.get("sweep") or {}, **sections)
 
 
 def defaults(section: str) -> dict[str, Any]:
@@ -329,13 +354,13 @@ PLAIN = "plain"
 
 
 def is_plain(unit: str) -> bool:
-    return str(unit).lower() == PLAIN
+    return unit.lower() == PLAIN
 
 
 def mlp_width(ffn_dim: int, param_matched: bool, unit: str) -> int:
     """The MLP's hidden width as the model builds it (and MFU and cost projections count it): a gated unit
     has three d_model x d_ff matrices instead of two, so param_matched takes 2/3 of ffn_dim."""
-    return int(ffn_dim) * 2 // 3 if param_matched and not is_plain(unit) else int(ffn_dim)
+    return ffn_dim * 2 // 3 if param_matched and not is_plain(unit) else ffn_dim
 
 
 def experiment_name(cfg: dict[str, Any]) -> str:
@@ -352,86 +377,10 @@ def flatten(cfg: dict[str, Any], sections=("data", "model", "train")) -> dict[st
     return flat
 
 
-# Settings that change where or how fast a run goes but not what it computes; they stay out of
-# the identity hash so a resumed run on another machine or folder is still the same run.
-NON_IDENTITY_KEYS = {"train.output_dir", "train.logging_steps", "train.save_steps", "train.device",
-                     "train.compile", "train.resume", "data.raw_dir", "data.prepared_dir"}
-
-
 def config_hash(cfg: dict[str, Any], data_md5: str = "") -> str:
-    """Identity of a run's config (tag pagating.config_hash): same hash = same experiment."""
-    flat = {k: v for k, v in flatten(cfg).items() if k not in NON_IDENTITY_KEYS}
+    """Identity of a run's config (tag pagating.config_hash): same hash = same experiment. Settings
+    declared `identity=False` stay out of it."""
+    flat = {k: v for k, v in flatten(cfg).items() if k not in SETTINGS or SETTINGS[k].identity}
     flat["data.md5"] = data_md5
     blob = json.dumps(flat, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
-
-
-# ---- MLproject ---------------------------------------------------------------------------------
-
-_SEED_PARAMS = ("train.alpha_mode", "train.learning_rate", "train.batch_size", "train.max_steps", "model.unit",
-                "train.seed", "train.output_dir", "resume")
-# Entry point -> (verb, its fixed profile or None for a `profile` parameter, parameters). A parameter is a
-# declared setting (typed, default = the profile's value) or an option of the verb (default = its default).
-ENTRY_POINTS: dict[str, tuple[str, str | None, tuple[str, ...]]] = {
-    "main": ("sweep", None, ("shard", "gpus")),
-    "sweep": ("sweep", None, ("shard", "gpus")),
-    "train": ("train", "sample", _SEED_PARAMS),
-    "train_wikitext103": ("train", "wikitext103", _SEED_PARAMS),
-    "report": ("report", None, ()),
-}
-
-_MLPROJECT_HEADER = """\
-# Generated from pagating/config.py (`python -m pagating.config mlproject > MLproject`); tests/test_config.py
-# checks it is current. `mlflow run . -e <entry> --env-manager local` (plain `mlflow run . -e <entry>` builds
-# conda.yaml's env where conda is installed). Each entry calls the same function as its `pagating` verb and its
-# dvc.yaml stage. Every default is the value the run itself resolves from params.yaml (`train` has the sample
-# profile's, `train_wikitext103` the wikitext103 profile's), so `mlflow run` logs what the run uses; MLflow has
-# no integer type, so whole numbers are `float` parameters. Runs land in `pagating-<profile>`: the run
-# `mlflow run` opens becomes the sweep's parent when it is in that experiment (`--experiment-name
-# pagating-sample`); otherwise the sweep keeps its parent there and the launcher run only points to it.
-"""
-
-
-def _verb_parser(verb: str) -> argparse.ArgumentParser:
-    import importlib
-
-    from pagating.cli import VERBS
-
-    sub = argparse.ArgumentParser().add_subparsers()
-    importlib.import_module(VERBS[verb]).register_cli(sub)
-    return sub.choices[verb]
-
-
-def _scalar(value: Any) -> str:
-    return yaml.safe_dump(value, default_flow_style=True, width=10**6).replace("\n...\n", "").strip()
-
-
-def mlproject_text(path: str | os.PathLike | None = None) -> str:
-    """The MLproject file, generated from the declarations and params.yaml's values."""
-    out = [_MLPROJECT_HEADER, "name: pagating", "", "conda_env: conda.yaml", "", "entry_points:"]
-    for entry, (verb, profile, names) in ENTRY_POINTS.items():
-        parser, cfg = _verb_parser(verb), load_config(profile, path=path)
-        params = [] if profile else [("profile", "string", cfg["profile"])]  # params.yaml's default profile
-        command = f"pagating {verb} --profile {profile or '{profile}'}"
-        for name in names:
-            if name in SETTINGS:
-                s = SETTINGS[name]
-                section, _, key = name.partition(".")
-                flag, kind, default = s.flags[0], "string" if s.type is str else "float", cfg[section][key]
-            else:
-                action = next(a for a in parser._actions if a.dest == name)
-                flag, kind, default = action.option_strings[0], "string", action.default
-            params.append((flag.lstrip("-"), kind, default))
-            command += f" {flag} {{{flag.lstrip('-')}}}"
-        out += ["", f"  {entry}:", "    parameters:"]
-        out += [f"      {n}: {{type: {k}, default: {_scalar(d)}}}" for n, k, d in params]
-        out.append(f"    command: {_scalar(command)}")
-    return "\n".join(out) + "\n"
-
-
-if __name__ == "__main__":
-    import sys
-
-    if sys.argv[1:] != ["mlproject"]:
-        sys.exit("usage: python -m pagating.config mlproject > MLproject")
-    sys.stdout.write(mlproject_text())

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 
-from pagating.config import is_plain, mlp_width
+from pagating.config import is_plain, mlp_width, view
 
 PEAK_BF16_TFLOPS: dict[str, float] = {
     # NVIDIA Ada Lovelace architecture whitepaper v1.1, appendix table: BF16 w/ FP32 acc. 165.2 (330.4 sparse)
@@ -115,14 +115,13 @@ def flops_per_token(*, n_layer: int, n_embd: int, d_ff: int, vocab_size: int, bl
 
 def padded_vocab(vocab_size: int) -> int:
     """The model's vocabulary rows: a multiple of 64 (tensor-core friendly; pad rows are never targets)."""
-    return -(-int(vocab_size) // 64) * 64
+    return -(-vocab_size // 64) * 64
 
 
 def config_flops_per_token(cfg: dict) -> float:
     """flops_per_token of a params.yaml config (model + data sections), as train builds the model."""
-    m, d = cfg["model"], cfg["data"]
-    width = int(m["n_embd"])
-    return flops_per_token(n_layer=int(m["n_layer"]), n_embd=width,
-                           d_ff=mlp_width(m["ffn_dim"], m["param_matched"], m["unit"]),
-                           vocab_size=padded_vocab(int(d["vocab_size"])), block_size=int(d["block_size"]),
-                           gated=not is_plain(m["unit"]))
+    c = view(cfg)
+    m = c.model
+    return flops_per_token(n_layer=m.n_layer, n_embd=m.n_embd, d_ff=mlp_width(m.ffn_dim, m.param_matched, m.unit),
+                           vocab_size=padded_vocab(c.data.vocab_size), block_size=c.data.block_size,
+                           gated=not is_plain(m.unit))

@@ -22,21 +22,19 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pagating.config import (
-    UserError,
-    add_config_args,
-    config_from_args,
-    config_hash,
-    load_config,
-    parse_sets,
-    sets_from_args,
-)
-from pagating.grid import config_for, grid, parse_shard, sweep_identity, take_shard  # noqa: F401 (sweep.grid is public)
-from pagating.names import METRICS, PLOTS, REPORTS_DIR, SUMMARY, SWEEP_JSON
+from pagating import names, runtime
+from pagating.config import UserError, add_config_args, config_from_args, sets_from_args, view
+from pagating.grid import config_for, grid, parse_shard, sweep_identity, take_shard
+from pagating.identity import RunIdentity
+from pagating.names import SWEEP_JSON
+from pagating.report import stats
 from pagating.sweep_worker import Worker
+from pagating.tracking import claim, provenance, store
+from pagating.train import launcher_parent, validate
 
 
 def parse_gpus(text: str) -> list[str | None]:
@@ -45,15 +43,13 @@ def parse_gpus(text: str) -> list[str | None]:
         return [None]
     if text in ("auto", "all"):
         try:
-            import torch
+            import torch  # heavy: ~1 s, only counting GPUs needs it
 
             count = torch.cuda.device_count()
         except ImportError:
             count = 0
-        from pagating.runtime import check_cuda, cuda_required
-
-        if cuda_required() and count < cuda_required():  # a rented GPU box: no silent CPU fallback
-            ok, line = check_cuda()
+        if runtime.cuda_required() and count < runtime.cuda_required():  # a rented GPU box: no silent CPU fallback
+            ok, line = runtime.check_cuda()
             if not ok:
                 raise UserError(line)
         return [str(i) for i in range(count)] or [None]
@@ -63,10 +59,10 @@ def parse_gpus(text: str) -> list[str | None]:
     return ids
 
 
-def _train_argv(cfg: dict, overrides: dict, parent_id: str, sweep_id: str, resume: str, device: str,
-                   extra_sets: list[str]) -> list[str]:
-    cmd = ["train", "--profile", cfg["profile"], "--resume", resume,
-           "--parent-run-id", parent_id, "--sweep-id", sweep_id, "--device", device, "--if-claimed", "skip"]
+def _train_argv(profile: str, overrides: dict, parent: Parent, resume: str, device: str,
+                extra_sets: list[str]) -> list[str]:
+    cmd = ["train", "--profile", profile, "--resume", resume, "--parent-run-id", parent.run_id,
+           "--sweep-id", parent.sweep_id, "--device", device, "--if-claimed", "skip"]
     for item in extra_sets:
         cmd += ["--set", item]
     for key, value in overrides.items():
@@ -77,24 +73,23 @@ def _train_argv(cfg: dict, overrides: dict, parent_id: str, sweep_id: str, resum
 def _sweep_note(base: dict, configs: list[dict], command: str) -> str:
     axes = "; ".join(f"{k} ∈ {{{', '.join(str(v) for v in (vals if isinstance(vals, list) else [vals]))}}}"
                      for k, vals in base["sweep"].items())
-    t, m = base["train"], base["model"]
-    units = " or ".join(sorted({str(c.get("model.unit", m["unit"])) for c in configs}))
-    matched = ", param-matched" if m["param_matched"] else ""
-    return (f"Sweep of {len(configs)} configs on the {base['profile']} profile: {axes}. Each child run trains "
-            f"GPT-2 ({m['n_layer']} layers, d_model {m['n_embd']}) with a {units} MLP{matched} for {t['max_steps']} "
-            f"steps, batch {t['batch_size']}; finished configs are skipped on a re-run.\n\nReproduce:\n\n"
+    v = view(base)
+    t, m = v.train, v.model
+    units = " or ".join(sorted({c.get("model.unit", m.unit) for c in configs}))
+    matched = ", param-matched" if m.param_matched else ""
+    return (f"Sweep of {len(configs)} configs on the {v.profile} profile: {axes}. Each child run trains "
+            f"GPT-2 ({m.n_layer} layers, d_model {m.n_embd}) with a {units} MLP{matched} for {t.max_steps} "
+            f"steps, batch {t.batch_size}; finished configs are skipped on a re-run.\n\nReproduce:\n\n"
             f"    {command}\n")
 
 
 def log_best(mlf, parent_id: str, exp_id: str, sweep_id: str, run_ids: list[str]) -> dict | None:
     """The sweep row's summary: the best config by mean validation loss (`final/eval_loss`) over its seeds
-    (pagating.stats, as the report ranks), its means as metrics, and the run of its median seed."""
-    from mlflow.entities import Metric, RunTag
-
-    from pagating.report import stats
+    (pagating.report.stats, as the report ranks), its means as metrics, and the run of its median seed."""
+    from mlflow.entities import Metric, RunTag  # heavy: mlflow, only the end of a sweep needs its entities
 
     runs = {r.info.run_id: r for r in mlf.search_runs(
-        [exp_id], filter_string=f"tags.`pagating.sweep_id` = '{sweep_id}' and attributes.status = 'FINISHED'")}
+        [exp_id], filter_string=f"tags.`{names.SWEEP_ID}` = '{sweep_id}' and attributes.status = 'FINISHED'")}
     for rid in run_ids:
         if rid and rid not in runs:
             run = mlf.get_run(rid)
@@ -103,25 +98,25 @@ def log_best(mlf, parent_id: str, exp_id: str, sweep_id: str, run_ids: list[str]
     rows = []
     for r in runs.values():
         p, m = r.data.params, r.data.metrics
-        if "final/eval_loss" not in m:
+        if names.FINAL_EVAL_LOSS not in m:
             continue
         lr, seed = p.get("train.learning_rate"), p.get("train.seed")
         rows.append({"config": stats.config_label(p.get("model.unit", "?"), p.get("train.alpha_mode", "?"),
                                                   float(lr) if lr else None),
                      "unit": p.get("model.unit", "?"), "d_ff": p.get("model.d_ff"), "run_id": r.info.run_id,
-                     "seed": int(seed) if seed else None, "val_loss": m["final/eval_loss"],
-                     "test_loss": m.get("test/loss"), "start_time": r.info.start_time})
+                     "seed": int(seed) if seed else None, "val_loss": m[names.FINAL_EVAL_LOSS],
+                     "test_loss": m.get(names.TEST_LOSS), "start_time": r.info.start_time})
     if not rows:
         return None
     best = stats.group(rows)[0]
     pick = stats.median_run(best)
     now = int(time.time() * 1000)
-    metrics = {"final/eval_loss": best["val_mean"], "final/eval_ppl": math.exp(min(best["val_mean"], 50.0)),
+    metrics = {names.FINAL_EVAL_LOSS: best["val_mean"], names.FINAL_EVAL_PPL: math.exp(min(best["val_mean"], 50.0)),
                "best/seeds": len(best["seeds"])}
     if best["test_mean"] is not None:
-        metrics["test/loss"] = best["test_mean"]
+        metrics[names.TEST_LOSS] = best["test_mean"]
     mlf.log_batch(parent_id, metrics=[Metric(k, v, now, len(rows)) for k, v in metrics.items()],
-                  tags=[RunTag("pagating.best_config", best["config"]), RunTag("pagating.best_run_id", pick["run_id"])])
+                  tags=[RunTag(names.BEST_CONFIG, best["config"]), RunTag(names.BEST_RUN_ID, pick["run_id"])])
     return {"run_id": pick["run_id"], "name": best["config"], **metrics}
 
 
@@ -130,8 +125,6 @@ def sweep(base: dict, *, shard: str = "0/1", gpus: str = "auto", device: str = "
           summary_path: str | Path = SWEEP_JSON) -> dict[str, Any]:
     """Check everything, open the parent run, plan (skip / resume / run), run what is left, summarise."""
     from pagating.data.dataset import check_prepared
-    from pagating.tracking import store
-    from pagating.train import validate
 
     extra_sets = list(extra_sets or [])
     # 1. Everything checkable is checked before the parent run exists.
@@ -150,10 +143,10 @@ def sweep(base: dict, *, shard: str = "0/1", gpus: str = "auto", device: str = "
     print(f"sweep {sweep_id}: {len(configs)} configs, shard {i}/{n}: {len(plan)} here "
           f"({sum(e['status'] == 'skipped' for e in plan)} already finished); parent run {parent_id}",
           file=sys.stderr)
-    runner = Runner(base, slots, parent_id, sweep_id, device, extra_sets, plan)
+    runner = Runner(base, slots, Parent(mlf, exp_id, parent_id, sweep_id), device, extra_sets, plan)
     try:
         runner.run_all()
-        runner.wait_elsewhere(mlf, exp_id)
+        runner.wait_elsewhere()
     finally:
         runner.close()
     return finish(mlf, base, plan, uri=uri, exp_id=exp_id, parent_id=parent_id, sweep_id=sweep_id,
@@ -165,68 +158,70 @@ def open_parent(mlf, base: dict, configs: list[dict], meta: dict, sweep_id: str,
     """2. The parent run: the one `mlflow run` opened, else this sweep's earlier parent, else a new one;
     tagged, with the grid as params. `mlflow run` without --experiment-name puts its run in Default:
     then it only points to this sweep. Returns (experiment id, parent run id)."""
-    from mlflow.entities import Param, RunTag
+    from mlflow.entities import Param, RunTag  # heavy: mlflow, only opening the parent needs its entities
 
     from pagating.data.dvc import data_md5
-    from pagating.tracking import provenance, store
 
-    launched = os.environ.get("MLFLOW_RUN_ID")
     exp_id = store.experiment_id(mlf, base)
-    if launched and store.adopt_launcher(mlf, launched, exp_id):
-        parent_id = launched
-    else:
-        earlier = mlf.search_runs([exp_id], filter_string=f"tags.`pagating.sweep_id` = '{sweep_id}' and "
-                                  "tags.`pagating.role` = 'sweep'", order_by=["attributes.start_time DESC"])
+    parent_id = launcher_parent(mlf, exp_id)
+    if parent_id is None:
+        mine = f"tags.`{names.SWEEP_ID}` = '{sweep_id}' and tags.`{names.ROLE}` = '{names.ROLE_SWEEP}'"
+        earlier = mlf.search_runs([exp_id], filter_string=mine, order_by=["attributes.start_time DESC"])
         parent_id = earlier[0].info.run_id if earlier else mlf.create_run(exp_id).info.run_id
     mlf.update_run(parent_id, status="RUNNING", name=f"sweep {sweep_id}")
     commit = provenance.git_commit()
     command = " ".join(["pagating", "sweep", "--profile", base["profile"], *(f"--set '{x}'" for x in extra_sets)])
-    parent_tags = {"pagating.sweep_id": sweep_id, "pagating.role": "sweep", "git.commit": commit,
+    parent_tags = {names.SWEEP_ID: sweep_id, names.ROLE: names.ROLE_SWEEP, "git.commit": commit,
                    "dvc.data_md5": data_md5(), **provenance.source_tags("sweep", commit),
-                   "mlflow.note.content": _sweep_note(base, configs, f"git checkout {commit} && {command}"
-                                                      if commit else command)}
+                   names.NOTE: _sweep_note(base, configs, f"git checkout {commit} && {command}"
+                                           if commit else command)}
     mlf.log_batch(parent_id, tags=[RunTag(k, v) for k, v in parent_tags.items()])
     grid_params = {"profile": base["profile"], "sweep.n_configs": len(configs)}
     grid_params.update({f"sweep.{k}": json.dumps(v if isinstance(v, list) else [v])
                         for k, v in base["sweep"].items()})
     mlf.log_batch(parent_id, params=[Param(k, str(v)) for k, v in grid_params.items()])
     # The grid's identities: progress counts a finished config whichever sweep finished it.
-    mlf.set_tag(parent_id, "pagating.grid_hashes", ",".join(
-        config_hash(config_for(base, o), meta.get("source_md5", "")) for o in configs))
+    mlf.set_tag(parent_id, names.GRID_HASHES, ",".join(
+        RunIdentity.of(config_for(base, o), meta).config_hash for o in configs))
     return exp_id, parent_id
 
 
 def plan_shard(mlf, exp_id: str, base: dict, mine: list[dict], meta: dict) -> list[dict]:
     """3. Per config of this shard: skip (FINISHED), resume (interrupted), or run."""
-    from pagating.tracking import store
-    from pagating.train import run_dir_for, run_name
-
     plan = []
     for overrides in mine:
-        cfg = config_for(base, overrides)
-        h = config_hash(cfg, meta.get("source_md5", ""))
+        identity = RunIdentity.of(config_for(base, overrides), meta)
+        h = identity.config_hash
         runs = store.runs_with_hash(mlf, exp_id, h)
         done = [r for r in runs if r.info.status == "FINISHED"]
-        entry = {"name": run_name(cfg), "config_hash": h, "overrides": overrides,
+        entry = {"name": identity.run_name, "config_hash": h, "overrides": overrides,
                  "run_id": done[0].info.run_id if done else (runs[0].info.run_id if runs else None),
                  "status": "skipped" if done else ("resume" if runs else "run"),
-                 "log": str(run_dir_for(cfg, h)) + ".log"}
+                 "log": str(identity.run_dir) + ".log"}
         if done:
-            entry["final_eval_loss"] = done[0].data.metrics.get("final/eval_loss")
+            entry["final_eval_loss"] = done[0].data.metrics.get(names.FINAL_EVAL_LOSS)
         plan.append(entry)
     return plan
+
+
+@dataclass(frozen=True)
+class Parent:
+    """Where the children go: the experiment, the sweep's parent run and its id (read by the Runner)."""
+
+    mlf: Any
+    exp_id: str
+    run_id: str
+    sweep_id: str
 
 
 class Runner:
     """4. Runs what is left of the plan, one config per worker slot (GPU) at a time, each a `pagating
     train` in the slot's long-lived worker process (pagating.sweep_worker: imports once, crash-isolated),
-    retrying a failure once; updates the plan's entries in place."""
+    retrying a failure once; updates the plan's entries in place from what MLflow says of each config."""
 
-    def __init__(self, base: dict, slots: list[str | None], parent_id: str, sweep_id: str, device: str,
+    def __init__(self, base: dict, slots: list[str | None], parent: Parent, device: str,
                  extra_sets: list[str], plan: list[dict]):
-        from pagating.runtime import explicit_threads, thread_share
-
-        self.base, self.slots, self.parent_id, self.sweep_id = base, slots, parent_id, sweep_id
+        self.base, self.slots, self.parent = base, slots, parent
         self.device, self.extra_sets, self.plan = device, extra_sets, plan
         self.free: queue.Queue = queue.Queue()
         for slot in slots:
@@ -235,7 +230,7 @@ class Runner:
         self.todo = [e for e in plan if e["status"] != "skipped"]
         # Concurrent children split the cores (else each takes them all and they thrash): each gets its
         # share (PAGATING_THREAD_SHARE); the user's OMP_NUM_THREADS, inherited by every child, wins.
-        self.share = None if explicit_threads() else thread_share(min(len(slots), len(self.todo)))
+        self.share = None if runtime.explicit_threads() else runtime.thread_share(min(len(slots), len(self.todo)))
         self.counter = itertools.count(1)
         self.workers: dict[str | None, Worker] = {}  # slot -> its worker; a slot is used by one thread at a time
 
@@ -251,13 +246,13 @@ class Runner:
     def run_one(self, entry: dict) -> None:
         slot = self.free.get()
         try:
+            # A child's parent is its --parent-run-id; without MLFLOW_RUN_ID it cannot take `mlflow run`'s run
+            # (MLflow's fluent API would write into it).
             env = {k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"}
             if slot is not None:
                 env["CUDA_VISIBLE_DEVICES"] = slot
             if self.share:
-                from pagating.runtime import SHARE_ENV
-
-                env[SHARE_ENV] = str(self.share)
+                env[runtime.SHARE_ENV] = str(self.share)
             started = time.time()
             for attempt in (1, 2):
                 if self._attempt(entry, slot, env, attempt):
@@ -270,38 +265,50 @@ class Runner:
 
     def _attempt(self, entry: dict, slot: str | None, env: dict, attempt: int) -> bool:
         """One `pagating train` of the entry; True when there is no point in a second attempt."""
-        cfg = config_for(self.base, entry["overrides"])
         resume = "if-any" if entry["status"] == "resume" or attempt == 2 else "none"
-        argv = _train_argv(cfg, entry["overrides"], self.parent_id, self.sweep_id, resume,
-                             self.device if slot is None else "auto", self.extra_sets)
+        argv = _train_argv(self.base["profile"], entry["overrides"], self.parent, resume,
+                           self.device if slot is None else "auto", self.extra_sets)
         Path(entry["log"]).parent.mkdir(parents=True, exist_ok=True)
         if slot not in self.workers:
             self.workers[slot] = Worker(env)
         worker = self.workers[slot]
+        started_ms = int(time.time() * 1000)
         answer = worker.run(argv, entry["log"])
         if answer is None:  # the worker process died (OOM kill, segfault): this config failed, not the sweep
             del self.workers[slot]
             with open(entry["log"], "a") as log:
                 print(f"pagating sweep: the worker training this config died (exit {worker.proc.returncode})",
                       file=log)
-            answer = {"rc": 1, "result": {}, "clean": False}
+            answer = {"rc": 1, "clean": False}
         elif not answer["clean"]:  # whatever the error left half-set goes with this worker
             self.workers.pop(slot).close()
-        rc, result = answer["rc"], answer["result"]
-        if rc == 0 and result.get("status") == "claimed":
-            # Another process (another sweep over this grid) trains it: come back to it later.
-            entry.update(status="elsewhere", run_id=result.get("run_id"))
+        return self._settle(entry, answer["rc"], started_ms)
+
+    def _settle(self, entry: dict, rc: int, started_ms: int) -> bool:
+        """The attempt's outcome as MLflow records it (the worker only says how `pagating train` exited):
+        the config's FINISHED run (finished before the attempt: skipped; existing before it: resumed; else
+        ran), or its claim held by a live process elsewhere, or a failure. True: no second attempt."""
+        p = self.parent
+        runs = store.runs_with_hash(p.mlf, p.exp_id, entry["config_hash"])
+        done = [r for r in runs if r.info.status == "FINISHED"]
+        run_id = runs[0].info.run_id if runs else entry["run_id"]
+        if rc == 0 and done:
+            run = done[0]
+            status = ("skipped" if (run.info.end_time or 0) < started_ms
+                      else "resumed" if run.info.start_time < started_ms else "ran")
+            entry.update(status=status, run_id=run.info.run_id,
+                         final_eval_loss=run.data.metrics.get(names.FINAL_EVAL_LOSS),
+                         first_eval_loss=None if status == "skipped" else _first_eval_loss(p.mlf, run.info.run_id))
             return True
-        if rc == 0 and result.get("already_finished"):
-            entry.update(status="skipped", run_id=result["run_id"], final_eval_loss=result.get("final_eval_loss"))
+        if rc == 0 and self._claimed_elsewhere(entry["config_hash"]):
+            entry.update(status="elsewhere", run_id=run_id)  # another sweep over this grid trains it: come back
             return True
-        if rc == 0 and result.get("status") == "FINISHED":
-            entry.update(run_id=result["run_id"], final_eval_loss=result.get("final_eval_loss"),
-                         first_eval_loss=result.get("first_eval_loss"),
-                         status="resumed" if result.get("resumed_from") else "ran")
-            return True
-        entry.update(status="failed", run_id=result.get("run_id", entry["run_id"]), error=_tail(entry["log"]))
+        entry.update(status="failed", run_id=run_id, error=_tail(entry["log"]))
         return rc == 2  # a user error will not go away on retry
+
+    def _claimed_elsewhere(self, h: str) -> bool:
+        held = claim.Claim.for_config(self.parent.mlf, self.parent.exp_id, h, self.base["tracking"])
+        return held.is_live(held.current())
 
     def _report(self, entry: dict) -> None:
         with self.lock:
@@ -312,35 +319,36 @@ class Runner:
             print(f"[{k}/{len(self.todo)}] {entry['name']}: {entry['status']} in {entry['seconds']:.0f}s, {detail}",
                   file=sys.stderr)
 
-    def wait_elsewhere(self, mlf, exp_id: str) -> None:
+    def wait_elsewhere(self) -> None:
         """Configs another process held: wait until they finish there, or take them over when its
         heartbeat stops."""
-        from pagating.tracking import claim as tracking_claim
-        from pagating.tracking import store
-
-        poll_s = min(float(self.base["tracking"]["heartbeat_s"]), 10.0)
+        p = self.parent
+        poll_s = min(view(self.base).tracking.heartbeat_s, 10.0)
         for entry in [e for e in self.plan if e["status"] == "elsewhere"]:
-            claim = tracking_claim.Claim.for_config(mlf, exp_id, entry["config_hash"], self.base["tracking"])
-            print(f"sweep {self.sweep_id}: {entry['name']} is being trained elsewhere; waiting for it",
+            held = claim.Claim.for_config(p.mlf, p.exp_id, entry["config_hash"], self.base["tracking"])
+            print(f"sweep {p.sweep_id}: {entry['name']} is being trained elsewhere; waiting for it",
                   file=sys.stderr)
             while entry["status"] == "elsewhere":
-                done = [r for r in store.runs_with_hash(mlf, exp_id, entry["config_hash"])
+                done = [r for r in store.runs_with_hash(p.mlf, p.exp_id, entry["config_hash"])
                         if r.info.status == "FINISHED"]
                 if done:
                     entry.update(status="skipped", run_id=done[0].info.run_id,
-                                 final_eval_loss=done[0].data.metrics.get("final/eval_loss"))
-                elif not claim.is_live(claim.current()):
+                                 final_eval_loss=done[0].data.metrics.get(names.FINAL_EVAL_LOSS))
+                elif not held.is_live(held.current()):
                     entry["status"] = "resume"
                     self.run_one(entry)
                 else:
                     time.sleep(poll_s)
 
 
+def _first_eval_loss(mlf, run_id: str) -> float | None:
+    history = sorted(mlf.get_metric_history(run_id, names.EVAL_LOSS), key=lambda m: m.step)
+    return history[0].value if history else None
+
+
 def finish(mlf, base: dict, plan: list[dict], *, uri: str, exp_id: str, parent_id: str, sweep_id: str,
            shard: str, summary_path: str | Path) -> dict[str, Any]:
     """5. The parent's best config and status, the summary file, the table and the links."""
-    from pagating.tracking import store
-
     failed = [e for e in plan if e["status"] == "failed"]
     # Hours of training end here: a dropped connection must not fail the sweep (both calls are idempotent).
     best = store.retry(lambda: log_best(mlf, parent_id, exp_id, sweep_id, [e.get("run_id") for e in plan]),
@@ -358,7 +366,7 @@ def finish(mlf, base: dict, plan: list[dict], *, uri: str, exp_id: str, parent_i
         Path(summary_path).write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
     print_table(plan)
     if best:
-        print(f"best: {best['name']} (mean validation loss {best['final/eval_loss']:.4f} over "
+        print(f"best: {best['name']} (mean validation loss {best[names.FINAL_EVAL_LOSS]:.4f} over "
               f"{best['best/seeds']} seed{'s' if best['best/seeds'] != 1 else ''})")
     print(f"runs: {store.experiment_url(uri, exp_id)}\nsweep run: {store.run_url(uri, exp_id, parent_id)}")
     return summary
@@ -366,9 +374,9 @@ def finish(mlf, base: dict, plan: list[dict], *, uri: str, exp_id: str, parent_i
 
 def _grid_finished(mlf, exp_id: str, parent_id: str) -> bool:
     """Whether every config hash of the parent's grid has a FINISHED run (shards finish in any order)."""
-    hashes = set(filter(None, mlf.get_run(parent_id).data.tags.get("pagating.grid_hashes", "").split(",")))
+    hashes = set(filter(None, mlf.get_run(parent_id).data.tags.get(names.GRID_HASHES, "").split(",")))
     runs = mlf.search_runs([exp_id], filter_string="attributes.status = 'FINISHED'", max_results=5000)
-    return hashes <= {r.data.tags.get("pagating.config_hash") for r in runs}
+    return hashes <= {r.data.tags.get(names.CONFIG_HASH) for r in runs}
 
 
 def _tail(path: str) -> str:
@@ -405,35 +413,3 @@ def register_cli(sub) -> None:
     p.add_argument("--sweep-id", help="join this sweep (default: derived from the grid and settings)")
     p.add_argument("--summary", default=SWEEP_JSON, help="where to write the sweep's run list")
     p.set_defaults(func=cli_sweep)
-    _register_quickstart(sub)
-
-
-def quickstart(profile: str | None = None, sets: list[str] | None = None) -> int:
-    """The README's first command: sample corpus -> prepare -> sweep -> report, all local.
-
-    `sets`: SECTION.KEY=VALUE overrides, for every stage and every child run."""
-    from pagating.data.corpora import build_sample
-    from pagating.data.prepare import prepare
-    from pagating.report.build import report
-    from pagating.tracking import store
-
-    base = load_config(profile, parse_sets(sets or []))
-    raw = Path(base["data"]["raw_dir"])
-    if base["data"]["source"] == "sample" and not raw.exists():
-        build_sample(raw)
-    prepare(base)
-    summary = sweep(base, extra_sets=sets)
-    report(base, sweep_json=SWEEP_JSON, out_dir=REPORTS_DIR)
-    uri = store.tracking_uri(base)
-    link = store.experiment_url(uri, summary["experiment_id"])
-    shown = f"{REPORTS_DIR}/{SUMMARY}"
-    print(f"\nreport: {shown} (plots in {REPORTS_DIR}/{PLOTS}/, DVC metrics in {REPORTS_DIR}/{METRICS})\n"
-          f"compare runs: mlflow ui --backend-store-uri {store.mask_uri(uri)}  ->  {link}"
-          if uri.startswith("sqlite:") else f"\nreport: {shown}; runs: {link}")
-    return 1 if any(c["status"] == "failed" for c in summary["configs"]) else 0
-
-
-def _register_quickstart(sub) -> None:
-    p = sub.add_parser("quickstart", help="sample corpus, prepare, the 12-config sweep and the report, locally")
-    add_config_args(p, "quickstart")
-    p.set_defaults(func=lambda a: quickstart(a.profile, sets_from_args(a)))

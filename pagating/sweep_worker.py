@@ -8,20 +8,24 @@ starts a fresh worker for the next one. A config that ended in a Python error al
 (whatever it left half-set in this process goes with it); a clean one leaves the worker for the next.
 
 Protocol, one JSON object per line: the sweep writes {"argv": [...train args...], "log": path} on the
-worker's stdin; the worker answers {"rc": int, "result": {...}, "clean": bool} on its stdout, which
-is kept for these answers only (everything a run prints, at the Python or the C level, goes to the
-config's log file).
+worker's stdin; the worker answers {"rc": int, "clean": bool} (how `pagating train` exited, and whether
+the worker is fit for the next config) on its stdout, which is kept for these answers only (everything a
+run prints, at the Python or the C level, goes to the config's log file). What the run did (its status and
+metrics) the sweep reads from MLflow, where the run recorded it.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
+import subprocess
 import sys
 import traceback
 from typing import Any
 
+from pagating import train
 from pagating.config import UserError
 
 
@@ -29,8 +33,6 @@ class Worker:
     """The sweep's side: one worker process for one slot (spawned on first use)."""
 
     def __init__(self, env: dict[str, str], cwd: str | None = None):
-        import subprocess
-
         self.proc = subprocess.Popen([sys.executable, "-m", "pagating.sweep_worker"], env=env, cwd=cwd, text=True,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=1)
 
@@ -50,8 +52,6 @@ class Worker:
     def close(self) -> None:
         """End of jobs: an idle worker exits at once; one still training (the sweep is being torn down
         by an error) gets a minute, then is killed: its run stays resumable from its checkpoints."""
-        import subprocess
-
         try:
             self.proc.stdin.close()
         except OSError:
@@ -63,15 +63,12 @@ class Worker:
             self.proc.wait()
 
 
-def _train(argv: list[str]) -> tuple[int, dict[str, Any]]:
-    from pagating import train
-
+def _train(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="pagating")
     train.register_cli(parser.add_subparsers(dest="verb", required=True))
     args = parser.parse_args(argv)
     args.argv = argv
-    result = train.train_from_args(args)
-    return train.exit_code(result), result
+    return train.exit_code(train.train_from_args(args))
 
 
 def _job(job: dict) -> dict[str, Any]:
@@ -81,16 +78,16 @@ def _job(job: dict) -> dict[str, Any]:
     sys.stdout.flush(), sys.stderr.flush()
     os.dup2(log, 1), os.dup2(log, 2)
     try:
-        rc, result = _train(job["argv"])
-        answer = {"rc": rc, "result": result, "clean": rc == 0}
+        rc = _train(job["argv"])
+        answer = {"rc": rc, "clean": rc == 0}
     except UserError as exc:
         print(f"pagating train: error: {exc}", file=sys.stderr)
-        answer = {"rc": 2, "result": {}, "clean": False}
+        answer = {"rc": 2, "clean": False}
     except SystemExit as exc:  # argparse: bad arguments
-        answer = {"rc": exc.code if isinstance(exc.code, int) else 2, "result": {}, "clean": False}
+        answer = {"rc": exc.code if isinstance(exc.code, int) else 2, "clean": False}
     except Exception:
         traceback.print_exc()
-        answer = {"rc": 1, "result": {}, "clean": False}
+        answer = {"rc": 1, "clean": False}
     finally:
         sys.stdout.flush(), sys.stderr.flush()
         os.dup2(saved[0], 1), os.dup2(saved[1], 2)
@@ -102,9 +99,7 @@ def _job(job: dict) -> dict[str, Any]:
 
 def _between_jobs() -> None:
     """What a finished config leaves in the process and the next must not inherit."""
-    import gc
-
-    import torch
+    import torch  # heavy: loaded by the first config's training already; the sweep's side never needs it
 
     if hasattr(torch, "_dynamo"):
         torch._dynamo.reset()  # compiled frames of the last model: the next one compiles its own
@@ -118,7 +113,9 @@ def main() -> int:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)  # stray prints between jobs go nowhere, never into the answers
     os.close(devnull)
-    import pagating.train  # noqa: F401  (torch, transformers, mlflow: imported once for every config)
+    # heavy: torch and transformers, imported once here for every config (after stdout went to /dev/null)
+    import pagating.model  # noqa: F401
+    import pagating.trainer  # noqa: F401
 
     for line in sys.stdin:
         if line.strip():

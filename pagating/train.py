@@ -12,61 +12,52 @@ import argparse
 import json
 import math
 import os
-import re
+import shutil
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pagating.config import UserError, add_config_args, config_from_args, config_hash, flatten, is_plain
-from pagating.runtime import passive_openmp
+from pagating import flops, names, runtime
+from pagating.config import PLAIN, UserError, add_config_args, config_from_args, flatten, is_plain, view
+from pagating.gpu import gpu_name
+from pagating.identity import RunIdentity
+from pagating.run import CHECKPOINT_BYTES_PER_PARAM, Job, TrainingRun, find_resume, finished_run
+from pagating.tracking import store
 
-passive_openmp()  # before transformers pulls in torch: OpenMP reads its wait policy once, at load
+runtime.passive_openmp()  # before transformers pulls in torch: OpenMP reads its wait policy once, at load
+
+_POSITIVE = ("learning_rate", "batch_size", "max_steps", "eval_steps", "save_steps", "logging_steps")
+
 
 def validate(cfg: dict, world: int = 1) -> None:
-    """Every check of a run's settings; `world` is the number of training processes."""
+    """Every check of a run's settings beyond their declared types (load_config checked those); `world` is
+    the number of training processes."""
+    # heavy: alpha and units load torch, which must come after passive_openmp (and `pagating --help` skips it)
     from pagating.alpha import parse_alpha_mode
     from pagating.units import check_unit
 
-    t = cfg["train"]
+    c = view(cfg)
+    t, m = c.train, c.model
     try:
-        parse_alpha_mode(t["alpha_mode"])
-        check_unit(cfg["model"]["unit"])
+        parse_alpha_mode(t.alpha_mode)
+        check_unit(m.unit)
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    for key in ("learning_rate", "batch_size", "max_steps", "eval_steps", "save_steps", "logging_steps"):
-        value = t.get(key)
-        if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
-            raise UserError(f"train.{key} must be a number > 0, got {value!r}")
-    for key in ("batch_size", "max_steps", "eval_steps", "save_steps", "logging_steps"):
-        if int(t[key]) != t[key]:
-            raise UserError(f"train.{key} must be a whole number, got {t[key]!r}")
-    if int(t["batch_size"]) % world:
-        raise UserError(f"train.batch_size {t['batch_size']} is the global batch: it must divide by {world} processes")
-    m = cfg["model"]
-    if m.get("init", "scratch") != "scratch" and m.get("param_matched") and not is_plain(m["unit"]):
-        raise UserError(f"model.init {m['init']} copies the checkpoint's MLP into the value path, which needs "
+    for key in _POSITIVE:
+        if getattr(t, key) <= 0:
+            raise UserError(f"train.{key} must be a number > 0, got {getattr(t, key)!r}")
+    if t.batch_size % world:
+        raise UserError(f"train.batch_size {t.batch_size} is the global batch: it must divide by {world} processes")
+    if m.init != "scratch" and m.param_matched and not is_plain(m.unit):
+        raise UserError(f"model.init {m.init} copies the checkpoint's MLP into the value path, which needs "
                         "d_ff = ffn_dim: add --set model.param_matched=false (the gated arm then has more "
                         "parameters than plain)")
 
 
-def run_name(cfg: dict) -> str:
-    """`<unit> <alpha_mode> lr=<lr>`, plus ` seed=<seed>` when the sweep grid repeats configs over seeds (so
-    one parent never holds two runs of the same name)."""
-    t = cfg["train"]
-    name = (f"plain lr={t['learning_rate']:g}" if is_plain(cfg["model"]["unit"])  # GPT-2's own MLP: no α
-            else f"{cfg['model']['unit']} {t['alpha_mode']} lr={t['learning_rate']:g}")
-    seeds = (cfg.get("sweep") or {}).get("seed")
-    return f"{name} seed={t['seed']}" if isinstance(seeds, list) and len(seeds) > 1 else name
-
-
-def run_dir_for(cfg: dict, h: str) -> Path:
-    slug = re.sub(r"[^A-Za-z0-9_.=-]+", "_", run_name(cfg).replace(" ", "_"))
-    return Path(cfg["train"]["output_dir"]) / f"{slug}_{h[:8]}"
-
-
 def pick_device(requested: str = "auto") -> str:
-    import torch
+    import torch  # heavy: ~1 s, only the path that trains needs it
 
     if requested != "auto":
         if requested == "cuda" and not torch.cuda.is_available():
@@ -74,9 +65,7 @@ def pick_device(requested: str = "auto") -> str:
         return requested
     if torch.cuda.is_available():
         return "cuda"
-    from pagating.runtime import check_cuda
-
-    ok, line = check_cuda()  # a rented GPU box (PAGATING_CUDA_GPUS) must not train on CPU
+    ok, line = runtime.check_cuda()  # a rented GPU box (PAGATING_CUDA_GPUS) must not train on CPU
     if not ok:
         raise UserError(line)
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
@@ -93,83 +82,6 @@ def eval_indices(n_blocks: int, max_blocks: int = 0) -> list[int]:
     return [(2 * i + 1) * n_blocks // (2 * max_blocks) for i in range(max_blocks)]
 
 
-def no_decay(name: str, param) -> bool:
-    """α, β, biases and norm weights are not decayed: decay on a 0-dim α pulls it toward a fixed value,
-    and the 1-dim vectors are scales and offsets, not weights. Every matrix (ndim >= 2) is decayed."""
-    return param.ndim < 2
-
-
-def _make_trainer_class():
-    from transformers import Trainer
-
-    class PaGatingTrainer(Trainer):
-        """The HF Trainer with our decay rule in its own hook; `on_optimizer(groups)` hears the groups once."""
-
-        on_optimizer = None
-        final_eval_dataset = None  # the whole validation split, for the last step's eval
-
-        def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
-            # Intermediate evals use the (possibly subset) eval_dataset; the last step's, which becomes the
-            # run's final/eval_loss and the sweep's choice, always sees the whole split.
-            if eval_dataset is None and self.final_eval_dataset is not None \
-                    and self.state.global_step >= self.state.max_steps > 0:
-                eval_dataset = self.final_eval_dataset
-            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-
-        def get_decay_parameter_names(self, model) -> list[str]:
-            return [n for n, p in model.named_parameters() if not no_decay(n, p)]
-
-        def create_optimizer(self, model=None):
-            fresh = self.optimizer is None
-            optimizer = super().create_optimizer(model)
-            if fresh and self.on_optimizer is not None:
-                names = {id(p): n for n, p in self.model.named_parameters()}
-                self.on_optimizer([{"weight_decay": g["weight_decay"], "lr": g.get("lr"),
-                                    "params": sorted(names[id(p)] for p in g["params"])}
-                                   for g in optimizer.param_groups])
-            return optimizer
-
-    return PaGatingTrainer
-
-
-def _training_arguments(cfg: dict, run_dir: Path, device: str, compile_model: bool, world: int,
-                        bf16: bool | None = None):
-    from transformers import TrainingArguments
-
-    t = cfg["train"]
-    cuda = device == "cuda"
-    per_device = int(t["batch_size"]) // world  # batch_size is the global batch, whatever the process count
-    return TrainingArguments(
-        output_dir=str(run_dir),
-        max_steps=int(t["max_steps"]),
-        per_device_train_batch_size=per_device,
-        per_device_eval_batch_size=per_device,
-        learning_rate=float(t["learning_rate"]),
-        lr_scheduler_type="cosine",
-        warmup_steps=int(t["warmup_steps"]),
-        weight_decay=float(t["weight_decay"]),
-        max_grad_norm=1.0,
-        logging_steps=int(t["logging_steps"]),
-        eval_strategy="steps",
-        eval_steps=int(t["eval_steps"]),
-        save_strategy="steps",
-        save_steps=int(t["save_steps"]),
-        save_total_limit=2,  # bounded local disk; MLflow keeps two too (checkpoints/slot-0, slot-1)
-        report_to="none",  # tracking is ours (pagating.tracking), not transformers' MLflowCallback
-        seed=int(t["seed"]),
-        data_seed=int(t["seed"]),
-        bf16=cuda if bf16 is None else bf16,  # autocast (CPU too), weights stay fp32
-        tf32=cuda or None,
-        optim="adamw_torch_fused" if cuda else "adamw_torch",
-        torch_compile=compile_model,
-        dataloader_pin_memory=cuda,
-        dataloader_num_workers=2 if cuda else 0,
-        use_cpu=device == "cpu",
-        disable_tqdm=not sys.stderr.isatty(),
-        logging_nan_inf_filter=False,
-    )
-
-
 def train(cfg: dict, *, resume: str = "none", device: str = "auto", compile_model: str = "auto",
           parent_run_id: str | None = None, sweep_id: str | None = None,
           extra_tags: dict[str, str] | None = None, precision: str = "auto",
@@ -177,11 +89,10 @@ def train(cfg: dict, *, resume: str = "none", device: str = "auto", compile_mode
     """Run one config; returns {"run_id", "status", "run_dir", "final_eval_loss", ...}.
 
     if_claimed: what to do when a live process already trains this config: "exit" (UserError,
-    exit 2) or "skip" (status "claimed", for the sweep, which comes back to it later)."""
-    from pagating.run import TrainingRun
-
-    job = check(cfg, device=device, precision=precision, threads=threads, parent_run_id=parent_run_id)
-    with TrainingRun(job, name=run_name(cfg), resume=resume, if_claimed=if_claimed, sweep_id=sweep_id,
+    exit 2) or "skip" (status "claimed", for the sweep, which comes back to it later).
+    parent_run_id: the sweep's parent run (`--parent-run-id`); without it, the run `mlflow run` opened, if any."""
+    job, identity = check(cfg, device=device, precision=precision, threads=threads, parent_run_id=parent_run_id)
+    with TrainingRun(job, name=identity.run_name, resume=resume, if_claimed=if_claimed, sweep_id=sweep_id,
                      extra_tags=extra_tags) as run:  # claims the config, finds what to resume
         if run.outcome is not None:  # FINISHED already, trained elsewhere right now, or only uploads were left
             return run.outcome
@@ -193,13 +104,20 @@ def train(cfg: dict, *, resume: str = "none", device: str = "auto", compile_mode
     return run.result  # finished on leaving the block: final uploads drained, status set, claim released
 
 
-def check(cfg: dict, *, device: str, precision: str, threads: int | None, parent_run_id: str | None):
+def launcher_parent(mlf, exp_id: str) -> str | None:
+    """The run `mlflow run` opened for this process (MLflow's MLFLOW_RUN_ID), when it can be the parent: it is
+    in the profile's experiment, so the UI nests them; one put elsewhere (Default) only points to the runs
+    (store.adopt_launcher). The one reader of MLFLOW_RUN_ID (train and sweep); below a verb the parent
+    travels as an argument."""
+    launcher = os.environ.get("MLFLOW_RUN_ID")
+    return launcher if launcher and store.adopt_launcher(mlf, launcher, exp_id) else None
+
+
+def check(cfg: dict, *, device: str, precision: str, threads: int | None,
+          parent_run_id: str | None) -> tuple[Job, RunIdentity]:
     """1. Every input check, before anything is written; the settings resolved (device, precision,
     threads) and where the run goes (server, experiment, parent)."""
-    from pagating import runtime
     from pagating.data.dataset import check_prepared
-    from pagating.run import Job
-    from pagating.tracking import store
 
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -207,26 +125,23 @@ def check(cfg: dict, *, device: str, precision: str, threads: int | None, parent
     meta = check_prepared(cfg)  # made from this config, else exit 2 naming the fix
     uri = store.tracking_uri(cfg)
     store.check_server(uri)
-    h = config_hash(cfg, meta.get("source_md5", ""))
-    run_dir = run_dir_for(cfg, h)
-    check_output_dir(run_dir, cfg["train"]["output_dir"])
+    identity = RunIdentity.of(cfg, meta)
+    check_output_dir(identity.run_dir, identity.output_dir)
     device = pick_device(device)
     precision = runtime.resolve_precision(precision, device)
     n_threads = runtime.set_threads(threads)
     mlf = store.client(uri)
-    # Started by `mlflow run`: that run is our parent when it is in the profile's experiment, so the UI
-    # nests them; one `mlflow run` put elsewhere (Default) only points to the run (store.adopt_launcher).
-    launcher = None if parent_run_id else os.environ.get("MLFLOW_RUN_ID")
     if parent_run_id:
         exp_id = mlf.get_run(parent_run_id).info.experiment_id
     else:
         exp_id = store.experiment_id(mlf, cfg)
-        if launcher and store.adopt_launcher(mlf, launcher, exp_id):
-            parent_run_id = launcher
-            if rank == 0:
-                mlf.set_tag(launcher, "mlflow.runName", f"mlflow run: {run_name(cfg)}")
-    return Job(cfg=cfg, rank=rank, world=world, meta=meta, uri=uri, h=h, run_dir=run_dir, device=device,
-               precision=precision, n_threads=n_threads, mlf=mlf, exp_id=exp_id, parent_run_id=parent_run_id)
+        parent_run_id = launcher_parent(mlf, exp_id)
+        if parent_run_id and rank == 0:
+            mlf.set_tag(parent_run_id, names.RUN_NAME, f"mlflow run: {identity.run_name}")
+    job = Job(cfg=cfg, rank=rank, world=world, meta=meta, uri=uri, h=identity.config_hash, run_dir=identity.run_dir,
+              device=device, precision=precision, n_threads=n_threads, mlf=mlf, exp_id=exp_id,
+              parent_run_id=parent_run_id)
+    return job, identity
 
 
 @dataclass
@@ -244,25 +159,23 @@ class Net:
     usd_per_hour: float | None
 
 
-def build(job, compile_model: str) -> Net:
+def build(job: Job, compile_model: str) -> Net:
     """2. The model (deterministic for a seed) and its numbers; refuses a disk too small for the run."""
-    from transformers import set_seed
+    from transformers import set_seed  # heavy: transformers and torch, only the path that trains needs them
 
-    from pagating import flops
-    from pagating.alpha import parse_alpha_mode
-    from pagating.gpu import gpu_name
+    from pagating.alpha import parse_alpha_mode  # heavy: the model's modules load torch
     from pagating.model import build_config, build_model, count_parameters
 
-    t, m, meta = job.cfg["train"], job.cfg["model"], job.meta
-    set_seed(int(t["seed"]))
+    t, meta = view(job.cfg).train, job.meta
+    set_seed(t.seed)
     vocab = flops.padded_vocab(meta["vocab_size"])  # tensor-core friendly vocabulary (pad rows unused)
-    config = build_config(m, vocab_size=vocab, block_size=meta["block_size"], alpha_mode=t["alpha_mode"],
-                          max_steps=int(t["max_steps"]), eos_token_id=meta.get("eos_id"),
+    config = build_config(job.cfg["model"], vocab_size=vocab, block_size=meta["block_size"],
+                          alpha_mode=t.alpha_mode, max_steps=t.max_steps, eos_token_id=meta.get("eos_id"),
                           bos_token_id=meta.get("eos_id"))
-    model = build_model(config, init=m["init"])
-    net = Net(model=model, config=config, spec=parse_alpha_mode(t["alpha_mode"]), n_params=count_parameters(model),
-              vocab=vocab, eval_pick=eval_indices(int(meta["splits"]["validation"]["blocks"]),
-                                                  int(t["max_eval_batches"]) * int(t["batch_size"])),
+    model = build_model(config, init=job.cfg["model"]["init"])
+    net = Net(model=model, config=config, spec=parse_alpha_mode(t.alpha_mode), n_params=count_parameters(model),
+              vocab=vocab, eval_pick=eval_indices(meta["splits"]["validation"]["blocks"],
+                                                  t.max_eval_batches * t.batch_size),
               compile_on=compile_model == "on" or (compile_model == "auto" and job.device == "cuda"),
               gpu=gpu_name() if job.device == "cuda" else job.device,
               usd_per_hour=float(os.environ["PAGATING_USD_PER_HOUR"]) if os.environ.get("PAGATING_USD_PER_HOUR")
@@ -272,36 +185,35 @@ def build(job, compile_model: str) -> Net:
     return net
 
 
-def run_params(job, net: Net) -> dict[str, Any]:
+def run_params(job: Job, net: Net) -> dict[str, Any]:
     """Every effective value, once, as the MLflow run's params."""
     cfg, meta, config, spec = job.cfg, job.meta, net.config, net.spec
     params = flatten(cfg)
-    val_blocks = int(meta["splits"]["validation"]["blocks"])
+    val_blocks = meta["splits"]["validation"]["blocks"]
     # eval.blocks/eval.tokens: the final eval (the whole split); eval.subset_blocks: each intermediate eval.
-    params.update({"eval.blocks": val_blocks, "eval.tokens": val_blocks * int(meta["block_size"]),
+    params.update({"eval.blocks": val_blocks, "eval.tokens": val_blocks * meta["block_size"],
                    "eval.subset_blocks": len(net.eval_pick),
-                   "test.tokens": int(meta["splits"]["test"]["tokens_packed"]), "train.precision": job.precision,
+                   "test.tokens": meta["splits"]["test"]["tokens_packed"], "train.precision": job.precision,
                    "train.compile": "on" if net.compile_on else "off", "train.threads": job.n_threads})
     params.update({"model.d_ff": config.d_ff, "model.n_params": net.n_params, "model.vocab_size": net.vocab,
                    "train.device": job.device, "train.world_size": job.world,
-                   **({"alpha.kind": "none (plain GPT-2 MLP)"} if config.plain else spec.params())})
+                   **({names.ALPHA_KIND: "none (plain GPT-2 MLP)"} if config.plain else spec.params())})
     return params
 
 
-def make_trainer(job, net: Net, run):
+def make_trainer(job: Job, net: Net, run: TrainingRun):
     """4. Data and the Trainer, its callbacks feeding the run (rank 0)."""
-    import torch
+    import torch  # heavy: torch and transformers, only the path that trains needs them
     from transformers import default_data_collator
 
-    from pagating import flops, runtime
+    from pagating import trainer as hf  # heavy: imports transformers at load
     from pagating.data.dataset import PackedDataset, load_tokenizer
-    from pagating.tracking import store
 
-    cfg, t, meta, config = job.cfg, job.cfg["train"], job.meta, net.config
+    cfg, meta, config = job.cfg, job.meta, net.config
     cuda = job.device == "cuda"
     run.compile_watch = runtime.CompileWatch() if net.compile_on else None
     tracked = run.callbacks(
-        tokens_per_step=int(t["batch_size"]) * meta["block_size"],
+        tokens_per_step=view(cfg).train.batch_size * meta["block_size"],
         flops_token=flops.flops_per_token(n_layer=config.n_layer, n_embd=config.n_embd, d_ff=config.d_ff,
                                           vocab_size=net.vocab, block_size=meta["block_size"], gated=not config.plain),
         # The one peak table, by the NVML name; a GPU it lacks gets no MFU rather than a wrong one. Tokens per
@@ -314,11 +226,12 @@ def make_trainer(job, net: Net, run):
     eval_ds = validation if len(net.eval_pick) >= len(validation) else torch.utils.data.Subset(validation,
                                                                                              net.eval_pick)
     tokenizer = load_tokenizer(cfg["data"]["prepared_dir"])
-    args = _training_arguments(cfg, job.run_dir, job.device, net.compile_on, job.world, bf16=job.precision == "bf16")
-    trainer = _make_trainer_class()(model=net.model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                                    processing_class=tokenizer,
-                                    data_collator=default_data_collator,  # blocks are packed: never pad
-                                    callbacks=[AlphaCallback(net.model), *tracked])
+    args = hf.training_arguments(cfg, job.run_dir, job.device, net.compile_on, job.world,
+                                 bf16=job.precision == "bf16")
+    trainer = hf.PaGatingTrainer(model=net.model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                                 processing_class=tokenizer,
+                                 data_collator=default_data_collator,  # blocks are packed: never pad
+                                 callbacks=[hf.AlphaCallback(net.model), *tracked])
     trainer.final_eval_dataset = validation
     if run.tracks:
         trainer.on_optimizer = lambda groups: run.log_text(json.dumps(groups, indent=1), "optimizer_groups.json")
@@ -335,8 +248,8 @@ def fit(trainer, ckpt: Path | None, cfg: dict) -> dict[str, float]:
     of the last step trains nothing more."""
     from pagating.data.dataset import PackedDataset
 
-    if ckpt is not None and _checkpoint_global_step(ckpt) >= int(cfg["train"]["max_steps"]):
-        from transformers import TrainerState
+    if ckpt is not None and _checkpoint_global_step(ckpt) >= view(cfg).train.max_steps:
+        from transformers import TrainerState  # heavy: transformers; only a resume at the last step needs it
 
         trainer._load_from_checkpoint(str(ckpt))
         trainer.state = TrainerState.load_from_json(str(Path(ckpt) / "trainer_state.json"))
@@ -347,15 +260,15 @@ def fit(trainer, ckpt: Path | None, cfg: dict) -> dict[str, float]:
     return trainer.evaluate(PackedDataset(cfg["data"]["prepared_dir"], "test"), metric_key_prefix="test")
 
 
-def save(trainer, test: dict[str, float], run) -> None:
+def save(trainer, test: dict[str, float], run: TrainingRun) -> None:
     """6. Summary metrics and the final model (uploaded when the run closes, with the server's time)."""
     if not run.tracks:
         return
     evals = [e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e]
     final = evals[-1]
-    run.spool.log({"best/eval_loss": min(evals), "final/eval_loss": final,
-                   "final/eval_ppl": math.exp(min(final, 50.0)), "test/loss": test["test_loss"],
-                   "test/ppl": math.exp(min(test["test_loss"], 50.0))}, trainer.state.global_step)
+    run.spool.log({names.BEST_EVAL_LOSS: min(evals), names.FINAL_EVAL_LOSS: final,
+                   names.FINAL_EVAL_PPL: math.exp(min(final, 50.0)), names.TEST_LOSS: test["test_loss"],
+                   names.TEST_PPL: math.exp(min(test["test_loss"], 50.0))}, trainer.state.global_step)
     run.model_dir = run.run_dir / "model"
     trainer.save_model(str(run.model_dir))
     run.model_step = trainer.state.global_step
@@ -383,10 +296,6 @@ def check_output_dir(run_dir: Path, output_dir: str) -> None:
 def check_disk(run_dir: Path, n_params: int) -> None:
     """Refuse to start when the output folder's disk cannot hold one checkpoint (weights + Adam state);
     a disk that fills up later is one line then (pagating.disk.disk_full)."""
-    import shutil
-
-    from pagating.run import CHECKPOINT_BYTES_PER_PARAM
-
     where = _existing(run_dir)
     need, free = CHECKPOINT_BYTES_PER_PARAM * n_params + 2**20, shutil.disk_usage(where).free
     if free < need:
@@ -397,28 +306,6 @@ def check_disk(run_dir: Path, n_params: int) -> None:
 
 def _checkpoint_global_step(ckpt: Path) -> int:
     return int(json.loads((Path(ckpt) / "trainer_state.json").read_text()).get("global_step", 0))
-
-
-try:
-    from transformers import TrainerCallback
-except ImportError:  # pragma: no cover
-    TrainerCallback = object
-
-
-class AlphaCallback(TrainerCallback):
-    """Drives scheduled α by the optimizer step; on resume the restored global_step restores α."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.model.set_alpha_step(state.global_step)
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self.model.set_alpha_step(state.global_step)
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self.model.set_alpha_step(state.global_step)
 
 
 # CLI ------------------------------------------------------------------------------------------
@@ -432,17 +319,19 @@ def _opt(kind):
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
-    from pagating.alpha import choices as alpha_choices
+    from pagating.alpha import choices as alpha_choices  # heavy: the registries' modules load torch
+    from pagating.units import UNITS
 
     # --profile, --set and the seed's flags (--alpha_mode, --learning_rate, ...) come from pagating/config.py;
-    # the α modes' help from their registry.
-    add_config_args(p, "train", helps={"train.alpha_mode": alpha_choices(" | ")})
+    # the α modes' and the units' help from their registries.
+    add_config_args(p, "train", helps={"train.alpha_mode": alpha_choices(" | "),
+                                       "model.unit": " | ".join([*UNITS, PLAIN])})
     p.add_argument("--resume_from_checkpoint", "--resume-from-checkpoint", help="a checkpoint folder")
     p.add_argument("--resume", default="none",
                    help="none | auto (local checkpoint, else MLflow; error if none) | if-any | a checkpoint path")
     p.add_argument("--nproc", type=int, default=1,
                    help="processes (GPUs) for one run: torchrun + the Trainer's DDP; batch_size stays global")
-    p.add_argument("--parent-run-id", help=argparse.SUPPRESS)  # set by the sweep
+    p.add_argument("--parent-run-id", help=argparse.SUPPRESS)  # the sweep's parent run: the one way it is passed
     p.add_argument("--sweep-id", help=argparse.SUPPRESS)
     p.add_argument("--if-claimed", default="exit", choices=["exit", "skip"], help=argparse.SUPPRESS)  # sweep: skip
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
@@ -460,41 +349,40 @@ def launch_ddp(args, cfg: dict, resume: str) -> int:
 
     Resume is resolved here, once, so N processes never download the same checkpoint at once.
     """
-    import subprocess
-
     from pagating.data.dataset import check_prepared
-    from pagating.run import find_resume, finished_run
-    from pagating.tracking import store
 
     validate(cfg, args.nproc)
     meta = check_prepared(cfg)  # made from this config, else exit 2 naming the fix
     uri = store.tracking_uri(cfg)
     store.check_server(uri)
     mlf = store.client(uri)
-    h = config_hash(cfg, meta.get("source_md5", ""))
+    identity = RunIdentity.of(cfg, meta)
+    h = identity.config_hash
     exp_id = store.experiment_id(mlf, cfg)  # a new sqlite store is created here once, not by N ranks at once
     runs = store.runs_with_hash(mlf, exp_id, h)
     done = finished_run(runs, h)  # decided here: N processes must all train or none
     if done is not None:
-        print(json.dumps(done | {"run_dir": str(run_dir_for(cfg, h))}, default=str))
+        print(json.dumps(done | {"run_dir": str(identity.run_dir)}, default=str))
         return 0
-    ckpt, _ = find_resume(cfg, resume, run_dir_for(cfg, h), mlf, h, runs)
-    resume = str(ckpt) if ckpt else "none"
-    argv = list(args.argv)
+    ckpt, _ = find_resume(cfg, resume, identity.run_dir, mlf, h, runs)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+           "-m", "pagating.cli", *_rank_argv(args.argv), "--resume", str(ckpt) if ckpt else "none"]
+    env = dict(os.environ)
+    if not runtime.explicit_threads():  # torchrun would set 1 per process; each process gets its share instead
+        env["OMP_NUM_THREADS"] = env[runtime.SHARE_ENV] = str(runtime.thread_share(args.nproc))
+    return subprocess.call(cmd, env=env)
+
+
+def _rank_argv(argv: list[str]) -> list[str]:
+    """The launcher's command without --nproc and --resume*: each rank gets the launcher's resolved resume."""
+    argv = list(argv)
     cut = argv.index("--nproc")
     del argv[cut:cut + 2]
     for flag in ("--resume", "--resume_from_checkpoint", "--resume-from-checkpoint"):
         while flag in argv:
             i = argv.index(flag)
             del argv[i:i + 2]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-           "-m", "pagating.cli", *argv, "--resume", resume]
-    from pagating.runtime import SHARE_ENV, explicit_threads, thread_share
-
-    env = dict(os.environ)
-    if not explicit_threads():  # torchrun would set 1 per process; each process gets its share instead
-        env["OMP_NUM_THREADS"] = env[SHARE_ENV] = str(thread_share(args.nproc))
-    return subprocess.call(cmd, env=env)
+    return argv
 
 
 def resume_arg(args) -> str:

@@ -51,7 +51,7 @@ def test_cosine_alpha_is_exactly_one_at_the_last_optimizer_step_and_after():
     """The Trainer's callback order on a 60-step run: α is set at each step begin (global_step = steps done);
     the last step, the last eval after it, the test eval and the saved model (train end) all see α = 1."""
     from pagating.model import PaGatingGPT2Config, PaGatingGPT2LMHeadModel
-    from pagating.train import AlphaCallback
+    from pagating.trainer import AlphaCallback
 
     model = PaGatingGPT2LMHeadModel(PaGatingGPT2Config(n_layer=2, n_embd=16, n_head=2, ffn_dim=32, vocab_size=64,
                                                        n_positions=8, alpha_mode="scheduler_cosine",

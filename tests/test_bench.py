@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from pagating.units import UNITS
+
 REPO = Path(__file__).resolve().parent.parent
-UNITS = ["paGLU", "paGTU", "paSwishU", "paReGLU", "paGELU", "paMishU", "paSiLU"]
 BLOCKER = 'import sys\nfor _name in ("mlflow", "datasets", "dvc"):\n    sys.modules[_name] = None\n'
 
 pytestmark = pytest.mark.slow

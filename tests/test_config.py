@@ -13,7 +13,7 @@ import pytest
 import yaml
 from conftest import REPO, run_cli
 
-from pagating import config
+from pagating import config, mlproject
 from pagating.config import SETTINGS, UserError, config_from_args, load_config
 
 # Every verb that reads params.yaml, as `pagating <verb...>`.
@@ -133,8 +133,8 @@ def test_set_works_on_report(tmp_path):
 # ---- MLproject ---------------------------------------------------------------------------------------
 
 def test_committed_mlproject_is_the_generated_one():
-    assert (REPO / "MLproject").read_text() == config.mlproject_text(REPO / "params.yaml"), \
-        "MLproject is stale: run `python -m pagating.config mlproject > MLproject`"
+    assert (REPO / "MLproject").read_text() == mlproject.mlproject_text(REPO / "params.yaml"), \
+        "MLproject is stale: run `python -m pagating.mlproject > MLproject`"
 
 
 def test_mlproject_parameters_are_typed_declared_flags():
@@ -196,7 +196,7 @@ def test_dvc_stages_depend_on_the_modules_they_run():
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     for stage, modules in (("prepare", {"config", "data"}),
                            ("sweep", {"config", "data", "tracking", "run", "train", "sweep", "model", "units",
-                                      "alpha", "grid", "names"}),
+                                      "alpha", "grid", "names", "identity", "trainer", "sweep_worker"}),
                            ("report", {"config", "tracking", "report", "names"})):
         paths = {f"pagating/{m}" if (REPO / "pagating" / m).is_dir() else f"pagating/{m}.py" for m in modules}
         assert paths <= set(stages[stage]["deps"]), stage

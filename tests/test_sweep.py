@@ -15,8 +15,8 @@ from conftest import run_cli
 from mlflow.tracking import MlflowClient
 
 from pagating.config import UserError, load_config
+from pagating.grid import grid, parse_shard, take_shard
 from pagating.runtime import thread_share
-from pagating.sweep import grid, parse_shard, take_shard
 
 SMALL = ["--set", "train.max_steps=10", "--set", "train.eval_steps=5", "--set", "train.save_steps=5",
          "--set", "train.logging_steps=5", "--set", "train.batch_size=8", "--set", "train.warmup_steps=2",

@@ -775,8 +775,8 @@ def _two_config_sweep(env, tmp_path, mlflow_server, sweep: str, finished: list[i
     import yaml
     from mlflow.tracking import MlflowClient
 
+    from pagating.identity import run_name
     from pagating.sweep import config_for, grid
-    from pagating.train import run_name
 
     params = yaml.safe_load((tmp_path / "params.yaml").read_text())
     params["sweep"]["sample"] = {"alpha_mode": ["static_0.5", "static_1.0"], "learning_rate": [1.0e-3]}

@@ -30,7 +30,7 @@ ZERO_SPREAD = 1e-9  # per-seed differences whose sd is below this share of the l
 
 
 def config_label(unit: str, alpha_mode: str, lr: float | None) -> str:
-    """A config's name, the run name without the seed (pagating.train.run_name)."""
+    """A config's name, the run name without the seed (pagating.identity.run_name)."""
     lr_text = "?" if lr is None else f"{lr:g}"
     return f"plain lr={lr_text}" if is_plain(unit) else f"{unit} {alpha_mode} lr={lr_text}"
 
