@@ -24,7 +24,9 @@ import yaml
 from conftest import REPO, free_port, running_auth_server
 from fake_vast import FakeVast, FakeVastServer, offer
 
-from pagating import cli, cloud
+from pagating import cli
+from pagating.cloud import env as cloud_env
+from pagating.cloud import sweep_run
 
 pytestmark = pytest.mark.slow
 
@@ -121,7 +123,7 @@ def launch_body(monkeypatch, fake_url: str, uri: str, repo: Path, sha: str, swee
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", GPU_PW)
     for k, v in AWS.items():
         monkeypatch.setenv(k, v)
-    monkeypatch.setattr(cloud, "check_tracking_uri", lambda u: u)  # the test server is on 127.0.0.1
+    monkeypatch.setattr(cloud_env, "check_tracking_uri", lambda u: u)  # the test server is on 127.0.0.1
     # the git host launch asks (`git ls-remote`) is the file:// repo, through git's url.insteadOf
     for k, v in {"GIT_CONFIG_COUNT": "1", "GIT_CONFIG_KEY_0": f"url.file://{repo}.insteadOf",
                  "GIT_CONFIG_VALUE_0": GIT_URL}.items():
@@ -192,7 +194,7 @@ def test_a_launched_sweep_runs_every_shard_and_the_failures_end_cleanly(
             ids[name] = 6001 + n
             label = "pagating-sim1-0" if name == "key refused on DELETE" else f"pagating-sim1-v{n}"
             fake.add_instance(ids[name], label=label, actual_status="running", extra_env=first.body["env"])
-            cloud.mark_created(auth_server.uri, parent, ids[name])
+            sweep_run.mark_created(auth_server.uri, parent, ids[name])
         refused = ids["key refused on DELETE"]
         fake.refused_keys.add(f"container-key-{refused}")
         fake.on_destroy = lambda gone: gone == refused and os.killpg(procs[refused].pid, 9)  # Vast ends it
@@ -228,7 +230,7 @@ def test_a_launched_sweep_runs_every_shard_and_the_failures_end_cleanly(
         assert [r.path for r in fake.destroys(iid)] == [f"/api/v0/instances/{iid}/"]
         assert fake.destroys(iid)[0].auth == f"Bearer container-key-{iid}"
         assert parent_run.data.tags[f"pagating.instance.{iid}"].startswith("finished")
-        log = cloud.instance_log(auth_server.uri, iid)
+        log = sweep_run.instance_log(auth_server.uri, iid)
         assert "dvc pull data.dvc" in log and "sweep shard 0/2 finished" in log, outs[iid][-3000:]
         assert "skipping the install of .[s3]" in log  # the S3 remote's plugin is what it would install
         assert "testing-secret-key-7b2e" not in log and GPU_PW not in log and GPU_PW[-100:] not in log
@@ -252,7 +254,7 @@ def test_a_launched_sweep_runs_every_shard_and_the_failures_end_cleanly(
         for name, want in expected.items():
             assert procs[ids[name]].returncode != 0, (name, outs[ids[name]][-3000:])
             assert len(fake.destroys(ids[name])) == 1, (name, outs[ids[name]][-3000:])
-            assert want in cloud.instance_log(auth_server.uri, ids[name]), (name, outs[ids[name]][-3000:])
+            assert want in sweep_run.instance_log(auth_server.uri, ids[name]), (name, outs[ids[name]][-3000:])
         assert "expected 1; refusing to train on CPU" in outs[ids["no CUDA"]]
 
         # and `pagating vast logs <id>` shows the uploaded log once the instance is gone

@@ -175,7 +175,7 @@ def grid_state(uri: str, sweep_id: str, cfg: dict) -> dict[str, str]:
     latest status."""
     from pagating.train import run_name  # heavy: train imports transformers (~3 s); only the grid's names need it
 
-    names = [run_name(config_for(cfg, o)) for o in grid(cfg)]
+    run_names = [run_name(config_for(cfg, o)) for o in grid(cfg)]
     prefix = cfg["tracking"]["experiment_prefix"]
     with vast_cost.quick_mlflow():
         mlf = tracking.client(uri)
@@ -187,7 +187,7 @@ def grid_state(uri: str, sweep_id: str, cfg: dict) -> dict[str, str]:
             hashes |= set(filter(None, (r.data.tags.get(names.GRID_HASHES) or "").split(",")))
         finished = mlf.search_runs(exps, filter_string="attributes.status = 'FINISHED'",
                                    max_results=5000) if exps and hashes else []
-    state = dict.fromkeys(names, "not started")
+    state = dict.fromkeys(run_names, "not started")
     for r in runs:  # oldest first: the latest run of a config decides, unless one FINISHED
         name = r.info.run_name
         if name in state and names.PARENT_RUN_ID in r.data.tags and state[name] != "FINISHED":
