@@ -97,7 +97,7 @@ def run(capsys, *argv):
 def test_a_toy_provider_runs_launch_status_watch_destroy_through_the_shared_flows(toy, capsys, mlflow_server):
     from mlflow.tracking import MlflowClient
 
-    from pagating.sweep import config_for, grid
+    from pagating.grid import config_for, grid
     from pagating.train import run_name
 
     sweep = f"toy{int(time.time() * 1000) % 10**8}"

@@ -85,9 +85,14 @@ def pushed_repo(tmp_path_factory, s3):
     from pagating.data import build_sample
 
     repo = tmp_path_factory.mktemp("sim") / "repo"
-    shutil.copytree(REPO, repo, ignore=shutil.ignore_patterns(
-        ".venv", ".git", "data", "outputs", "logs", "mlruns", "mlartifacts", "mlflow.db", "reports", "mlflow-server",
-        "__pycache__", ".pytest_cache", ".ruff_cache", "*.egg-info", ".dvc"))
+    anywhere = shutil.ignore_patterns(".venv", ".git", "mlruns", "mlartifacts", "mlflow.db", "mlflow-server",
+                                      "__pycache__", ".pytest_cache", ".ruff_cache", "*.egg-info", ".dvc")
+
+    def ignore(folder, names):  # the checkout's own data/, outputs/...; not the package pagating/data/
+        top = {"data", "outputs", "logs", "reports"} if Path(folder) == REPO else set()
+        return anywhere(folder, names) | (top & set(names))
+
+    shutil.copytree(REPO, repo, ignore=ignore)
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["train"]["sample"].update(max_steps=2, eval_steps=2, save_steps=2, logging_steps=1, max_eval_batches=1)
     params["sweep"]["sample"] = {"alpha_mode": ["static_0.5", "static_1.0"], "learning_rate": [1.0e-3]}
