@@ -38,6 +38,6 @@ COPY scripts ./scripts
 COPY params.yaml MLproject* conda.yaml* dvc.yaml* data.dvc* README.md* ./
 RUN pip install --no-deps -e . \
  && pip freeze --exclude-editable > requirements.lock \
- && python -c "import torch, transformers, mlflow, dvc, vastai, pagating.vast"
+ && python -c "import torch, transformers, mlflow, dvc, vastai, pagating.cloud.cli, pagating.cloud.providers.vast"
 
 CMD ["bash"]

@@ -11,10 +11,11 @@ import argparse
 import importlib
 import sys
 
-from pagating import cloud
+from pagating.cloud import provider
 from pagating.config import UserError
 
-# verb -> module that registers it (help text lives in the module); GPU providers come from cloud.PROVIDERS.
+# verb -> module that registers it (help text lives in the module); GPU providers come from
+# pagating.cloud.provider.PROVIDERS, their verbs from the shared flows (CLOUD_CLI).
 VERBS = {
     "data": "pagating.data.cli",
     "prepare": "pagating.data.cli",
@@ -26,12 +27,13 @@ VERBS = {
     "grant": "pagating.server",
     "sync": "pagating.publish",
 }
+CLOUD_CLI = "pagating.cloud.cli"
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pagating", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="verb", metavar="<verb>", required=True)
-    verbs = {**VERBS, **cloud.PROVIDERS}
+    verbs = {**VERBS, **dict.fromkeys(provider.PROVIDERS, CLOUD_CLI)}
     wanted = argv[0] if argv and argv[0] in verbs else None
     modules = [verbs[wanted]] if wanted else list(dict.fromkeys(verbs.values()))
     for name in modules:
@@ -41,7 +43,10 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
             if exc.name != name:  # a real missing dependency, not a verb still to be written
                 raise
             continue
-        module.register_cli(sub)
+        if name == CLOUD_CLI and wanted:  # only the provider being run
+            module.register_cli(sub, [wanted])
+        else:
+            module.register_cli(sub)
     return parser
 
 

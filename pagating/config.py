@@ -36,7 +36,7 @@ class UserError(ValueError):
 # ---- declarations ------------------------------------------------------------------------------
 
 TRAIN_VERBS = ("train", "sweep")  # a sweep passes these on to every child run
-CLOUD_VERBS = ("vast offers", "vast launch")
+CLOUD_VERBS = ("cloud offers", "cloud launch")  # the shared cloud flows, whatever the provider (cloud/cli.py)
 
 
 def setting(default: Any, help: str, *, flags: tuple[str, ...] | None = None, verbs: tuple[str, ...] = (),

@@ -52,12 +52,12 @@ UPLOADER_PID=""
 INTERRUPTED=0
 
 # On the parent run: tag pagating.instance.<id> (what launch waits for) and the log artifact.
-instance() { PYTHONPATH="$WORKDIR${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m pagating.instance "$@"; }
+instance() { PYTHONPATH="$WORKDIR${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m pagating.cloud.instance "$@"; }
 # The same, killed after PAGATING_EXIT_CALL_TIMEOUT_S (60): on the way out (and in the uploader) a tracking
 # server that is down or hangs must not hold back the DELETE (billing) for its timeouts x retries.
 EXIT_CALL_S="${PAGATING_EXIT_CALL_TIMEOUT_S:-60}"
 bounded() {
-  timeout -k 5 "$EXIT_CALL_S" env PYTHONPATH="$WORKDIR${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m pagating.instance "$@"
+  timeout -k 5 "$EXIT_CALL_S" env PYTHONPATH="$WORKDIR${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m pagating.cloud.instance "$@"
 }
 
 destroy_self() {
@@ -66,7 +66,7 @@ destroy_self() {
   fi
   # The watchdog's destroy (its retries, and one destroy across this script and the watchdog: whoever
   # makes the lock in the state dir sends it).
-  PYTHONPATH="$WORKDIR${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m pagating.vast_watchdog --destroy \
+  PYTHONPATH="$WORKDIR${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m pagating.cloud.watchdog --destroy \
     --state-dir "$PAGATING_STATE_DIR" && return 0
   log "could not destroy instance $CONTAINER_ID: run \`pagating vast destroy $CONTAINER_ID\`"
   return 1
@@ -162,7 +162,7 @@ MSG=$(instance check-cuda 2>&1) || fail "${MSG:-CUDA check failed}"
 log "$MSG"
 
 # 3. The watchdog: spend (from the instance's start as Vast reports it) and progress, from here on.
-"$PY" -m pagating.vast_watchdog --pid $$ --state-dir "$PAGATING_STATE_DIR" \
+"$PY" -m pagating.cloud.watchdog --pid $$ --state-dir "$PAGATING_STATE_DIR" \
   --watch "$WORKDIR" --watch "${HOME:-/root}/.cache" &
 WATCHDOG_PID=$!
 

@@ -244,7 +244,7 @@ def env(monkeypatch, tmp_path):
     """No key, tracking URI or Vast URL from the developer's shell; fast retries."""
     import shutil
 
-    from pagating import vast
+    from pagating.cloud.providers import vast
 
     for name in list(os.environ):
         if name.startswith(("MLFLOW_", "VAST_", "PAGATING_", "AWS_", "CONTAINER_")):

@@ -1,6 +1,6 @@
 """A fake Vast.ai API on 127.0.0.1 that the real `vastai` SDK (and the instance's bootstrap and watchdog) talks to.
 
-It serves the endpoints `pagating.vast` uses, keeps instances in memory and records every request
+It serves the endpoints `pagating.cloud.providers.vast` uses, keeps instances in memory and records every request
 (method, path, query, JSON body, Authorization header) so tests can assert what was sent.
 Failures are injected per (method, path prefix) as a queue of status codes answered before the
 normal reply: `fake.fail("PUT", "/api/v0/asks/", 500, 500)`.

@@ -1,64 +1,35 @@
-"""GPU providers are a registry in pagating/cloud.py: one module + one registration gives `pagating <name> ...`."""
+"""GPU providers are a registry (pagating/cloud/provider.py): one registration gives `pagating <name> ...` with
+every verb of the shared flows (pagating/cloud/cli.py); the provider's module is imported only to run one."""
 
+import sys
 import textwrap
 
 import pytest
 
-from pagating import cli, cloud
+from pagating import cli
+from pagating.cloud import provider
 
-# The toy provider CONTRIBUTING.md describes: a `Provider` client and `register_cli`, reusing cloud.py.
-TOY = '''
-from pagating import cloud
+TOY_MODULE = '''
+class Toy:
+    name = "toygpu"
 
-DESTROYED = []
-
-
-class Toy:  # cloud.Provider
-    def search_offers(self, query, interruptible, disk_gb):
-        return [{"id": 7, "gpu_name": "Toy GPU", "dph_total": 0.25}]
-
-    def create(self, offer_id, label, exclude=frozenset(), **kwargs):
-        return 70 + offer_id
-
-    def destroy(self, instance_id):
-        DESTROYED.append(instance_id)
-
-    def instances(self):
-        return []
-
-    def instance(self, instance_id):
-        return None
+    def __init__(self, need_key):
+        self.need_key = need_key
 
 
-def cmd_offers(args):
-    offers = Toy().search_offers({}, False, 10.0)
-    print(cloud.format_table([[o["id"], o["gpu_name"], o["dph_total"]] for o in offers], ["id", "gpu", "$/h"]))
-
-
-def cmd_destroy(args):
-    for iid in args.ids:
-        Toy().destroy(iid)
-
-
-def register_cli(sub):
-    toy = sub.add_parser("toygpu", help="rent a GPU on Toy")
-    verbs = toy.add_subparsers(dest="toy_verb", required=True)
-    verbs.add_parser("offers").set_defaults(func=cmd_offers)
-    p = verbs.add_parser("destroy")
-    p.add_argument("ids", nargs="+", type=int)
-    p.set_defaults(func=cmd_destroy)
+def connect(need_key):
+    return Toy(need_key)
 '''
+SHARED_VERBS = {"offers", "launch", "status", "watch", "logs", "destroy", "watchdog"}
 
 
 @pytest.fixture
-def toy_provider(tmp_path, monkeypatch):
-    (tmp_path / "toygpu_provider.py").write_text(textwrap.dedent(TOY))
+def toy_registered(tmp_path, monkeypatch):
+    (tmp_path / "toygpu_provider.py").write_text(textwrap.dedent(TOY_MODULE))
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(cloud, "PROVIDERS", dict(cloud.PROVIDERS))  # the registration ends with the test
-    cloud.register_provider("toygpu", "toygpu_provider")
-    import toygpu_provider
-
-    yield toygpu_provider
+    monkeypatch.setattr(provider, "PROVIDERS", dict(provider.PROVIDERS))  # the registration ends with the test
+    monkeypatch.delitem(sys.modules, "toygpu_provider", raising=False)
+    provider.register_provider("toygpu", "toygpu_provider")
 
 
 def test_unregistered_provider_is_not_a_verb(capsys):
@@ -67,12 +38,23 @@ def test_unregistered_provider_is_not_a_verb(capsys):
     assert exc.value.code == 2 and "invalid choice: 'toygpu'" in capsys.readouterr().err
 
 
-def test_registered_provider_gets_its_cli_verbs(toy_provider, capsys):
-    assert cli.main(["toygpu", "offers"]) == 0
-    out = capsys.readouterr().out.splitlines()
-    assert out[0].split() == ["id", "gpu", "$/h"] and out[1].split() == ["7", "Toy", "GPU", "0.25"]
-    assert cli.main(["toygpu", "destroy", "71", "72"]) == 0
-    assert toy_provider.DESTROYED == [71, 72]
-    # It sits beside vast in the registry, and running its verb builds only its own parser.
-    assert {"vast", "toygpu"} <= set(cloud.PROVIDERS)
-    assert cli.build_parser(["toygpu"])._subparsers._group_actions[0].choices.keys() == {"toygpu"}
+def test_registered_provider_gets_the_shared_verbs(toy_registered):
+    # It sits beside vast in the registry, and running its verb builds only its own parser ...
+    assert {"vast", "toygpu"} <= set(provider.PROVIDERS)
+    top = cli.build_parser(["toygpu"])._subparsers._group_actions[0].choices
+    assert top.keys() == {"toygpu"}
+    verbs = top["toygpu"]._subparsers._group_actions[0].choices
+    assert set(verbs) == SHARED_VERBS
+    # ... with the cloud settings' flags (config.CLOUD_VERBS name the flows, not a provider)
+    flags = {opt for action in verbs["launch"]._actions for opt in action.option_strings}
+    assert {"--gpu-name", "--budget", "--image", "--start-timeout", "--instances", "--interruptible"} <= flags
+    assert "toygpu_provider" not in sys.modules  # the parser needs nothing of the provider's module
+
+
+def test_the_provider_module_is_imported_when_its_client_is_asked_for(toy_registered):
+    client = provider.client("toygpu", need_key=False)
+    assert client.name == "toygpu" and client.need_key is False and "toygpu_provider" in sys.modules
+
+
+def test_vast_is_a_registered_provider_module():
+    assert provider.PROVIDERS["vast"] == "pagating.cloud.providers.vast"

@@ -1,4 +1,4 @@
-"""What onstart.sh asks of pagating.instance: CUDA or nothing, and the DVC plugin of each remote kind."""
+"""What onstart.sh asks of pagating.cloud.instance: CUDA or nothing, and the DVC plugin of each remote kind."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def test_the_dvc_plugin_extra_of_each_remote_kind_is_a_project_extra():
 def test_instance_refuses_credentials_in_the_tracking_uri(monkeypatch, tmp_path, capsys, cmd):
     import time
 
-    from pagating import instance
+    from pagating.cloud import instance
 
     log = tmp_path / "onstart.log"
     log.write_text("hello\n")

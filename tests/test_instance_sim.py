@@ -24,7 +24,9 @@ import yaml
 from conftest import REPO, free_port, running_auth_server
 from fake_vast import FakeVast, FakeVastServer, offer
 
-from pagating import cli, cloud
+from pagating import cli
+from pagating.cloud import env as cloud_env
+from pagating.cloud import sweep_run
 
 pytestmark = pytest.mark.slow
 
@@ -83,9 +85,14 @@ def pushed_repo(tmp_path_factory, s3):
     from pagating.data.corpora import build_sample
 
     repo = tmp_path_factory.mktemp("sim") / "repo"
-    shutil.copytree(REPO, repo, ignore=shutil.ignore_patterns(
-        ".venv", ".git", "data", "outputs", "logs", "mlruns", "mlartifacts", "mlflow.db", "reports", "mlflow-server",
-        "__pycache__", ".pytest_cache", ".ruff_cache", "*.egg-info", ".dvc"))
+    anywhere = shutil.ignore_patterns(".venv", ".git", "mlruns", "mlartifacts", "mlflow.db", "mlflow-server",
+                                      "__pycache__", ".pytest_cache", ".ruff_cache", "*.egg-info", ".dvc")
+
+    def ignore(folder, names):  # the checkout's own data/, outputs/...; not the package pagating/data/
+        top = {"data", "outputs", "logs", "reports"} if Path(folder) == REPO else set()
+        return anywhere(folder, names) | (top & set(names))
+
+    shutil.copytree(REPO, repo, ignore=ignore)
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["train"]["sample"].update(max_steps=2, eval_steps=2, save_steps=2, logging_steps=1, max_eval_batches=1)
     params["sweep"]["sample"] = {"alpha_mode": ["static_0.5", "static_1.0"], "learning_rate": [1.0e-3]}
@@ -121,7 +128,7 @@ def launch_body(monkeypatch, fake_url: str, uri: str, repo: Path, sha: str, swee
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", GPU_PW)
     for k, v in AWS.items():
         monkeypatch.setenv(k, v)
-    monkeypatch.setattr(cloud, "check_tracking_uri", lambda u: u)  # the test server is on 127.0.0.1
+    monkeypatch.setattr(cloud_env, "check_tracking_uri", lambda u: u)  # the test server is on 127.0.0.1
     # the git host launch asks (`git ls-remote`) is the file:// repo, through git's url.insteadOf
     for k, v in {"GIT_CONFIG_COUNT": "1", "GIT_CONFIG_KEY_0": f"url.file://{repo}.insteadOf",
                  "GIT_CONFIG_VALUE_0": GIT_URL}.items():
@@ -192,7 +199,7 @@ def test_a_launched_sweep_runs_every_shard_and_the_failures_end_cleanly(
             ids[name] = 6001 + n
             label = "pagating-sim1-0" if name == "key refused on DELETE" else f"pagating-sim1-v{n}"
             fake.add_instance(ids[name], label=label, actual_status="running", extra_env=first.body["env"])
-            cloud.mark_created(auth_server.uri, parent, ids[name])
+            sweep_run.mark_created(auth_server.uri, parent, ids[name])
         refused = ids["key refused on DELETE"]
         fake.refused_keys.add(f"container-key-{refused}")
         fake.on_destroy = lambda gone: gone == refused and os.killpg(procs[refused].pid, 9)  # Vast ends it
@@ -228,7 +235,7 @@ def test_a_launched_sweep_runs_every_shard_and_the_failures_end_cleanly(
         assert [r.path for r in fake.destroys(iid)] == [f"/api/v0/instances/{iid}/"]
         assert fake.destroys(iid)[0].auth == f"Bearer container-key-{iid}"
         assert parent_run.data.tags[f"pagating.instance.{iid}"].startswith("finished")
-        log = cloud.instance_log(auth_server.uri, iid)
+        log = sweep_run.instance_log(auth_server.uri, iid)
         assert "dvc pull data.dvc" in log and "sweep shard 0/2 finished" in log, outs[iid][-3000:]
         assert "skipping the install of .[s3]" in log  # the S3 remote's plugin is what it would install
         assert "testing-secret-key-7b2e" not in log and GPU_PW not in log and GPU_PW[-100:] not in log
@@ -252,7 +259,7 @@ def test_a_launched_sweep_runs_every_shard_and_the_failures_end_cleanly(
         for name, want in expected.items():
             assert procs[ids[name]].returncode != 0, (name, outs[ids[name]][-3000:])
             assert len(fake.destroys(ids[name])) == 1, (name, outs[ids[name]][-3000:])
-            assert want in cloud.instance_log(auth_server.uri, ids[name]), (name, outs[ids[name]][-3000:])
+            assert want in sweep_run.instance_log(auth_server.uri, ids[name]), (name, outs[ids[name]][-3000:])
         assert "expected 1; refusing to train on CPU" in outs[ids["no CUDA"]]
 
         # and `pagating vast logs <id>` shows the uploaded log once the instance is gone

@@ -17,7 +17,7 @@ import pytest
 from conftest import ThrottleProxy
 from fake_vast import FakeVastServer
 
-from pagating import cloud
+from pagating.cloud import sweep_run
 from pagating.config import load_config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -162,7 +162,7 @@ def test_budget_and_stall_kills_record_the_reason_and_the_log_before_the_delete(
             tag, logs = at_delete[iid]
             assert tag.startswith(f"killed: {want}"), (tag, outs[iid][-3000:])
             assert logs == [f"logs/instance-{iid}.log"], outs[iid][-3000:]
-            assert cloud.instance_log(mlflow_server.uri, iid).strip().splitlines()[-1].endswith(
+            assert sweep_run.instance_log(mlflow_server.uri, iid).strip().splitlines()[-1].endswith(
                 f"killed by the watchdog: {tag.removeprefix('killed: ')}")
             assert procs[iid].returncode == 143 and "container-key" not in outs[iid]
 
@@ -273,5 +273,5 @@ def test_onstart_runs_a_tiny_real_sweep_and_destroys_once(mlflow_server, tmp_pat
         assert len(children) == 2 and {r.info.status for r in children} == {"FINISHED"}
         assert {r.data.params.get("train.max_steps") for r in children} == {"4"}
         cfg = load_config("sample")
-        prog = cloud.sweep_progress(mlflow_server.uri, sweep_id, {**cfg, "sweep": params["sweep"]["sample"]})
+        prog = sweep_run.sweep_progress(mlflow_server.uri, sweep_id, {**cfg, "sweep": params["sweep"]["sample"]})
         assert prog["done"] == prog["total"] == 2 and prog["running"] == []

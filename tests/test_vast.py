@@ -1,6 +1,6 @@
 """`pagating vast`: the real vastai SDK against a fake Vast API on 127.0.0.1 (tests/fake_vast.py),
 a real MLflow server where progress or measured step times are read. The instance's side has its own files:
-test_onstart.py (scripts/onstart.sh), test_vast_watchdog.py, test_instance.py; the projection is test_vast_cost.py."""
+test_onstart.py (scripts/onstart.sh), test_watchdog.py, test_instance.py; the projection is test_vast_cost.py."""
 
 from __future__ import annotations
 
@@ -12,7 +12,10 @@ import pytest
 from conftest import DVC_CONFIG
 from fake_vast import offer
 
-from pagating import cli, cloud, cost, vast
+from pagating import cli, cost
+from pagating.cloud import env as cloud
+from pagating.cloud import offers
+from pagating.cloud.providers import vast
 from pagating.config import load_config
 from pagating.tracking import provenance, store
 
@@ -636,7 +639,7 @@ def test_offers_are_filtered_by_the_hosts_cuda_against_the_images(fake, capsys):
     assert ids == ["43", "42"]  # 41's driver cannot run CUDA 12.4, even if the API returned it
     rc, _, _ = run(capsys, "vast", "offers", "--image", "ghcr.io/me/pagating:abc", "--image-cuda", "12.6")
     assert search_body(fake)["cuda_max_good"] == {"gte": 12.6}
-    assert vast.image_cuda("ghcr.io/me/pagating:abc", 12.4) == 12.4
+    assert offers.image_cuda("ghcr.io/me/pagating:abc", 12.4) == 12.4
 
 
 # ---- no instance left billing ---------------------------------------------------------------------
@@ -709,8 +712,8 @@ def test_an_instance_launch_destroys_is_on_record_and_watch_reruns_its_shard(lau
                                                                             mlflow_server):
     import threading
 
-    from pagating import instance
-    from pagating.vast_watch import RELAUNCHES_TAG, SHARD_TAG
+    from pagating.cloud import instance
+    from pagating.cloud.sweep_run import RELAUNCHES_TAG, SHARD_TAG
 
     sweep = f"ld{int(time.time() * 1000) % 10**8}"
     # 5001 gets ready and ends while launch waits; 5002 sits loading and is destroyed: the last of the sweep
@@ -853,7 +856,7 @@ def test_watch_reruns_a_shard_dead_before_it_started_and_its_count_survives_a_re
                                                                                     mlflow_server, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from pagating.vast_watch import RELAUNCHES_TAG, record_shards, shard_record
+    from pagating.cloud.sweep_run import RELAUNCHES_TAG, record_shards, shard_record
 
     sweep = f"wr{int(time.time() * 1000) % 10**8}"
     parent, names = _two_config_sweep(env, tmp_path, mlflow_server, sweep, finished=[1], max_relaunches=1)

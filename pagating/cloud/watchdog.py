@@ -1,11 +1,13 @@
-"""The watchdog onstart.sh runs in the background on a Vast.ai instance: it destroys the instance
+"""The watchdog onstart.sh runs in the background on a rented instance: it destroys the instance
 when its spend reaches the budget or training stops making progress (no file under the watched
 folders modified for `stall_s`). Standard library only, so it runs before or without the
-project's dependencies: `python -m pagating.vast_watchdog --pid $$ --watch DIR ...`.
+project's dependencies: `python -m pagating.cloud.watchdog --pid $$ --watch DIR ...`.
 
-It destroys through the Vast API with the instance's own CONTAINER_ID / CONTAINER_API_KEY (that key
-can only manage this instance). A lock directory shared with onstart.sh makes sure only one of
-them sends the destroy.
+The budget, stall and lock rules are any provider's; the self-destroy and the start date are the
+provider's own API, read from the variables its host sets: Vast's `DELETE /api/v0/instances/<id>/` with
+the instance's CONTAINER_ID / CONTAINER_API_KEY (that key can only manage this instance). A second
+provider adds its branch beside `destroy_self` and `vast_start_date`. A lock directory shared with onstart.sh
+makes sure only one of them sends the destroy.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-DEFAULT_SERVER = "https://console.vast.ai"
+VAST_SERVER = "https://console.vast.ai"  # VAST_SERVER_URL overrides (the tests' fake API)
 LOCK_NAME = "destroyed"
 KILL_REASON = "kill-reason"  # in the state dir: why the watchdog stopped the sweep (onstart.sh reports it)
 KILL_GRACE_S = 180.0  # onstart.sh's exit (stop training, report, upload the log, destroy) gets this long
@@ -51,7 +53,7 @@ def destroy_self(lock_dir: Path | None, attempts: int | None = None, backoff_s: 
     long as this box lives (`attempts` None): a box that cannot destroy itself keeps billing, and
     `pagating vast watch` may destroy it meanwhile (then Vast answers 404 and ends the container)."""
     iid, key = os.environ.get("CONTAINER_ID"), os.environ.get("CONTAINER_API_KEY")
-    if not iid or not key:
+    if not iid or not key:  # another provider's host: its branch goes here
         log("CONTAINER_ID/CONTAINER_API_KEY unset: not on Vast, nothing to destroy")
         return False
     lock = lock_dir / LOCK_NAME if lock_dir else None
@@ -61,7 +63,7 @@ def destroy_self(lock_dir: Path | None, attempts: int | None = None, backoff_s: 
         except FileExistsError:
             log("the instance is already being destroyed")
             return True
-    url = f"{os.environ.get('VAST_SERVER_URL') or DEFAULT_SERVER}/api/v0/instances/{iid}/"
+    url = f"{os.environ.get('VAST_SERVER_URL') or VAST_SERVER}/api/v0/instances/{iid}/"
     # Its own loop, not tracking.retry: this module is standard library only (see above).
     attempt = 0
     while attempts is None or attempt < attempts:
@@ -94,7 +96,7 @@ def vast_start_date() -> float | None:
     iid, key = os.environ.get("CONTAINER_ID"), os.environ.get("CONTAINER_API_KEY")
     if not iid or not key:
         return None
-    url = f"{os.environ.get('VAST_SERVER_URL') or DEFAULT_SERVER}/api/v0/instances/{iid}/?owner=me"
+    url = f"{os.environ.get('VAST_SERVER_URL') or VAST_SERVER}/api/v0/instances/{iid}/?owner=me"
     req = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"})
     try:
         with urllib.request.urlopen(req, timeout=30) as resp:
@@ -198,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pagating.vast_watchdog",
+    parser = argparse.ArgumentParser(prog="python -m pagating.cloud.watchdog",
                                      description=__doc__.splitlines()[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))

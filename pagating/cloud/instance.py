@@ -1,14 +1,15 @@
 """What a rented instance runs around the sweep (called by scripts/onstart.sh, any provider):
 
-    python -m pagating.instance dvc-extra     the pip extra of the DVC plugin .dvc/config's remote needs
-    python -m pagating.instance check-cuda    CUDA or nothing: one line, exit 1 when the GPUs are not usable
-    python -m pagating.instance report STATE  tag pagating.instance.<id> on the sweep's parent run
-    python -m pagating.instance upload-log    the onstart log -> logs/instance-<id>.log on the parent run
-    python -m pagating.instance settle        the parent run's status as it now is (FINISHED only when the
-                                              whole grid is; RUNNING while another instance works; else FAILED)
+    python -m pagating.cloud.instance dvc-extra     the pip extra of the DVC plugin .dvc/config's remote needs
+    python -m pagating.cloud.instance check-cuda    CUDA or nothing: one line, exit 1 when the GPUs are not usable
+    python -m pagating.cloud.instance report STATE  tag pagating.instance.<id> on the sweep's parent run
+    python -m pagating.cloud.instance upload-log    the onstart log -> logs/instance-<id>.log on the parent run
+    python -m pagating.cloud.instance settle        the parent run's status as it now is (FINISHED only when
+                                                    the whole grid is; RUNNING while another instance works;
+                                                    else FAILED)
 
-Importable before the project is installed (standard library at import time; MLflow and torch only
-inside the commands that need them), so a failed install can still be reported.
+Importable before the project is installed (the standard library and PyYAML at import time; MLflow and
+torch only inside the commands that need them), so a failed install can still be reported.
 """
 
 from __future__ import annotations
@@ -20,26 +21,34 @@ import sys
 import tempfile
 from pathlib import Path
 
+from pagating import names
+from pagating.cloud.sweep_run import (
+    REPORT_TAG,
+    grid_state,
+    instance_reports,
+    instances_working,
+    log_artifact_name,
+    settle_parent,
+)
+from pagating.config import experiment_name, load_config
 from pagating.data.dvc import dvc_default_remote, dvc_extra
 from pagating.runtime import check_cuda
+from pagating.tracking.store import check_no_credentials, client, mask_uri, retry
 
-REPORT_TAG = "pagating.instance."  # + instance id; value "<state>: <detail>"
-LOG_ARTIFACT_DIR = "logs"
+# The variables a provider's host sets to the instance's id (Vast: CONTAINER_ID); a provider whose host
+# names it otherwise adds its variable here.
+INSTANCE_ID_VARS = ("CONTAINER_ID",)
+
 
 def instance_id() -> str:
-    return os.environ.get("CONTAINER_ID") or "local"
-
-
-def log_artifact_name(iid: str | int) -> str:
-    return f"instance-{iid}.log"
+    return next((os.environ[v] for v in INSTANCE_ID_VARS if os.environ.get(v)), "local")
 
 
 # ---- reporting to the parent run --------------------------------------------------------------
 
+
 def _uri() -> str | None:
     """MLFLOW_TRACKING_URI, refused with user:password@ in it (MLflow prints the URI in its logs)."""
-    from pagating.tracking.store import check_no_credentials
-
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         check_no_credentials(uri)
@@ -47,16 +56,12 @@ def _uri() -> str | None:
 
 
 def _client():
-    from pagating.tracking.store import client
-
     return client(_uri())
 
 
 def report(state: str) -> None:
     run_id = os.environ.get("PAGATING_PARENT_RUN_ID")
     if run_id:
-        from pagating.tracking.store import retry
-
         # A shared server answers a transient 5xx or reset now and then (several instances report at once).
         mlf = _client()  # a URI refused is not worth retrying
         retry(lambda: mlf.set_tag(run_id, REPORT_TAG + instance_id(), state[:4000]), "report", attempts=4)
@@ -73,10 +78,9 @@ def upload_log(path: str | None = None) -> str:
     name, mlf = log_artifact_name(instance_id()), _client()
     with tempfile.TemporaryDirectory() as tmp:  # a snapshot: the live file keeps growing
         shutil.copyfile(path, Path(tmp) / name)
-        from pagating.tracking.store import retry
-
-        retry(lambda: mlf.log_artifact(run_id, str(Path(tmp) / name), LOG_ARTIFACT_DIR), "log upload", attempts=4)
-    return f"log uploaded to run {run_id} as {LOG_ARTIFACT_DIR}/{name}"
+        retry(lambda: mlf.log_artifact(run_id, str(Path(tmp) / name), names.LOG_ARTIFACT_DIR), "log upload",
+              attempts=4)
+    return f"log uploaded to run {run_id} as {names.LOG_ARTIFACT_DIR}/{name}"
 
 
 def settle() -> str:
@@ -86,18 +90,15 @@ def settle() -> str:
     sweep_id = os.environ.get("PAGATING_SWEEP_ID")
     if not (run_id and uri and sweep_id):
         return "parent not settled: no PAGATING_PARENT_RUN_ID / MLFLOW_TRACKING_URI / PAGATING_SWEEP_ID"
-    from pagating import cloud
-    from pagating.config import load_config
-
-    state = cloud.grid_state(uri, sweep_id, load_config(os.environ.get("PAGATING_PROFILE")))
-    reports = cloud.instance_reports(uri, run_id, include_created=True)
+    state = grid_state(uri, sweep_id, load_config(os.environ.get("PAGATING_PROFILE")))
+    reports = instance_reports(uri, run_id, include_created=True)
     me = int(instance_id()) if instance_id().isdigit() else -1  # ending now: not working, whatever it said
-    status = cloud.settle_parent(uri, run_id, state, cloud.instances_working(reports, exclude={me}))
+    status = settle_parent(uri, run_id, state, instances_working(reports, exclude={me}))
     return f"parent run {run_id}: {status}"
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pagating.instance", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m pagating.cloud.instance", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("dvc-extra")
     sub.add_parser("check-cuda")
@@ -107,8 +108,6 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("experiment-name").add_argument("profile")
     args = p.parse_args(argv)
     if args.cmd == "experiment-name":  # onstart.sh asks rather than rebuilding the name
-        from pagating.config import experiment_name, load_config
-
         # The name needs only the profile's name and the shared tracking section; the sweep checks the profile.
         print(experiment_name({**load_config(), "profile": args.profile}))
         return 0
@@ -130,8 +129,6 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         line = settle() if args.cmd == "settle" else upload_log()
     except Exception as exc:  # the caller goes on (or stops) either way: say why in one line
-        from pagating.tracking.store import mask_uri
-
         print(f"pagating-instance: {args.cmd} to {mask_uri(os.environ.get('MLFLOW_TRACKING_URI', '?'))} "
               f"failed: {type(exc).__name__}: {str(exc)[:200]}", file=sys.stderr)
         return 1

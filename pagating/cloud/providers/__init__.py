@@ -1,0 +1,1 @@
+"""One module per GPU provider: its client (pagating.cloud.provider.Provider) and nothing else."""
