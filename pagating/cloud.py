@@ -52,7 +52,7 @@ class Provider(Protocol):
 # The GPU providers: `pagating <name> ...` -> the module that implements the provider (its `Provider`
 # client and `register_cli(subparsers)` adding the verb). A new provider is one module + one entry here
 # (or `register_provider`); the CLI imports a provider's module only when its verb runs.
-PROVIDERS: dict[str, str] = {"vast": "pagating.vast"}
+PROVIDERS: dict[str, str] = {"vast": "pagating.vast", "sky": "pagating.sky"}
 
 
 def register_provider(name: str, module: str) -> None:
