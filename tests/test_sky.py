@@ -266,12 +266,12 @@ def test_every_task_loads_with_skypilots_own_task_from_yaml(launchable, capsys, 
 
 # ---- the job, run locally as its machine would ---------------------------------------------------
 
-MAX_STEPS = 10
+MAX_STEPS = 6
 
 
 @pytest.fixture(scope="module")
 def sky_repo(pushed_repo):  # noqa: F811 (the fixture imported above)
-    """The simulation's repo one commit on: configs long enough (10 steps, a checkpoint every 2) to be
+    """The simulation's repo one commit on: configs long enough (6 steps, a checkpoint every 2) to be
     killed mid-shard."""
     repo, _ = pushed_repo
     params = yaml.safe_load((repo / "params.yaml").read_text())
@@ -361,6 +361,7 @@ def test_a_job_runs_its_shard_like_a_vast_instance_and_a_killed_one_resumes_its_
     assert one.returncode == 0, outs["one"][-4000:]
     assert again.returncode == 0, outs["again"][-4000:]
     assert no_cuda.returncode != 0 and "CUDA required: found 0 usable CUDA GPU(s)" in outs["no_cuda"], outs["no_cuda"]
+    assert all("not on Vast, nothing to destroy" in out for out in outs.values())  # no Vast self-destroy
 
     # every config FINISHED once under the parent; the killed run is the one that finished, without a repeated step
     runs = client.search_runs([client.get_run(parent).info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'")
@@ -373,10 +374,9 @@ def test_a_job_runs_its_shard_like_a_vast_instance_and_a_killed_one_resumes_its_
     parent_run = client.get_run(parent)
     assert parent_run.info.status == "FINISHED", parent_run.data.tags.get(cloud.REASON_TAG)
 
-    # each job's log on the parent run, no secret in it; nothing tried Vast's self-destroy
+    # each job's log on the parent run, no secret in it
     for i in range(2):
         assert parent_run.data.tags[f"pagating.instance.{i}"].startswith("finished")
         log = Path(client.download_artifacts(parent, f"logs/instance-{i}.log", str(tmp_path))).read_text()
         assert f"sweep shard {i}/2 finished" in log and "dvc pull data.dvc" in log
-        assert "not on Vast, nothing to destroy" in log
         assert not any(s in log for s in (GPU_PW, GPU_PW[-100:], AWS["AWS_SECRET_ACCESS_KEY"]))
