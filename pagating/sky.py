@@ -33,7 +33,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from pagating import cloud, tracking, vast_cost
+from pagating import cloud, names, tracking, vast_cost
 from pagating.config import SETTINGS, UserError, add_config_args, load_config, overrides_from_args, project_root
 from pagating.grid import grid, take_shard
 
@@ -103,8 +103,8 @@ def _last_line(proc: subprocess.CompletedProcess) -> str:
     return lines[-1][:300] if lines else f"exit code {proc.returncode}"
 
 
-def secret_flags(names) -> list[str]:
-    return [arg for name in sorted(names) for arg in ("--secret", name)]
+def secret_flags(secret_names) -> list[str]:
+    return [arg for name in sorted(secret_names) for arg in ("--secret", name)]
 
 
 def launch_args(path: Path, name: str, secret_names) -> list[str]:
@@ -374,16 +374,43 @@ def cmd_cancel(args) -> int:
     bad = [n for n in args.names if not cloud.parse_label(n)]
     if bad:
         raise UserError(f"{bad[0]!r} is not a pagating job name (pagating-<sweep id>-<i>)")
-    names = list(args.names)
+    jobs = list(args.names)
     if args.sweep or args.all:
-        names += [r["job_name"] for r in _of_sweep(queue(binary), args.sweep) if active(r)]
-    if not names:
+        jobs += [r["job_name"] for r in _of_sweep(queue(binary), args.sweep) if active(r)]
+    if not jobs:
         print("nothing to cancel")
         return 0
-    failed = [n for n in dict.fromkeys(names) if sky(binary, "jobs", "cancel", "--name", n, "--yes").returncode]
+    failed = [n for n in dict.fromkeys(jobs) if sky(binary, "jobs", "cancel", "--name", n, "--yes").returncode]
     for name in failed:
         print(f"could not cancel {name}: see `sky jobs queue`", file=sys.stderr)
+    _note_cancelled(args, [n for n in jobs if n not in failed], binary)
     return 1 if failed else 0
+
+
+def _note_cancelled(args, jobs: list[str], binary: str) -> None:
+    """Each cancelled job's report on its sweep's parent run (done, so nobody counts it as working), and
+    the parent FAILED once none of its jobs is left: a cancelled job may end before its own exit can say
+    so. Best effort: the cancel is what matters."""
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not (uri and jobs):
+        return
+    try:
+        left = {cloud.parse_label(r["job_name"])[0] for r in queue(binary)
+                if active(r) and r["job_name"] not in jobs}
+        with vast_cost.quick_mlflow():
+            mlf = tracking.client(uri)
+            exps = vast_cost.pagating_experiments(mlf)
+            for sweep_id in dict.fromkeys(cloud.parse_label(n)[0] for n in jobs):
+                query = f"tags.`{names.SWEEP_ID}` = '{sweep_id}' and tags.`{names.ROLE}` = '{names.ROLE_SWEEP}'"
+                for run in mlf.search_runs(exps, query) if exps else []:
+                    for name in jobs:
+                        if cloud.parse_label(name)[0] == sweep_id:
+                            cloud.note_instance(uri, run.info.run_id, cloud.parse_label(name)[1],
+                                                "killed: cancelled by `pagating sky cancel`")
+                    if sweep_id not in left:
+                        cloud.fail_parent(uri, run.info.run_id, "every job cancelled by `pagating sky cancel`")
+    except Exception as exc:
+        print(f"could not note the cancel on the sweep's parent run ({type(exc).__name__})", file=sys.stderr)
 
 
 # ---- CLI --------------------------------------------------------------------------------------
@@ -444,4 +471,6 @@ def register_cli(sub) -> None:
     p.add_argument("names", nargs="*", help="job names")
     p.add_argument("--sweep", default=None, help="every job of this sweep")
     p.add_argument("--all", action="store_true", help="every pagating-* job")
+    p.add_argument("--tracking-uri", default=None, help="MLflow server of the parent runs (default "
+                   "MLFLOW_TRACKING_URI)")
     p.set_defaults(func=_guard(cmd_cancel))

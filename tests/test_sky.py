@@ -220,6 +220,11 @@ def test_status_logs_and_cancel_drive_sky_jobs(launchable, capsys):
                                                           for i in range(2)]
     rc, out, _ = run(capsys, "sky", "cancel", "--sweep", "q1")  # nothing left running
     assert rc == 0 and "nothing to cancel" in out
+    (parent,) = parent_runs(os.environ["MLFLOW_TRACKING_URI"], "q1")  # its jobs' reports say cancelled
+    assert parent.info.status == "FAILED" and "cancelled" in parent.data.tags[cloud.REASON_TAG]
+    assert parent.data.tags["pagating.instance.1"] == "killed: cancelled by `pagating sky cancel`"
+    (other,) = parent_runs(os.environ["MLFLOW_TRACKING_URI"], "q2")
+    assert other.info.status == "RUNNING"
 
 
 # ---- SkyPilot's own validation -------------------------------------------------------------------
