@@ -216,8 +216,9 @@ def test_status_logs_and_cancel_drive_sky_jobs(launchable, capsys):
                                                          "--tail", "200"]
     rc, _, _ = run(capsys, "sky", "cancel", "--sweep", "q1")
     assert rc == 0
-    assert [c["argv"] for c in calls(launchable)[-2:]] == [["jobs", "cancel", "--name", f"pagating-q1-{i}", "--yes"]
-                                                          for i in range(2)]
+    assert [c["argv"] for c in calls(launchable)[-4:]] == [  # the queue, each job, the queue (none left?)
+        ["jobs", "queue", "--all", "-o", "json"], *(["jobs", "cancel", "--name", f"pagating-q1-{i}", "--yes"]
+                                                    for i in range(2)), ["jobs", "queue", "--all", "-o", "json"]]
     rc, out, _ = run(capsys, "sky", "cancel", "--sweep", "q1")  # nothing left running
     assert rc == 0 and "nothing to cancel" in out
     (parent,) = parent_runs(os.environ["MLFLOW_TRACKING_URI"], "q1")  # its jobs' reports say cancelled
