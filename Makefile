@@ -44,8 +44,9 @@ browser:
 	echo "chromium/chromium-driver not installed: the MLflow UI test will skip"
 
 # SkyPilot in its own venv (`pagating sky` drives its CLI; tests validate tasks with its sky.Task.from_yaml):
-# skypilot 0.14 pins click<8.2, which the project's huggingface-hub 2.x outgrew, so it cannot share .venv.
-SKY_VENV := .sky-venv
+# skypilot 0.14 pins click<8.2, which the project's huggingface-hub 2.x outgrew, so it cannot share .venv's
+# packages. Its folder sits inside .venv all the same, so every copy of the project skips it as it skips .venv.
+SKY_VENV := $(VENV)/sky
 SKYPILOT := skypilot[vast]==0.14.1
 $(SKY_VENV)/.installed: $(STAMP)
 	$(BIN)/uv venv -q --python $(PY) $(SKY_VENV)
@@ -67,4 +68,4 @@ gpu-kit: $(STAMP)
 	$(BIN)/python bench/gpu_kit.py make gpu-kit
 
 clean:
-	rm -rf $(VENV) $(SKY_VENV) sky mlflow.db mlruns mlartifacts outputs reports data/prepared
+	rm -rf $(VENV) sky mlflow.db mlruns mlartifacts outputs reports data/prepared

@@ -26,7 +26,7 @@ REPO_URL = "https://github.com/example/pagating.git"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 SECRETS = {"MLFLOW_TRACKING_PASSWORD": "mlflow-pw-51e2d0", "AWS_ACCESS_KEY_ID": "aws-id-AKIA77",
            "AWS_SECRET_ACCESS_KEY": "aws-secret-c0ffee"}
-SKY_PYTHON = REPO / ".sky-venv" / "bin" / "python"
+SKY_PYTHON = REPO / ".venv" / "sky" / "bin" / "python"
 VENV_BIN = Path(sys.executable).parent
 
 FAKE_SKY = r'''#!PYTHON
