@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -283,8 +284,13 @@ def sky_repo(pushed_repo):  # noqa: F811 (the fixture imported above)
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["train"]["sample"].update(max_steps=MAX_STEPS, save_steps=2, eval_steps=MAX_STEPS)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    # pushed_repo's copy leaves out every folder named `data`, the package pagating/data/ too: put it back, or
+    # the job's checkout would import whatever pagating.data the test's venv has installed
+    shutil.copytree(REPO / "pagating" / "data", repo / "pagating" / "data", dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("__pycache__"))
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
-    subprocess.run([*git, "commit", "-q", "-am", "longer configs"], cwd=repo, check=True, timeout=60)
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True, timeout=60)
+    subprocess.run([*git, "commit", "-q", "-m", "longer configs"], cwd=repo, check=True, timeout=60)
     sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
     return repo, sha
 
