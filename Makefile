@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup sweep test lint bench clean browser gpu-kit lock
+.PHONY: setup sweep test lint bench clean browser gpu-kit lock sky-env
 
 LOCK := requirements/lock-cpu.txt
 
@@ -43,6 +43,18 @@ browser:
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; } || \
 	echo "chromium/chromium-driver not installed: the MLflow UI test will skip"
 
+# SkyPilot in its own venv (`pagating sky` drives its CLI; tests validate tasks with its sky.Task.from_yaml):
+# skypilot 0.14 pins click<8.2, which the project's huggingface-hub 2.x outgrew, so it cannot share .venv's
+# packages. Its folder sits inside .venv all the same, so every copy of the project skips it as it skips .venv.
+SKY_VENV := $(VENV)/sky
+SKYPILOT := skypilot[vast]==0.14.1
+$(SKY_VENV)/.installed: $(STAMP)
+	$(BIN)/uv venv -q --python $(PY) $(SKY_VENV)
+	$(BIN)/uv pip install -q --python $(SKY_VENV)/bin/python '$(SKYPILOT)'
+	touch $@
+
+sky-env: $(SKY_VENV)/.installed
+
 test: $(STAMP) browser
 	$(BIN)/ruff check .
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/pytest -q -n 2 --dist loadfile --timeout 900 --durations=10
@@ -56,4 +68,4 @@ gpu-kit: $(STAMP)
 	$(BIN)/python bench/gpu_kit.py make gpu-kit
 
 clean:
-	rm -rf $(VENV) mlflow.db mlruns mlartifacts outputs reports data/prepared
+	rm -rf $(VENV) sky mlflow.db mlruns mlartifacts outputs reports data/prepared

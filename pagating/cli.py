@@ -15,7 +15,7 @@ from pagating.cloud import provider
 from pagating.config import UserError
 
 # verb -> module that registers it (help text lives in the module); GPU providers come from
-# pagating.cloud.provider.PROVIDERS, their verbs from the shared flows (CLOUD_CLI).
+# pagating.cloud.provider.PROVIDERS, their verbs from the shared flows (CLOUD_CLI), and ORCHESTRATORS (own verbs).
 VERBS = {
     "data": "pagating.data.cli",
     "prepare": "pagating.data.cli",
@@ -33,7 +33,7 @@ CLOUD_CLI = "pagating.cloud.cli"
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pagating", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="verb", metavar="<verb>", required=True)
-    verbs = {**VERBS, **dict.fromkeys(provider.PROVIDERS, CLOUD_CLI)}
+    verbs = {**VERBS, **dict.fromkeys(provider.PROVIDERS, CLOUD_CLI), **provider.ORCHESTRATORS}
     wanted = argv[0] if argv and argv[0] in verbs else None
     modules = [verbs[wanted]] if wanted else list(dict.fromkeys(verbs.values()))
     for name in modules:

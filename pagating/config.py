@@ -130,6 +130,8 @@ class Cloud:
                                        flags=("--start-timeout",), verbs=CLOUD_VERBS[1:])
     max_relaunches: int = setting(2, "`vast watch` re-runs a shard whose instance died before its configs "
                                   "finished at most this often")
+    sky_bin: str = setting("", "SkyPilot's `sky` command, installed in its own environment (default: `sky` on PATH)",
+                           flags=("--sky-bin",), verbs=("sky launch", "sky status", "sky logs", "sky cancel"))
 
 
 SECTIONS: dict[str, type] = {"data": Data, "model": Model, "train": Train, "tracking": Tracking, "cloud": Cloud}

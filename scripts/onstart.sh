@@ -24,6 +24,8 @@
 #   DVC remote credentials (AWS_ACCESS_KEY_ID, ...), passed with `launch --env NAME`
 #   CONTAINER_ID, CONTAINER_API_KEY       set by Vast; this key can only manage this one instance
 #   VAST_SERVER_URL                       the Vast API (default https://console.vast.ai; tests: a fake)
+#   PAGATING_PROVIDER=sky                 a SkyPilot managed job (pagating/sky.py): SkyPilot ends and relaunches
+#                                         the machine, so nothing here destroys it; its shard index names it
 # Switches for running it locally (tests, debugging): PAGATING_SKIP_INSTALL=1, PAGATING_SKIP_DVC=1,
 # PAGATING_SKIP_PREPARE=1; PAGATING_PYTHON (interpreter), PAGATING_SETUP_TIMEOUT_S;
 # PAGATING_TEST_ALLOW_CPU=1 lets the CUDA requirement pass on a CPU box (tests only).
@@ -40,6 +42,12 @@ PAGATING_PROFILE="${PAGATING_PROFILE:-wikitext103}"
 PAGATING_SHARD="${PAGATING_SHARD:-0/1}"
 SETUP_TIMEOUT="${PAGATING_SETUP_TIMEOUT_S:-3600}"
 export PAGATING_PROFILE PAGATING_SHARD
+if [ "${PAGATING_PROVIDER:-vast}" = sky ]; then
+  # No Vast key, even on a machine SkyPilot rented from Vast: a self-destroy would look like a preemption
+  # to SkyPilot, which would relaunch the job. Reports and the log go under the shard index (instance <i>).
+  unset CONTAINER_API_KEY
+  export CONTAINER_ID="${PAGATING_SHARD%%/*}"
+fi
 export PAGATING_STATE_DIR="${PAGATING_STATE_DIR:-$(mktemp -d)}"
 if [ -z "${PAGATING_LOG:-}" ]; then  # run without the bootstrap: keep a log all the same
   export PAGATING_LOG="$PAGATING_STATE_DIR/onstart.log"

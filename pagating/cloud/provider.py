@@ -114,6 +114,10 @@ def check_request(limits: RequestLimits, *, startup: str, env: dict[str, str], l
 # `pagating <name> ...` -> how to get the provider's client: a module name (its `connect(need_key)` is
 # called; the module is imported only when the verb runs) or the `connect` callable itself.
 PROVIDERS: dict[str, str | Callable[[bool], Provider]] = {"vast": "pagating.cloud.providers.vast"}
+# Providers that hand the machines to another orchestrator (SkyPilot's managed jobs rent, recover and stop
+# them), so the shared rent/watch/destroy flows do not apply: `pagating <name> ...` is the module's own
+# `register_cli(sub)`, over the same shared parts (cloud.env, cloud.sweep_run, pagating.cost).
+ORCHESTRATORS: dict[str, str] = {"sky": "pagating.cloud.providers.sky"}
 
 
 def register_provider(name: str, connect: str | Callable[[bool], Provider]) -> None:
