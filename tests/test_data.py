@@ -18,8 +18,7 @@ import yaml
 from conftest import REPO, free_port, run_cli
 
 from pagating.config import UserError, load_config
-from pagating.data import corpora, dataset, dvc
-from pagating.data.prepare import prepare
+from pagating.data import corpora, dataset, dvc, prepare
 
 BIN = Path(sys.executable).parent
 # In the temp repos below, which hold copies of pagating/{config,data}.py for dvc.yaml's deps, the console
