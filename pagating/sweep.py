@@ -28,6 +28,8 @@ from typing import Any
 
 from pagating import names, runtime
 from pagating.config import UserError, add_config_args, config_from_args, sets_from_args, view
+from pagating.data.dataset import check_prepared
+from pagating.data.dvc import data_md5
 from pagating.grid import config_for, grid, parse_shard, sweep_identity, take_shard
 from pagating.identity import RunIdentity
 from pagating.names import SWEEP_JSON
@@ -124,8 +126,6 @@ def sweep(base: dict, *, shard: str = "0/1", gpus: str = "auto", device: str = "
           sweep_id: str | None = None, extra_sets: list[str] | None = None,
           summary_path: str | Path = SWEEP_JSON) -> dict[str, Any]:
     """Check everything, open the parent run, plan (skip / resume / run), run what is left, summarise."""
-    from pagating.data.dataset import check_prepared
-
     extra_sets = list(extra_sets or [])
     # 1. Everything checkable is checked before the parent run exists.
     configs = grid(base)
@@ -159,8 +159,6 @@ def open_parent(mlf, base: dict, configs: list[dict], meta: dict, sweep_id: str,
     tagged, with the grid as params. `mlflow run` without --experiment-name puts its run in Default:
     then it only points to this sweep. Returns (experiment id, parent run id)."""
     from mlflow.entities import Param, RunTag  # heavy: mlflow, only opening the parent needs its entities
-
-    from pagating.data.dvc import data_md5
 
     exp_id = store.experiment_id(mlf, base)
     parent_id = launcher_parent(mlf, exp_id)

@@ -21,6 +21,7 @@ from typing import Any
 
 from pagating import flops, names, runtime
 from pagating.config import PLAIN, UserError, add_config_args, config_from_args, flatten, is_plain, view
+from pagating.data.dataset import check_prepared, load_tokenizer
 from pagating.gpu import gpu_name
 from pagating.identity import RunIdentity
 from pagating.run import CHECKPOINT_BYTES_PER_PARAM, Job, TrainingRun, find_resume, finished_run
@@ -117,8 +118,6 @@ def check(cfg: dict, *, device: str, precision: str, threads: int | None,
           parent_run_id: str | None) -> tuple[Job, RunIdentity]:
     """1. Every input check, before anything is written; the settings resolved (device, precision,
     threads) and where the run goes (server, experiment, parent)."""
-    from pagating.data.dataset import check_prepared
-
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     validate(cfg, world)
@@ -207,7 +206,7 @@ def make_trainer(job: Job, net: Net, run: TrainingRun):
     from transformers import default_data_collator
 
     from pagating import trainer as hf  # heavy: imports transformers at load
-    from pagating.data.dataset import PackedDataset, load_tokenizer
+    from pagating.data.dataset import PackedDataset  # heavy: its first use imports torch
 
     cfg, meta, config = job.cfg, job.meta, net.config
     cuda = job.device == "cuda"
@@ -246,8 +245,6 @@ def fit(trainer, ckpt: Path | None, cfg: dict) -> dict[str, float]:
     """5. Train (the Trainer restores optimizer, LR schedule, RNG and data order on resume), then the
     test split, once, on the final weights. The Trainer itself evaluates at the last step; a checkpoint
     of the last step trains nothing more."""
-    from pagating.data.dataset import PackedDataset
-
     if ckpt is not None and _checkpoint_global_step(ckpt) >= view(cfg).train.max_steps:
         from transformers import TrainerState  # heavy: transformers; only a resume at the last step needs it
 
@@ -257,6 +254,8 @@ def fit(trainer, ckpt: Path | None, cfg: dict) -> dict[str, float]:
         trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
         if not any("eval_loss" in e and e.get("step") == trainer.state.global_step for e in trainer.state.log_history):
             trainer.evaluate()  # max_steps not a multiple of eval_steps: the final eval still happens, whole split
+    from pagating.data.dataset import PackedDataset  # heavy: its first use imports torch
+
     return trainer.evaluate(PackedDataset(cfg["data"]["prepared_dir"], "test"), metric_key_prefix="test")
 
 
@@ -349,8 +348,6 @@ def launch_ddp(args, cfg: dict, resume: str) -> int:
 
     Resume is resolved here, once, so N processes never download the same checkpoint at once.
     """
-    from pagating.data.dataset import check_prepared
-
     validate(cfg, args.nproc)
     meta = check_prepared(cfg)  # made from this config, else exit 2 naming the fix
     uri = store.tracking_uri(cfg)

@@ -29,7 +29,7 @@ DEFAULT_STALL_MINUTES = 30
 OFFERS_VERB, LAUNCH_VERB = "cloud offers", "cloud launch"
 
 
-def _guard(func):
+def guard(func):
     """The provider's failures print one line and exit 1 instead of a traceback."""
     @functools.wraps(func)
     def wrapped(args):
@@ -74,7 +74,7 @@ def _launch_parser(verbs) -> None:
                    help="return once the instances exist (`watch` then destroys stuck ones)")
     p.add_argument("--dry-run", action="store_true",
                    help="print offer, env (masked), onstart and cost; rent nothing")
-    p.set_defaults(func=_guard(launch.cmd_launch))
+    p.set_defaults(func=guard(launch.cmd_launch))
 
 
 def _status_parsers(verbs) -> None:
@@ -95,7 +95,7 @@ def _status_parsers(verbs) -> None:
             p.add_argument("--start-timeout", type=float, default=None, metavar="MIN",
                            help="destroy instances loading, exited or offline this long "
                                 f"(default {defaults('cloud')['start_timeout_min']:g})")
-        p.set_defaults(func=_guard(func))
+        p.set_defaults(func=guard(func))
 
 
 def _instance_parsers(verbs) -> None:
@@ -103,13 +103,13 @@ def _instance_parsers(verbs) -> None:
     p.add_argument("instance", type=int)
     p.add_argument("--tracking-uri", default=None, help="MLflow server (default MLFLOW_TRACKING_URI)")
     p.add_argument("--tail", type=int, default=200, help="last N lines")
-    p.set_defaults(func=_guard(instances.cmd_logs))
+    p.set_defaults(func=guard(instances.cmd_logs))
 
     p = verbs.add_parser("destroy", help="destroy instances (ends billing)")
     p.add_argument("ids", nargs="*", help="instance ids")
     p.add_argument("--sweep", default=None, help="every instance of this sweep")
     p.add_argument("--all", action="store_true", help="every pagating-* instance")
-    p.set_defaults(func=_guard(instances.cmd_destroy))
+    p.set_defaults(func=guard(instances.cmd_destroy))
 
     p = verbs.add_parser("watchdog", help="(on the instance) destroy it at the budget or on a stall")
     watchdog.add_arguments(p)
@@ -125,7 +125,7 @@ def register_provider_cli(sub, name: str) -> None:
     p = verbs.add_parser("offers", help="offers ranked by projected sweep cost")
     _offer_flags(p, OFFERS_VERB)
     p.add_argument("--limit", type=int, default=10, help="rows to print")
-    p.set_defaults(func=_guard(offers.cmd_offers))
+    p.set_defaults(func=guard(offers.cmd_offers))
     _launch_parser(verbs)
     _status_parsers(verbs)
     _instance_parsers(verbs)

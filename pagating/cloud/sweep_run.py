@@ -15,6 +15,7 @@ from pagating import cost, names
 from pagating.cloud.env import SECRET_NAME, parse_label
 from pagating.config import UserError, experiment_name
 from pagating.grid import config_for, grid
+from pagating.identity import run_name
 from pagating.tracking import store
 from pagating.tracking.store import mask_uri
 
@@ -174,8 +175,6 @@ def grid_state(uri: str, sweep_id: str, cfg: dict) -> dict[str, str]:
     """Each config of the grid by run name -> FINISHED | RUNNING | FAILED | KILLED | not started: FINISHED
     when a run of it finished (this sweep's, or any run of the grid's config hashes), else its sweep run's
     latest status."""
-    from pagating.identity import run_name
-
     run_names = [run_name(config_for(cfg, o)) for o in grid(cfg)]
     prefix = cfg["tracking"]["experiment_prefix"]
     with cost.quick_mlflow():

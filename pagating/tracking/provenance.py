@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pagating.config import flatten, load_config
+from pagating.data.dvc import dvc_default_remote
 from pagating.tracking.store import strip_credentials
 
 RUN_FILE = "pagating_run.json"  # run identity, kept in the output dir and in every checkpoint
@@ -66,9 +67,6 @@ def source_tags(entry_point: str, commit: str | None) -> dict[str, str]:
 
 def dvc_data_source(root: str | Path = ".", path: str = "data/raw") -> str:
     """Where data.dvc's data lives: the default DVC remote's URL (no credentials), else the local path."""
-    # Not at the top: pagating.data loads numpy (~0.1 s), and only creating a run needs the remote.
-    from pagating.data.dvc import dvc_default_remote
-
     remote = dvc_default_remote(Path(root), with_local=True)
     return strip_credentials(remote[1]) if remote else str((Path(root) / path).resolve())
 

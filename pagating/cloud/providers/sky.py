@@ -35,12 +35,13 @@ import yaml
 
 from pagating import cost, names
 from pagating.cloud import env as cloud_env
-from pagating.cloud import show, sweep_run
-from pagating.config import SETTINGS, UserError, add_config_args, load_config, overrides_from_args, project_root
+from pagating.cloud import offers, show, sweep_run
+from pagating.cloud.cli import guard
+from pagating.cloud.provider import ProviderError
+from pagating.config import SETTINGS, UserError, add_config_args, project_root
 from pagating.grid import grid, take_shard
 from pagating.tracking import store
 
-DEFAULT_PROFILE = "wikitext103"  # the GPU runs the real thing; --profile overrides
 TASK_DIR = "sky"  # the task YAMLs, one per shard (.gitignore keeps them out of git)
 INSTALL = ("SkyPilot's `sky` command not found: install it in its own environment (`uv tool install "
            "'skypilot[vast]==0.14.1'` or pipx; it cannot share this project's venv), or pass --sky-bin PATH "
@@ -76,8 +77,8 @@ cd "${PAGATING_WORKDIR:-$HOME/pagating}" && exec bash scripts/onstart.sh
 """
 
 
-class SkyError(RuntimeError):
-    """SkyPilot failed us (not the user's doing): one line, exit 1."""
+class SkyError(ProviderError):
+    """SkyPilot failed us (not the user's doing): one line, exit 1 (cloud.cli.guard)."""
 
 
 # ---- the one door to SkyPilot -----------------------------------------------------------------
@@ -219,17 +220,6 @@ def task_yaml(name: str, res: dict, envs: dict[str, str], secret_names) -> str:
 
 # ---- launch -----------------------------------------------------------------------------------
 
-def config_for(args) -> dict[str, Any]:
-    """The profile with cloud.* flags and `--set`s: the job runs the committed params.yaml, so only what
-    to rent and spend may change from here."""
-    overrides = overrides_from_args(args)
-    other = sorted(k for k in overrides if not k.startswith("cloud."))
-    if other:
-        raise UserError(f"--set {other[0]}: the job runs the committed params.yaml, so `sky` takes cloud.* "
-                        "settings only; commit the change to params.yaml and launch that commit")
-    return load_config(args.profile or DEFAULT_PROFILE, overrides)
-
-
 def _checks(args, cfg: dict) -> dict[str, Any]:
     """Everything launch checks before it writes a file or calls SkyPilot; the shards' common env."""
     configs = grid(cfg)
@@ -290,7 +280,7 @@ def price(args, cfg: dict, plan: dict, binary: str) -> float:
 
 
 def cmd_launch(args) -> int:
-    cfg = config_for(args)
+    cfg = offers.config_for(args)
     binary = sky_binary(cfg)
     plan = _checks(args, cfg)
     rate = price(args, cfg, plan, binary)
@@ -323,23 +313,12 @@ def cmd_launch(args) -> int:
 
 # ---- status, logs, cancel -----------------------------------------------------------------------
 
-def _guard(func):
-    """SkyPilot failures print one line and exit 1 instead of a traceback."""
-    def wrapped(args):
-        try:
-            return func(args)
-        except SkyError as exc:
-            print(f"pagating sky: {exc}", file=sys.stderr)
-            return 1
-    return wrapped
-
-
 def _of_sweep(rows: list[dict], sweep: str | None) -> list[dict]:
     return [r for r in rows if sweep is None or cloud_env.parse_label(r["job_name"])[0] == sweep]
 
 
 def cmd_status(args) -> int:
-    cfg = config_for(args)
+    cfg = offers.config_for(args)
     rows = _of_sweep(queue(sky_binary(cfg)), args.sweep)
     if not rows:
         print("no pagating managed jobs" + (f" of sweep {args.sweep}" if args.sweep else ""))
@@ -367,14 +346,14 @@ def cmd_logs(args) -> int:
     if not cloud_env.parse_label(args.job):
         raise UserError(f"{args.job!r} is not a pagating job name (pagating-<sweep id>-<i>; `pagating sky status`)")
     extra = ["--tail", str(args.tail)] if args.tail else []
-    return sky(sky_binary(config_for(args)), "jobs", "logs", "--name", args.job,
+    return sky(sky_binary(offers.config_for(args)), "jobs", "logs", "--name", args.job,
                "--follow" if args.follow else "--no-follow", *extra).returncode
 
 
 def cmd_cancel(args) -> int:
     if not (args.names or args.sweep or args.all):
         raise UserError("say what to cancel: job names, --sweep ID, or --all (every pagating-* job)")
-    binary = sky_binary(config_for(args))
+    binary = sky_binary(offers.config_for(args))
     bad = [n for n in args.names if not cloud_env.parse_label(n)]
     if bad:
         raise UserError(f"{bad[0]!r} is not a pagating job name (pagating-<sweep id>-<i>)")
@@ -449,32 +428,32 @@ def _launch_flags(p: argparse.ArgumentParser) -> None:
 def register_cli(sub) -> None:
     top = sub.add_parser("sky", help="run the sweep's shards as SkyPilot managed jobs (any cloud)",
                          description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    top.set_defaults(func=lambda a: top.print_help() or 2)
+    top.set_defaults(func=lambda a: top.print_help() or 2, provider="sky")
     verbs = top.add_subparsers(dest="sky_verb", metavar="<command>")
 
     p = verbs.add_parser("launch", help="one managed job per shard, within the budget")
-    add_config_args(p, "sky launch", default_profile=DEFAULT_PROFILE)
+    add_config_args(p, "sky launch", default_profile=offers.DEFAULT_PROFILE)
     _launch_flags(p)
-    p.set_defaults(func=_guard(cmd_launch))
+    p.set_defaults(func=guard(cmd_launch))
 
     p = verbs.add_parser("status", help="the sweeps' managed jobs and their progress")
-    add_config_args(p, "sky status", default_profile=DEFAULT_PROFILE)
+    add_config_args(p, "sky status", default_profile=offers.DEFAULT_PROFILE)
     p.add_argument("--sweep", default=None, help="only this sweep id")
     p.add_argument("--tracking-uri", default=None, help="MLflow server (default MLFLOW_TRACKING_URI)")
-    p.set_defaults(func=_guard(cmd_status))
+    p.set_defaults(func=guard(cmd_status))
 
     p = verbs.add_parser("logs", help="a job's log (`sky jobs logs`)")
-    add_config_args(p, "sky logs", default_profile=DEFAULT_PROFILE)
+    add_config_args(p, "sky logs", default_profile=offers.DEFAULT_PROFILE)
     p.add_argument("job", nargs="?", default="", help="job name, pagating-<sweep id>-<i>")
     p.add_argument("--follow", action="store_true", help="keep printing while the job runs")
     p.add_argument("--tail", type=int, default=200, help="last N lines (0: all)")
-    p.set_defaults(func=_guard(cmd_logs))
+    p.set_defaults(func=guard(cmd_logs))
 
     p = verbs.add_parser("cancel", help="cancel managed jobs (their machines go)")
-    add_config_args(p, "sky cancel", default_profile=DEFAULT_PROFILE)
+    add_config_args(p, "sky cancel", default_profile=offers.DEFAULT_PROFILE)
     p.add_argument("names", nargs="*", help="job names")
     p.add_argument("--sweep", default=None, help="every job of this sweep")
     p.add_argument("--all", action="store_true", help="every pagating-* job")
     p.add_argument("--tracking-uri", default=None, help="MLflow server of the parent runs (default "
                    "MLFLOW_TRACKING_URI)")
-    p.set_defaults(func=_guard(cmd_cancel))
+    p.set_defaults(func=guard(cmd_cancel))
