@@ -3,7 +3,7 @@
 # of the pinned commit (scripts/bootstrap.sh, the short text sent to Vast, checks it out and execs
 # this). Installs the project with the DVC plugin its remote needs, insists on CUDA, pulls the data
 # with DVC, runs one shard of the sweep against the remote MLflow server, uploads its whole log to
-# the sweep's parent run (logs/instance-<id>.log: every minute, and at the end), and destroys its own
+# the sweep's parent run (logs/instance-<id>.log, or logs/$PAGATING_LOG_NAME: every minute, and at the end), and destroys its own
 # instance at the end, success or failure (EXIT trap; the DELETE is retried for as long as the box
 # lives). A background watchdog stops it earlier when spend reaches the budget or training stops
 # making progress: the same EXIT trap then records why (report + log) before the DELETE.
@@ -18,6 +18,7 @@
 #   PAGATING_GPUS                         -P gpus=... for multi-GPU instances
 #   PAGATING_DATA=sample                  rebuild the sample corpus instead of `dvc pull data.dvc`
 #   PAGATING_LOG, PAGATING_LOG_UPLOAD_S   the log file (set by the bootstrap), upload period (60 s)
+#   PAGATING_LOG_NAME                     its name on the parent run (`pagating sky`: <job>.log)
 #   PAGATING_WATCHDOG_POLL_S              seconds between the watchdog's checks (60)
 #   PAGATING_EXIT_CALL_TIMEOUT_S          each tracking-server call on the way out is killed after this (60)
 #   MLFLOW_TRACKING_URI, MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN

@@ -388,6 +388,6 @@ def test_a_job_runs_its_shard_like_a_vast_instance_and_a_killed_one_resumes_its_
     # each job's log on the parent run, no secret in it
     for i in range(2):
         assert parent_run.data.tags[f"pagating.instance.{i}"].startswith("finished")
-        log = Path(client.download_artifacts(parent, f"logs/instance-{i}.log", str(tmp_path))).read_text()
+        log = Path(client.download_artifacts(parent, f"logs/pagating-sim-{i}.log", str(tmp_path))).read_text()
         assert f"sweep shard {i}/2 finished" in log and "dvc pull data.dvc" in log
         assert not any(s in log for s in (GPU_PW, GPU_PW[-100:], AWS["AWS_SECRET_ACCESS_KEY"]))

@@ -75,7 +75,9 @@ def upload_log(path: str | None = None) -> str:
         return "log not uploaded: no PAGATING_PARENT_RUN_ID"
     if not path or not Path(path).is_file():
         return f"log not uploaded: no log file {path!r}"
-    name, mlf = log_artifact_name(instance_id()), _client()
+    # PAGATING_LOG_NAME: a job's own name (`pagating sky`: logs/<job>.log); else logs/instance-<id>.log
+    name = Path(os.environ.get("PAGATING_LOG_NAME") or log_artifact_name(instance_id())).name
+    mlf = _client()
     with tempfile.TemporaryDirectory() as tmp:  # a snapshot: the live file keeps growing
         shutil.copyfile(path, Path(tmp) / name)
         retry(lambda: mlf.log_artifact(run_id, str(Path(tmp) / name), names.LOG_ARTIFACT_DIR), "log upload",

@@ -252,6 +252,7 @@ def write_tasks(args, cfg: dict, plan: dict, rate: float, parent: str | None) ->
             sweep_id=plan["sweep_id"], parent_run_id=parent, rate=rate, budget=cfg["cloud"]["budget_usd"] / args.jobs,
             stall_s=args.stall_minutes * 60, interruptible=args.interruptible, num_gpus=args.num_gpus,
             tracking_uri=plan["uri"], extra=plan["extra"])
+        env["PAGATING_LOG_NAME"] = f"{name}.log"  # on the parent as logs/<job>.log
         envs, secrets = split_secrets({k: v for k, v in env.items() if k not in NOT_SENT})
         path = folder / f"{name}.yaml"
         path.write_text(task_yaml(name, plan["res"], envs, secrets))
