@@ -37,6 +37,7 @@ class UserError(ValueError):
 
 TRAIN_VERBS = ("train", "sweep")  # a sweep passes these on to every child run
 CLOUD_VERBS = ("cloud offers", "cloud launch")  # the shared cloud flows, whatever the provider (cloud/cli.py)
+SKY_LAUNCH = ("sky launch",)  # SkyPilot places the job itself: only what to rent and spend (no Vast-only filters)
 
 
 def setting(default: Any, help: str, *, flags: tuple[str, ...] | None = None, verbs: tuple[str, ...] = (),
@@ -116,14 +117,17 @@ class Tracking:
 class Cloud:
     """`cloud`: renting a GPU (`pagating vast`). Its flags keep vast's dashed spellings."""
     gpu_name: str = setting("RTX 4090", "GPU model, Vast spelling ('any' for all)", flags=("--gpu-name",),
-                            verbs=CLOUD_VERBS)
+                            verbs=CLOUD_VERBS + SKY_LAUNCH)
     min_reliability: float = setting(0.95, "lowest host reliability", flags=("--min-reliability",),
                                      verbs=CLOUD_VERBS)
-    min_disk_gb: float = setting(50, "least disk an offer must have (GB)", flags=("--min-disk-gb",), verbs=CLOUD_VERBS)
+    min_disk_gb: float = setting(50, "least disk an offer must have (GB)", flags=("--min-disk-gb",),
+                                 verbs=CLOUD_VERBS + SKY_LAUNCH)
     min_inet_down_mbps: float = setting(100, "least download bandwidth (Mbit/s)", flags=("--min-inet-down",),
                                         verbs=CLOUD_VERBS)
-    budget_usd: float = setting(50, "most the sweep may cost (USD)", flags=("--budget",), verbs=CLOUD_VERBS)
-    image: str = setting("pytorch/pytorch:2.6.0-cuda12.4-cudnn9-runtime", "docker image", verbs=CLOUD_VERBS)
+    budget_usd: float = setting(50, "most the sweep may cost (USD)", flags=("--budget",),
+                                  verbs=CLOUD_VERBS + SKY_LAUNCH)
+    image: str = setting("pytorch/pytorch:2.6.0-cuda12.4-cudnn9-runtime", "docker image",
+                         verbs=CLOUD_VERBS + SKY_LAUNCH)
     image_cuda: float = setting(12.4, "CUDA of an image whose tag does not say; offers need cuda_max_good >= it",
                                 flags=("--image-cuda",), verbs=CLOUD_VERBS)
     start_timeout_min: float = setting(15, "destroy an instance that has not started its onstart by then (min)",

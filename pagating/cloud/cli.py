@@ -57,19 +57,24 @@ def _offer_flags(p: argparse.ArgumentParser, verb: str) -> None:
     p.add_argument("--tracking-uri", default=None, help="MLflow server (default MLFLOW_TRACKING_URI)")
 
 
+def source_flags(p: argparse.ArgumentParser, machine: str, named: str, stops: str, env_note: str = "") -> None:
+    """What a launch runs and how it stops, for every provider's launch (the shared flows' and sky's):
+    `machine` is what runs a shard ("instance", "job"), `named` what carries the sweep id."""
+    p.add_argument("--env", action="append", default=[], metavar="NAME[=VALUE]",
+                   help=f"extra {machine} env, e.g. DVC remote credentials (NAME alone forwards this shell's "
+                   f"value{env_note})")
+    p.add_argument("--repo", default=None, help=f"git URL the {machine} clones (default PAGATING_REPO, else origin)")
+    p.add_argument("--commit", default=None, help="commit to run (default HEAD)")
+    p.add_argument("--allow-dirty", action="store_true", help="launch HEAD despite uncommitted changes")
+    p.add_argument("--sweep-id", default=None, help=f"id in {named} and PAGATING_SWEEP_ID (default: new)")
+    p.add_argument("--stall-minutes", type=float, default=DEFAULT_STALL_MINUTES,
+                   help=f"the {machine} {stops} after this long without progress")
+
+
 def _launch_parser(verbs) -> None:
     p = verbs.add_parser("launch", help="rent the cheapest offer(s) within the budget and run the sweep")
     _offer_flags(p, LAUNCH_VERB)
-    p.add_argument("--env", action="append", default=[], metavar="NAME[=VALUE]",
-                   help="extra instance env, e.g. DVC remote credentials (NAME alone forwards this "
-                   "shell's value)")
-    p.add_argument("--repo", default=None,
-                   help="git URL the instance clones (default PAGATING_REPO, else origin)")
-    p.add_argument("--commit", default=None, help="commit to run (default HEAD)")
-    p.add_argument("--allow-dirty", action="store_true", help="launch HEAD despite uncommitted changes")
-    p.add_argument("--sweep-id", default=None, help="id in labels and PAGATING_SWEEP_ID (default: new)")
-    p.add_argument("--stall-minutes", type=float, default=DEFAULT_STALL_MINUTES,
-                   help="the instance destroys itself after this long without progress")
+    source_flags(p, "instance", "labels", "destroys itself")
     p.add_argument("--no-wait", action="store_true",
                    help="return once the instances exist (`watch` then destroys stuck ones)")
     p.add_argument("--dry-run", action="store_true",

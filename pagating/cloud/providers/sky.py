@@ -36,9 +36,9 @@ import yaml
 from pagating import cost, names
 from pagating.cloud import env as cloud_env
 from pagating.cloud import offers, show, sweep_run
-from pagating.cloud.cli import guard
+from pagating.cloud.cli import guard, source_flags
 from pagating.cloud.provider import ProviderError
-from pagating.config import SETTINGS, UserError, add_config_args, project_root
+from pagating.config import UserError, add_config_args, project_root
 from pagating.grid import grid, take_shard
 from pagating.tracking import store
 
@@ -56,8 +56,6 @@ INFRA = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.*/-]*$")  # vast, aws/us-east-1, k8
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 CHOSEN = "\u2714"  # the optimizer's mark on the row it picked
 # cloud settings `sky launch` takes as flags (config.py declares them for `vast`'s verbs)
-LAUNCH_SETTINGS = ("cloud.gpu_name", "cloud.min_disk_gb", "cloud.budget_usd", "cloud.image")
-DEFAULT_STALL_MINUTES = 30
 
 SETUP = """\
 # pagating: check out the pinned commit (what scripts/bootstrap.sh does on Vast)
@@ -400,10 +398,6 @@ def _note_cancelled(args, jobs: list[str], binary: str) -> None:
 # ---- CLI --------------------------------------------------------------------------------------
 
 def _launch_flags(p: argparse.ArgumentParser) -> None:
-    for key in LAUNCH_SETTINGS:  # the Vast verbs' cloud flags, the same spellings and settings
-        s = SETTINGS[key]
-        p.add_argument(*s.flags, dest=key, default=None, metavar=s.type.__name__.upper(),
-                       help=f"{s.help} (params {key})")
     p.add_argument("--infra", action="append", default=[], metavar="INFRA[,INFRA...]",
                    help="where SkyPilot may run the jobs: vast, runpod, lambda, aws, gcp, kubernetes, ... "
                    "(repeatable; several are SkyPilot's any_of; default: every cloud `sky check` enabled)")
@@ -413,15 +407,7 @@ def _launch_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--s-per-step", type=float, default=None,
                    help="seconds per step to project with (default: measured in MLflow, else estimated)")
     p.add_argument("--tracking-uri", default=None, help="MLflow server (default MLFLOW_TRACKING_URI)")
-    p.add_argument("--env", action="append", default=[], metavar="NAME[=VALUE]",
-                   help="extra job env, e.g. DVC remote credentials (NAME alone forwards this shell's value; "
-                   "secret-looking names go through SkyPilot's secrets)")
-    p.add_argument("--repo", default=None, help="git URL the job clones (default PAGATING_REPO, else origin)")
-    p.add_argument("--commit", default=None, help="commit to run (default HEAD)")
-    p.add_argument("--allow-dirty", action="store_true", help="launch HEAD despite uncommitted changes")
-    p.add_argument("--sweep-id", default=None, help="id in job names and PAGATING_SWEEP_ID (default: new)")
-    p.add_argument("--stall-minutes", type=float, default=DEFAULT_STALL_MINUTES,
-                   help="the job stops after this long without progress")
+    source_flags(p, "job", "job names", "stops", "; secret-looking names go through SkyPilot's secrets")
     p.add_argument("--dry-run", action="store_true",
                    help=f"write each shard's task to {TASK_DIR}/ and print its `sky jobs launch`; launch nothing")
 
