@@ -226,6 +226,14 @@ def new_sweep_id() -> str:
     return time.strftime("%m%d%H%M") + secrets.token_hex(2)
 
 
+def sweep_id_of(given: str | None) -> str:
+    """--sweep-id as given (it names labels, jobs and PAGATING_SWEEP_ID: a safe charset), else a new one."""
+    sweep_id = given or new_sweep_id()
+    if not SWEEP_ID.match(sweep_id):
+        raise UserError(f"--sweep-id {sweep_id!r}: use letters, digits, '.' and '_' only")
+    return sweep_id
+
+
 def instance_env(*, repo: str, commit: str, profile: str, shard: str, sweep_id: str, parent_run_id: str | None,
                  rate: float, budget: float, stall_s: float, interruptible: bool, num_gpus: int,
                  tracking_uri: str, extra: dict[str, str], forwarded: tuple[str, ...] = ()) -> dict[str, str]:

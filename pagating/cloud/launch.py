@@ -96,9 +96,7 @@ def cmd_launch(args) -> int:
     repo = cloud_env.resolve_repo(args.repo)
     commit = cloud_env.resolve_commit(args.commit, args.allow_dirty)
     extra_env = {**cloud_env.data_env(cfg, project_root()), **cloud_env.parse_env_flags(args.env, client.never_sent)}
-    sweep_id = args.sweep_id or cloud_env.new_sweep_id()
-    if not cloud_env.SWEEP_ID.match(sweep_id):
-        raise UserError(f"--sweep-id {sweep_id!r}: use letters, digits, '.' and '_' only")
+    sweep_id = cloud_env.sweep_id_of(args.sweep_id)
     args.disk = max(args.disk or 0, args.min_disk_gb)
     cloud_env.check_commit_on_remote(repo, commit)  # before any provider call: the instance must find it
 

@@ -39,7 +39,7 @@ from pagating.cloud import offers, show, sweep_run
 from pagating.cloud.cli import guard, source_flags
 from pagating.cloud.provider import ProviderError
 from pagating.config import UserError, add_config_args, project_root
-from pagating.grid import grid, take_shard
+from pagating.grid import grid
 from pagating.tracking import store
 
 TASK_DIR = "sky"  # the task YAMLs, one per shard (.gitignore keeps them out of git)
@@ -223,9 +223,7 @@ def _checks(args, cfg: dict) -> dict[str, Any]:
     configs = grid(cfg)
     if not 1 <= args.jobs <= len(configs):
         raise UserError(f"--jobs {args.jobs}: give 1 to {len(configs)} (the grid's configs)")
-    sweep_id = args.sweep_id or cloud_env.new_sweep_id()
-    if not cloud_env.SWEEP_ID.match(sweep_id):
-        raise UserError(f"--sweep-id {sweep_id!r}: use letters, digits, '.' and '_' only")
+    sweep_id = cloud_env.sweep_id_of(args.sweep_id)
     uri = cloud_env.check_tracking_uri(args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
     repo = cloud_env.resolve_repo(args.repo)
     commit = cloud_env.resolve_commit(args.commit, args.allow_dirty)
@@ -233,7 +231,7 @@ def _checks(args, cfg: dict) -> dict[str, Any]:
              "PAGATING_PROVIDER": "sky"}
     res = resources(args, cfg)
     cloud_env.check_commit_on_remote(repo, commit)
-    sizes = [len(take_shard(configs, i, args.jobs)) for i in range(args.jobs)]
+    sizes = cost.shard_sizes(len(configs), args.jobs)
     return {"sweep_id": sweep_id, "uri": uri, "repo": repo, "commit": commit, "extra": extra, "res": res,
             "sizes": sizes}
 
