@@ -14,13 +14,18 @@ from typing import Any
 from pagating.config import config_hash, experiment_name, is_plain, view
 
 
+def config_label(unit: str, alpha_mode: str, lr: float | None) -> str:
+    """A config's name, the run name without the seed (the report groups seeds under it)."""
+    lr_text = "?" if lr is None else f"{lr:g}"
+    return f"plain lr={lr_text}" if is_plain(unit) else f"{unit} {alpha_mode} lr={lr_text}"  # plain: no α
+
+
 def run_name(cfg: dict[str, Any]) -> str:
     """`<unit> <alpha_mode> lr=<lr>`, plus ` seed=<seed>` when the sweep grid repeats configs over seeds (so
     one parent never holds two runs of the same name)."""
     c = view(cfg)
     t = c.train
-    name = (f"plain lr={t.learning_rate:g}" if is_plain(c.model.unit)  # GPT-2's own MLP: no α
-            else f"{c.model.unit} {t.alpha_mode} lr={t.learning_rate:g}")
+    name = config_label(c.model.unit, t.alpha_mode, t.learning_rate)
     seeds = c.sweep.get("seed")
     return f"{name} seed={t.seed}" if isinstance(seeds, list) and len(seeds) > 1 else name
 

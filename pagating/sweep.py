@@ -31,7 +31,7 @@ from pagating.config import UserError, add_config_args, config_from_args, sets_f
 from pagating.data.dataset import check_prepared
 from pagating.data.dvc import data_md5
 from pagating.grid import config_for, grid, parse_shard, sweep_identity, take_shard
-from pagating.identity import RunIdentity
+from pagating.identity import RunIdentity, config_label
 from pagating.names import SWEEP_JSON
 from pagating.report import stats
 from pagating.sweep_worker import Worker
@@ -103,7 +103,7 @@ def log_best(mlf, parent_id: str, exp_id: str, sweep_id: str, run_ids: list[str]
         if names.FINAL_EVAL_LOSS not in m:
             continue
         lr, seed = p.get("train.learning_rate"), p.get("train.seed")
-        rows.append({"config": stats.config_label(p.get("model.unit", "?"), p.get("train.alpha_mode", "?"),
+        rows.append({"config": config_label(p.get("model.unit", "?"), p.get("train.alpha_mode", "?"),
                                                   float(lr) if lr else None),
                      "unit": p.get("model.unit", "?"), "d_ff": p.get("model.d_ff"), "run_id": r.info.run_id,
                      "seed": int(seed) if seed else None, "val_loss": m[names.FINAL_EVAL_LOSS],

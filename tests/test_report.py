@@ -453,7 +453,7 @@ def test_holm_and_paired_statistics():
 
 
 def _rows(unit, mode, lr, vals, tests, n_params):
-    from pagating.report.stats import config_label
+    from pagating.identity import config_label
 
     return [{"config": config_label(unit, mode, lr), "unit": unit, "alpha_mode": mode, "learning_rate": lr,
              "n_params": n_params, "flops_per_token": None, "d_ff": None, "seed": s, "val_loss": v, "test_loss": t,
@@ -485,7 +485,7 @@ def test_noise_only_gives_the_smallest_detectable_difference_and_unequal_arms_ar
 # Audit follow-ups: one run per seed, whole-split losses only, test seeds, honest "no p", figures -------------
 
 def _run_row(unit, mode, lr, seed, val, test=None, *, start=0, curve=None, alpha=None, util=None):
-    from pagating.report.stats import config_label
+    from pagating.identity import config_label
 
     return {"config": config_label(unit, mode, lr), "unit": unit, "alpha_mode": mode, "learning_rate": lr,
             "n_params": 1000, "flops_per_token": None, "d_ff": None, "seed": seed, "val_loss": val,

@@ -123,11 +123,9 @@ def instance_log(uri: str, instance_id: int) -> str:
 def sweep_progress(uri: str, sweep_id: str, cfg: dict) -> dict:
     """Configs done (FINISHED runs of the grid's configs, by config hash, whatever sweep ran them),
     running children with their latest train/loss step, the sweep's mean s/step."""
-    from mlflow.tracking import MlflowClient
-
     prefix = cfg["tracking"]["experiment_prefix"]
     with cost.quick_mlflow():
-        client = MlflowClient(tracking_uri=uri)
+        client = store.client(uri)
         exp_ids = cost.pagating_experiments(client, prefix)
         runs = client.search_runs(exp_ids, filter_string=f"tags.\"{names.SWEEP_ID}\" = '{sweep_id}'",
                                   max_results=1000) if exp_ids else []

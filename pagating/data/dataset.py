@@ -14,8 +14,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from pagating.config import UserError, load_config, project_root
 
 META_FILE, TOKENIZER_DIR = "meta.json", "tokenizer"
@@ -85,6 +83,7 @@ def load_tokenizer(prepared_dir: str | os.PathLike):
 
 
 def _make_packed_dataset():
+    import numpy as np  # ~0.1 s: only reading the blocks needs it (sweep, report and cloud import this module)
     import torch  # heavy: ~2 s; `pagating data sample` and a check_prepared never need it
 
     class PackedDataset(torch.utils.data.Dataset):

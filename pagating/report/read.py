@@ -18,7 +18,7 @@ from typing import Any
 from pagating import names
 from pagating.config import PLAIN, UserError, experiment_name, is_plain
 from pagating.flops import flops_per_token
-from pagating.report.stats import config_label
+from pagating.identity import config_label
 from pagating.tracking import store
 
 GPU_UTIL = re.compile(r"system/gpu_(\d+)_utilization_percentage")

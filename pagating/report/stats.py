@@ -29,12 +29,6 @@ SPLITS = ("test", "val")  # the verdict's split first
 ZERO_SPREAD = 1e-9  # per-seed differences whose sd is below this share of the losses count as constant
 
 
-def config_label(unit: str, alpha_mode: str, lr: float | None) -> str:
-    """A config's name, the run name without the seed (pagating.identity.run_name)."""
-    lr_text = "?" if lr is None else f"{lr:g}"
-    return f"plain lr={lr_text}" if is_plain(unit) else f"{unit} {alpha_mode} lr={lr_text}"
-
-
 def mean_ci(values: list[float]) -> tuple[float, float | None]:
     """Mean and the half-width of its 95% t confidence interval (None for one value)."""
     from scipy import stats  # heavy: ~1 s, paid only where a statistic is computed
