@@ -61,16 +61,6 @@ def log_model(uri: str, run_id: str, model_dir: str | Path, step: int) -> str:
     return info.model_id
 
 
-def run_model_id(mlf, run) -> str | None:
-    """The id of the MLflow model a run logged as `model` (its newest), or None."""
-    outputs = getattr(run, "outputs", None)
-    ids = [o.model_id for o in (outputs.model_outputs if outputs else [])]
-    for model_id in reversed(ids):
-        if mlf.get_logged_model(model_id).name == names.MODEL_ARTIFACT:
-            return model_id
-    return None
-
-
 # `pagating sync` ------------------------------------------------------------------------------
 
 def sync(output_dir: str | Path, timeout_s: float = 120.0) -> int:

@@ -13,7 +13,7 @@ from conftest import REPO, free_port, running_auth_server
 
 from pagating import cli, server
 from pagating.config import UserError
-from pagating.publish import run_model_id
+from pagating.tracking.store import run_model_id
 
 ADMIN_PW = "adm1n-Secret-Pw-4821"
 GPU_PW = "gpu-Runner-Pw-7730"

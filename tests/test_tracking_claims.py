@@ -30,7 +30,7 @@ def runs_of(mlf, prefix):
 
 def test_same_config_twice_at_once_one_run(sample_project, mlflow_server, tmp_path):
     """Two `pagating train` of one config at once, every claim write held 1-5 s by a proxy."""
-    from pagating.publish import run_model_id
+    from pagating.tracking.store import run_model_id
 
     proxy = HoldProxy(mlflow_server.uri)
     args = ["train", *TINY, "--set", "tracking.experiment_prefix=twice", "--set", "tracking.claim_timeout_s=120",

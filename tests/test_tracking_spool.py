@@ -10,7 +10,7 @@ import pytest
 from conftest import MlflowServer, run_cli
 from mlflow.tracking import MlflowClient
 
-from pagating.publish import run_model_id
+from pagating.tracking.store import run_model_id
 
 pytestmark = pytest.mark.slow
 

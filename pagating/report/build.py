@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pagating import names, publish
+from pagating import names
 from pagating.config import UserError, add_config_args, config_from_args
 from pagating.report.markdown import summary_md
 from pagating.report.metrics import metrics_doc
@@ -101,7 +101,7 @@ def register_champion(mlf, uri: str, best: dict, name: str) -> str:
     import mlflow  # heavy: ~1 s; only --register needs the fluent API
 
     pick = median_run(best)
-    model_id = publish.run_model_id(mlf, mlf.get_run(pick["run_id"]))
+    model_id = store.run_model_id(mlf, mlf.get_run(pick["run_id"]))
     if model_id is None:
         raise UserError(f"the best config's median run {pick['run_id']} ({pick['name']}) logged no MLflow model; "
                         "rerun it with this version of pagating to register it")

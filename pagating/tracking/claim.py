@@ -31,8 +31,6 @@ import time
 import uuid
 from pathlib import Path
 
-import psutil
-
 from pagating import names
 from pagating.config import UserError
 
@@ -56,6 +54,8 @@ def host_tag() -> str:
 def process_identity() -> dict:
     """What tells this process apart from a later one with the same pid: the kernel's boot id, the pid
     namespace and the process's start time (psutil create_time). Off Linux: psutil's boot time, no namespace."""
+    import psutil  # ~40 ms: only a run taking a claim pays it, not every importer of tracking (report, cli)
+
     try:
         boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:
@@ -121,6 +121,8 @@ class Claim:
         (same hostname: a rebooted box, a container) cannot be looked up here, so only the heartbeat counts."""
         if any(claim.get(k) and claim[k] != self.me[k] for k in ("boot", "pidns")):
             return True
+        import psutil  # ~40 ms, see process_identity
+
         try:
             started = psutil.Process(int(claim["pid"])).create_time()
         except (psutil.NoSuchProcess, ValueError):

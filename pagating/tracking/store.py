@@ -292,3 +292,12 @@ def fluent_scope(uri: str, experiment_id: str | None = None):
             else:
                 os.environ[k] = v
 
+
+def run_model_id(mlf, run) -> str | None:
+    """The id of the MLflow model a run logged as `model` (its newest), or None."""
+    outputs = getattr(run, "outputs", None)
+    ids = [o.model_id for o in (outputs.model_outputs if outputs else [])]
+    for model_id in reversed(ids):
+        if mlf.get_logged_model(model_id).name == names.MODEL_ARTIFACT:
+            return model_id
+    return None
