@@ -136,6 +136,15 @@ def test_accelerators_in_skypilot_spelling():
             sky.accelerator(bad, 1)
 
 
+def test_urls_carrying_credentials_go_through_secrets_whatever_their_name():
+    """The rule shard records use too (cloud.env.is_secret): a task file never holds a credential."""
+    envs, secrets = sky.split_secrets({"PAGATING_REPO": "https://user:tok@example.com/r.git",
+                                       "EXTRA_MIRROR": "https://u:pw@mirror.example/x", "DVC_TOKEN_X": "t",
+                                       "PAGATING_PROFILE": "sample", "PLAIN_URL": "https://example.com/x"})
+    assert set(secrets) == {"PAGATING_REPO", "EXTRA_MIRROR", "DVC_TOKEN_X"}
+    assert envs == {"PAGATING_PROFILE": "sample", "PLAIN_URL": "https://example.com/x"}
+
+
 def test_without_sky_one_line_says_how_to_install_exit_2(env, capsys):
     env.setenv("PATH", "/usr/bin:/bin")
     for verb in (["status"], ["cancel", "--all"], ["logs", "pagating-x-0"], LAUNCH[1:]):

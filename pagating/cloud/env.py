@@ -35,6 +35,11 @@ FORWARDED_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW
 # ---- secrets --------------------------------------------------------------------------------
 
 
+def is_secret(name: str, value) -> bool:
+    """An env entry never written where others read it: a secret-looking name, or a URL carrying credentials."""
+    return bool(SECRET_NAME.search(name)) or mask_uri(str(value)) != str(value)
+
+
 def mask_env(env: dict[str, str]) -> dict[str, str]:
     return {k: ("***" if SECRET_NAME.search(k) else mask_uri(str(v))) for k, v in env.items()}
 

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from pagating import cost, names
-from pagating.cloud.env import SECRET_NAME, parse_label
+from pagating.cloud.env import is_secret, parse_label
 from pagating.config import UserError, experiment_name
 from pagating.grid import config_for, grid
 from pagating.identity import run_name
@@ -247,7 +247,7 @@ def shard_record(label: str, iid: int, env: dict[str, str], *, image: str, disk:
                  gpu_name: str | None, num_gpus: int, rate: float) -> dict:
     """What it takes to rent a shard again, less its secrets (named in secret_env: watch takes their
     values from a live instance of the sweep or its own environment)."""
-    secret = sorted(k for k, v in env.items() if SECRET_NAME.search(k) or mask_uri(str(v)) != str(v))
+    secret = sorted(k for k, v in env.items() if is_secret(k, v))
     return {"label": label, "instance": int(iid), "created": time.time(), "rate": rate, "image": image,
             "disk": disk, "bid": bid, "gpu_name": gpu_name, "num_gpus": num_gpus, "secret_env": secret,
             "env": {k: str(v) for k, v in env.items() if k not in secret}}

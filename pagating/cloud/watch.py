@@ -21,6 +21,7 @@ from pagating.cloud.show import red
 from pagating.cloud.status import report_status
 from pagating.cloud.sweep_run import RELAUNCHES_TAG, note_instance, relaunch_counts, reports_in, shard_records
 from pagating.config import UserError, defaults
+from pagating.grid import parse_shard, take_shard
 from pagating.tracking import store
 
 
@@ -103,10 +104,10 @@ class Watcher:
                 continue
             shard = str(row["env"].get("PAGATING_SHARD") or "0/1")
             try:
-                i, n = (int(x) for x in shard.split("/"))
-            except ValueError:
+                i, n = parse_shard(shard)
+            except UserError:
                 continue
-            if all(state[name] == "FINISHED" for name in config_names[i::n]):
+            if all(state[name] == "FINISHED" for name in take_shard(config_names, i, n)):
                 continue
             done = max(self.relaunches.get(label, 0), counts.get(i, 0))
             why = (f"gave up after {done} relaunch(es); last instance {row['id']}: "

@@ -29,7 +29,6 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import yaml
 
@@ -192,12 +191,11 @@ def resources(args, cfg: dict) -> dict[str, Any]:
 
 
 def split_secrets(env: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
-    """(envs, secrets): secret-looking names (cloud_env.SECRET_NAME) and a repo URL carrying credentials
-    go through SkyPilot's `secrets:`."""
+    """(envs, secrets): secret-looking names and URLs carrying credentials (cloud_env.is_secret: the repo's,
+    an --env's) go through SkyPilot's `secrets:`."""
     envs, secrets = {}, {}
     for k, v in env.items():
-        secret = cloud_env.SECRET_NAME.search(k) or (k == "PAGATING_REPO" and "@" in urlsplit(str(v)).netloc)
-        (secrets if secret else envs)[k] = str(v)
+        (secrets if cloud_env.is_secret(k, v) else envs)[k] = str(v)
     return envs, secrets
 
 
@@ -323,11 +321,10 @@ def cmd_status(args) -> int:
     print(show.format_table([[r.get("job_id"), r["job_name"], r.get("status"), r.get("recovery_count") or 0,
                                r.get("resources") or "-"] for r in rows],
                              ["job", "name", "status", "recoveries", "resources"]))
-    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    uri = cloud_env.tracking_uri_for_lookup(args)
     if not uri:
         print("progress: set MLFLOW_TRACKING_URI or pass --tracking-uri")
         return 0
-    store.check_no_credentials(uri)
     fallback = cost.estimated_step_time(cfg, cfg["cloud"]["gpu_name"])
     for sweep_id in dict.fromkeys(cloud_env.parse_label(r["job_name"])[0] for r in rows):
         working = sum(active(r) for r in rows if cloud_env.parse_label(r["job_name"])[0] == sweep_id)
@@ -371,10 +368,10 @@ def _note_cancelled(args, jobs: list[str], binary: str) -> None:
     """Each cancelled job's report on its sweep's parent run (done, so nobody counts it as working), and
     the parent FAILED once none of its jobs is left: a cancelled job may end before its own exit can say
     so. Best effort: the cancel is what matters."""
-    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if not (uri and jobs):
-        return
     try:
+        uri = cloud_env.tracking_uri_for_lookup(args)
+        if not (uri and jobs):
+            return
         left = {cloud_env.parse_label(r["job_name"])[0] for r in queue(binary)
                 if active(r) and r["job_name"] not in jobs}
         with cost.quick_mlflow():
