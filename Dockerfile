@@ -27,7 +27,7 @@ WORKDIR /opt/pagating
 # image keeps its CUDA torch. Rebuilt only when the lock changes.
 COPY requirements ./requirements
 RUN grep -v '^torch==' requirements/lock-cpu.txt > /tmp/lock.txt \
- && { { pip install uv && uv pip install --system --no-deps -r /tmp/lock.txt; } \
+ && { { pip install uv && uv pip install --system --compile-bytecode --no-deps -r /tmp/lock.txt; } \
       || pip install --no-deps -r /tmp/lock.txt; } \
  && rm /tmp/lock.txt
 COPY pyproject.toml ./

