@@ -34,6 +34,12 @@ from pagating.tracking import callback, checkpoints, claim, finish, provenance, 
 RESUME_WORDS = ("none", "", None, "auto", "if-any")  # every other --resume value is a checkpoint path
 
 
+# Set by the sweep's worker (pagating.sweep_worker.Ends, `submit(key, end)`): a FINISHED run's end (final
+# uploads, MLflow model, status, claim release) drains there in a thread while the next config starts. None:
+# every run ends in the foreground, as `pagating train` on its own must (the process exits right after).
+BACKGROUND = None
+
+
 @dataclass
 class Job:
     """One config's checked settings: where its run goes and what it trains on (train.check makes it)."""
@@ -244,6 +250,8 @@ class TrainingRun:
         full = None
         if exc is not None and not lost and self.tracks and disk_full(exc, self.run_dir):
             full = UserError(self._disk_full_line(exc, remove_partial_checkpoints(self.run_dir)))
+        if self._ends_in_background(exc, lost, full):
+            return False
         try:
             if lost:
                 self._stop_quietly()
@@ -259,6 +267,26 @@ class TrainingRun:
         if full is not None:
             raise full from None
         return False
+
+    def _ends_in_background(self, exc, lost: bool, full) -> bool:
+        """A FINISHED run in a process with more to train: its end goes to BACKGROUND (the claim is released
+        there, once the end is done); this returns at once with the run's result marked "finishing"."""
+        if BACKGROUND is None or exc is not None or lost or full is not None or self.spool is None:
+            return False
+        self._restore_term()
+        self.result.update(status="FINISHED", finishing=True)
+
+        def end():
+            try:
+                self._close()
+            except claim.ClaimLost:
+                self._stop_quietly()
+                raise
+            finally:
+                self._release()
+
+        BACKGROUND.submit(self.run_id, end)
+        return True
 
     def _disk_full_line(self, exc: BaseException, removed: list[Path]) -> str:
         where = Path(getattr(exc, "filename", None) or (removed[-1] if removed else self.run_dir)).absolute()
@@ -328,9 +356,12 @@ class TrainingRun:
             if self.claim is not None:
                 self.claim.release()
         finally:
-            if self._term is not None:
-                signal.signal(signal.SIGTERM, self._term[0])
-                self._term = None
+            self._restore_term()
+
+    def _restore_term(self) -> None:
+        if self._term is not None:
+            signal.signal(signal.SIGTERM, self._term[0])
+            self._term = None
 
 
 def term_as_interrupt() -> tuple | None:

@@ -233,7 +233,9 @@ class Runner:
         self.workers: dict[str | None, Worker] = {}  # slot -> its worker; a slot is used by one thread at a time
 
     def run_all(self) -> None:
-        with ThreadPoolExecutor(max_workers=len(self.slots)) as pool:
+        # Two threads per slot: while one waits for its config's run to end in the background (final uploads,
+        # pagating.run.Background), the other trains the next config on the same worker.
+        with ThreadPoolExecutor(max_workers=2 * len(self.slots)) as pool:
             list(pool.map(self.run_one, self.todo))
 
     def close(self) -> None:
@@ -242,44 +244,51 @@ class Runner:
         self.workers.clear()
 
     def run_one(self, entry: dict) -> None:
+        started = time.time()
+        for attempt in (1, 2):
+            if self._attempt(entry, attempt):
+                break
+        entry["seconds"] = round(time.time() - started, 1)
+        if entry["status"] != "elsewhere":
+            self._report(entry)
+
+    def _env(self, slot: str | None) -> dict[str, str]:
+        # A child's parent is its --parent-run-id; without MLFLOW_RUN_ID it cannot take `mlflow run`'s run
+        # (MLflow's fluent API would write into it).
+        env = {k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"}
+        if slot is not None:
+            env["CUDA_VISIBLE_DEVICES"] = slot
+        if self.share:
+            env[runtime.SHARE_ENV] = str(self.share)
+        return env
+
+    def _attempt(self, entry: dict, attempt: int) -> bool:
+        """One `pagating train` of the entry on a free slot's worker; True when there is no point in a
+        second attempt. The slot is free again as soon as the training is over: the run's end (final
+        uploads) may still drain in the worker's background while the slot's next config starts."""
+        resume = "if-any" if entry["status"] == "resume" or attempt == 2 else "none"
+        Path(entry["log"]).parent.mkdir(parents=True, exist_ok=True)
         slot = self.free.get()
         try:
-            # A child's parent is its --parent-run-id; without MLFLOW_RUN_ID it cannot take `mlflow run`'s run
-            # (MLflow's fluent API would write into it).
-            env = {k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"}
-            if slot is not None:
-                env["CUDA_VISIBLE_DEVICES"] = slot
-            if self.share:
-                env[runtime.SHARE_ENV] = str(self.share)
-            started = time.time()
-            for attempt in (1, 2):
-                if self._attempt(entry, slot, env, attempt):
-                    break
-            entry["seconds"] = round(time.time() - started, 1)
-            if entry["status"] != "elsewhere":
-                self._report(entry)
+            argv = _train_argv(self.base["profile"], entry["overrides"], self.parent, resume,
+                               self.device if slot is None else "auto", self.extra_sets)
+            if slot not in self.workers:
+                self.workers[slot] = Worker(self._env(slot))
+            worker = self.workers[slot]
+            started_ms = int(time.time() * 1000)
+            answer = worker.run(argv, entry["log"])
+            if answer is None:  # the worker process died (OOM kill, segfault): this config failed, not the sweep
+                del self.workers[slot]
+                with open(entry["log"], "a") as log:
+                    print(f"pagating sweep: the worker training this config died (exit {worker.proc.returncode})",
+                          file=log)
+                answer = {"rc": 1, "clean": False}
+            elif not answer["clean"]:  # whatever the error left half-set goes with this worker
+                self.workers.pop(slot).close(wait_s=None)
         finally:
             self.free.put(slot)
-
-    def _attempt(self, entry: dict, slot: str | None, env: dict, attempt: int) -> bool:
-        """One `pagating train` of the entry; True when there is no point in a second attempt."""
-        resume = "if-any" if entry["status"] == "resume" or attempt == 2 else "none"
-        argv = _train_argv(self.base["profile"], entry["overrides"], self.parent, resume,
-                           self.device if slot is None else "auto", self.extra_sets)
-        Path(entry["log"]).parent.mkdir(parents=True, exist_ok=True)
-        if slot not in self.workers:
-            self.workers[slot] = Worker(env)
-        worker = self.workers[slot]
-        started_ms = int(time.time() * 1000)
-        answer = worker.run(argv, entry["log"])
-        if answer is None:  # the worker process died (OOM kill, segfault): this config failed, not the sweep
-            del self.workers[slot]
-            with open(entry["log"], "a") as log:
-                print(f"pagating sweep: the worker training this config died (exit {worker.proc.returncode})",
-                      file=log)
-            answer = {"rc": 1, "clean": False}
-        elif not answer["clean"]:  # whatever the error left half-set goes with this worker
-            self.workers.pop(slot).close()
+        if answer.get("finishing"):  # trained; MLflow has its outcome once the end is drained (or the worker died)
+            worker.ended(answer["finishing"])
         return self._settle(entry, answer["rc"], started_ms)
 
     def _settle(self, entry: dict, rc: int, started_ms: int) -> bool:

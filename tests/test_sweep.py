@@ -163,7 +163,11 @@ def test_one_worker_per_slot_and_a_killed_worker_costs_one_retry(sample_project,
         exp = mlf.get_experiment_by_name("workers-sample")
         runs = mlf.search_runs([exp.experiment_id], filter_string="attributes.run_name LIKE '%static_0.4%'") \
             if exp else []
-        if killed is None and runs and "train/loss" in runs[0].data.metrics and len(workers) == 1:
+        # Once the first config's run has ended (its end drains in the worker's background while the second
+        # trains): the kill then cuts the second config's training only.
+        first = mlf.search_runs([exp.experiment_id], filter_string="attributes.run_name LIKE '%static_0.2%' and "
+                                "attributes.status = 'FINISHED'") if exp else []
+        if killed is None and first and runs and "train/loss" in runs[0].data.metrics and len(workers) == 1:
             killed = workers.pop()
             os.kill(killed, signal.SIGKILL)
         time.sleep(0.2)
