@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import cli_zygote
 import pytest
 import requests
 
@@ -133,9 +134,13 @@ def mlflow_server(tmp_path_factory):
 
 
 def run_cli(args: list[str], cwd, env: dict | None = None, timeout: float = 600, check: bool = False):
-    """`pagating <args>` in a subprocess (a fresh interpreter, as a user runs it)."""
-    proc = subprocess.run([sys.executable, "-m", "pagating.cli", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    """`pagating <args>` in a process of its own, as a user runs it: forked from this worker's zygote, which
+    paid the imports once (tests/cli_zygote.py), else a fresh interpreter."""
+    env = {**os.environ, **(env or {})}
+    proc = cli_zygote.run(args, cwd, env, timeout)
+    if proc is None:
+        proc = subprocess.run([sys.executable, "-m", "pagating.cli", *args], cwd=cwd, capture_output=True,
+                              text=True, timeout=timeout, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"pagating {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
     return proc

@@ -2,10 +2,12 @@
 
 One fixture starts every run (each its own `pagating train` process against the real MLflow server),
 in two waves so the 2 cores stay busy and the second wave reuses the first one's inductor cache:
-α is a 0-dim tensor (a buffer, or sigmoid of a parameter), so static and scheduled α compile to the
-same graph, and learnable's graph shares most kernels. Each compiled run is checked against the eager run of the
-same config: losses within LOSS_TOL at every logged step, and no recompilation after warm-up while
-α moves every step (our counter, perf/recompiles, and torch's own recompiles log agree).
+α is a 0-dim tensor (a buffer, or sigmoid of a parameter), so learnable's graph shares most kernels with
+the scheduled one's. Each compiled run is checked against the eager run of the same config: losses within
+LOSS_TOL at every logged step, and no recompilation after warm-up while α moves every step (our counter,
+perf/recompiles, and torch's own recompiles log agree). The two α kinds that move are the ones a
+recompile could hide in; static α is the scheduled graph with a constant in the buffer (not run here:
+seven inductor processes were a minute of the suite's CPU).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ pytestmark = pytest.mark.slow
 
 ARGS = ["--max_steps", "8", "--eval_steps", "8", "--save_steps", "8", "--logging_steps", "2", "--batch_size", "8",
         "--warmup_steps", "2", "--set", "model.n_layer=1"]  # one block: inductor's C++ kernels are the cost
-MODES = ["scheduler_cosine", "learnable", "static_0.5"]
+MODES = ["scheduler_cosine", "learnable"]
 # Inductor reorders fp32 reductions: measured |Δ| <= 1e-5 on these losses (~7.6) over 8 steps.
 LOSS_TOL = 1e-3
 # bf16 autocast rounds matmul inputs to 8 bits of mantissa: close to fp32, never identical.
@@ -57,10 +59,10 @@ def runs(sample_project, mlflow_server, tmp_path_factory):
     # Wave 1: one cold compile (its kernels land in the shared cache), the eager references beside it.
     wait([start("compiled_scheduler_cosine", "--compile", "on", "--alpha_mode", "scheduler_cosine"),
           *(start(f"eager_{mode}", "--compile", "off", "--alpha_mode", mode) for mode in MODES)])
-    # Wave 2: static α is the same graph (a cache hit); learnable adds a few kernels.
+    # Wave 2: learnable adds a few kernels to the cached ones.
     wait([start("compiled_learnable", "--compile", "on", "--alpha_mode", "learnable"),
-          start("compiled_static_0.5", "--compile", "on", "--alpha_mode", "static_0.5"),
-          start("bf16_static_0.5", "--compile", "off", "--precision", "bf16", "--alpha_mode", "static_0.5")])
+          start("bf16_scheduler_cosine", "--compile", "off", "--precision", "bf16",
+                "--alpha_mode", "scheduler_cosine")])
     print(f"compile/bf16 runs: {time.time() - t0:.0f} s wall")
     return results, MlflowClient(mlflow_server.uri)
 
@@ -89,9 +91,8 @@ def test_compiled_run_tracks_eager_and_never_recompiles(runs, mode):
     assert [s for s, _ in recompiles] == [2, 4, 6, 8]
     assert {v for _, v in recompiles} == {recompiles[0][1]}, recompiles
     assert "Recompiling function" not in compiled["stderr"]  # torch's own log (TORCH_LOGS=recompiles)
-    if mode != "static_0.5":  # ... while α moved at every step
-        alphas = [v for _, v in history(mlf, compiled["run_id"], "alpha/layer_00")]
-        assert len(set(alphas)) == len(alphas) == 4, alphas
+    alphas = [v for _, v in history(mlf, compiled["run_id"], "alpha/layer_00")]  # ... while α moved every step
+    assert len(set(alphas)) == len(alphas) == 4, alphas
 
     # Compile time is logged apart and kept out of the step time.
     compile_s = history(mlf, compiled["run_id"], "perf/compile_time_s")
@@ -103,7 +104,7 @@ def test_compiled_run_tracks_eager_and_never_recompiles(runs, mode):
 
 def test_bf16_autocast_run_finishes(runs):
     results, mlf = runs
-    bf16, fp32 = results["bf16_static_0.5"], results["eager_static_0.5"]
+    bf16, fp32 = results["bf16_scheduler_cosine"], results["eager_scheduler_cosine"]
     run = mlf.get_run(bf16["run_id"])
     assert run.info.status == "FINISHED" and run.data.params["train.precision"] == "bf16"
     a, b = history(mlf, bf16["run_id"], "train/loss"), history(mlf, fp32["run_id"], "train/loss")

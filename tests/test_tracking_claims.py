@@ -29,10 +29,12 @@ def runs_of(mlf, prefix):
 
 
 def test_same_config_twice_at_once_one_run(sample_project, mlflow_server, tmp_path):
-    """Two `pagating train` of one config at once, every claim write held 1-5 s by a proxy."""
+    """Two `pagating train` of one config at once, every claim write held 1-5 s by a proxy; the first claim
+    writes wait for each other (on a loaded box the second process can start after the first trained the
+    config: then it rightly finds it FINISHED, and nothing contended)."""
     from pagating.tracking.store import run_model_id
 
-    proxy = HoldProxy(mlflow_server.uri)
+    proxy = HoldProxy(mlflow_server.uri, gather=2)
     args = ["train", *TINY, "--set", "tracking.experiment_prefix=twice", "--set", "tracking.claim_timeout_s=120",
             "--output_dir", str(tmp_path / "o")]
     try:
@@ -106,9 +108,11 @@ def test_two_sweeps_over_one_grid_share_the_work(sample_project, mlflow_server, 
 
 class HoldProxy:
     """An HTTP proxy on 127.0.0.1 in front of the tracking server that holds every claim write
-    (`set-experiment-tag`) for a random 1-5 s before passing it on: the slow server of the issue."""
+    (`set-experiment-tag`) for a random 1-5 s before passing it on: the slow server of the issue.
+    gather=n: the first claim writes also wait (up to 3 min) until n of them have arrived, so n processes
+    really contend however late the box lets the last of them start."""
 
-    def __init__(self, target: str, hold=(1.0, 5.0), match: str = "experiments/set-experiment-tag"):
+    def __init__(self, target: str, hold=(1.0, 5.0), match: str = "experiments/set-experiment-tag", gather: int = 0):
         import random
         import threading
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -117,6 +121,7 @@ class HoldProxy:
 
         proxy = self
         self.held, self.hold = 0, hold
+        arrived = threading.Condition()
         skip = {"host", "content-length", "connection", "transfer-encoding", "content-encoding"}
 
         class Handler(BaseHTTPRequestHandler):
@@ -126,7 +131,10 @@ class HoldProxy:
                 n = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(n) if n else None
                 if match in self.path:
-                    proxy.held += 1
+                    with arrived:
+                        proxy.held += 1
+                        arrived.notify_all()
+                        arrived.wait_for(lambda: proxy.held >= gather, timeout=180)
                     time.sleep(random.uniform(*proxy.hold))
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in skip}
                 r = requests.request(self.command, target + self.path, data=body, headers=headers, timeout=300,
