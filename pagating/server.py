@@ -404,9 +404,7 @@ def start_server(args_or_kwargs: argparse.Namespace | dict[str, Any] | None = No
     env = {k: v for k, v in os.environ.items() if k != GPU_PASSWORD_ENV}  # the server never needs it
     env["MLFLOW_AUTH_CONFIG_PATH"] = str(ini)
     env[SECRET_KEY_ENV] = _flask_secret_key(ini.parent)
-    # MLflow 3's job runner (huey consumers for GenAI jobs: prompt optimisation, scorers) serves nothing of
-    # this project: off unless the user's environment turns it on, three fewer processes on the server's box.
-    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")  # GenAI job runner: 3 processes we never use
     cmd = [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth",
            "--host", opts["host"], "--port", str(opts["port"]),
            "--backend-store-uri", opts["backend_store_uri"],
