@@ -244,11 +244,11 @@ class Runner:
         self.workers.clear()
 
     def run_one(self, entry: dict) -> None:
-        started = time.time()
+        entry["seconds"] = 0.0  # on a slot and until its end was drained: not the wait for a free slot
         for attempt in (1, 2):
             if self._attempt(entry, attempt):
                 break
-        entry["seconds"] = round(time.time() - started, 1)
+        entry["seconds"] = round(entry["seconds"], 1)
         if entry["status"] != "elsewhere":
             self._report(entry)
 
@@ -269,6 +269,7 @@ class Runner:
         resume = "if-any" if entry["status"] == "resume" or attempt == 2 else "none"
         Path(entry["log"]).parent.mkdir(parents=True, exist_ok=True)
         slot = self.free.get()
+        started = time.time()
         try:
             argv = _train_argv(self.base["profile"], entry["overrides"], self.parent, resume,
                                self.device if slot is None else "auto", self.extra_sets)
@@ -289,6 +290,7 @@ class Runner:
             self.free.put(slot)
         if answer.get("finishing"):  # trained; MLflow has its outcome once the end is drained (or the worker died)
             worker.ended(answer["finishing"])
+        entry["seconds"] += time.time() - started
         return self._settle(entry, answer["rc"], started_ms)
 
     def _settle(self, entry: dict, rc: int, started_ms: int) -> bool:
