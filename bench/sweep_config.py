@@ -12,7 +12,7 @@ In a temp project (params.yaml, the sample corpus prepared; not timed) against a
   final_s     last eval -> the worker answered (test eval, model save, thread joins): the slot is free then
   wall_s      config handed over -> the worker answered: what the slot's next config waits for
   end_s       the worker answered -> run ended: the end (final uploads, MLflow model, status) drained in the
-              worker's background while the next config starts (pagating.run.Background); the first
+              worker's background while the next config starts (pagating.sweep_worker.Ends); the first
               config's end overlaps the second's start here as in a sweep
 Targets (issue 24): wall <= 30 s, train_s >= 50% of wall. Ends with one JSON line.
 """

@@ -234,7 +234,7 @@ class Runner:
 
     def run_all(self) -> None:
         # Two threads per slot: while one waits for its config's run to end in the background (final uploads,
-        # pagating.run.Background), the other trains the next config on the same worker.
+        # pagating.sweep_worker.Ends), the other trains the next config on the same worker.
         with ThreadPoolExecutor(max_workers=2 * len(self.slots)) as pool:
             list(pool.map(self.run_one, self.todo))
 

@@ -12,7 +12,7 @@ worker's stdin; the worker answers {"rc": int, "clean": bool, "finishing": run i
 train` exited, whether the worker is fit for the next config, and whether the run's end is still being
 uploaded) on its stdout, which is kept for these messages only (everything a run prints, at the Python or
 the C level, goes to the config's log file). A FINISHED run's end (final metrics, checkpoint, MLflow model,
-status; pagating.run.Background) drains in a thread while the next config trains; {"ended": run id} says
+status; Ends below) drains in a thread while the next config trains; {"ended": run id, "ok": bool} says
 it is done. What the run did (its status and metrics) the sweep reads from MLflow, where the run recorded it.
 """
 
