@@ -250,8 +250,22 @@ class TrainingRun:
         full = None
         if exc is not None and not lost and self.tracks and disk_full(exc, self.run_dir):
             full = UserError(self._disk_full_line(exc, remove_partial_checkpoints(self.run_dir)))
-        if self._ends_in_background(exc, lost, full):
+        if BACKGROUND is not None and exc is None and not lost and self.spool is not None:
+            # A FINISHED run in a process with more to train (the sweep's worker): the same end, in its
+            # thread, the claim released there once the end is done; the result says "finishing".
+            self._restore_term()
+            self.result.update(status="FINISHED", finishing=True)
+            BACKGROUND.submit(self.run_id, lambda: self._end(None, None, lost=False))
             return False
+        self._end(exc, full, lost=lost)
+        if lost and not isinstance(exc, claim.ClaimLost):
+            raise claim.ClaimLost(self.claim.lost) from None
+        if full is not None:
+            raise full from None
+        return False
+
+    def _end(self, exc: BaseException | None, full: UserError | None, *, lost: bool) -> None:
+        """Drain and close the run (or, its claim lost, stop feeding it), then release the claim."""
         try:
             if lost:
                 self._stop_quietly()
@@ -262,31 +276,6 @@ class TrainingRun:
             raise
         finally:
             self._release()
-        if lost and not isinstance(exc, claim.ClaimLost):
-            raise claim.ClaimLost(self.claim.lost) from None
-        if full is not None:
-            raise full from None
-        return False
-
-    def _ends_in_background(self, exc, lost: bool, full) -> bool:
-        """A FINISHED run in a process with more to train: its end goes to BACKGROUND (the claim is released
-        there, once the end is done); this returns at once with the run's result marked "finishing"."""
-        if BACKGROUND is None or exc is not None or lost or full is not None or self.spool is None:
-            return False
-        self._restore_term()
-        self.result.update(status="FINISHED", finishing=True)
-
-        def end():
-            try:
-                self._close()
-            except claim.ClaimLost:
-                self._stop_quietly()
-                raise
-            finally:
-                self._release()
-
-        BACKGROUND.submit(self.run_id, end)
-        return True
 
     def _disk_full_line(self, exc: BaseException, removed: list[Path]) -> str:
         where = Path(getattr(exc, "filename", None) or (removed[-1] if removed else self.run_dir)).absolute()
