@@ -146,6 +146,17 @@ def run_cli(args: list[str], cwd, env: dict | None = None, timeout: float = 600,
     return proc
 
 
+def launch_cli(args: list[str], cwd, env: dict | None = None, **popen_kw):
+    """subprocess.Popen of `pagating <args>` (stdout, stderr, text, start_new_session as Popen takes them),
+    forked from this worker's zygote like run_cli, else a fresh interpreter: poll, wait, communicate, kill
+    and the pid (its own session with start_new_session) behave as Popen's."""
+    env = {**os.environ, **(env or {})}
+    proc = cli_zygote.popen(args, cwd, env, **popen_kw)
+    if proc is None:
+        proc = subprocess.Popen([sys.executable, "-m", "pagating.cli", *args], cwd=cwd, env=env, **popen_kw)
+    return proc
+
+
 @pytest.fixture(scope="session")
 def sample_project(tmp_path_factory):
     """A project folder with params.yaml, the sample corpus in data/raw and data/prepared built."""

@@ -15,10 +15,10 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 
 import pytest
+from conftest import launch_cli
 from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.slow
@@ -41,10 +41,9 @@ def runs(sample_project, mlflow_server, tmp_path_factory):
     def start(name: str, *flags: str):
         err = open(tmp / f"{name}.err", "w")
         # Its own experiment per run: compiled and eager are one config, and one config gets one run per experiment.
-        cmd = [sys.executable, "-m", "pagating.cli", "train", *ARGS, "--output_dir", str(tmp / name), *flags,
-               "--set", f"tracking.experiment_prefix=compile-{name}"]
-        return name, subprocess.Popen(cmd, cwd=sample_project, env=env, stdout=subprocess.PIPE, stderr=err,
-                                      text=True), err
+        args = ["train", *ARGS, "--output_dir", str(tmp / name), *flags,
+                "--set", f"tracking.experiment_prefix=compile-{name}"]
+        return name, launch_cli(args, sample_project, env, stdout=subprocess.PIPE, stderr=err, text=True), err
 
     def wait(procs) -> None:
         for name, proc, err in procs:

@@ -6,12 +6,11 @@ import os
 import signal
 import statistics
 import subprocess
-import sys
 import time
 
 import psutil
 import pytest
-from conftest import run_cli
+from conftest import launch_cli, run_cli
 from mlflow.tracking import MlflowClient
 
 from pagating.config import UserError, load_config
@@ -103,8 +102,8 @@ def test_sweep_killed_midway_rerun_completes_only_the_rest(sample_project, mlflo
     args = ["sweep", *SMALL, "--set", "train.max_steps=20", "--set", "sweep.alpha_mode=[static_0.5, static_1.0]",
             "--set", "sweep.learning_rate=[1.5e-3]", "--set", f"train.output_dir={tmp_path / 'out'}",
             "--summary", str(tmp_path / "sweep.json")]
-    proc = subprocess.Popen([sys.executable, "-m", "pagating.cli", *args], cwd=sample_project, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = launch_cli(args, sample_project, env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                      start_new_session=True)
     mlf = MlflowClient(mlflow_server.uri)
     first = None
     deadline = time.time() + 300
@@ -153,8 +152,7 @@ def test_one_worker_per_slot_and_a_killed_worker_costs_one_retry(sample_project,
     args = ["sweep", *SMALL, "--set", "train.max_steps=30", "--set", "tracking.experiment_prefix=workers",
             "--set", "sweep.alpha_mode=[static_0.2, static_0.4, static_0.8]", "--set", "sweep.learning_rate=[1e-3]",
             "--set", f"train.output_dir={tmp_path / 'out'}", "--summary", str(tmp_path / "sweep.json")]
-    proc = subprocess.Popen([sys.executable, "-m", "pagating.cli", *args], cwd=sample_project, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = launch_cli(args, sample_project, env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     mlf = MlflowClient(mlflow_server.uri)
     seen, killed, deadline = set(), None, time.time() + 400
     while proc.poll() is None and time.time() < deadline:

@@ -3,11 +3,10 @@
 import json
 import os
 import subprocess
-import sys
 import time
 
 import pytest
-from conftest import run_cli
+from conftest import launch_cli, run_cli
 from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.slow
@@ -18,9 +17,8 @@ TINY = ["--set", "train.max_steps=10", "--set", "train.eval_steps=5", "--set", "
 
 
 def launch(args, cwd, uri):
-    return subprocess.Popen([sys.executable, "-m", "pagating.cli", *args], cwd=cwd, text=True,
-                            env={**os.environ, "MLFLOW_TRACKING_URI": uri}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+    return launch_cli(args, cwd, {"MLFLOW_TRACKING_URI": uri}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                      text=True)
 
 
 def runs_of(mlf, prefix):

@@ -3,11 +3,10 @@
 import json
 import os
 import subprocess
-import sys
 import time
 
 import pytest
-from conftest import MlflowServer, run_cli
+from conftest import MlflowServer, launch_cli, run_cli
 from mlflow.tracking import MlflowClient
 
 from pagating.tracking.store import run_model_id
@@ -19,11 +18,10 @@ def test_server_down_20s_mid_run_loses_nothing(sample_project, tmp_path):
     server = MlflowServer(tmp_path / "srv").start()
     try:
         env = {**os.environ, "MLFLOW_TRACKING_URI": server.uri}
-        cmd = [sys.executable, "-m", "pagating.cli", "train", "--output_dir", str(tmp_path / "out"),
-               "--max_steps", "300", "--logging_steps", "5", "--eval_steps", "100", "--save_steps", "100",
-               "--batch_size", "8", "--set", "train.max_eval_batches=2"]
-        proc = subprocess.Popen(cmd, cwd=sample_project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
+        args = ["train", "--output_dir", str(tmp_path / "out"),
+                "--max_steps", "300", "--logging_steps", "5", "--eval_steps", "100", "--save_steps", "100",
+                "--batch_size", "8", "--set", "train.max_eval_batches=2"]
+        proc = launch_cli(args, sample_project, env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         mlf = MlflowClient(server.uri)
         deadline = time.time() + 300
         run_id = None
@@ -116,8 +114,7 @@ def test_resume_sends_the_killed_process_spool_first(sample_project, tmp_path):
         env = {**os.environ, "MLFLOW_TRACKING_URI": server.uri}
         args = ["train", "--output_dir", str(tmp_path / "out"), "--max_steps", "100", "--logging_steps", "5",
                 "--eval_steps", "20", "--save_steps", "20", "--batch_size", "8", "--seed", "11"]
-        proc = subprocess.Popen([sys.executable, "-m", "pagating.cli", *args], cwd=sample_project, env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = launch_cli(args, sample_project, env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         mlf = MlflowClient(server.uri)
         run_id, deadline = None, time.time() + 300
         while time.time() < deadline and run_id is None and proc.poll() is None:
@@ -168,10 +165,9 @@ def test_outage_spanning_the_end_of_training(sample_project, tmp_path):
         common = ["train", "--max_steps", "150", "--logging_steps", "5", "--eval_steps", "50", "--save_steps", "50",
                   "--batch_size", "8", "--set", "train.max_eval_batches=2", "--set", "tracking.retry_max_s=1"]
         procs = {
-            name: subprocess.Popen([sys.executable, "-m", "pagating.cli", *common, "--seed", seed, "--output_dir",
-                                    str(tmp_path / name), "--set", f"tracking.drain_timeout_s={budget}"],
-                                   cwd=sample_project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                   text=True)
+            name: launch_cli([*common, "--seed", seed, "--output_dir", str(tmp_path / name),
+                              "--set", f"tracking.drain_timeout_s={budget}"],
+                             sample_project, env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for name, seed, budget in (("short", "1", 3), ("long", "2", 300))}
         mlf = MlflowClient(server.uri)
         deadline = time.time() + 300

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ThrottleProxy, fake_nvml_dir, run_cli
+from conftest import ThrottleProxy, fake_nvml_dir, launch_cli, run_cli
 from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.slow
@@ -175,9 +175,8 @@ def test_kill9_mid_checkpoint_upload_then_resume_from_mlflow(sample_project, mlf
     mlf = MlflowClient(mlflow_server.uri)
 
     proxy = ThrottleProxy(mlflow_server.port, rate=600_000)  # ~3.4 MB checkpoint: ~6 s per upload
-    proc = subprocess.Popen([sys.executable, "-m", "pagating.cli", *args, "--output_dir", str(tmp_path / "a")],
-                            cwd=sample_project, env={**os.environ, "MLFLOW_TRACKING_URI": proxy.uri},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = launch_cli([*args, "--output_dir", str(tmp_path / "a")], sample_project, {"MLFLOW_TRACKING_URI": proxy.uri},
+                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     killed_id, deadline = None, time.time() + 300
     while time.time() < deadline and proc.poll() is None and killed_id is None:
         exp = mlf.get_experiment_by_name("pagating-sample")
@@ -406,9 +405,8 @@ def test_sigterm_ends_the_run_killed_and_releases_the_claim(sample_project, mlfl
     its claim record is removed and the process exits, instead of vanishing with the run RUNNING."""
     args = ["train", "--max_steps", "3000", "--eval_steps", "1000", "--save_steps", "1000", "--logging_steps", "2",
             "--batch_size", "4", "--set", "tracking.experiment_prefix=sigterm", "--output_dir", str(tmp_path / "o")]
-    proc = subprocess.Popen([sys.executable, "-m", "pagating.cli", *args], cwd=sample_project, text=True,
-                            env={**os.environ, **env_for(mlflow_server)}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+    proc = launch_cli(args, sample_project, env_for(mlflow_server), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                      text=True)
     mlf = MlflowClient(mlflow_server.uri)
     try:
         deadline, run = time.time() + 300, None
