@@ -38,7 +38,8 @@ sweep: $(STAMP)
 
 # Three pytest workers on 2 cores (whole files each, so a file's order holds): the end-to-end tests spend part
 # of their time waiting on servers, outages and subprocesses, which a third worker fills (measured on this 2-core
-# kind: 12 min 21-34 s, once 13 min 16 s, vs 13 min 28 s with two). One intra-op thread per training child.
+# kind: 12 min 21-34 s, once 13 min 16 s, vs 13 min 28 s with two; after the tests' Popen-style zygote children
+# 9 min 33-39 s with three vs 10 min 19 s with four). One intra-op thread per training child.
 # The MLflow UI test drives Debian's chromium through chromium-driver (CI runs as root on a fresh machine);
 # without apt or root the test skips and says why.
 browser:
