@@ -31,7 +31,7 @@ LATER = {"TORCHINDUCTOR_CACHE_DIR", "TORCH_LOGS"}
 MAX_MSG = 1 << 20
 
 CODE = r'''
-import json, os, select, signal, socket, sys, traceback
+import atexit, json, os, select, signal, socket, sys, traceback
 sock = socket.socket(fileno=int(sys.argv[1]))  # SOCK_SEQPACKET: one message per request, fds attached
 null = os.open(os.devnull, os.O_RDWR)
 for fd in (0, 1):
@@ -68,7 +68,6 @@ def child(req, fds):
     except BaseException:
         traceback.print_exc()
         rc = 1
-    import atexit
     atexit._run_exitfuncs()
     return rc
 
@@ -120,7 +119,7 @@ class Child:
         self.zygote, self.args, self.pid = zygote, [sys.executable, "-m", "pagating.cli", *args], pid
         self.stdin, self.stdout, self.stderr = None, stdout, stderr
         self.returncode: int | None = None
-        self._read: dict[str, object] = {}
+        self._read: dict[str, tuple[threading.Thread, list]] = {}  # pipe name -> its reader, what it read
 
     def poll(self) -> int | None:
         if self.returncode is None:
@@ -286,16 +285,3 @@ def popen(args: list[str], cwd, env: dict, **kw) -> Child | None:
         atexit.register(_zygote.close)
     return _zygote.popen(args, cwd, env, **kw)
 
-
-def run(args: list[str], cwd, env: dict, timeout: float) -> subprocess.CompletedProcess | None:
-    """subprocess.run(capture_output=True, text=True) of `pagating <args>` from the zygote; None as popen."""
-    child = popen(args, cwd, env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    if child is None:
-        return None
-    try:
-        out, err = child.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        child.kill()
-        child.communicate()
-        raise
-    return subprocess.CompletedProcess(child.args, child.returncode, out, err)

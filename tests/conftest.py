@@ -134,13 +134,16 @@ def mlflow_server(tmp_path_factory):
 
 
 def run_cli(args: list[str], cwd, env: dict | None = None, timeout: float = 600, check: bool = False):
-    """`pagating <args>` in a process of its own, as a user runs it: forked from this worker's zygote, which
-    paid the imports once (tests/cli_zygote.py), else a fresh interpreter."""
-    env = {**os.environ, **(env or {})}
-    proc = cli_zygote.run(args, cwd, env, timeout)
-    if proc is None:
-        proc = subprocess.run([sys.executable, "-m", "pagating.cli", *args], cwd=cwd, capture_output=True,
-                              text=True, timeout=timeout, env=env)
+    """`pagating <args>` in a process of its own, as a user runs it (subprocess.run with capture_output and
+    text): launch_cli's process, forked from this worker's zygote, which paid the imports once."""
+    child = launch_cli(args, cwd, env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = child.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.communicate()
+        raise
+    proc = subprocess.CompletedProcess(child.args, child.returncode, out, err)
     if check and proc.returncode != 0:
         raise AssertionError(f"pagating {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
     return proc
