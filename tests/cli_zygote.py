@@ -72,6 +72,9 @@ def child(req, fds):
     return rc
 
 
+forks = {}  # pid -> the how-many-th fork it is: a pid is reused once reaped, the serial never
+
+
 def reap():
     while True:
         try:
@@ -80,10 +83,11 @@ def reap():
             return
         if not pid:
             return
-        sock.send(json.dumps({"exit": pid, "rc": os.waitstatus_to_exitcode(status)}).encode())
+        sock.send(json.dumps({"exit": forks.pop(pid), "rc": os.waitstatus_to_exitcode(status)}).encode())
 
 
 sock.send(b'{"ready": true}')
+n_forks = 0
 while True:
     ready = select.select([sock, wake_r], [], [])[0]
     if wake_r in ready:
@@ -107,6 +111,8 @@ while True:
                     os._exit(rc)
         for fd in fds:
             os.close(fd)
+        forks[pid] = n_forks
+        n_forks += 1
         sock.send(json.dumps({"pid": pid}).encode())
     reap()
 '''.replace("MAX_MSG", str(MAX_MSG))
@@ -115,20 +121,21 @@ while True:
 class Child:
     """A forked `pagating` process, answering as subprocess.Popen does."""
 
-    def __init__(self, zygote: Zygote, args: list[str], pid: int, stdout, stderr):
+    def __init__(self, zygote: Zygote, args: list[str], pid: int, serial: int, stdout, stderr):
         self.zygote, self.args, self.pid = zygote, [sys.executable, "-m", "pagating.cli", *args], pid
+        self.serial = serial  # the zygote's n-th fork: what its exit is reported by (pids get reused)
         self.stdin, self.stdout, self.stderr = None, stdout, stderr
         self.returncode: int | None = None
         self._read: dict[str, tuple[threading.Thread, list]] = {}  # pipe name -> its reader, what it read
 
     def poll(self) -> int | None:
         if self.returncode is None:
-            self.returncode = self.zygote.exit_code(self.pid, 0)
+            self.returncode = self.zygote.exit_code(self.serial, 0)
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
         if self.returncode is None:
-            self.returncode = self.zygote.exit_code(self.pid, timeout)
+            self.returncode = self.zygote.exit_code(self.serial, timeout)
             if self.returncode is None:
                 raise subprocess.TimeoutExpired(self.args, timeout)
         return self.returncode
@@ -185,8 +192,8 @@ class Zygote:
         self.cond = threading.Condition()
         self.ready = False
         self.dead = False
-        self.pids: list[int] = []
-        self.exits: dict[int, int] = {}
+        self.pids: list[int] = []  # the pid of each fork, in order
+        self.exits: dict[int, int] = {}  # fork serial -> exit status
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
@@ -207,12 +214,12 @@ class Zygote:
             self.dead = True
             self.cond.notify_all()
 
-    def exit_code(self, pid: int, timeout: float | None) -> int | None:
+    def exit_code(self, serial: int, timeout: float | None) -> int | None:
         with self.cond:
-            self.cond.wait_for(lambda: pid in self.exits or self.dead, timeout)
-            if pid not in self.exits and self.dead:
-                raise RuntimeError(f"the zygote died while its child {pid} ran")
-            return self.exits.get(pid)
+            self.cond.wait_for(lambda: serial in self.exits or self.dead, timeout)
+            if serial not in self.exits and self.dead:
+                raise RuntimeError(f"the zygote died while its child {self.pids[serial]} ran")
+            return self.exits.get(serial)
 
     def popen(self, args: list[str], cwd, env: dict, stdout=None, stderr=None, text: bool = False,
               start_new_session: bool = False) -> Child | None:
@@ -264,7 +271,7 @@ class Zygote:
             pipes.append(io.TextIOWrapper(f) if text else f)
         out = pipes.pop(0) if stdout == subprocess.PIPE else None
         err = pipes.pop(0) if stderr == subprocess.PIPE else None
-        return Child(self, args, pid, out, err)
+        return Child(self, args, pid, n, out, err)
 
     def close(self) -> None:
         try:

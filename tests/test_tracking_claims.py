@@ -250,7 +250,7 @@ def test_holder_that_lost_its_claim_stops_and_writes_nothing_more(sample_project
     proc = launch(args, sample_project, proxy.uri)
     try:
         deadline, run = time.time() + 300, None
-        while time.time() < deadline and not (run and "train/loss" in run.data.metrics):
+        while time.time() < deadline and proc.poll() is None and not (run and "train/loss" in run.data.metrics):
             time.sleep(1)
             runs = runs_of(mlf, "fenced")
             run = mlf.get_run(runs[0].info.run_id) if runs else None
@@ -385,3 +385,46 @@ def test_log_text_and_the_leftover_spool_are_fenced(mlflow_server, tmp_path):
     with pytest.raises(claim.ClaimLost):
         run._continue()
     assert mlf.list_artifacts(run_id) == [] and mlf.get_metric_history(run_id, "train/loss") == []
+
+
+def at_once(fn, n: int) -> list:
+    """fn(i) for i < n in n threads released together; what each returned or raised."""
+    import threading
+
+    gate, out = threading.Barrier(n), [None] * n
+
+    def one(i):
+        gate.wait()
+        try:
+            out[i] = fn(i)
+        except Exception as exc:
+            out[i] = exc
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return out
+
+
+def test_runs_starting_at_once_log_the_same_new_dataset(mlflow_server):
+    """A sweep's slots start their first configs together, each logging the same dataset (name, digest)
+    new to the experiment: MLflow's server looks it up, then inserts it, so all but one could fail with an
+    IntegrityError (a crashed first config per slot; about every other round of 8 did). Every run gets both
+    inputs, over 6 rounds."""
+    from pagating.tracking.provenance import log_datasets
+
+    mlf = MlflowClient(mlflow_server.uri)
+    exp = mlf.create_experiment(f"datasets-at-once-{time.time_ns()}")
+    for _ in range(6):
+        runs = [mlf.create_run(exp).info.run_id for _ in range(8)]
+        digest = f"{time.time_ns():032x}"
+        said = at_once(lambda i, runs=runs, digest=digest: log_datasets(mlf, runs[i], "sample", digest, "/data/raw"),
+                       len(runs))
+        assert not [e for e in said if isinstance(e, Exception)], said
+        for run_id in runs:
+            inputs = mlf.get_run(run_id).inputs.dataset_inputs
+            assert sorted((d.dataset.name, d.dataset.digest) for d in inputs) == [
+                ("sample", digest), ("sample/validation", digest)]
+

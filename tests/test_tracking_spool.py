@@ -25,12 +25,12 @@ def test_server_down_20s_mid_run_loses_nothing(sample_project, tmp_path):
         mlf = MlflowClient(server.uri)
         deadline = time.time() + 300
         run_id = None
-        while time.time() < deadline and run_id is None:
+        while time.time() < deadline and run_id is None and proc.poll() is None:
             runs = mlf.search_runs([e.experiment_id for e in mlf.search_experiments()])
             if runs and "train/loss" in runs[0].data.metrics:
                 run_id = runs[0].info.run_id
             time.sleep(0.2)
-        assert run_id and proc.poll() is None
+        assert run_id and proc.poll() is None, proc.communicate()[1][-3000:] if proc.poll() is not None else ""
         server.stop()
         down_at = time.time()
         time.sleep(22)
@@ -171,13 +171,18 @@ def test_outage_spanning_the_end_of_training(sample_project, tmp_path):
             for name, seed, budget in (("short", "1", 3), ("long", "2", 300))}
         mlf = MlflowClient(server.uri)
         deadline = time.time() + 300
-        while time.time() < deadline:
+        while time.time() < deadline and all(p.poll() is None for p in procs.values()):
             runs = mlf.search_runs([e.experiment_id for e in mlf.search_experiments()])
             if len(runs) == 2 and all("train/loss" in r.data.metrics for r in runs):
                 break
             time.sleep(0.2)
         server.stop()  # both still training: the outage spans their end
-        assert all(p.poll() is None for p in procs.values())
+        ended = {name: p for name, p in procs.items() if p.poll() is not None}
+        assert not ended, {name: (p.returncode, p.communicate()[1][-3000:]) for name, p in ended.items()}
+        if time.time() >= deadline:
+            for p in procs.values():
+                p.kill()
+            raise AssertionError({name: p.communicate()[1][-3000:] for name, p in procs.items()})
         out, err = procs["short"].communicate(timeout=600)  # budget spent while the server is away
         assert procs["short"].returncode == 0, err[-3000:]
         assert procs["long"].poll() is None  # still waiting for the server, within its budget

@@ -8,6 +8,7 @@ import getpass
 import hashlib
 import json
 import os
+import re
 import shlex
 import subprocess
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 
 from pagating.config import flatten, load_config
 from pagating.data.dvc import dvc_default_remote
-from pagating.tracking.store import strip_credentials
+from pagating.tracking.store import retry, strip_credentials
 
 RUN_FILE = "pagating_run.json"  # run identity, kept in the output dir and in every checkpoint
 
@@ -86,7 +87,17 @@ def log_datasets(mlf, run_id: str, profile: str, digest: str, source: str) -> No
     for name, context in ((profile, "training"), (f"{profile}/validation", "eval")):
         entity = MetaDataset(src, name=name, digest=digest[:36] or None)._to_mlflow_entity()
         inputs.append(DatasetInput(entity, [InputTag("mlflow.data.context", context)]))
-    mlf.log_inputs(run_id, datasets=inputs)
+    # MLflow's server looks a dataset up, then inserts it: runs starting together (a sweep's slots) that log
+    # the same new one all insert it, and all but one get the unique constraint's error (400). The call is
+    # one transaction, rolled back: repeating it finds the row.
+    retry(lambda: mlf.log_inputs(run_id, datasets=inputs), "logging the dataset inputs", attempts=5, first=0.1,
+          transient=lost_insert_race, say=lambda *_: None)
+
+
+def lost_insert_race(exc: BaseException) -> bool:
+    """A server-side unique-constraint error (sqlite, MySQL, PostgreSQL wording) answered as BAD_REQUEST."""
+    return getattr(exc, "error_code", "") == "BAD_REQUEST" and bool(
+        re.search(r"integrity|unique|duplicate", str(exc), re.IGNORECASE))
 
 
 def run_note(cfg: dict, command: str, n_params: int | None = None) -> str:
