@@ -427,4 +427,3 @@ def test_runs_starting_at_once_log_the_same_new_dataset(mlflow_server):
             inputs = mlf.get_run(run_id).inputs.dataset_inputs
             assert sorted((d.dataset.name, d.dataset.digest) for d in inputs) == [
                 ("sample", digest), ("sample/validation", digest)]
-
