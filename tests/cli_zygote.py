@@ -291,4 +291,3 @@ def popen(args: list[str], cwd, env: dict, **kw) -> Child | None:
         _zygote = Zygote()
         atexit.register(_zygote.close)
     return _zygote.popen(args, cwd, env, **kw)
-
